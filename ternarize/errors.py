@@ -1,0 +1,69 @@
+"""The error family of ternarize.
+
+Every error a user can cause derives from :class:`Error`. Its message is one line that says what
+is wrong and what to do about it; the command line prints exactly that line and exits with code 2.
+Anything else escaping from the library is a bug.
+
+This module imports nothing beyond the standard library, so numpy-only modules can use it.
+"""
+
+from __future__ import annotations
+
+
+class Error(Exception):
+    """Base class: bad input or a condition the user can fix. The message is one line."""
+
+
+class ConfigError(Error):
+    """An option or argument has a value that cannot work."""
+
+
+class DataError(Error):
+    """A dataset is unknown, missing or malformed."""
+
+
+class ModelLoadError(Error):
+    """A model file cannot be read, or the architecture it needs cannot be built."""
+
+
+class UnsafeModelError(ModelLoadError):
+    """Loading the model would run code from the file; it needs an explicit trust flag."""
+
+
+class GraphError(Error):
+    """A graph (the intermediate representation) is malformed: missing tensor, cycle, bad shape."""
+
+
+class LoweringError(Error):
+    """A torch model uses something the graph cannot express (names the op and module path)."""
+
+
+class TernFormatError(Error):
+    """A .tern file is malformed. The message names the field and the offending value."""
+
+
+class ExportError(Error):
+    """The ONNX exporter cannot express part of the graph."""
+
+
+class TrainingError(Error):
+    """Training cannot go on (for example, the loss became NaN or infinite)."""
+
+
+class VerificationError(Error):
+    """Two representations of the same model disagree beyond tolerance."""
+
+
+__all__ = [
+    "Error",
+    "ConfigError",
+    "DataError",
+    "ModelLoadError",
+    "UnsafeModelError",
+    "GraphError",
+    "LoweringError",
+    "TernFormatError",
+    "ExportError",
+    "TrainingError",
+    "VerificationError",
+]
