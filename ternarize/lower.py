@@ -1,0 +1,538 @@
+"""Lowering: a trained torch model → :class:`ternarize.graph.Graph`.
+
+The model is traced with ``torch.fx`` and its shapes propagated with an example input; every call
+becomes one IR node (see the op table in :mod:`ternarize.graph`). Then:
+
+* **Discrete weights** of Linear/Conv2d layers are split into codes θ and a per-output-channel
+  scale s with W = s_c·θ exactly (bit for bit); anything else raises :class:`LoweringError`.
+  Which weights are discrete is given by ``discrete`` (parameter name → "ternary"/"binary", as the
+  trainer reports it) or, when omitted, detected: a weight whose every row holds only 0 and ±s_c.
+* **BatchNorm** (eval statistics) folds into the preceding Linear/Conv2d: with m = γ/√(σ²+ε),
+  s' = s·m and b' = (b − μ)·m + β; a row whose s' < 0 has θ and s' negated, so scales stay ≥ 0.
+  It also folds through a max-pool when every m ≥ 0 (max commutes with x ↦ m·x + c for m ≥ 0),
+  which is the paper's conv → max-pool → BN block. Otherwise it becomes a ``channel_affine`` node.
+* Dropout, Identity and other no-ops disappear; ``view``/``reshape`` that keep the batch become
+  ``flatten`` or ``reshape``.
+
+Example::
+
+    graph = ternarize.lower(model, torch.zeros(1, 1, 28, 28))
+    graph.validate()
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from .errors import LoweringError
+from .graph import Const, Graph, Node, Value
+
+
+def lower(model: nn.Module, example_input: torch.Tensor, discrete: dict[str, str] | None = None) -> Graph:
+    """Lower ``model`` (evaluated in eval mode, on CPU) to a validated Graph.
+
+    ``example_input``: one input of the right shape; its batch size does not matter.
+    ``discrete``: parameter name (``"features.0.weight"``) → ``"ternary"`` | ``"binary"``; None
+    detects discrete weights by their values.
+    """
+    if isinstance(model, torch.jit.ScriptModule):
+        raise LoweringError("TorchScript models cannot be lowered: load the original nn.Module "
+                            "(torch.save(model) or a state_dict with --arch) instead")
+    traced = _trace(model)
+    sample = torch.as_tensor(example_input, dtype=torch.float32).cpu()
+    sample = sample[:1].expand(2, *sample.shape[1:]).contiguous()  # batch 2: a reshape that mixes batch shows
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            _propagate(traced, sample)
+        builder = _Builder(traced, dict(traced.named_modules()), discrete)
+        graph = builder.build()
+    finally:
+        model.train(was_training)
+    _fold_batchnorms(graph)
+    _prune(graph)
+    graph.validate()
+    return graph
+
+
+# ---------------------------------------------------------------------- tracing
+
+
+def _trace(model: nn.Module) -> fx.GraphModule:
+    try:
+        return fx.symbolic_trace(model)
+    except Exception as e:  # fx raises many types (TraceError, TypeError, NotImplementedError ...)
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise LoweringError(f"{type(model).__name__} cannot be traced by torch.fx ({first}); "
+                            "models with data-dependent control flow are not supported") from e
+
+
+def _propagate(gm: fx.GraphModule, sample: torch.Tensor) -> None:
+    """Run the traced model once, recording each node's output in node.meta['value']."""
+
+    class _Recorder(fx.Interpreter):
+        def run_node(self, n):
+            out = super().run_node(n)
+            n.meta["value"] = out
+            return out
+
+    try:
+        _Recorder(gm).run(sample)
+    except Exception as e:
+        raise LoweringError(f"the model fails on an input of shape {list(sample.shape[1:])} "
+                            f"(batch excluded): {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                            ) from e
+
+
+# ---------------------------------------------------------------------- building
+
+
+@dataclass
+class _BN:
+    """A BatchNorm waiting to be folded: y = x·mult[c] + shift[c]."""
+
+    mult: np.ndarray
+    shift: np.ndarray
+
+
+_FUNCTIONS = {
+    F.relu: "relu", torch.relu: "relu", F.leaky_relu: "leaky_relu", F.hardtanh: "hardtanh",
+    F.relu6: "relu6", torch.flatten: "flatten", operator.add: "add", torch.add: "add",
+    operator.iadd: "add", torch.cat: "concat", torch.concat: "concat", F.softmax: "softmax",
+    torch.softmax: "softmax", F.log_softmax: "log_softmax", torch.log_softmax: "log_softmax",
+    F.max_pool2d: "maxpool2d", F.avg_pool2d: "avgpool2d", F.adaptive_avg_pool2d: "adaptive_avgpool",
+    F.dropout: "identity", F.linear: "linear_fn", F.conv2d: "conv2d_fn",
+}
+_METHODS = {"view": "reshape", "reshape": "reshape", "flatten": "flatten", "relu": "relu",
+            "softmax": "softmax", "log_softmax": "log_softmax", "contiguous": "identity",
+            "size": "shape_query", "dim": "shape_query"}
+_NOOP_MODULES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.AlphaDropout, nn.Identity)
+
+
+class _Builder:
+    def __init__(self, gm: fx.GraphModule, modules: dict[str, nn.Module], discrete):
+        self.gm, self.modules, self.discrete = gm, modules, discrete
+        self.alias: dict[str, str] = {}   # fx node name -> IR value name
+        self.nodes: list[Node] = []
+        self.consts: dict[str, Const] = {}
+        self.inputs: list[Value] = []
+        self.outputs: list[str] = []
+        self.node_names: set[str] = set()
+
+    def build(self) -> Graph:
+        for n in self.gm.graph.nodes:
+            self._lower_node(n)
+        return Graph(self.inputs, self.outputs, self.nodes, self.consts)
+
+    # -- dispatch
+    def _lower_node(self, n: fx.Node) -> None:
+        if n.op == "placeholder":
+            if self.inputs:
+                raise LoweringError(f"the model takes more than one input ({n.name}); only one is supported")
+            shape = tuple(n.meta["value"].shape)
+            self.inputs.append(Value("input", (None, *shape[1:])))
+            self.alias[n.name] = "input"
+        elif n.op == "output":
+            self._lower_output(n)
+        elif n.op == "get_attr":
+            pass  # parameters are read where they are used
+        elif n.op == "call_module":
+            self._lower_module(n, self.modules[n.target])
+        elif n.op == "call_function":
+            self._lower_call(n, _FUNCTIONS.get(n.target), _fn_name(n.target), n.args[1:])
+        elif n.op == "call_method":
+            self._lower_call(n, _METHODS.get(n.target), f".{n.target}()", n.args[1:])
+        else:  # pragma: no cover - fx has no other node kinds
+            raise LoweringError(f"unexpected fx node {n.op} {n.name}")
+
+    def _lower_output(self, n: fx.Node) -> None:
+        outs = n.args[0]
+        outs = list(outs) if isinstance(outs, (tuple, list)) else [outs]
+        for i, o in enumerate(outs):
+            if not isinstance(o, fx.Node) or not isinstance(o.meta.get("value"), torch.Tensor):
+                raise LoweringError("the model must return a tensor or a tuple of tensors")
+            name = "output" if len(outs) == 1 else f"output_{i}"
+            self._rename(self.alias[o.name], name)
+            self.outputs.append(name)
+
+    def _rename(self, old: str, new: str) -> None:
+        if old == "input":  # an identity model: keep input, add nothing
+            raise LoweringError("the model returns its input unchanged; there is nothing to lower")
+        for node in self.nodes:
+            node.outputs = [new if o == old else o for o in node.outputs]
+            node.inputs = [new if o == old else o for o in node.inputs]
+        self.alias = {k: (new if v == old else v) for k, v in self.alias.items()}
+
+    # -- helpers
+    def _x(self, arg) -> str:
+        if not isinstance(arg, fx.Node) or arg.name not in self.alias:
+            raise LoweringError(f"an operand {arg!r} is not a tensor computed from the input")
+        return self.alias[arg.name]
+
+    def _emit(self, n: fx.Node, op: str, inputs: list[str], attrs=None, name=None) -> None:
+        out, name = n.name, name or n.name
+        if name in self.node_names:  # a module called twice: its second node gets a suffix
+            name = next(f"{name}:{k}" for k in range(2, 1 << 20) if f"{name}:{k}" not in self.node_names)
+        self.node_names.add(name)
+        self.nodes.append(Node(op, name, inputs, [out], attrs or {}))
+        self.alias[n.name] = out
+
+    def _const(self, name: str, kind: str, data) -> str:
+        self.consts[name] = Const(kind, np.asarray(data))
+        return name
+
+    def _shape(self, n: fx.Node) -> tuple:
+        v = n.meta.get("value")
+        return tuple(v.shape) if isinstance(v, torch.Tensor) else ()
+
+    # -- modules
+    def _lower_module(self, n: fx.Node, m: nn.Module) -> None:
+        path = n.target
+        x = lambda: self._x(n.args[0])  # noqa: E731 - read lazily: some modules take no tensor
+        if isinstance(m, _NOOP_MODULES):
+            self.alias[n.name] = x()
+        elif isinstance(m, nn.Linear):
+            self._weighted(n, "linear", path, m.weight, m.bias, x(), {})
+        elif isinstance(m, nn.Conv2d):
+            self._weighted(n, "conv2d", path, m.weight, m.bias, x(), _conv_attrs(m, path, self._shape(n.args[0])))
+        elif isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
+            self._batchnorm(n, m, path, x())
+        elif isinstance(m, nn.ReLU):
+            self._emit(n, "relu", [x()], name=path)
+        elif isinstance(m, nn.ReLU6):
+            self._emit(n, "hardtanh", [x()], {"min_val": 0.0, "max_val": 6.0}, name=path)
+        elif isinstance(m, nn.LeakyReLU):
+            self._emit(n, "leaky_relu", [x()], {"alpha": float(m.negative_slope)}, name=path)
+        elif isinstance(m, nn.Hardtanh):
+            self._emit(n, "hardtanh", [x()], {"min_val": float(m.min_val), "max_val": float(m.max_val)}, name=path)
+        elif isinstance(m, nn.MaxPool2d):
+            self._pool(n, "maxpool2d", path, x(), m.kernel_size, m.stride, m.padding, m.ceil_mode, m.dilation)
+        elif isinstance(m, nn.AvgPool2d):
+            if m.divisor_override:
+                raise LoweringError(f"AvgPool2d at {path!r} uses divisor_override, which is not supported")
+            self._pool(n, "avgpool2d", path, x(), m.kernel_size, m.stride, m.padding, m.ceil_mode,
+                       count_include_pad=m.count_include_pad)
+        elif isinstance(m, nn.AdaptiveAvgPool2d):
+            self._adaptive(n, path, x(), m.output_size)
+        elif isinstance(m, nn.Flatten):
+            self._reshape(n, x(), path)
+        elif isinstance(m, (nn.Softmax, nn.LogSoftmax)):
+            op = "softmax" if isinstance(m, nn.Softmax) else "log_softmax"
+            self._softmax(n, op, path, x(), m.dim)
+        else:
+            raise LoweringError(f"unsupported module {type(m).__name__} at {path!r}; supported: Linear, "
+                                "Conv2d, BatchNorm1d/2d, ReLU, ReLU6, LeakyReLU, Hardtanh, MaxPool2d, AvgPool2d, "
+                                "AdaptiveAvgPool2d(1), Flatten, Dropout, Identity, Softmax, LogSoftmax")
+
+    def _weighted(self, n, op, path, weight, bias, x, attrs) -> None:
+        pname = f"{path}.weight" if path else "weight"
+        kind = self._kind(pname, weight)
+        w = weight.detach().cpu().to(torch.float32).numpy()
+        inputs = [x]
+        if kind == "float32":
+            inputs += [self._const(pname, "float32", w), ""]
+        else:
+            theta, scale = split_discrete(w, kind, pname)
+            inputs += [self._const(pname, kind, theta), self._const(f"{path}.scale", "float32", scale)]
+        if bias is not None:
+            inputs.append(self._const(f"{path}.bias", "float32", bias.detach().cpu().float().numpy()))
+        else:
+            inputs.append("")
+        self._emit(n, op, inputs, attrs, name=path)
+
+    def _kind(self, pname: str, weight: torch.Tensor) -> str:
+        if self.discrete is not None:
+            kind = self.discrete.get(pname, "float32")
+            if kind not in ("float32", "ternary", "binary"):
+                raise LoweringError(f"discrete[{pname!r}] is {kind!r}; expected ternary, binary or float32")
+            return kind
+        return detect_kind(weight.detach().cpu().float().numpy())
+
+    def _batchnorm(self, n, m, path, x) -> None:
+        if m.running_mean is None or m.running_var is None:
+            raise LoweringError(f"BatchNorm at {path!r} has no running statistics (track_running_stats=False); "
+                                "it cannot be folded for inference")
+        var = m.running_var.detach().double().cpu().numpy()
+        mean = m.running_mean.detach().double().cpu().numpy()
+        gamma = m.weight.detach().double().cpu().numpy() if m.weight is not None else np.ones_like(var)
+        beta = m.bias.detach().double().cpu().numpy() if m.bias is not None else np.zeros_like(var)
+        mult = gamma / np.sqrt(var + m.eps)
+        shift = beta - mean * mult
+        scale_name = self._const(f"{path}.bn_scale", "float32", mult)
+        shift_name = self._const(f"{path}.bn_shift", "float32", shift)
+        self._emit(n, "channel_affine", [x, scale_name, shift_name], name=path)
+        self.nodes[-1]._bn = _BN(mult, shift)  # folded into the layer before it, where exact
+
+    def _pool(self, n, op, path, x, k, s, p, ceil_mode, dilation=1, count_include_pad=None) -> None:
+        attrs = {"kernel": _pair(k), "strides": _pair(s if s is not None else k), "pads": _pair(p),
+                 "ceil_mode": bool(ceil_mode)}
+        if op == "maxpool2d":
+            attrs["dilations"] = _pair(dilation)
+        else:
+            attrs["count_include_pad"] = bool(count_include_pad)
+        self._emit(n, op, [x], attrs, name=path)
+
+    def _adaptive(self, n, path, x, size) -> None:
+        if _pair(size) != [1, 1]:
+            shape = self._shape(n.args[0])
+            if len(shape) == 4 and _pair(size) == [shape[2], shape[3]]:
+                self.alias[n.name] = x  # adaptive pool to the input size is the identity
+                return
+            raise LoweringError(f"AdaptiveAvgPool2d at {path!r} has output size {size}; only 1 is supported")
+        self._emit(n, "global_avgpool", [x], name=path)
+
+    def _reshape(self, n, x, path) -> None:
+        src, dst = self._shape(n.args[0]), self._shape(n)
+        if not dst or dst[0] != src[0]:
+            raise LoweringError(f"{path}: a reshape from {list(src)} to {list(dst)} changes the batch "
+                                "dimension; keep dimension 0 as the batch")
+        if len(dst) == 2:
+            self._emit(n, "flatten", [x], name=path)
+        elif dst == src:
+            self.alias[n.name] = x
+        else:
+            self._emit(n, "reshape", [x], {"shape": [int(d) for d in dst[1:]]}, name=path)
+
+    def _softmax(self, n, op, path, x, dim) -> None:
+        rank = len(self._shape(n))
+        if dim is None:
+            raise LoweringError(f"{path}: softmax without an explicit dim is not supported")
+        axis = dim % rank if rank else dim
+        if axis == 0:
+            raise LoweringError(f"{path}: softmax over the batch dimension is not supported")
+        self._emit(n, op, [x], {"axis": int(axis)}, name=path)
+
+    # -- functions and methods
+    def _lower_call(self, n: fx.Node, kind: str | None, what: str, rest) -> None:
+        path = n.name
+        if kind is None:
+            raise LoweringError(f"unsupported operation {what} at {n.name!r}")
+        if kind == "shape_query":
+            return  # only used to compute a reshape's target; the reshape itself reads the traced shape
+        x = self._x(n.args[0]) if kind not in ("concat",) else None
+        if kind == "identity":
+            self.alias[n.name] = x
+        elif kind in ("relu",):
+            self._emit(n, "relu", [x])
+        elif kind == "relu6":
+            self._emit(n, "hardtanh", [x], {"min_val": 0.0, "max_val": 6.0})
+        elif kind == "leaky_relu":
+            alpha = _arg(n, 1, "negative_slope", 0.01)
+            self._emit(n, "leaky_relu", [x], {"alpha": float(alpha)})
+        elif kind == "hardtanh":
+            self._emit(n, "hardtanh", [x], {"min_val": float(_arg(n, 1, "min_val", -1.0)),
+                                            "max_val": float(_arg(n, 2, "max_val", 1.0))})
+        elif kind in ("flatten", "reshape"):
+            self._reshape(n, x, path)
+        elif kind == "add":
+            self._add(n, what)
+        elif kind == "concat":
+            self._concat(n)
+        elif kind in ("softmax", "log_softmax"):
+            self._softmax(n, kind, path, x, _arg(n, 1, "dim", None))
+        elif kind == "maxpool2d":
+            k = _arg(n, 1, "kernel_size", None)
+            self._pool(n, "maxpool2d", path, x, k, _arg(n, 2, "stride", None) or k, _arg(n, 3, "padding", 0),
+                       _arg(n, 5, "ceil_mode", False), _arg(n, 4, "dilation", 1))
+        elif kind == "avgpool2d":
+            k = _arg(n, 1, "kernel_size", None)
+            if _arg(n, 6, "divisor_override", None):
+                raise LoweringError(f"avg_pool2d at {path!r} uses divisor_override, which is not supported")
+            self._pool(n, "avgpool2d", path, x, k, _arg(n, 2, "stride", None) or k, _arg(n, 3, "padding", 0),
+                       _arg(n, 4, "ceil_mode", False), count_include_pad=_arg(n, 5, "count_include_pad", True))
+        elif kind == "adaptive_avgpool":
+            self._adaptive(n, path, x, _arg(n, 1, "output_size", None))
+        else:  # linear_fn / conv2d_fn with parameters read through get_attr
+            self._functional_weighted(n, kind, x)
+
+    def _add(self, n, what) -> None:
+        a, b = n.args[0], n.args[1]
+        if not all(isinstance(v, fx.Node) and v.name in self.alias for v in (a, b)) or n.kwargs.get("alpha", 1) != 1:
+            raise LoweringError(f"unsupported operation {what} at {n.name!r}: only the sum of two tensors "
+                                "computed from the input is supported")
+        if self._shape(a) != self._shape(b):
+            raise LoweringError(f"unsupported broadcasting add at {n.name!r}: shapes {list(self._shape(a))} "
+                                f"and {list(self._shape(b))}")
+        self._emit(n, "add", [self._x(a), self._x(b)])
+
+    def _concat(self, n) -> None:
+        tensors = n.args[0]
+        dim = _arg(n, 1, "dim", 0)
+        rank = len(self._shape(n))
+        axis = dim % rank
+        if axis == 0:
+            raise LoweringError(f"concatenation along the batch dimension at {n.name!r} is not supported")
+        self._emit(n, "concat", [self._x(t) for t in tensors], {"axis": int(axis)})
+
+    def _functional_weighted(self, n, kind, x) -> None:
+        wnode = _arg(n, 1, "weight", None)
+        bnode = _arg(n, 2, "bias", None)
+        if not isinstance(wnode, fx.Node) or wnode.op != "get_attr":
+            raise LoweringError(f"{n.name}: the weight of a functional linear/conv must be a module parameter")
+        path = wnode.target.rsplit(".", 1)[0] if "." in wnode.target else wnode.target
+        weight = self.gm.get_parameter(wnode.target) if wnode.target else None
+        bias = self.gm.get_parameter(bnode.target) if isinstance(bnode, fx.Node) else None
+        if kind == "linear_fn":
+            self._weighted(n, "linear", path, weight, bias, x, {})
+            return
+        stride, padding = _arg(n, 3, "stride", 1), _arg(n, 4, "padding", 0)
+        dilation, groups = _arg(n, 5, "dilation", 1), _arg(n, 6, "groups", 1)
+        if isinstance(padding, str):
+            raise LoweringError(f"{n.name}: string padding in F.conv2d is not supported; use numbers")
+        attrs = {"strides": _pair(stride), "pads": _pair(padding), "dilations": _pair(dilation), "groups": int(groups)}
+        self._weighted(n, "conv2d", path, weight, bias, x, attrs)
+
+
+def _fn_name(fn) -> str:
+    return getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None) or repr(fn)
+
+
+def _arg(n: fx.Node, i: int, name: str, default):
+    if len(n.args) > i:
+        return n.args[i]
+    return n.kwargs.get(name, default)
+
+
+def _pair(v) -> list[int]:
+    if isinstance(v, (tuple, list)):
+        if len(v) == 1:
+            return [int(v[0]), int(v[0])]
+        return [int(v[0]), int(v[1])]
+    return [int(v), int(v)]
+
+
+def _conv_attrs(m: nn.Conv2d, path: str, in_shape) -> dict:
+    if m.padding_mode != "zeros":
+        raise LoweringError(f"Conv2d at {path!r} uses padding_mode={m.padding_mode!r}; only 'zeros' is supported")
+    pads = m.padding
+    if isinstance(pads, str):
+        if pads == "valid":
+            pads = (0, 0)
+        else:  # 'same': torch pads (d·(k−1))//2 left and the rest right; symmetric only when even
+            total = [d * (k - 1) for d, k in zip(m.dilation, m.kernel_size)]
+            if any(t % 2 for t in total):
+                raise LoweringError(f"Conv2d at {path!r} uses padding='same' with an even kernel, which pads "
+                                    "asymmetrically; use explicit padding")
+            pads = tuple(t // 2 for t in total)
+    return {"strides": _pair(m.stride), "pads": _pair(pads), "dilations": _pair(m.dilation), "groups": int(m.groups)}
+
+
+# ---------------------------------------------------------------------- discrete weights
+
+
+def detect_kind(w: np.ndarray) -> str:
+    """'ternary', 'binary' or 'float32': whether every row of ``w`` holds only 0 and ±s_row."""
+    rows = w.reshape(w.shape[0], -1)
+    a = np.abs(rows)
+    s = a.max(axis=1, keepdims=True)
+    if rows.size == 0 or not np.all((a == s) | (a == 0)):
+        return "float32"
+    if not np.any(s > 0):
+        return "float32"  # an all-zero tensor carries no evidence either way
+    return "binary" if np.all(a == s) else "ternary"
+
+
+def split_discrete(w: np.ndarray, kind: str, name: str = "weight") -> tuple[np.ndarray, np.ndarray]:
+    """Split W into int8 codes θ and float32 per-row scales with s[:, None]·θ == W exactly.
+
+    >>> split_discrete(np.array([[0.5, 0, -0.5]], np.float32), "ternary")
+    (array([[ 1,  0, -1]], dtype=int8), array([0.5], dtype=float32))
+    """
+    rows = np.asarray(w, dtype=np.float32).reshape(w.shape[0], -1)
+    s = np.abs(rows).max(axis=1)
+    theta = np.sign(rows).astype(np.int8)
+    scale = np.where(s > 0, s, 1.0).astype(np.float32)
+    if kind == "binary" and np.any(theta == 0):
+        r, c = (int(v[0]) for v in np.nonzero(theta == 0))
+        raise LoweringError(f"weight {name!r} should be binary but holds 0 at row {r} column {c}")
+    if not np.array_equal(scale[:, None] * theta, rows):
+        bad = np.argwhere(scale[:, None] * theta != rows)[0]
+        raise LoweringError(f"weight {name!r} is not {kind}: row {bad[0]} holds {rows[bad[0], bad[1]]!r} next to "
+                            f"scale {scale[bad[0]]!r} (each row must hold only 0 and ±one value)")
+    return theta.reshape(w.shape), scale
+
+
+# ---------------------------------------------------------------------- BatchNorm folding
+
+
+def _fold_batchnorms(graph: Graph) -> None:
+    """Fold each channel_affine made from a BatchNorm into the layer before it, where exact."""
+    for bn_node in [n for n in graph.nodes if getattr(n, "_bn", None) is not None]:
+        bn = bn_node._bn
+        x = bn_node.inputs[0]
+        producer = graph.producer().get(x)
+        through_pool = None
+        if producer is not None and producer.op == "maxpool2d" and _single_use(graph, x):
+            through_pool, x = producer, producer.inputs[0]
+            producer = graph.producer().get(x)
+        if producer is None or producer.op not in ("linear", "conv2d") or not _single_use(graph, x):
+            continue
+        if through_pool is not None and np.any(bn.mult < 0):
+            continue
+        _fold_into(graph, producer, bn, allow_flip=through_pool is None)
+        _bypass(graph, bn_node)
+
+
+def _single_use(graph: Graph, name: str) -> bool:
+    return name not in graph.outputs and len(graph.consumers(name)) == 1
+
+
+def _fold_into(graph: Graph, layer: Node, bn: _BN, allow_flip: bool) -> None:
+    """s' = s·m, b' = b·m + shift; float weights absorb m directly. Negative s' flips θ's row."""
+    inputs = list(layer.inputs) + [""] * (4 - len(layer.inputs))
+    _, wname, sname, bname = inputs
+    w = graph.consts[wname]
+    bias = graph.consts[bname].data.astype(np.float64) if bname else np.zeros(len(bn.mult))
+    new_bias = bias * bn.mult + bn.shift
+    if w.kind == "float32":
+        shape = (-1,) + (1,) * (w.data.ndim - 1)
+        w.data = (w.data.astype(np.float64) * bn.mult.reshape(shape)).astype(np.float32)
+        if sname:
+            raise LoweringError(f"layer {layer.name!r}: a float weight with a separate scale cannot be folded")
+    else:
+        scale = graph.consts[sname].data.astype(np.float64) * bn.mult
+        if allow_flip and np.any(scale < 0):
+            neg = scale < 0
+            w.data = w.data.copy()
+            w.data[neg] = -w.data[neg]
+            scale = np.abs(scale)
+        graph.consts[sname].data = scale.astype(np.float32)
+    bname = bname or f"{layer.name}.bias"
+    graph.consts[bname] = Const("float32", new_bias.astype(np.float32))
+    layer.inputs = [inputs[0], wname, sname, bname]
+
+
+def _bypass(graph: Graph, node: Node) -> None:
+    """Remove ``node`` (one input, one output), pointing its consumers at its input."""
+    src, dst = node.inputs[0], node.outputs[0]
+    graph.nodes.remove(node)
+    for n in graph.nodes:
+        n.inputs = [src if i == dst else i for i in n.inputs]
+    if dst in graph.outputs:
+        # the folded value is a graph output: rename the producer's output instead
+        producer = graph.producer()[src]
+        producer.outputs = [dst]
+        for n in graph.nodes:
+            n.inputs = [dst if i == src else i for i in n.inputs]
+    for name in node.inputs[1:]:
+        if name and not graph.consumers(name):
+            graph.consts.pop(name, None)
+
+
+def _prune(graph: Graph) -> None:
+    """Drop nodes and constants that no output depends on."""
+    needed = set(graph.outputs)
+    keep = []
+    for node in reversed(graph.nodes):
+        if any(o in needed for o in node.outputs):
+            keep.append(node)
+            needed.update(i for i in node.inputs if i)
+    graph.nodes = list(reversed(keep))
+    graph.consts = {k: v for k, v in graph.consts.items() if k in needed}

@@ -1,0 +1,474 @@
+"""The training loop: discrete retraining (E-MSA or STE) and plain float training.
+
+``fit(model, data, TrainConfig(...))`` makes the chosen weights discrete (see
+:mod:`ternarize.train.policy`), trains them with :class:`ternarize.MSA` (or :class:`ternarize.STE`)
+and every continuous parameter (BatchNorm, biases, float-kept layers) with Adam in the same loop,
+evaluates each epoch and returns the history.
+
+* The dataset is moved to the device once; batches are index slices (no per-step copies).
+* Epoch e shuffles with a generator seeded by (seed, e), so a resumed run sees the same batches.
+* A checkpoint is written atomically after every epoch; ``resume=True`` continues from it and
+  reaches the same weights as an uninterrupted run (same seed, CPU).
+* A NaN or infinite loss stops the run with :class:`TrainingError`; the last good checkpoint stays.
+* Under ``torchrun`` (WORLD_SIZE > 1) the model is wrapped in DistributedDataParallel, each rank
+  takes its share of every batch, and rank 0 alone logs and writes checkpoints. Gradients are
+  all-reduced before the optimizer sees them, so every rank makes the same discrete update.
+
+Example::
+
+    result = fit(model, load_dataset("mnist"), TrainConfig(mode="ternary", epochs=5))
+    result.history[-1]["test_acc"]
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .._version import __version__
+from ..errors import ConfigError, TrainingError
+from . import policy
+from .msa import MSA
+from .ste import STE
+
+LOSSES = ("cross_entropy", "squared_hinge")
+
+
+@dataclass
+class TrainConfig:
+    """Settings of a discrete retraining run; the defaults are the paper's (Li & Hao, 2018)."""
+
+    method: str = "msa"            # msa | ste (BinaryConnect for binary, TWN for ternary)
+    mode: str = "ternary"          # ternary | binary
+    epochs: int = 10
+    batch_size: int = 100
+    rho: float | None = None       # None: 0.25 ternary, 0.5 binary
+    lam: float = 1e-7
+    ema_decay: float = 0.999
+    ema_anneal: float = 0.95
+    init: str = "random"           # random (paper) | twn (from the float weights)
+    scale: str = "auto"            # auto (fixed where BatchNorm follows) | fixed | learned
+    lr: float = 1e-3               # Adam: continuous parameters, learned scales, STE latents
+    loss: str = "cross_entropy"    # cross_entropy | squared_hinge
+    keep_float: tuple = ()         # globs, or "first" / "last"
+    distill: bool = False          # learn from the float model's outputs too
+    distill_temperature: float = 4.0
+    distill_weight: float = 0.5
+    device: str = "auto"           # auto | cpu | cuda | cuda:N
+    seed: int = 0
+    compile: str = "auto"          # fuse the MSA update with torch.compile: auto | on | off
+    checkpoint: str | None = None  # path of the per-epoch checkpoint
+    resume: bool = False
+    progress: bool = True
+
+    def validate(self) -> None:
+        _one_of("method", self.method, ("msa", "ste"))
+        _one_of("mode", self.mode, ("ternary", "binary"))
+        _one_of("init", self.init, ("random", "twn"))
+        _one_of("scale", self.scale, ("auto", "fixed", "learned"))
+        _one_of("loss", self.loss, LOSSES)
+        _one_of("compile", self.compile, ("auto", "on", "off"))
+        _require(isinstance(self.epochs, int) and self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}")
+        _require(isinstance(self.batch_size, int) and self.batch_size >= 2,
+                 f"batch size must be >= 2 (BatchNorm needs two samples), got {self.batch_size}")
+        _require(self.rho is None or self.rho > 0, f"rho must be positive, got {self.rho}")
+        _require(self.lam >= 0, f"lam must be >= 0, got {self.lam}")
+        _require(0 <= self.ema_decay < 1, f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        _require(0 < self.ema_anneal <= 1, f"ema_anneal must be in (0, 1], got {self.ema_anneal}")
+        _require(self.lr > 0, f"lr must be positive, got {self.lr}")
+        _require(self.distill_temperature > 0, "distill temperature must be positive")
+        _require(0 <= self.distill_weight <= 1, "distill weight must be in [0, 1]")
+        _require(not self.resume or self.checkpoint, "resume needs a checkpoint path")
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["keep_float"] = list(self.keep_float)
+        return d
+
+
+@dataclass
+class TrainResult:
+    model: nn.Module
+    history: list = field(default_factory=list)    # one dict per epoch
+    discrete: dict = field(default_factory=dict)   # parameter name -> "ternary" | "binary"
+    scales: dict = field(default_factory=dict)     # parameter name -> "fixed" | "learned"
+    config: TrainConfig | None = None
+    seconds: float = 0.0
+
+
+# ---------------------------------------------------------------------- public entry points
+
+
+def fit(model: nn.Module, data, config: TrainConfig | None = None, teacher: nn.Module | None = None,
+        log=print) -> TrainResult:
+    """Retrain ``model`` in place with discrete weights; see the module docstring.
+
+    ``data`` is a :class:`ternarize.data.Dataset`. ``teacher`` (for ``distill``) defaults to a copy
+    of the float model taken before any weight becomes discrete.
+    """
+    config = config or TrainConfig()
+    config.validate()
+    dist = _Distributed.setup(config.device)
+    if config.distill and teacher is None:
+        teacher = copy.deepcopy(model)
+    model.to(dist.device)
+    layers = policy.discrete_layers(model, config.keep_float, config.scale)
+    resume_state = _load_checkpoint(config) if config.resume else None
+    if resume_state is not None:
+        model.load_state_dict(resume_state["model"])
+    torch.manual_seed(config.seed)
+    discrete_opt, adam = _optimizers(model, layers, config)
+    tensors = _Tensors.from_dataset(data, dist.device)
+    teacher_logits = _teacher_logits(teacher, tensors, dist.device) if config.distill else None
+    result = TrainResult(model, [], {lay.param: config.mode for lay in layers},
+                         {lay.param: lay.scale for lay in layers}, config)
+    start_epoch = 0
+    if resume_state is not None:
+        start_epoch = _restore(resume_state, discrete_opt, adam, result, config, log, dist)
+    net = dist.wrap(model)
+    run = _Run(net, model, discrete_opt, adam, tensors, teacher_logits, config, dist, log)
+    t0 = time.perf_counter()
+    for epoch in range(start_epoch, config.epochs):
+        record = run.epoch(epoch)
+        result.history.append(record)
+        if config.checkpoint and dist.rank == 0:
+            _save_checkpoint(config, model, discrete_opt, adam, result, epoch)
+    result.seconds = time.perf_counter() - t0
+    return result
+
+
+def fit_float(model: nn.Module, data, epochs: int = 5, lr: float = 1e-3, batch_size: int = 100,
+              device: str = "auto", seed: int = 0, progress: bool = True, log=print) -> list[dict]:
+    """Plain float training with Adam and cross-entropy (for making a float model to compress)."""
+    _require(isinstance(epochs, int) and epochs >= 1, f"epochs must be >= 1, got {epochs}")
+    _require(batch_size >= 2, f"batch size must be >= 2, got {batch_size}")
+    dist = _Distributed.setup(device)
+    torch.manual_seed(seed)
+    model.to(dist.device)
+    tensors = _Tensors.from_dataset(data, dist.device)
+    adam = torch.optim.Adam(model.parameters(), lr=lr)
+    config = TrainConfig(epochs=epochs, batch_size=batch_size, seed=seed, progress=progress, lr=lr)
+    run = _Run(dist.wrap(model), model, None, adam, tensors, None, config, dist, log)
+    return [run.epoch(e) for e in range(epochs)]
+
+
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 1000) -> tuple[float, float]:
+    """(mean cross-entropy, accuracy) of ``model`` in eval mode; restores the training flag."""
+    was = model.training
+    model.eval()
+    loss = torch.zeros((), device=x.device)
+    correct = torch.zeros((), device=x.device)
+    with torch.no_grad():
+        for i in range(0, len(x), batch):
+            out = model(x[i:i + batch])
+            loss += F.cross_entropy(out, y[i:i + batch], reduction="sum")
+            correct += (out.argmax(1) == y[i:i + batch]).sum()
+    model.train(was)
+    n = max(1, len(x))
+    return float(loss) / n, float(correct) / n
+
+
+# ---------------------------------------------------------------------- pieces
+
+
+def _one_of(name, value, allowed) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{name} {value!r} is unknown; choose one of {', '.join(allowed)}")
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+class _Distributed:
+    """Device choice and, under torchrun, the process group and DDP wrapping."""
+
+    def __init__(self, device: torch.device, rank: int, world: int):
+        self.device, self.rank, self.world = device, rank, world
+
+    @classmethod
+    def setup(cls, device: str) -> _Distributed:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world <= 1:
+            return cls(_device(device), 0, 1)
+        import torch.distributed as tdist
+
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        use_cuda = device != "cpu" and torch.cuda.is_available()
+        if not tdist.is_initialized():
+            tdist.init_process_group("nccl" if use_cuda else "gloo")
+        dev = torch.device(f"cuda:{local}") if use_cuda else torch.device("cpu")
+        if use_cuda:
+            torch.cuda.set_device(dev)
+        return cls(dev, tdist.get_rank(), tdist.get_world_size())
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        if self.world <= 1:
+            return model
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        return DistributedDataParallel(model, device_ids=ids)
+
+    def all_reduce_mean(self, t: torch.Tensor) -> torch.Tensor:
+        if self.world > 1:
+            import torch.distributed as tdist
+
+            t = t.clone()
+            tdist.all_reduce(t)
+            t /= self.world
+        return t
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"device {name!r} is unknown; use auto, cpu or cuda") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device 'cuda' was asked for but no CUDA GPU is available; use --device cpu or auto")
+    if dev.type not in ("cpu", "cuda"):
+        raise ConfigError(f"device {name!r} is not supported; use auto, cpu or cuda")
+    return dev
+
+
+@dataclass
+class _Tensors:
+    x: torch.Tensor
+    y: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    x_val: torch.Tensor | None
+    y_val: torch.Tensor | None
+
+    @classmethod
+    def from_dataset(cls, data, device) -> _Tensors:
+        def t(a, dtype):
+            return None if a is None else torch.as_tensor(np.asarray(a), dtype=dtype).to(device)
+
+        return cls(t(data.x_train, torch.float32), t(data.y_train, torch.long), t(data.x_test, torch.float32),
+                   t(data.y_test, torch.long), t(getattr(data, "x_val", None), torch.float32),
+                   t(getattr(data, "y_val", None), torch.long))
+
+
+def _optimizers(model, layers, config):
+    params = dict(model.named_parameters())
+    discrete_ids = {id(params[lay.param]) for lay in layers}
+    continuous = [p for p in model.parameters() if id(p) not in discrete_ids and p.requires_grad]
+    adam = torch.optim.Adam(continuous, lr=config.lr) if continuous else None
+    groups = [{"params": [params[lay.param]], "scale": lay.scale} for lay in layers]
+    if config.method == "msa":
+        fused = {"auto": "auto", "on": True, "off": False}[config.compile]
+        opt = MSA(groups, mode=config.mode, rho=config.rho, lam=config.lam, ema_decay=config.ema_decay,
+                  ema_anneal=config.ema_anneal, scale_lr=config.lr, init=config.init, seed=config.seed, fused=fused)
+    else:
+        opt = STE(groups, mode=config.mode, lr=config.lr)
+    return opt, adam
+
+
+def _teacher_logits(teacher: nn.Module, tensors: _Tensors, device) -> torch.Tensor:
+    teacher = teacher.to(device).eval()
+    with torch.no_grad():
+        return torch.cat([teacher(tensors.x[i:i + 1000]) for i in range(0, len(tensors.x), 1000)])
+
+
+def _loss(out, y, config, teacher_out=None) -> torch.Tensor:
+    if config.loss == "squared_hinge":
+        target = F.one_hot(y, out.shape[1]).to(out.dtype) * 2 - 1
+        base = F.relu(1 - target * out).pow(2).mean()
+    else:
+        base = F.cross_entropy(out, y)
+    if teacher_out is None:
+        return base
+    t = config.distill_temperature
+    kd = F.kl_div(F.log_softmax(out / t, dim=1), F.log_softmax(teacher_out / t, dim=1),
+                  reduction="batchmean", log_target=True) * t * t
+    return (1 - config.distill_weight) * base + config.distill_weight * kd
+
+
+class _Run:
+    """One training run's epochs: batches, steps, evaluation and progress."""
+
+    def __init__(self, net, model, discrete_opt, adam, tensors, teacher_logits, config, dist, log):
+        self.net, self.model, self.opt, self.adam = net, model, discrete_opt, adam
+        self.t, self.teacher, self.config, self.dist, self.log = tensors, teacher_logits, config, dist, log
+
+    def batches(self, epoch: int):
+        """Index tensors of this rank's share of each batch; the order depends on (seed, epoch) only."""
+        n, bs = len(self.t.x), self.config.batch_size
+        gen = torch.Generator().manual_seed(self.config.seed * 1_000_003 + epoch)
+        perm = torch.randperm(n, generator=gen).to(self.t.x.device)
+        starts = [i for i in range(0, n, bs) if min(bs, n - i) >= 2 * self.dist.world]
+        for i in starts:
+            yield perm[i:i + bs][self.dist.rank::self.dist.world]
+
+    def epoch(self, epoch: int) -> dict:
+        t0 = time.perf_counter()
+        self.net.train()
+        total = torch.zeros((), device=self.t.x.device)
+        steps = 0
+        with _Progress(self.config, self.dist, epoch, len(self.t.x)) as bar:
+            for idx in self.batches(epoch):
+                loss = self.step(idx)
+                total += loss.detach()
+                steps += 1
+                bar.advance(steps, total, self.opt)
+        mean_loss = float(self.dist.all_reduce_mean(total)) / max(1, steps)
+        if not math.isfinite(mean_loss):
+            where = f"; the last good checkpoint is {self.config.checkpoint}" if self.config.checkpoint else ""
+            raise TrainingError(f"the training loss became {mean_loss} in epoch {epoch + 1}{where}; "
+                                "try a smaller --lr (or --rho) or check the data for NaNs")
+        if self.opt is not None:
+            self.opt.end_epoch()
+        record = self.record(epoch, mean_loss, time.perf_counter() - t0)
+        if self.dist.rank == 0:
+            self.log(_describe(record, self.config.epochs))
+        return record
+
+    def step(self, idx) -> torch.Tensor:
+        out = self.net(self.t.x[idx])
+        teacher = self.teacher[idx] if self.teacher is not None else None
+        loss = _loss(out, self.t.y[idx], self.config, teacher)
+        for opt in (self.opt, self.adam):
+            if opt is not None:
+                opt.zero_grad(set_to_none=True)
+        loss.backward()
+        for opt in (self.opt, self.adam):
+            if opt is not None:
+                opt.step()
+        return loss
+
+    def record(self, epoch: int, train_loss: float, seconds: float) -> dict:
+        test_loss, test_acc = evaluate(self.model, self.t.x_test, self.t.y_test)
+        rec = {"epoch": epoch + 1, "train_loss": train_loss, "test_loss": test_loss, "test_acc": test_acc,
+               "seconds": seconds}
+        if self.t.x_val is not None:
+            rec["val_loss"], rec["val_acc"] = evaluate(self.model, self.t.x_val, self.t.y_val)
+        if self.opt is not None:
+            rec.update(_sparsity(self.model, self.opt))
+        return rec
+
+
+def _sparsity(model: nn.Module, opt) -> dict:
+    names = {id(p): n for n, p in model.named_parameters()}
+    layers, nz, total = {}, 0, 0
+    for group in opt.param_groups:
+        for p in group["params"]:
+            k = int((p.detach() != 0).sum())
+            layers[names[id(p)]] = k / p.numel()
+            nz, total = nz + k, total + p.numel()
+    return {"nonzero": nz / max(1, total), "layers": layers}
+
+
+def _describe(rec: dict, epochs: int) -> str:
+    text = (f"epoch {rec['epoch']}/{epochs}: loss {rec['train_loss']:.4f}, test acc {100 * rec['test_acc']:.2f}%")
+    if "val_acc" in rec:
+        text += f", val acc {100 * rec['val_acc']:.2f}%"
+    if "nonzero" in rec:
+        text += f", non-zero {100 * rec['nonzero']:.2f}%"
+    return text + f" ({rec['seconds']:.1f}s)"
+
+
+class _Progress:
+    """A rich progress bar over an epoch's samples, refreshed a few times a second (each refresh
+    reads the running loss, which syncs with the device; the steps in between do not)."""
+
+    def __init__(self, config, dist, epoch, n):
+        self.enabled = config.progress and dist.rank == 0
+        self.epoch, self.epochs, self.n, self.bs = epoch, config.epochs, n, config.batch_size
+        self.last = 0.0
+
+    def __enter__(self):
+        if self.enabled:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.bar = Progress(TextColumn(f"epoch {self.epoch + 1}/{self.epochs}"), BarColumn(),
+                                MofNCompleteColumn(), TextColumn("{task.fields[info]}"), TimeRemainingColumn(),
+                                transient=True)
+            self.bar.__enter__()
+            self.task = self.bar.add_task("train", total=self.n, info="")
+        return self
+
+    def advance(self, steps, total, opt) -> None:
+        if not self.enabled:
+            return
+        now = time.perf_counter()
+        if now - self.last < 0.25:
+            return
+        self.last = now
+        info = f"loss {float(total) / steps:.4f}"
+        if opt is not None:
+            info += f"  non-zero {100 * float(opt.nonzero_fraction()):.1f}%"
+        self.bar.update(self.task, completed=min(self.n, steps * self.bs), info=info)
+
+    def __exit__(self, *exc):
+        if self.enabled:
+            self.bar.__exit__(*exc)
+        return False
+
+
+# ---------------------------------------------------------------------- checkpoints
+
+
+_CHECKPOINT_KEYS = ("method", "mode", "batch_size", "seed", "init", "loss", "keep_float", "distill")
+
+
+def _save_checkpoint(config, model, discrete_opt, adam, result, epoch) -> None:
+    state = {
+        "format": "ternarize-checkpoint", "version": __version__, "epoch": epoch,
+        "config": config.to_json(), "model": model.state_dict(),
+        "discrete_opt": discrete_opt.state_dict(), "adam": adam.state_dict() if adam is not None else None,
+        "history": result.history, "rng": torch.get_rng_state(),
+    }
+    path = config.checkpoint
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _load_checkpoint(config) -> dict:
+    path = config.checkpoint
+    if not os.path.isfile(path):
+        raise ConfigError(f"there is no checkpoint to resume at {path}; run without --resume to start")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ConfigError(f"the checkpoint {path} cannot be read ({type(e).__name__}); delete it to start over") from e
+    if not isinstance(state, dict) or state.get("format") != "ternarize-checkpoint":
+        raise ConfigError(f"{path} is not a ternarize training checkpoint")
+    saved = state["config"]
+    mine = config.to_json()
+    for key in _CHECKPOINT_KEYS:
+        if saved.get(key) != mine.get(key):
+            raise ConfigError(f"the checkpoint {path} was made with {key}={saved.get(key)!r}, not {mine.get(key)!r}; "
+                              "use the same settings to resume, or start over")
+    return state
+
+
+def _restore(state, discrete_opt, adam, result, config, log, dist) -> int:
+    discrete_opt.load_state_dict(state["discrete_opt"])
+    if adam is not None and state["adam"] is not None:
+        adam.load_state_dict(state["adam"])
+    torch.set_rng_state(state["rng"])
+    result.history = list(state["history"])
+    epoch = int(state["epoch"]) + 1
+    if dist.rank == 0:
+        log(f"resuming after epoch {epoch} of {config.epochs} from {config.checkpoint}")
+    return epoch
+
