@@ -1,0 +1,582 @@
+"""Reading model files safely.
+
+Security policy: a model file is hostile until proven otherwise. Unpickling a file can run any code
+the file names, so :func:`load_model` never unpickles anything it has not checked first:
+
+1. The path is checked (exists, a regular file, not empty) and the first bytes are sniffed: a zip
+   archive (``torch.save`` since 1.6, TorchScript) or a bare pickle (the legacy ``torch.save``
+   format). Anything else is refused before torch sees it.
+2. A TorchScript archive loads with ``torch.jit.load``: it holds compiled TorchScript, which torch
+   reads without running Python code from the file.
+3. Everything else loads with ``torch.load(weights_only=True)``. A full module saved with
+   ``torch.save(model)`` names the classes it is built from; each name must be on the allowlist
+   before anything is unpickled:
+
+   - ``torch.nn.Module`` subclasses defined under ``torch.nn.modules`` (the built-in layers);
+   - the zoo's classes (:func:`ternarize.zoo.classes`);
+   - the data-only helpers that pickled modules reference (``collections.OrderedDict``,
+     ``builtins.set``, ``torch.nn.Parameter`` and its tensor rebuild functions) and the two
+     activation functions ``nn.TransformerEncoderLayer`` keeps as an attribute (relu, gelu).
+
+   Names are matched against objects already imported; the file never makes this module import
+   anything. A name off the list raises :class:`~ternarize.errors.UnsafeModelError`.
+4. ``trust=True`` (``--trust`` on the command line) loads with ``weights_only=False``: the file may
+   then run any code, so pass it only for files from a trusted source.
+
+A file may also hold a state_dict (or a checkpoint dict wrapping one under ``state_dict``,
+``model_state_dict`` or ``model``); then ``arch`` names the architecture to build and fill.
+
+Example::
+
+    from ternarize.load import load_model, parse_arch
+    model = load_model("model.pt")                                    # a full module or TorchScript
+    model = load_model("weights.pt", arch="mlp(width=256, in_shape=(1, 8, 8))")
+    model = load_model("weights.pt", arch="mypackage.models:build(depth=4)")
+    build = parse_arch("vgg(width=0.5)")                             # a zero-argument factory
+"""
+
+from __future__ import annotations
+
+import ast
+import collections
+import contextlib
+import functools
+import importlib
+import inspect
+import os
+import pickle
+import re
+import sys
+import warnings
+import zipfile
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import zoo
+from .errors import Error, ModelLoadError, UnsafeModelError
+
+__all__ = ["load_model", "parse_arch"]
+
+# Keys under which training scripts commonly nest the state_dict inside a checkpoint dict.
+_STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model")
+# Prefixes DataParallel/DistributedDataParallel ("module.") and torch.compile ("_orig_mod.") add.
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+_NN_PREFIX = "torch.nn.modules."
+# A checkpoint naming more distinct globals than this is not a model; stop retrying (fallback).
+_MAX_GLOBALS = 512
+# Arch specs are typed by people; a cap keeps ast from chewing on megabytes of nesting.
+_MAX_SPEC = 2000
+_HINT_TRUST = "pass --trust (CLI) / trust=True (API) only if the file comes from a trusted source"
+_SPEC_FORMS = "expected NAME, NAME(key=value, ...) or package.module:factory(key=value, ...)"
+_DOTTED = r"[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*"
+_SPEC_RE = re.compile(rf"(?P<target>{_DOTTED}(?::{_DOTTED})?)\s*(?P<call>\(.*)?", re.S)
+
+
+def _full_name(obj) -> str:
+    # The key torch's weights-only unpickler files an allowlisted global under.
+    return f"{obj.__module__}.{obj.__qualname__}"
+
+
+# Helpers a pickled nn.Module references besides its classes. Each one only carries data or does
+# pure tensor math, so calling it with arguments from the file cannot reach the outside world.
+_HELPERS = {
+    _full_name(obj): obj
+    for obj in (
+        collections.OrderedDict,  # Module._parameters/_buffers/_modules and every hook dict
+        set,  # Module._non_persistent_buffers_set
+        nn.Parameter,  # the parameters themselves
+        torch._utils._rebuild_parameter,  # how a Parameter pickles
+        torch._utils._rebuild_tensor_v2,  # how a tensor pickles
+        F.relu,  # nn.TransformerEncoderLayer(activation="relu") keeps the function
+        F.gelu,  # ... and activation="gelu" (a builtin, torch._C._nn.gelu)
+    )
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Public API
+
+
+def load_model(path, arch: str | None = None, trust: bool = False) -> nn.Module:
+    """Load the model in ``path`` on the CPU, in eval mode, without running code from the file.
+
+    ``path`` may hold a TorchScript archive, a full module (``torch.save(model)``: its classes must
+    be torch.nn built-ins or zoo models unless ``trust=True``), or a state_dict, for which ``arch``
+    (see :func:`parse_arch`) names the architecture. ``arch`` is ignored when the file holds a full
+    module. Raises :class:`ModelLoadError` (or its subclass :class:`UnsafeModelError`) with a
+    one-line message.
+    """
+    path = _check_path(path)
+    if _sniff(path) == "torchscript":
+        model = _guarded(path, lambda: _load_torchscript(path))
+    else:
+        obj = _guarded(path, lambda: _unpickle(path, trust))
+        model = _to_module(obj, path, arch)
+    model.cpu()
+    model.eval()
+    return model
+
+
+def parse_arch(spec: str) -> Callable[[], nn.Module]:
+    """Turn an architecture spec into a zero-argument factory that builds the model.
+
+    ``spec`` is a zoo name (``mlp``), a zoo name with keyword arguments (``mlp(width=256,
+    in_shape=(1, 8, 8))``), or ``package.module:factory`` with optional keyword arguments. The
+    arguments must be Python literals; they are parsed with :mod:`ast`, never evaluated. The module
+    of a ``package.module:factory`` spec is imported here (the user named it, not a file).
+    """
+    target, kwargs = _split_spec(spec)
+    if ":" in target:
+        fn = _import_factory(spec, target)
+    elif target in zoo.names():
+        fn = functools.partial(zoo.create, target)
+    else:
+        hint = " (use package.module:factory for a factory)" if "." in target else ""
+        raise ModelLoadError(
+            f"unknown zoo model {target!r} in arch {spec!r}{hint}; choose one of "
+            f"{', '.join(zoo.names())}, or pass package.module:factory"
+        )
+    return functools.partial(_build, spec, fn, kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+# The file: path checks and sniffing
+
+
+def _check_path(path) -> Path:
+    try:
+        p = Path(os.fspath(path))
+    except TypeError:
+        raise ModelLoadError(f"model path must be a file path, got {type(path).__name__}") from None
+    if not p.exists():
+        raise ModelLoadError(f"model file {p} does not exist; check the path")
+    if p.is_dir():
+        raise ModelLoadError(f"{p} is a directory, not a model file; pass the .pt/.pth file inside it")
+    if not p.is_file():
+        raise ModelLoadError(f"{p} is not a regular file; pass a .pt/.pth model file")
+    if p.stat().st_size == 0:
+        raise ModelLoadError(f"model file {p} is empty (0 bytes); the save that wrote it failed, save again")
+    return p
+
+
+def _sniff(p: Path) -> str:
+    """'torchscript' or 'pickle' (torch.save, zip or legacy); anything else is refused."""
+    try:
+        with p.open("rb") as f:
+            head = f.read(4)
+    except OSError as e:
+        raise ModelLoadError(f"cannot read model file {p}: {e.strerror or e}") from e
+    if head in (b"PK\x03\x04", b"PK\x05\x06"):  # a zip archive (or an empty one)
+        return _zip_kind(p)
+    if head.startswith(b"\x80"):  # a pickle (protocol 2+): the legacy torch.save format
+        return "pickle"
+    what = "a text file" if _looks_like_text(p) else "an unknown binary format"
+    raise ModelLoadError(
+        f"{p} is not a PyTorch model file (it looks like {what}, not a torch.save or TorchScript "
+        f"file); save the model with torch.save(model) or torch.jit.save"
+    )
+
+
+def _looks_like_text(p: Path) -> bool:
+    with p.open("rb") as f:
+        head = f.read(512)
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return all(c.isprintable() or c.isspace() for c in text)
+
+
+def _zip_kind(p: Path) -> str:
+    try:
+        with zipfile.ZipFile(p) as z:
+            names = z.namelist()
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
+        raise ModelLoadError(
+            f"{p} is a truncated or corrupted archive ({e}); copy or save the model again"
+        ) from e
+    # torch writes every record under one top-level folder: <name>/data.pkl, <name>/code/...
+    inner = {n.split("/")[1] for n in names if n.count("/") >= 1}
+    if "constants.pkl" in inner or "code" in inner:
+        return "torchscript"
+    if "data.pkl" in inner:
+        return "pickle"
+    raise ModelLoadError(
+        f"{p} is a zip archive but not a torch.save or TorchScript file (no data.pkl inside); "
+        f"save the model with torch.save(model) or torch.jit.save"
+    )
+
+
+def _load_torchscript(p: Path) -> torch.jit.ScriptModule:
+    # torch >= 2.10 deprecates TorchScript; the warning would only be noise for someone who has
+    # a TorchScript file to compress.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=DeprecationWarning, message=r".*torch\.jit")
+        return torch.jit.load(str(p), map_location="cpu")
+
+
+def _guarded(p: Path, fn: Callable):
+    """Run ``fn``; turn anything torch raises into a one-line ModelLoadError (cause kept)."""
+    try:
+        return fn()
+    except Error:
+        raise
+    except Exception as e:
+        raise ModelLoadError(
+            f"cannot load {p}: {_one_line(e)}; the file may be truncated or corrupted"
+        ) from e
+
+
+def _one_line(e: BaseException) -> str:
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))
+    # torch's weights-only errors wrap the real reason in paragraphs of advice; keep the reason.
+    _, found, reason = text.partition("WeightsUnpickler error:")
+    lines = [s.strip() for s in (reason if found else text).splitlines() if s.strip()]
+    line = next((s for s in lines if "GLOBAL " in s), lines[0] if lines else type(e).__name__)
+    return line if len(line) <= 200 else line[:197] + "..."
+
+
+# ---------------------------------------------------------------------------------------------
+# Unpickling behind the allowlist
+
+
+def _unpickle(p: Path, trust: bool):
+    if trust:
+        # The user vouched for the file: a plain pickle load, which may run code from it.
+        return torch.load(p, map_location="cpu", weights_only=False)
+    names = _unsafe_globals(p)
+    if names is None:
+        return _load_iteratively(p)
+    resolved = {name: _allowed_global(name) for name in names}
+    refused = [name for name, obj in resolved.items() if obj is None]
+    if refused:
+        raise _unsafe(p, refused)
+    return _load_allowing(p, list(resolved.values()))
+
+
+def _unsafe_globals(p: Path) -> list[str] | None:
+    """Globals the file needs beyond torch's defaults, read without unpickling; None when this
+    torch cannot tell (before 2.5, or the legacy non-zip format)."""
+    scan = getattr(torch.serialization, "get_unsafe_globals_in_checkpoint", None)
+    if scan is None:
+        return None
+    try:
+        return list(scan(str(p)))
+    except ValueError:  # "Expected input to be a checkpoint returned by torch.save": legacy format
+        return None
+
+
+def _load_iteratively(p: Path):
+    """Fallback for torch < 2.5 and legacy files: load, and on each refused global check it against
+    the allowlist, allow it and retry. A refused global is refused before anything calls it."""
+    allowed: list = []
+    for _ in range(_MAX_GLOBALS):
+        try:
+            return _load_allowing(p, allowed)
+        except pickle.UnpicklingError as e:
+            name = _refused_global(e)
+            if name is None and "persistent_load" in str(e):
+                raise _legacy_module(p) from e
+            if name is None:
+                raise
+            obj = _allowed_global(name)
+            if obj is None:
+                raise _unsafe(p, [name]) from e
+            if any(obj is a for a in allowed):  # allowed yet refused again: give up, not loop
+                raise
+            allowed.append(obj)
+    raise ModelLoadError(f"{p} needs more than {_MAX_GLOBALS} distinct classes; it is not a model file")
+
+
+def _legacy_module(p: Path) -> UnsafeModelError:
+    # The legacy format stores a full module's source code beside it, which torch's restricted
+    # unpickler refuses; only an unrestricted load (which may run code) reads such a file.
+    return UnsafeModelError(
+        f"{p} is a full module in the legacy (non-zip) torch.save format, which cannot be read "
+        f"safely; re-save it with a current torch.save, or {_HINT_TRUST}"
+    )
+
+
+def _refused_global(e: BaseException) -> str | None:
+    # "Unsupported global: GLOBAL a.b.C was not ..." / "unsupported GLOBAL posix.system whose ..."
+    m = re.search(r"GLOBAL ([\w.]+)", str(e))
+    return m.group(1) if m else None
+
+
+def _load_allowing(p: Path, allowed: list):
+    with _safe_globals(allowed):
+        return torch.load(p, map_location="cpu", weights_only=True)
+
+
+@contextlib.contextmanager
+def _safe_globals(objs: list) -> Iterator[None]:
+    """Allow ``objs`` for one load, then take back only what this call added. (torch's own
+    ``safe_globals`` context manager is 2.5+ and, on exit, also drops entries the caller had
+    added before; get/clear/add exist since 2.4. torch itself may add entries meanwhile, e.g.
+    when a lazily imported torch.distributed module registers DTensor: those stay.)"""
+    ser = torch.serialization
+    before = ser.get_safe_globals()
+    added = [obj for obj in objs if obj not in before]
+    ser.add_safe_globals(added)
+    try:
+        yield
+    finally:
+        keep = [g for g in ser.get_safe_globals() if not any(g is a for a in added)]
+        ser.clear_safe_globals()
+        ser.add_safe_globals(keep)
+
+
+def _allowed_global(name: str):
+    """The object ``name`` refers to if it is on the allowlist, else None. Imports nothing."""
+    name = _canonical(name)
+    if name in _HELPERS:
+        return _HELPERS[name]
+    for cls in zoo.classes():
+        if _full_name(cls) == name:
+            return cls
+    return _nn_layer_class(name)
+
+
+def _canonical(name: str) -> str:
+    # Protocol-2 pickles say "__builtin__.set"; torch >= 2.6 writes builtins without the module.
+    if name.startswith("__builtin__."):
+        return "builtins." + name[len("__builtin__."):]
+    return name if "." in name else "builtins." + name
+
+
+def _nn_layer_class(name: str):
+    module, _, attr = name.rpartition(".")
+    if not module.startswith(_NN_PREFIX):
+        return None
+    # Every torch.nn.modules submodule is imported by `import torch`; look, don't import.
+    mod = sys.modules.get(module)
+    if mod is None:
+        return None
+    obj = inspect.getattr_static(mod, attr, None)  # no module __getattr__ hook can run
+    is_layer = isinstance(obj, type) and issubclass(obj, nn.Module)
+    # Defined there, not re-exported from elsewhere: the name must be the class's own.
+    return obj if is_layer and _full_name(obj) == name else None
+
+
+def _unsafe(p: Path, names: list[str]) -> UnsafeModelError:
+    more = f" (and {len(names) - 1} more)" if len(names) > 1 else ""
+    return UnsafeModelError(
+        f"{p} needs {_canonical(names[0])}{more}, which is not on the safe-loading allowlist "
+        f"(torch.nn layers and ternarize zoo models), so loading it could run code from the file; "
+        f"{_HINT_TRUST}"
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# What the file held: a module, or a state_dict for an architecture
+
+
+def _to_module(obj, p: Path, arch: str | None) -> nn.Module:
+    if isinstance(obj, nn.Module):
+        return obj
+    state = _find_state_dict(obj)
+    if state is None:
+        inner = obj.get("model") if isinstance(obj, Mapping) else None
+        if isinstance(inner, nn.Module):  # a checkpoint dict holding the full module
+            return inner
+        raise ModelLoadError(
+            f"{p} holds {_describe(obj)}, not a model or a state_dict; save the model with "
+            f"torch.save(model) or torch.save(model.state_dict())"
+        )
+    if arch is None:
+        raise ModelLoadError(
+            f"{p} holds a state_dict ({len(state)} tensors); pass --arch NAME (a zoo model: "
+            f"{', '.join(zoo.names())}) or --arch package.module:factory"
+        )
+    return _fill(parse_arch(arch)(), state, p, arch)
+
+
+def _find_state_dict(obj) -> Mapping | None:
+    if _is_state_dict(obj):
+        return obj
+    if isinstance(obj, Mapping):
+        for key in _STATE_DICT_KEYS:
+            if _is_state_dict(obj.get(key)):
+                return obj[key]
+    return None
+
+
+def _is_state_dict(obj) -> bool:
+    return (
+        isinstance(obj, Mapping)
+        and len(obj) > 0
+        and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
+    )
+
+
+def _fill(model: nn.Module, state: Mapping, p: Path, arch: str) -> nn.Module:
+    expected = model.state_dict()
+    state = _strip_wrapper_prefix(state, expected)
+    problem = _mismatch(state, expected)
+    if problem:
+        raise ModelLoadError(
+            f"the state_dict in {p} does not match arch {arch!r}: {problem}; check the architecture "
+            f"and its arguments (width, depth, in_shape, num_classes)"
+        )
+    try:
+        model.load_state_dict(state, strict=True)
+    except Exception as e:  # keys and shapes matched, so this is rare (e.g. a dtype it cannot copy)
+        raise ModelLoadError(f"cannot load the state_dict in {p} into arch {arch!r}: {_one_line(e)}") from e
+    return model
+
+
+def _strip_wrapper_prefix(state: Mapping, expected: Mapping) -> Mapping:
+    # Weights saved from a DDP- or torch.compile-wrapped model carry the wrapper's prefix.
+    for prefix in _WRAPPER_PREFIXES:
+        if all(k.startswith(prefix) for k in state) and not any(k.startswith(prefix) for k in expected):
+            return {k[len(prefix):]: v for k, v in state.items()}
+    return state
+
+
+def _mismatch(state: Mapping, expected: Mapping) -> str:
+    """A short summary of how ``state`` differs from ``expected``; '' when keys and shapes agree."""
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    shapes = [
+        f"{k!r} is {tuple(state[k].shape)} in the file but {tuple(v.shape)} in the model"
+        for k, v in expected.items()
+        if k in state and tuple(state[k].shape) != tuple(v.shape)
+    ]
+    parts = []
+    if missing:
+        parts.append(f"missing key {missing[0]!r}{_and_more(missing)}")
+    if unexpected:
+        parts.append(f"unexpected key {unexpected[0]!r}{_and_more(unexpected)}")
+    if shapes:
+        parts.append(f"shape mismatch: {shapes[0]}{_and_more(shapes)}")
+    return ", ".join(parts)
+
+
+def _and_more(items: list) -> str:
+    return f" (+{len(items) - 1} more)" if len(items) > 1 else ""
+
+
+def _describe(obj) -> str:
+    """A few words saying what ``obj`` is, for messages."""
+    if isinstance(obj, torch.Tensor):
+        return f"a bare tensor of shape {tuple(obj.shape)}"
+    if isinstance(obj, Mapping):
+        if not obj:
+            return "an empty dict"
+        keys = ", ".join(repr(k)[:40] for k in list(obj)[:4])
+        return f"a dict with {len(obj)} entries (keys {keys}{', ...' if len(obj) > 4 else ''})"
+    if isinstance(obj, (list, tuple)):
+        return f"a {type(obj).__name__} of {len(obj)} items"
+    if obj is None:
+        return "None"
+    return f"an object of type {type(obj).__name__}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Architecture specs
+
+
+def _split_spec(spec) -> tuple[str, dict]:
+    if not isinstance(spec, str) or not spec.strip():
+        raise ModelLoadError(f"arch must be a non-empty string; {_SPEC_FORMS}")
+    if len(spec) > _MAX_SPEC:
+        raise ModelLoadError(f"arch spec is {len(spec)} characters long (at most {_MAX_SPEC}); {_SPEC_FORMS}")
+    m = _SPEC_RE.fullmatch(spec.strip())
+    if m is None:
+        raise _bad_spec(spec, "not a name, a call or package.module:factory")
+    call = m.group("call")
+    return m.group("target"), (_parse_kwargs(spec, call) if call else {})
+
+
+def _parse_kwargs(spec: str, call: str) -> dict:
+    """Keyword arguments of ``(k=v, ...)``, each value an ast literal; nothing is evaluated."""
+    try:
+        node = ast.parse("f" + call, mode="eval").body
+    except SyntaxError as e:
+        raise _bad_spec(spec, f"invalid argument syntax ({e.msg})") from None
+    except (ValueError, MemoryError, RecursionError):
+        raise _bad_spec(spec, "the arguments cannot be parsed") from None
+    if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)):
+        raise _bad_spec(spec, "one argument list allowed")
+    if node.args:
+        raise _bad_spec(spec, "pass arguments by keyword, e.g. mlp(width=256)")
+    kwargs = {}
+    for kw in node.keywords:
+        if kw.arg is None:
+            raise _bad_spec(spec, "**kwargs is not allowed")
+        kwargs[kw.arg] = _literal(spec, kw)
+    return kwargs
+
+
+def _literal(spec: str, kw: ast.keyword):
+    try:
+        return ast.literal_eval(kw.value)
+    except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+        raise _bad_spec(
+            spec,
+            f"the value of {kw.arg}= must be a literal (number, string, tuple, list, dict, "
+            f"True/False/None), not {_node_kind(kw.value)}; nothing was evaluated",
+        ) from None
+
+
+def _node_kind(node: ast.AST) -> str:
+    if isinstance(node, ast.Call):
+        return "a call"
+    if isinstance(node, ast.Name):
+        return f"the name {node.id!r}"
+    if isinstance(node, ast.Attribute):
+        return "an attribute lookup"
+    return f"a {type(node).__name__} expression"
+
+
+def _bad_spec(spec: str, why: str) -> ModelLoadError:
+    return ModelLoadError(f"cannot parse arch {spec!r}: {why}; {_SPEC_FORMS}")
+
+
+def _import_factory(spec: str, target: str) -> Callable:
+    modname, _, attr = target.partition(":")
+    try:
+        obj = importlib.import_module(modname)
+    except ModuleNotFoundError as e:
+        raise ModelLoadError(
+            f"cannot import module {modname!r} named by arch {spec!r} ({e}); check the spelling "
+            f"and that its folder is on PYTHONPATH"
+        ) from e
+    except Exception as e:  # the module's own code failed while importing
+        raise ModelLoadError(
+            f"importing module {modname!r} named by arch {spec!r} failed: {type(e).__name__}: {_one_line(e)}"
+        ) from e
+    for part in attr.split("."):
+        obj = getattr(obj, part, _MISSING)
+        if obj is _MISSING:
+            raise ModelLoadError(
+                f"module {modname!r} has no attribute {attr!r} (arch {spec!r}); check the factory name"
+            )
+    if not callable(obj):
+        raise ModelLoadError(
+            f"{modname}:{attr} is a {type(obj).__name__}, not callable; arch must name a function "
+            f"or class that builds the model"
+        )
+    return obj
+
+
+_MISSING = object()
+
+
+def _build(spec: str, fn: Callable, kwargs: dict) -> nn.Module:
+    try:
+        model = fn(**kwargs)
+    except Error as e:
+        raise ModelLoadError(f"arch {spec!r}: {e}") from e
+    except Exception as e:  # the factory is user code; report it in one line
+        raise ModelLoadError(f"arch {spec!r} failed to build: {type(e).__name__}: {_one_line(e)}") from e
+    if not isinstance(model, nn.Module):
+        raise ModelLoadError(
+            f"arch {spec!r} returned {_describe(model)}, not a torch.nn.Module; the factory must "
+            f"build and return the model"
+        )
+    return model

@@ -1,0 +1,367 @@
+"""Tests for ternarize.load: good files load, bad input fails with one clear line, and a hostile
+pickle never runs."""
+
+from __future__ import annotations
+
+import os
+import sys
+import zipfile
+
+import pytest
+import torch
+from torch import nn
+
+from ternarize import zoo
+from ternarize.errors import ModelLoadError, UnsafeModelError
+from ternarize.load import load_model, parse_arch
+
+# Small versions of every zoo model, with inputs of the matching shape.
+ZOO_CASES = {
+    "mlp": ({"width": 16, "depth": 2, "in_shape": (1, 8, 8)}, (4, 1, 8, 8)),
+    "vgg": ({"width": 0.05, "fc": 16, "in_shape": (3, 8, 8)}, (4, 3, 8, 8)),
+    "lenet": ({"in_shape": (1, 8, 8)}, (4, 1, 8, 8)),
+    "resnet": ({"width": 4, "in_shape": (3, 8, 8)}, (4, 3, 8, 8)),
+}
+MLP_SPEC = "mlp(width=16, depth=2, in_shape=(1, 8, 8))"
+
+
+# --- objects pickled by the tests (module level so pickle can name them) --------------------------
+
+
+class CustomNet(nn.Module):
+    """A user-defined module: not a torch.nn built-in nor a zoo model."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.fc(x).relu()
+
+
+def touch_marker(path):
+    """What a hostile pickle calls: it leaves a file behind, so a test can tell it ran."""
+    with open(path, "w") as f:
+        f.write("ran")
+    return "pwned"
+
+
+class WritesMarker:
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (touch_marker, (self.path,))
+
+
+class RunsShell:
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.path}",))
+
+
+class Evals:
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (eval, (f"open({self.path!r}, 'w').write('ran')",))
+
+
+# --- fixtures and helpers --------------------------------------------------------------------------
+
+
+@pytest.fixture(params=["scan", "fallback"])
+def mode(request, monkeypatch):
+    """'scan' checks globals with torch's get_unsafe_globals_in_checkpoint; 'fallback' hides it,
+    as on torch < 2.5, so the load-refuse-retry path runs."""
+    if request.param == "fallback":
+        monkeypatch.delattr(torch.serialization, "get_unsafe_globals_in_checkpoint", raising=False)
+    return request.param
+
+
+@pytest.fixture(autouse=True)
+def no_leaked_safe_globals():
+    """Loading must leave torch's process-wide allowlist as it found it."""
+    before = set(torch.serialization.get_safe_globals())
+    yield
+    # torch may register its own entries meanwhile (lazily imported DTensor types): ignore those.
+    leaked = set(torch.serialization.get_safe_globals()) - before
+    ours = ("torch.nn", "torch._utils", "torch._C._nn", "ternarize", "builtins", "collections")
+    assert not [g for g in leaked if getattr(g, "__module__", "").startswith(ours)]
+
+
+def small_mlp():
+    torch.manual_seed(0)
+    return zoo.create("mlp", width=16, depth=2, in_shape=(1, 8, 8)).eval()
+
+
+def same_outputs(a: nn.Module, b: nn.Module, shape) -> None:
+    x = torch.randn(shape)
+    with torch.no_grad():
+        torch.testing.assert_close(a.eval()(x), b(x), rtol=0, atol=0)
+
+
+# --- good input ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", sorted(ZOO_CASES))
+def test_full_zoo_module_loads_without_trust(tmp_path, mode, name):
+    kwargs, shape = ZOO_CASES[name]
+    torch.manual_seed(0)
+    model = zoo.create(name, **kwargs)
+    torch.save(model, tmp_path / "model.pt")
+    loaded = load_model(tmp_path / "model.pt")
+    assert type(loaded) is type(model) and not loaded.training
+    same_outputs(model, loaded, shape)
+
+
+def test_sequential_of_builtins_loads(tmp_path, mode):
+    model = nn.Sequential(
+        nn.Conv1d(2, 4, 3, padding=1), nn.BatchNorm1d(4), nn.GELU(), nn.Flatten(),
+        nn.Dropout(0.1), nn.Linear(32, 4), nn.LayerNorm(4),
+        nn.TransformerEncoderLayer(4, 2, dim_feedforward=8, batch_first=True),
+    )
+    torch.save(model, tmp_path / "seq.pt")
+    loaded = load_model(str(tmp_path / "seq.pt"))
+    assert isinstance(loaded, nn.Sequential)
+    same_outputs(model, loaded, (3, 2, 8))
+
+
+def test_state_dict_with_zoo_arch_and_kwargs(tmp_path):
+    model = small_mlp()
+    torch.save(model.state_dict(), tmp_path / "w.pt")
+    loaded = load_model(tmp_path / "w.pt", arch=MLP_SPEC)
+    same_outputs(model, loaded, (4, 1, 8, 8))
+
+
+@pytest.mark.parametrize("wrap", [
+    lambda sd: {"state_dict": sd, "epoch": 3},
+    lambda sd: {"model_state_dict": sd, "optimizer_state_dict": {}, "epoch": 3},
+    lambda sd: {"model": sd},
+    lambda sd: {"module." + k: v for k, v in sd.items()},  # saved from a DDP-wrapped model
+], ids=["state_dict", "model_state_dict", "model", "ddp-prefix"])
+def test_checkpoint_dict_with_arch(tmp_path, wrap):
+    model = small_mlp()
+    torch.save(wrap(model.state_dict()), tmp_path / "ckpt.pt")
+    loaded = load_model(tmp_path / "ckpt.pt", arch=MLP_SPEC)
+    same_outputs(model, loaded, (4, 1, 8, 8))
+
+
+def test_legacy_non_zip_format(tmp_path, mode):
+    model = small_mlp()
+    torch.save(model.state_dict(), tmp_path / "sd.pt", _use_new_zipfile_serialization=False)
+    same_outputs(model, load_model(tmp_path / "sd.pt", arch=MLP_SPEC), (4, 1, 8, 8))
+    # A legacy full module carries its source code, which the restricted unpickler refuses.
+    torch.save(model, tmp_path / "full.pt", _use_new_zipfile_serialization=False)
+    with pytest.raises(UnsafeModelError, match=r"legacy \(non-zip\) torch\.save format.*--trust"):
+        load_model(tmp_path / "full.pt")
+    same_outputs(model, load_model(tmp_path / "full.pt", trust=True), (4, 1, 8, 8))
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit:DeprecationWarning")
+@pytest.mark.parametrize("how", ["script", "trace"])
+def test_torchscript_loads(tmp_path, how):
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)).eval()
+    scripted = torch.jit.script(model) if how == "script" else torch.jit.trace(model, torch.randn(1, 4))
+    scripted.save(str(tmp_path / "ts.pt"))
+    loaded = load_model(tmp_path / "ts.pt")
+    assert isinstance(loaded, torch.jit.ScriptModule) and not loaded.training
+    same_outputs(model, loaded, (3, 4))
+
+
+def test_returned_model_is_in_eval_mode(tmp_path):
+    model = small_mlp().train()
+    torch.save(model, tmp_path / "m.pt")
+    assert not any(m.training for m in load_model(tmp_path / "m.pt").modules())
+
+
+def test_module_factory_arch(tmp_path, monkeypatch):
+    (tmp_path / "my_arches.py").write_text(
+        "from torch import nn\n"
+        "def build(hidden=3):\n"
+        "    return nn.Sequential(nn.Linear(4, hidden), nn.ReLU(), nn.Linear(hidden, 2))\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "my_arches", raising=False)
+    model = nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 2))
+    torch.save(model.state_dict(), tmp_path / "w.pt")
+    loaded = load_model(tmp_path / "w.pt", arch="my_arches:build(hidden=5)")
+    same_outputs(model, loaded, (3, 4))
+    assert isinstance(parse_arch("my_arches:build")(), nn.Sequential)
+
+
+def test_parse_arch_builds_zoo_model_with_kwargs():
+    model = parse_arch("  vgg(width=0.05, fc=8, in_shape=(3, 8, 8), num_classes=3) ")()
+    assert isinstance(model, zoo.VGG) and model(torch.randn(2, 3, 8, 8)).shape == (2, 3)
+
+
+def test_trust_loads_user_defined_module(tmp_path):
+    model = CustomNet()
+    torch.save(model, tmp_path / "custom.pt")
+    with pytest.raises(UnsafeModelError, match=r"CustomNet.*--trust.*trust=True"):
+        load_model(tmp_path / "custom.pt")
+    loaded = load_model(tmp_path / "custom.pt", trust=True)
+    assert isinstance(loaded, CustomNet)
+    same_outputs(model, loaded, (3, 4))
+
+
+# --- hostile pickles -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("payload, name", [
+    (RunsShell, r"(posix|nt|os)\.system"),
+    (WritesMarker, r"touch_marker"),
+    (Evals, r"builtins\.eval"),
+], ids=["os.system", "module-function", "eval"])
+@pytest.mark.parametrize("wrap", ["bare", "in-checkpoint"])
+def test_hostile_pickle_is_refused_and_never_runs(tmp_path, mode, payload, name, wrap):
+    marker = tmp_path / "MARKER"
+    obj = payload(marker)
+    if wrap == "in-checkpoint":  # hidden beside a genuine state_dict, with a valid arch given
+        obj = {"state_dict": small_mlp().state_dict(), "extra": obj}
+    torch.save(obj, tmp_path / "evil.pt")
+    with pytest.raises(UnsafeModelError, match=rf"{name}.*not on the safe-loading allowlist.*--trust"):
+        load_model(tmp_path / "evil.pt", arch=MLP_SPEC)
+    assert not marker.exists(), "code from the file ran"
+
+
+def test_legacy_format_hostile_pickle_never_runs(tmp_path, mode):
+    marker = tmp_path / "MARKER"
+    torch.save(WritesMarker(marker), tmp_path / "evil.pt", _use_new_zipfile_serialization=False)
+    with pytest.raises(UnsafeModelError, match=r"touch_marker"):
+        load_model(tmp_path / "evil.pt")
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("ref, name", [
+    (torch.nn.modules.module.register_module_forward_hook, r"register_module_forward_hook"),
+    (zoo.create, r"ternarize\.zoo\.create"),
+    (torch.nn.functional.dropout, r"torch\.nn\.functional\.dropout"),
+], ids=["nn-function", "zoo-function", "functional"])
+def test_only_classes_and_listed_helpers_are_allowed(tmp_path, mode, ref, name):
+    # Functions living next to allowlisted classes are not allowlisted themselves.
+    torch.save({"f": ref}, tmp_path / "f.pt")
+    with pytest.raises(UnsafeModelError, match=name):
+        load_model(tmp_path / "f.pt")
+
+
+def test_user_defined_module_inside_sequential_is_refused(tmp_path, mode):
+    torch.save(nn.Sequential(nn.Linear(4, 4), CustomNet()), tmp_path / "m.pt")
+    with pytest.raises(UnsafeModelError, match=r"CustomNet"):
+        load_model(tmp_path / "m.pt")
+
+
+# --- bad input -------------------------------------------------------------------------------------
+
+
+def _write(path, data: bytes):
+    path.write_bytes(data)
+    return path
+
+
+def _truncated(tmp_path):
+    torch.save(small_mlp(), tmp_path / "full.pt")
+    data = (tmp_path / "full.pt").read_bytes()
+    return _write(tmp_path / "cut.pt", data[: len(data) // 2])
+
+
+def _state_dict_file(tmp_path):
+    torch.save(small_mlp().state_dict(), tmp_path / "w.pt")
+    return tmp_path / "w.pt"
+
+
+def _zip_without_model(tmp_path):
+    with zipfile.ZipFile(tmp_path / "notes.pt", "w") as z:
+        z.writestr("notes/readme.txt", "hello")
+    return tmp_path / "notes.pt"
+
+
+def _saved(obj):
+    def make(tmp_path):
+        torch.save(obj, tmp_path / "obj.pt")
+        return tmp_path / "obj.pt"
+    return make
+
+
+# (id, make the file, arch, error, message regex)
+BAD_INPUT = [
+    ("missing", lambda t: t / "nope.pt", None, ModelLoadError, r"does not exist"),
+    ("directory", lambda t: t, None, ModelLoadError, r"is a directory"),
+    ("empty", lambda t: _write(t / "e.pt", b""), None, ModelLoadError, r"is empty \(0 bytes\)"),
+    ("text", lambda t: _write(t / "model.pt", b"this is not a model\n"), None, ModelLoadError,
+     r"not a PyTorch model file \(it looks like a text file, not a torch\.save or TorchScript file\)"),
+    ("binary", lambda t: _write(t / "b.pt", bytes(range(1, 200))), None, ModelLoadError,
+     r"not a PyTorch model file"),
+    ("truncated", _truncated, None, ModelLoadError, r"truncated or corrupted"),
+    ("bad-pickle", lambda t: _write(t / "p.pt", b"\x80\x02garbage"), None, ModelLoadError,
+     r"cannot load .*: \w.*; the file may be truncated or corrupted"),
+    ("zip-not-torch", _zip_without_model, None, ModelLoadError, r"zip archive but not a torch\.save"),
+    ("state-dict-no-arch", _state_dict_file, None, ModelLoadError,
+     r"holds a state_dict \(\d+ tensors\); pass --arch NAME \(a zoo model: lenet, mlp, resnet, vgg\) "
+     r"or --arch package\.module:factory"),
+    ("unknown-zoo-name", _state_dict_file, "alexnet", ModelLoadError,
+     r"unknown zoo model 'alexnet'.*lenet, mlp, resnet, vgg"),
+    ("dotted-without-colon", _state_dict_file, "torchvision.models.resnet18", ModelLoadError,
+     r"package\.module:factory"),
+    ("missing-module", _state_dict_file, "no_such_module_xyz:build", ModelLoadError,
+     r"cannot import module 'no_such_module_xyz'"),
+    ("missing-attribute", _state_dict_file, "ternarize.zoo:NoSuchNet", ModelLoadError,
+     r"module 'ternarize\.zoo' has no attribute 'NoSuchNet'"),
+    ("not-callable", _state_dict_file, "ternarize.zoo:_MODELS", ModelLoadError, r"not callable"),
+    ("factory-not-module", _state_dict_file, "ternarize.zoo:names", ModelLoadError,
+     r"returned a list of 4 items, not a torch\.nn\.Module"),
+    ("non-literal-kwarg", _state_dict_file, "mlp(width=__import__('os').getpid())", ModelLoadError,
+     r"width= must be a literal .* not a call; nothing was evaluated"),
+    ("name-kwarg", _state_dict_file, "mlp(width=big)", ModelLoadError, r"not the name 'big'"),
+    ("positional-arg", _state_dict_file, "mlp(16)", ModelLoadError, r"pass arguments by keyword"),
+    ("star-kwargs", _state_dict_file, "mlp(**{'width': 16})", ModelLoadError, r"\*\*kwargs"),
+    ("bad-syntax", _state_dict_file, "mlp(width=", ModelLoadError,
+     r"cannot parse arch.*invalid argument syntax"),
+    ("bad-name", _state_dict_file, "mlp-2", ModelLoadError, r"cannot parse arch 'mlp-2'"),
+    ("chained-call", _state_dict_file, "mlp(width=1)(depth=2)", ModelLoadError, r"one argument list"),
+    ("bad-zoo-kwarg", _state_dict_file, "mlp(colour=1)", ModelLoadError, r"arch 'mlp\(colour=1\)'.*colour"),
+    ("shape-mismatch", _state_dict_file, "mlp(width=32, depth=2, in_shape=(1, 8, 8))", ModelLoadError,
+     r"does not match arch .*shape mismatch: '0\.weight'|does not match arch .*shape mismatch: '1\.weight'"),
+    ("key-mismatch", _state_dict_file, "mlp(width=16, depth=1, in_shape=(1, 8, 8))", ModelLoadError,
+     r"does not match arch .*unexpected key '7\.weight' \(\+\d+ more\)"),
+    ("bare-tensor", _saved(torch.zeros(3, 4)), None, ModelLoadError,
+     r"holds a bare tensor of shape \(3, 4\)"),
+    ("list", _saved([torch.zeros(2), 1]), None, ModelLoadError, r"holds a list of 2 items"),
+    ("dict-without-tensors", _saved({"epoch": 3, "lr": 0.1}), "mlp", ModelLoadError,
+     r"holds a dict with 2 entries \(keys 'epoch', 'lr'\)"),
+]
+
+
+@pytest.mark.parametrize("make, arch, error, message", [c[1:] for c in BAD_INPUT],
+                         ids=[c[0] for c in BAD_INPUT])
+def test_bad_input(tmp_path, make, arch, error, message):
+    path = make(tmp_path)
+    with pytest.raises(error, match=message) as info:
+        load_model(path, arch=arch)
+    assert "\n" not in str(info.value), "error messages are one line"
+    assert "Traceback" not in str(info.value)
+
+
+def test_non_literal_arch_is_never_evaluated(tmp_path):
+    marker = tmp_path / "MARKER"
+    spec = f"mlp(width=__import__('os').system('touch {marker}'))"
+    with pytest.raises(ModelLoadError, match=r"must be a literal"):
+        parse_arch(spec)
+    assert not marker.exists()
+
+
+def test_unexpected_torch_error_keeps_its_cause(tmp_path):
+    with pytest.raises(ModelLoadError) as info:
+        load_model(_write(tmp_path / "p.pt", b"\x80\x02garbage"))
+    assert info.value.__cause__ is not None
+
+
+def test_factory_raising_is_wrapped(tmp_path, monkeypatch):
+    (tmp_path / "broken_arches.py").write_text("def build():\n    raise RuntimeError('boom')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "broken_arches", raising=False)
+    with pytest.raises(ModelLoadError, match=r"failed to build: RuntimeError: boom"):
+        parse_arch("broken_arches:build")()
