@@ -219,6 +219,14 @@ class _Distributed:
         ids = [self.device.index] if self.device.type == "cuda" else None
         return DistributedDataParallel(model, device_ids=ids)
 
+    def sync_buffers(self, model: nn.Module) -> None:
+        """Give every rank rank 0's buffers (BatchNorm statistics drift after the last forward)."""
+        if self.world > 1:
+            import torch.distributed as tdist
+
+            for buf in model.buffers():
+                tdist.broadcast(buf, 0)
+
     def all_reduce_mean(self, t: torch.Tensor) -> torch.Tensor:
         if self.world > 1:
             import torch.distributed as tdist
@@ -331,6 +339,7 @@ class _Run:
                                 "try a smaller --lr (or --rho) or check the data for NaNs")
         if self.opt is not None:
             self.opt.end_epoch()
+        self.dist.sync_buffers(self.model)
         record = self.record(epoch, mean_loss, time.perf_counter() - t0)
         if self.dist.rank == 0:
             self.log(_describe(record, self.config.epochs))

@@ -1,0 +1,184 @@
+"""The training loop: policy, resume equivalence, sparsity, NaN guard, distillation, DDP."""
+
+import copy
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+
+from ternarize import ConfigError, TrainingError, zoo
+from ternarize.data import Dataset, load_dataset
+from ternarize.train import policy
+from ternarize.train.loop import TrainConfig, fit, fit_float
+
+QUIET = dict(progress=False)
+
+
+def _silent(_):
+    pass
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_dataset("digits")
+
+
+@pytest.fixture(scope="module")
+def float_mlp(digits):
+    model = zoo.create("mlp", in_shape=digits.in_shape, width=64, depth=2)
+    fit_float(model, digits, epochs=3, progress=False, log=_silent)
+    return model
+
+
+def test_float_training_learns_digits(float_mlp, digits):
+    from ternarize.train.loop import evaluate
+
+    _, acc = evaluate(float_mlp, torch.from_numpy(digits.x_test), torch.from_numpy(digits.y_test))
+    assert acc > 0.9
+
+
+@pytest.mark.parametrize("method, mode", [("msa", "ternary"), ("msa", "binary"), ("ste", "ternary"),
+                                          ("ste", "binary")])
+def test_every_method_trains_and_stays_discrete(float_mlp, digits, method, mode):
+    model = copy.deepcopy(float_mlp)
+    result = fit(model, digits, TrainConfig(method=method, mode=mode, epochs=3, **QUIET), log=_silent)
+    assert result.history[-1]["test_acc"] > 0.85
+    for name in result.discrete:
+        w = dict(model.named_parameters())[name].detach()
+        rows = w.reshape(w.shape[0], -1)
+        s = rows.abs().amax(1, keepdim=True)
+        assert torch.all((rows.abs() == s) | ((rows == 0) if mode == "ternary" else torch.zeros_like(rows).bool()))
+    assert set(result.history[-1]["layers"]) == set(result.discrete)
+
+
+def test_policy_defaults_keep_float_and_scales():
+    model = zoo.create("lenet", in_shape=(1, 28, 28))
+    layers = policy.discrete_layers(model)
+    assert [lay.module for lay in layers] == ["0", "4", "9", "12", "15"]
+    # every layer but the last Linear (no BatchNorm after it) keeps a fixed scale
+    assert [lay.scale for lay in layers] == ["fixed"] * 4 + ["learned"]
+    kept = policy.discrete_layers(model, keep_float=("first", "last"))
+    assert [lay.module for lay in kept] == ["4", "9", "12"]
+    assert [lay.module for lay in policy.discrete_layers(model, keep_float=("1?",))] == ["0", "4", "9"]
+    with pytest.raises(ConfigError, match="matches no"):
+        policy.discrete_layers(model, keep_float=("nope*",))
+    with pytest.raises(ConfigError, match="keeps every layer float"):
+        policy.discrete_layers(model, keep_float=("*",))
+
+
+def test_vgg_blocks_with_maxpool_before_batchnorm_keep_fixed_scales():
+    model = zoo.create("vgg", in_shape=(1, 28, 28), width=0.125)
+    assert {lay.scale for lay in policy.discrete_layers(model)} == {"fixed"}
+
+
+def test_keep_float_layers_stay_float(float_mlp, digits):
+    model = copy.deepcopy(float_mlp)
+    before = model[1].weight.detach().clone()
+    result = fit(model, digits, TrainConfig(epochs=1, keep_float=("first",), **QUIET), log=_silent)
+    assert "1.weight" not in result.discrete
+    assert not torch.equal(model[1].weight, before)  # trained by Adam, still float
+    assert len(torch.unique(model[1].weight.abs())) > 10
+
+
+def test_resume_reaches_the_same_weights(float_mlp, digits, tmp_path):
+    config = dict(epochs=3, batch_size=50, **QUIET)
+    straight = copy.deepcopy(float_mlp)
+    fit(straight, digits, TrainConfig(checkpoint=str(tmp_path / "a.pt"), **config), log=_silent)
+    interrupted = copy.deepcopy(float_mlp)
+    fit(interrupted, digits, TrainConfig(checkpoint=str(tmp_path / "b.pt"), **{**config, "epochs": 2}), log=_silent)
+    resumed = copy.deepcopy(float_mlp)  # a fresh process would start from the float model again
+    result = fit(resumed, digits, TrainConfig(checkpoint=str(tmp_path / "b.pt"), resume=True, **config), log=_silent)
+    assert [h["epoch"] for h in result.history] == [1, 2, 3]
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_resume_refuses_other_settings_and_missing_checkpoint(float_mlp, digits, tmp_path):
+    ck = str(tmp_path / "c.pt")
+    fit(copy.deepcopy(float_mlp), digits, TrainConfig(epochs=1, checkpoint=ck, **QUIET), log=_silent)
+    with pytest.raises(ConfigError, match="mode='ternary'"):
+        fit(copy.deepcopy(float_mlp), digits, TrainConfig(epochs=2, mode="binary", checkpoint=ck, resume=True,
+                                                          **QUIET), log=_silent)
+    with pytest.raises(ConfigError, match="no checkpoint to resume"):
+        fit(copy.deepcopy(float_mlp), digits, TrainConfig(epochs=2, checkpoint=str(tmp_path / "x.pt"),
+                                                          resume=True, **QUIET), log=_silent)
+
+
+def test_sparsity_falls_over_epochs_under_the_anneal(float_mlp, digits):
+    # a faster schedule than the paper's (α = 0.99, λ = 1e-5) so the trend shows in a few epochs
+    result = fit(copy.deepcopy(float_mlp), digits, TrainConfig(epochs=6, batch_size=50, ema_decay=0.99, lam=1e-5,
+                                                               **QUIET), log=_silent)
+    nz = [h["nonzero"] for h in result.history]
+    assert nz[-1] < 0.9 * nz[0], nz
+    assert all(b < a for a, b in zip(nz, nz[1:])), nz  # falls every epoch
+    assert result.history[-1]["test_acc"] > 0.85
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(float_mlp, digits, tmp_path):
+    bad = Dataset("bad", digits.x_train.copy(), digits.y_train, digits.x_test, digits.y_test, digits.num_classes)
+    ck = tmp_path / "nan.pt"
+    model = copy.deepcopy(float_mlp)
+    fit(model, digits, TrainConfig(epochs=1, checkpoint=str(ck), **QUIET), log=_silent)
+    good = ck.read_bytes()
+    bad.x_train[5, 0, 3, 3] = np.nan
+    with pytest.raises(TrainingError, match="became nan in epoch 2.*last good checkpoint"):
+        fit(model, bad, TrainConfig(epochs=2, checkpoint=str(ck), resume=True, **QUIET), log=_silent)
+    assert ck.read_bytes() == good
+
+
+def test_distillation_and_squared_hinge(float_mlp, digits):
+    for extra in ({"distill": True}, {"loss": "squared_hinge"}):
+        result = fit(copy.deepcopy(float_mlp), digits, TrainConfig(epochs=2, **extra, **QUIET), log=_silent)
+        assert result.history[-1]["test_acc"] > 0.8, extra
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("method", "adam", "method"), ("mode", "int4", "mode"), ("epochs", 0, "epochs"), ("batch_size", 1, "batch"),
+    ("rho", -1.0, "rho"), ("loss", "mse", "loss"), ("device", "tpu", "device"), ("scale", "free", "scale"),
+])
+def test_bad_config(float_mlp, digits, field, value, message):
+    with pytest.raises(ConfigError, match=message):
+        fit(copy.deepcopy(float_mlp), digits, TrainConfig(**{field: value}, **QUIET), log=_silent)
+
+
+def test_validation_split_is_reported(float_mlp, digits):
+    data = digits.split_validation(0.1, seed=1)
+    result = fit(copy.deepcopy(float_mlp), data, TrainConfig(epochs=1, **QUIET), log=_silent)
+    assert 0 < result.history[0]["val_acc"] <= 1
+
+
+DDP_SCRIPT = textwrap.dedent("""
+    import os, sys, torch
+    from ternarize import zoo
+    from ternarize.data import load_dataset
+    from ternarize.train.loop import TrainConfig, fit
+    data = load_dataset("digits")
+    torch.manual_seed(0)
+    model = zoo.create("mlp", in_shape=data.in_shape, width=32, depth=1)
+    fit(model, data, TrainConfig(epochs=2, batch_size=64, device="cpu", progress=False), log=lambda s: None)
+    rank = int(os.environ["RANK"])
+    torch.save({k: v for k, v in model.state_dict().items()}, os.path.join(sys.argv[1], f"rank{rank}.pt"))
+""")
+
+
+@pytest.mark.slow
+def test_ddp_ranks_hold_identical_discrete_weights(tmp_path):
+    script = tmp_path / "ddp_train.py"
+    script.write_text(DDP_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=0",
+           "--standalone", str(script), str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    b = torch.load(tmp_path / "rank1.pt", weights_only=True)
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    w = a["1.weight"]
+    assert set(torch.unique(torch.sign(w)).tolist()) <= {-1.0, 0.0, 1.0}
+    start = zoo.create("mlp", in_shape=(1, 8, 8), width=32, depth=1)
+    assert not torch.equal(start[1].weight, w)  # it did train
