@@ -48,7 +48,7 @@ import numpy as np
 from .errors import GraphError
 
 KINDS = ("float32", "ternary", "binary")
-MAX_DIM = 1 << 31
+MAX_DIM = (1 << 31) - 1
 MAX_ELEMENTS = 1 << 31  # per sample, for activations and constants alike
 
 
@@ -257,6 +257,13 @@ def _check_int(value, where, lo=None, hi=None) -> int:
     if (lo is not None and value < lo) or (hi is not None and value > hi):
         raise GraphError(f"{where} is {value}, outside [{lo}, {hi}]")
     return int(value)
+
+
+def _finite(v) -> bool:
+    try:
+        return math.isfinite(float(v))
+    except OverflowError:  # a JSON integer beyond the float range
+        return False
 
 
 def _check_elements(dims, where) -> None:
@@ -474,7 +481,7 @@ def _check_attrs(node: Node, spec: OpSpec, where: str) -> None:
         if typ == INT:
             _check_int(v, w, lo=1, hi=1 << 20)  # groups >= 1; axes >= 1 (never the batch axis)
         elif typ == FLOAT:
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not _finite(v):
                 raise GraphError(f"{w} must be a finite number, got {_short(v)}")
         elif typ == BOOL:
             if not isinstance(v, bool):

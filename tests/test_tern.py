@@ -1,0 +1,302 @@
+"""The .tern file: golden bytes, round trips, determinism, atomic writes, verify, numpy-only imports."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ternarize import pack, tern
+from ternarize.errors import ConfigError, GraphError, TernFormatError
+from ternarize.graph import Const, Graph, Node, Value
+
+ROOT = Path(__file__).resolve().parents[1]
+GOLDEN = ROOT / "formats" / "golden"
+SPEC = ROOT / "formats" / "TERN.md"
+
+
+def _make_golden():
+    spec = importlib.util.spec_from_file_location("make_golden", GOLDEN / "make_golden.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+make_golden = _make_golden()
+
+
+def assert_same_graph(got: Graph, want: Graph, lossy: set[str] = frozenset()):
+    assert got.to_json() == want.to_json()
+    assert set(got.consts) == set(want.consts)
+    for name, c in want.consts.items():
+        assert got.consts[name].kind == c.kind
+        expect = c.data.astype(np.float16).astype(np.float32) if name in lossy else c.data
+        np.testing.assert_array_equal(got.consts[name].data, expect)
+
+
+def mlp(seed: int = 0, sizes=(20, 16, 8), nonzero: float = 0.05) -> Graph:
+    """An MLP whose first layer is sparse ternary, second binary, with scales and a bias."""
+    rng = np.random.default_rng(seed)
+    a, b, c = sizes
+    w1 = np.where(rng.random((b, a)) < nonzero, rng.choice(np.array([-1, 1]), (b, a)), 0)
+    consts = {
+        "l1.w": Const("ternary", w1), "l1.s": Const("float32", rng.random(b)),
+        "l2.w": Const("binary", rng.choice(np.array([-1, 1]), (c, b))),
+        "l2.s": Const("float32", rng.random(c)), "l2.b": Const("float32", rng.standard_normal(c)),
+    }
+    nodes = [Node("linear", "l1", ["x", "l1.w", "l1.s"], ["h"]), Node("relu", "r", ["h"], ["a"]),
+             Node("linear", "l2", ["a", "l2.w", "l2.s", "l2.b"], ["y"])]
+    return Graph([Value("x", (None, a))], ["y"], nodes, consts, {"accuracy": 0.75, "note": "é"})
+
+
+# ---------------------------------------------------------------------- golden files
+
+
+@pytest.mark.parametrize("name", sorted(make_golden.GOLDEN))
+def test_golden_bytes_are_what_the_writer_writes(name):
+    assert (GOLDEN / name).read_bytes() == make_golden.build(name), \
+        f"run python formats/golden/make_golden.py and review the diff of {name}"
+
+
+@pytest.mark.parametrize("name", sorted(make_golden.GOLDEN))
+def test_golden_files_read_back_as_their_graphs(name):
+    builder, options = make_golden.GOLDEN[name]
+    want = builder()
+    got = tern.read(GOLDEN / name)
+    lossy = {k for k, c in want.consts.items() if c.kind == "float32"} if options.get("allow_lossy") else set()
+    assert_same_graph(got, want, lossy)
+    assert got.metadata == {**want.metadata, "producer": make_golden.PRODUCER}
+    assert all(ok for _, ok, _ in tern.verify(GOLDEN / name))
+
+
+def test_golden_encodings():
+    f = tern.load(GOLDEN / "mixed.tern")
+    assert [e.encoding for e in f.tensors] == ["ts", "f32", "b1", "f32", "t2", "f32", "f32", "f32", "f32"]
+    assert [e.encoding for e in tern.load(GOLDEN / "conv.tern").tensors] == ["t2", "f16", "f16", "ts", "f16"]
+    assert tern.load(GOLDEN / "no_weights.tern").size == tern.load(GOLDEN / "no_weights.tern").data_start
+
+
+def test_spec_listing_is_the_golden_file():
+    text = SPEC.read_text(encoding="utf-8")
+    listing = re.search(r"<!-- BEGIN DUMP tiny.tern -->\n```text\n(.*?)\n```\n<!-- END DUMP", text, re.S)
+    assert listing, "TERN.md lost its worked example"
+    assert listing.group(1) == make_golden.dump(make_golden.build("tiny.tern"))
+    pretty = re.search(r"pretty-printed.*?```json\n(.*?)```", text, re.S)
+    buf = (GOLDEN / "tiny.tern").read_bytes()
+    assert json.loads(pretty.group(1)) == tern.load(GOLDEN / "tiny.tern").header
+    assert buf[:8] == bytes.fromhex("89 54 45 52 4E 0D 0A 1A") == tern.MAGIC
+
+
+def test_tiny_layout_matches_the_spec():
+    f = tern.load(GOLDEN / "tiny.tern")
+    header_len = int.from_bytes((GOLDEN / "tiny.tern").read_bytes()[12:16], "little")
+    assert f.data_start == tern.align(20 + header_len) == 576
+    assert [(e.name, e.offset, e.nbytes) for e in f.tensors] == [("w", 0, 6), ("s", 64, 12)]
+    assert bytes(f.raw("w")) == bytes.fromhex("71 03 10 00 4f 01")
+
+
+# ---------------------------------------------------------------------- write / read
+
+
+def test_round_trip(tmp_path):
+    g = mlp()
+    info = tern.write(g, tmp_path / "m.tern")
+    assert info.size == (tmp_path / "m.tern").stat().st_size and info.path == str(tmp_path / "m.tern")
+    assert [e.name for e in info.tensors] == ["l1.w", "l1.s", "l2.w", "l2.s", "l2.b"]  # order of first use
+    assert [e.encoding for e in info.tensors] == ["ts", "f32", "b1", "f32", "f32"]
+    back = tern.read(tmp_path / "m.tern")
+    assert_same_graph(back, g)
+    assert back.metadata == {"accuracy": 0.75, "note": "é", "producer": f"ternarize {tern.__version__}"}
+    back.validate()
+
+
+def test_write_is_deterministic(tmp_path):
+    tern.write(mlp(), tmp_path / "a.tern")
+    tern.write(mlp(), tmp_path / "b.tern")
+    assert (tmp_path / "a.tern").read_bytes() == (tmp_path / "b.tern").read_bytes()
+    again = tern.read(tmp_path / "a.tern")  # re-writing what was read gives the same bytes too
+    assert tern.dumps(again)[0] == (tmp_path / "a.tern").read_bytes()
+
+
+def test_multi_block_ts_round_trip(tmp_path):
+    g = mlp(sizes=(64, 2500, 4), nonzero=0.02)  # 2500 rows of 64: blocks of 1024 rows
+    info = tern.write(g, tmp_path / "m.tern")
+    assert info.tensors[0].encoding == "ts" and info.tensors[0].params["block_rows"] == 1024
+    assert_same_graph(tern.read(tmp_path / "m.tern"), g)
+
+
+def test_explicit_encodings(tmp_path):
+    g = mlp()
+    info = tern.write(g, tmp_path / "m.tern", encodings={"l1.w": "t2", "l2.w": "t2", "l2.b": "f16"},
+                      allow_lossy=True)
+    assert [e.encoding for e in info.tensors] == ["t2", "f16", "t2", "f16", "f16"]
+    assert_same_graph(tern.read(tmp_path / "m.tern"), g, lossy={"l1.s", "l2.s", "l2.b"})
+
+
+@pytest.mark.parametrize("encodings,allow_lossy,message", [
+    ({"l1.w": "b1"}, False, "cannot store 'l1.w' of kind ternary"),
+    ({"l1.s": "f16"}, False, "allow_lossy"),
+    ({"nope": "t2"}, False, "not a constant of the graph"),
+    ({"l2.s": "zz"}, False, "cannot store"),
+])
+def test_bad_encodings_are_config_errors(tmp_path, encodings, allow_lossy, message):
+    with pytest.raises(ConfigError, match=message):
+        tern.write(mlp(), tmp_path / "m.tern", encodings=encodings, allow_lossy=allow_lossy)
+    assert not list(tmp_path.iterdir())
+
+
+def test_write_refuses_an_invalid_graph_or_metadata(tmp_path):
+    g = mlp()
+    g.nodes[0].inputs[0] = "missing"
+    with pytest.raises(GraphError, match="missing"):
+        tern.write(g, tmp_path / "m.tern")
+    for bad in ({"x": float("nan")}, {"x": {1: "int key"}}, {"x": object()}):
+        g = mlp()
+        g.metadata = bad
+        with pytest.raises(GraphError, match="canonical JSON"):
+            tern.write(g, tmp_path / "m.tern")
+    assert not list(tmp_path.iterdir())
+
+
+def test_numpy_scalars_in_metadata_and_attributes(tmp_path):
+    g = mlp()
+    g.metadata = {"epochs": np.int64(3), "acc": np.float32(0.5)}
+    g.nodes.insert(2, Node("leaky_relu", "lr", ["a"], ["a2"], {"alpha": np.float64(0.1)}))
+    g.nodes[1].outputs = ["a"]
+    g.nodes[3].inputs[0] = "a2"
+    tern.write(g, tmp_path / "m.tern")
+    back = tern.read(tmp_path / "m.tern")
+    assert back.metadata["epochs"] == 3 and back.nodes[2].attrs == {"alpha": 0.1}
+
+
+def test_graph_without_constants_ends_at_data_start(tmp_path):
+    g = Graph([Value("x", (None, 3))], ["y"], [Node("relu", "r", ["x"], ["y"])], {})
+    info = tern.write(g, tmp_path / "r.tern")
+    assert info.size == info.data_start and info.size % 64 == 0
+
+
+# ---------------------------------------------------------------------- atomic writes
+
+
+def _boom(*args, **kwargs):
+    raise OSError("disk on fire")
+
+
+@pytest.mark.parametrize("target", ["os.fsync", "os.replace"])
+def test_failed_write_leaves_nothing_behind(tmp_path, monkeypatch, target):
+    monkeypatch.setattr(target, _boom)
+    with pytest.raises(OSError, match="disk on fire"):
+        tern.write(mlp(), tmp_path / "m.tern")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_failed_write_keeps_the_existing_file(tmp_path, monkeypatch):
+    path = tmp_path / "m.tern"
+    tern.write(mlp(seed=1), path)
+    before = path.read_bytes()
+    monkeypatch.setattr("os.fsync", _boom)
+    with pytest.raises(OSError):
+        tern.write(mlp(seed=2), path)
+    assert path.read_bytes() == before and list(tmp_path.iterdir()) == [path]
+
+
+def test_interrupted_write_leaves_nothing_behind(tmp_path, monkeypatch):
+    real_fdopen = os.fdopen
+
+    class Interrupted:
+        def __init__(self, fd, mode):
+            self.f = real_fdopen(fd, mode)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+        def write(self, data):
+            self.f.write(data[: len(data) // 2])
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr("os.fdopen", Interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        tern.write(mlp(), tmp_path / "m.tern")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_written_file_honours_the_umask(tmp_path):
+    tern.write(mlp(), tmp_path / "m.tern")
+    old = os.umask(0)
+    os.umask(old)
+    assert (tmp_path / "m.tern").stat().st_mode & 0o777 == 0o666 & ~old
+
+
+# ---------------------------------------------------------------------- TernFile, verify
+
+
+def test_tern_file_gives_zero_copy_raw_bytes():
+    f = tern.load(GOLDEN / "mixed.tern")
+    e = f.entry("fc1.w")
+    raw = f.raw("fc1.w")
+    assert isinstance(raw, memoryview) and raw.readonly and len(raw) == e.nbytes
+    assert raw.obj is f.raw("fc2.w").obj  # views into the one buffer holding the file
+    rebuilt = np.zeros(e.shape, np.int8)
+    for row0, _, rows, cols, negative in pack.ts_blocks(raw, e.shape, e.params):
+        rebuilt[row0 + rows, cols] = np.where(negative, -1, 1)
+    np.testing.assert_array_equal(rebuilt, f.decode("fc1.w"))
+    assert f.dense_nbytes == sum(t.count * (4 if t.kind == "float32" else 1) for t in f.tensors)
+    with pytest.raises(KeyError):
+        f.entry("nope")
+
+
+def test_verify_reports_instead_of_raising(tmp_path):
+    buf = bytearray((GOLDEN / "mixed.tern").read_bytes())
+    f = tern.load(GOLDEN / "mixed.tern")
+    buf[f.data_start + f.entry("fc2.w").offset] ^= 0xFF  # corrupt one tensor: its CRC check fails
+    (tmp_path / "bad.tern").write_bytes(bytes(buf))
+    results = tern.verify(tmp_path / "bad.tern")
+    failed = [(name, msg) for name, ok, msg in results if not ok]
+    assert failed == [("tensors[2] 'fc2.w' crc32", failed[0][1])] and "computed" in failed[0][1]
+    assert ("graph", True, "8 nodes valid") in results
+    (tmp_path / "worse.tern").write_bytes(b"GIF89a" + bytes(30))
+    assert tern.verify(tmp_path / "worse.tern")[0][:2] == ("prelude", False)
+
+
+def test_load_names_the_file(tmp_path):
+    (tmp_path / "x.tern").write_bytes(b"\x89TERN\r\n\x1a" + bytes(4))
+    with pytest.raises(TernFormatError, match=r"x\.tern: the file is 12 bytes, shorter than"):
+        tern.load(tmp_path / "x.tern")
+
+
+def test_only_regular_files_are_read():
+    with pytest.raises(TernFormatError, match="not a regular file"):
+        tern.load("/dev/zero")
+
+
+# ---------------------------------------------------------------------- numpy only
+
+_NO_TORCH = """
+import sys
+class NoTorch:
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch" or name.startswith("torch."):
+            raise ImportError("torch is blocked in this test")
+sys.meta_path.insert(0, NoTorch())
+import ternarize.graph, ternarize.pack, ternarize.tern
+g = ternarize.tern.read(sys.argv[1])
+assert "torch" not in sys.modules, "torch was imported"
+print(len(g.nodes))
+"""
+
+
+def test_numpy_only_modules_never_import_torch():
+    done = subprocess.run([sys.executable, "-c", _NO_TORCH, str(GOLDEN / "mixed.tern")],
+                          capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "8"
