@@ -1,0 +1,245 @@
+"""Benchmark: the numpy runtime against onnxruntime running the float model (not a test).
+
+For the paper's MLP (784-2048-2048-2048-10; ``--width`` shrinks it) and the VGG-style CNN (zoo
+"vgg" on 1x28x28 at ``--vgg-width``), with weights projected to ternary at about 5 % and 50 %
+non-zero and to binary (W = s_c·θ, random BatchNorm statistics), it measures side by side in one
+process:
+
+(a) bits per discrete weight of the ``.tern`` file against the empirical entropy bound
+    H(p0, p+, p−) (``pack.entropy_bits``, per tensor, weighted by size) and against 2 bits;
+(b) latency of ``Runtime.run`` against onnxruntime running the float model (``--threads``
+    intra-op threads, default 2), at batch 1 and 64. Both take turns in blocks of runs, so load
+    from other processes hits both alike; "x" is the median over rounds of the paired ratio
+    runtime / onnxruntime (below 1: the runtime is faster), "min x" the ratio of the fastest runs;
+(c) resident memory of the weights: ``Runtime.weight_bytes`` and the growth of traced memory
+    (tracemalloc) while loading, against the encoded size (the tensors' ``nbytes``) and against
+    float32 weights.
+
+The row "ternary 5% cached" loads the same file with ``cache_indices=True`` (decoded positions
+kept, about 4 bytes per non-zero weight): the default keeps every weight encoded. The row
+"ternary 50% as t2" asks the writer for the dense 2-bit encoding, which it would not choose (ts is
+smaller at 1.5 bits), to show what the size-optimal choice costs the runtime.
+
+Example::
+
+    python bench/runtime.py                                  # full size: takes a few minutes
+    python bench/runtime.py --width 256 --vgg-width 0.25 --runs 50 --json out.json
+    python bench/runtime.py --models mlp --profile           # where the sparse MLP spends batch 1
+"""
+
+import os
+import sys
+
+# bench/ holds onnx.py: drop this directory from the path so `import onnx` finds the package.
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
+
+import argparse  # noqa: E402
+import cProfile  # noqa: E402
+import gc  # noqa: E402
+import json  # noqa: E402
+import pstats  # noqa: E402
+import statistics  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+import tracemalloc  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+import onnxruntime as ort  # noqa: E402
+import torch  # noqa: E402
+
+from ternarize import lower, pack, tern, zoo  # noqa: E402
+from ternarize.runtime import Runtime  # noqa: E402
+
+# row name → (kind, non-zero fraction, Runtime.load options, encoding asked of the writer or None)
+VARIANTS = {
+    "ternary 5%": ("ternary", 0.05, {}, None),
+    "ternary 5% cached": ("ternary", 0.05, {"cache_indices": True}, None),
+    "ternary 50%": ("ternary", 0.5, {}, None),
+    "ternary 50% as t2": ("ternary", 0.5, {}, "t2"),
+    "binary": ("binary", 1.0, {}, None),
+}
+
+
+def build(name: str, width: float, seed: int = 0) -> tuple[torch.nn.Module, tuple]:
+    """A zoo model with random BatchNorm statistics (negative γ included), in eval mode."""
+    torch.manual_seed(seed)
+    shape = (1, 28, 28)
+    model = zoo.create("mlp", in_shape=shape, width=int(width)) if name == "mlp" else \
+        zoo.create("vgg", in_shape=shape, width=width)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d)):
+                m.running_mean.normal_()
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.normal_()
+                m.bias.normal_()
+    return model.eval(), shape
+
+
+def project(model: torch.nn.Module, kind: str, density: float, seed: int = 1) -> dict:
+    """Set every Linear/Conv weight to s_c·θ; return the ``discrete`` map for lower()."""
+    g = torch.Generator().manual_seed(seed)
+    discrete = {}
+    with torch.no_grad():
+        for path, m in model.named_modules():
+            if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)):
+                w = m.weight
+                sign = torch.randint(0, 2, w.shape, generator=g).float() * 2 - 1
+                keep = (torch.rand(w.shape, generator=g) < density).float() if kind == "ternary" else 1.0
+                scale = 0.5 + torch.rand(w.shape[0], generator=g)
+                w.copy_(sign * keep * scale.reshape(-1, *([1] * (w.dim() - 1))))
+                discrete[f"{path}.weight"] = kind
+    return discrete
+
+
+# ---------------------------------------------------------------------- the float reference
+
+
+def float_onnx(name: str, width: float, folder: Path, threads: int):
+    """The float model exported to ONNX (ternarize.onnx if present, else torch.onnx) and a session."""
+    model, shape = build(name, width)
+    path = folder / f"{name}-float.onnx"
+    try:
+        from ternarize import onnx as tonnx
+
+        tonnx.export(lower(model, torch.zeros(1, *shape), discrete={}), path)
+        how = "ternarize.onnx"
+    except ImportError:
+        torch.onnx.export(model, torch.zeros(1, *shape), str(path), input_names=["x"], output_names=["y"],
+                          dynamic_axes={"x": {0: "n"}}, dynamo=False)
+        how = "torch.onnx"
+    so = ort.SessionOptions()
+    so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
+    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    params = sum(p.numel() for n, p in model.named_parameters() if n.endswith("weight") and p.dim() > 1)
+    return {"session": sess, "input": sess.get_inputs()[0].name, "how": how, "size": path.stat().st_size,
+            "float_weight_bytes": 4 * params}
+
+
+# ---------------------------------------------------------------------- the variants
+
+
+def compile_variant(name: str, width: float, variant: str, folder: Path) -> dict:
+    kind, density, opts, encoding = VARIANTS[variant]
+    model, shape = build(name, width)
+    discrete = project(model, kind, density)
+    graph = lower(model, torch.zeros(1, *shape), discrete=discrete)
+    path = folder / f"{name}-{variant.split()[0]}-{int(100 * density)}-{encoding}.tern"
+    info = tern.write(graph, path, encodings={n: encoding for n in discrete} if encoding else None)
+    disc = [e for e in info.tensors if e.kind != "float32"]
+    n = sum(e.count for e in disc)
+    entropy = sum(e.count * pack.entropy_bits(graph.consts[e.name].data) for e in disc) / n
+    gc.collect()
+    tracemalloc.start()
+    base = tracemalloc.get_traced_memory()[0]
+    rt = Runtime.load(path, **opts)
+    traced = tracemalloc.get_traced_memory()[0] - base
+    tracemalloc.stop()
+    x = np.random.default_rng(2).standard_normal((50, *shape)).astype(np.float32)
+    with torch.no_grad():
+        ref = model(torch.from_numpy(x)).numpy()
+    return {"model": name, "variant": variant, "runtime": rt, "shape": shape,
+            "encodings": sorted({e.encoding for e in disc}), "file_size": info.size,
+            "nonzero": float(sum(np.count_nonzero(graph.consts[e.name].data) for e in disc) / n),
+            "bits": 8 * sum(e.nbytes for e in disc) / n, "entropy": entropy,
+            "encoded": sum(e.nbytes for e in info.tensors), "weight_bytes": rt.weight_bytes, "traced": traced,
+            "err": float(np.abs(rt.run(x) - ref).max() / np.abs(ref).max())}
+
+
+def latency(rows: list[dict], ref: dict, batch: int, runs: int, block: int = 5) -> None:
+    """Median ms of each runtime and of onnxruntime (float), and the median paired ratio."""
+    x = np.random.default_rng(3).standard_normal((batch, *rows[0]["shape"])).astype(np.float32)
+    feed = {ref["input"]: x}
+
+    def timed(fn):
+        fn()  # untimed: warms caches after the other side ran
+        out = []
+        for _ in range(block):
+            t = time.perf_counter()
+            fn()
+            out.append(time.perf_counter() - t)
+        return out
+
+    for r in rows:
+        ours, theirs = [], []
+        for k in range(max(1, -(-runs // block))):
+            pair = [lambda r=r: r["runtime"].run(x), lambda: ref["session"].run(None, feed)]
+            a, b = (timed(f) for f in (pair if k % 2 == 0 else pair[::-1]))
+            ours.append(a if k % 2 == 0 else b)
+            theirs.append(b if k % 2 == 0 else a)
+        flat_o, flat_t = [t for b in ours for t in b], [t for b in theirs for t in b]
+        r[f"b{batch}_ms"] = 1e3 * statistics.median(flat_o)
+        r[f"b{batch}_ort_ms"] = 1e3 * statistics.median(flat_t)
+        r[f"b{batch}_x"] = statistics.median(statistics.median(o) / statistics.median(t)
+                                             for o, t in zip(ours, theirs))
+        r[f"b{batch}_min_x"] = min(flat_o) / min(flat_t)
+
+
+def table(rows: list[dict], ref: dict) -> str:
+    head = (f"{'variant':18} {'enc':6} {'nz':>5} {'bits/w':>6} {'H':>6} {'/H':>5} {'/2':>5} "
+            f"{'b1 ms':>8} {'ort ms':>7} {'b1 x':>6} {'min x':>6} {'b64 ms':>8} {'ort ms':>7} {'b64 x':>6} "
+            f"{'resident':>9} {'encoded':>9} {'res/enc':>7} {'traced/enc':>10} {'vs f32':>7} {'err':>6}")
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        lines.append(
+            f"{r['variant']:18} {','.join(r['encodings']):6} {100 * r['nonzero']:>4.1f}% {r['bits']:>6.3f} "
+            f"{r['entropy']:>6.3f} {r['bits'] / r['entropy']:>5.3f} {r['bits'] / 2:>5.3f} "
+            f"{r['b1_ms']:>8.3f} {r['b1_ort_ms']:>7.3f} {r['b1_x']:>6.2f} {r['b1_min_x']:>6.2f} "
+            f"{r['b64_ms']:>8.2f} {r['b64_ort_ms']:>7.2f} {r['b64_x']:>6.2f} "
+            f"{r['weight_bytes']:>9} {r['encoded']:>9} {r['weight_bytes'] / r['encoded']:>7.3f} "
+            f"{r['traced'] / r['encoded']:>10.3f} {r['weight_bytes'] / ref['float_weight_bytes']:>6.2%} "
+            f"{r['err']:>6.0e}")
+    return "\n".join(lines)
+
+
+def profile(rt: Runtime, shape: tuple, runs: int = 50) -> None:
+    x = np.zeros((1, *shape), np.float32)
+    rt.run(x)
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(runs):
+        rt.run(x)
+    prof.disable()
+    pstats.Stats(prof).sort_stats("tottime").print_stats(15)
+
+
+def bench_model(name: str, width: float, args, folder: Path) -> tuple[list[dict], dict]:
+    ref = float_onnx(name, width, folder, args.threads)
+    rows = [compile_variant(name, width, v, folder) for v in VARIANTS]
+    latency(rows, ref, 1, args.runs)
+    latency(rows, ref, 64, max(2, args.runs // 10), block=1)
+    if args.profile:
+        print(f"\nprofile: {name} ternary 5%, batch 1")
+        profile(rows[0]["runtime"], rows[0]["shape"])
+    return rows, ref
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--width", type=int, default=2048, help="MLP hidden width (paper: 2048)")
+    ap.add_argument("--vgg-width", type=float, default=0.5, help="VGG width multiplier")
+    ap.add_argument("--models", default="mlp,vgg", help="comma-separated: mlp, vgg")
+    ap.add_argument("--runs", type=int, default=100, help="timed runs at batch 1 (batch 64: runs/10)")
+    ap.add_argument("--threads", type=int, default=2, help="onnxruntime intra-op threads")
+    ap.add_argument("--profile", action="store_true", help="cProfile the sparse model at batch 1")
+    ap.add_argument("--json", type=Path, help="write the results here")
+    args = ap.parse_args(argv)
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.models.split(","):
+            width = args.width if name == "mlp" else args.vgg_width
+            rows, ref = bench_model(name, width, args, Path(tmp))
+            print(f"\n{name} (width {width}): runtime (numpy {np.__version__}, 1 thread) vs onnxruntime "
+                  f"{ort.__version__} float ({args.threads} threads, export: {ref['how']}); "
+                  f"x = runtime / onnxruntime; float weights {ref['float_weight_bytes']} bytes")
+            print(table(rows, ref))
+            results += [{k: v for k, v in r.items() if k != "runtime"} for r in rows]
+    if args.json:
+        args.json.write_text(json.dumps({"onnxruntime": ort.__version__, "numpy": np.__version__,
+                                         "threads": args.threads, "rows": results}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,208 @@
+"""The reference runtime: run a ``.tern`` file with numpy, weights kept encoded (never imports torch).
+
+Design
+------
+* **Weights stay encoded.** ``Runtime.load`` checks the file (``tern.load``), copies every tensor's
+  encoded bytes into one owned buffer (:class:`~ternarize.runtime.weights.Store`) and lets the
+  file go, so what stays resident is the encoded size plus small tables (``weight_bytes``).
+* **Dense codes** (``t2``, ``b1``) are unpacked one block of output rows at a time into at most
+  ``weights.BLOCK_BYTES`` (1 MiB) of float32 and multiplied with BLAS; a whole layer is never
+  inflated. Float weights (``f32``) are zero-copy views used directly; ``f16`` goes block by block.
+* **Sparse codes** (``ts``) are applied straight from their positions and signs, with additions and
+  subtractions only: the stream of a group of blocks is decoded with vectorized passes, ±inputs are
+  gathered and summed per output row (``np.add.reduceat``), then the per-channel scale multiplies
+  once and the bias adds (:mod:`ternarize.runtime.sparse`). ``cache_indices=True`` keeps the
+  decoded indices instead (about 4 bytes per non-zero weight) for speed.
+* **Convolution** is im2col (stride, padding, dilation, groups) in chunks of samples, then the same
+  weight paths. Pools, activations and shape ops follow torch (:mod:`ternarize.runtime.kernels`).
+* **Activations are freed after their last use**; ``activation_bytes`` walks the same schedule
+  (:mod:`ternarize.runtime.plan`).
+
+Example::
+
+    from ternarize.runtime import Runtime
+    rt = Runtime.load("model.tern")
+    rt.input_shape                   # (1, 28, 28)
+    logits = rt.run(x)               # x: float32 (N, 1, 28, 28) -> (N, 10)
+    rt.accuracy(x_test, y_test)      # 0.97
+    rt.weight_bytes, rt.activation_bytes(batch=64)
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .. import tern
+from ..errors import ConfigError
+from ..graph import Const, Graph
+from . import kernels, plan
+from .weights import Store, weight_op
+
+
+class _Stub(Const):
+    """A constant known by kind and shape only: the runtime's graph carries no weight data."""
+
+    def __init__(self, kind: str, shape: tuple[int, ...]):  # no data, so Const.__post_init__ is skipped
+        self.kind, self.data, self._shape = kind, None, tuple(shape)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self._shape
+
+
+class Runtime:
+    """A loaded model: ``run``, ``predict``, ``accuracy``; weights resident in encoded form."""
+
+    def __init__(self, tf: tern.TernFile, cache_indices: bool = False):
+        stubs = {e.name: _Stub(e.kind, e.shape) for e in tf.tensors}
+        self.graph = Graph.from_json(tf.header["graph"], stubs, tf.metadata)
+        self.shapes = self.graph.validate()
+        if len(self.graph.inputs) != 1:
+            raise ConfigError(f"the runtime runs graphs with one input; {tf.source} has "
+                              f"{len(self.graph.inputs)}")
+        self.input_name = self.graph.inputs[0].name
+        self.input_shape = tuple(self.graph.inputs[0].shape[1:])
+        self.source = tf.source
+        self._store = Store(tf)
+        self._extra = 0  # resident bytes beyond the buffer: tables, caches, decoded f16 vectors
+        self._steps = [self._step(node, cache_indices) for node in self.graph.nodes]
+        last = plan.last_uses(self.graph)
+        self._free = [[] for _ in self.graph.nodes]
+        for i, node in enumerate(self.graph.nodes):
+            last.setdefault(node.outputs[0], i)  # an output nobody reads is freed at once
+        for name, i in last.items():
+            if i < len(self.graph.nodes):
+                self._free[i].append(name)
+
+    @classmethod
+    def load(cls, path, cache_indices: bool = False) -> Runtime:
+        """Read and check ``path`` (TernFormatError if malformed) and prepare it to run.
+
+        ``cache_indices``: keep the decoded positions of ``ts`` weights (faster, more memory).
+        """
+        return cls(tern.load(path), cache_indices)
+
+    # ------------------------------------------------------------------ building
+    def _floats(self, name: str):
+        if not name:
+            return None
+        arr = self._store.floats(name)
+        if not np.shares_memory(arr, self._store.buf):
+            self._extra += arr.nbytes
+        return arr
+
+    def _step(self, node, cache_indices: bool):
+        """(function of the input arrays, input activation names, output name) for one node."""
+        a, op = node.attrs, node.op
+        acts = [n for n in node.inputs if n and n not in self.graph.consts]
+        if op in ("linear", "conv2d"):
+            _, w, s, b = list(node.inputs) + [""] * (4 - len(node.inputs))
+            groups = a.get("groups", 1)
+            wop = weight_op(self._store, w, groups, cache_indices)
+            self._extra += wop.nbytes
+            scale, bias = self._floats(s), self._floats(b)
+            if op == "linear":
+                fn = lambda x: kernels.linear(x, wop, scale, bias)  # noqa: E731
+            else:
+                kshape = self.graph.consts[w].shape
+                fn = lambda x: kernels.conv2d(x, wop, scale, bias, kshape, a["strides"], a["pads"],  # noqa: E731
+                                              a["dilations"], groups)
+        elif op == "channel_affine":
+            scale, shift = self._floats(node.inputs[1]), self._floats(node.inputs[2])
+            fn = lambda x: kernels.channel_affine(x, scale, shift)  # noqa: E731
+        else:
+            fn = _simple(op, a)
+        return fn, acts, node.outputs[0]
+
+    # ------------------------------------------------------------------ running
+    def run(self, x: np.ndarray):
+        """The graph output for a float32 batch of shape (N, *input_shape) (a tuple if several)."""
+        x = self._check(x)
+        if x.shape[0] == 0:
+            outs = [np.zeros((0, *self.shapes[o][1:]), np.float32) for o in self.graph.outputs]
+        else:
+            env = {self.input_name: x}
+            for (fn, inputs, out), free in zip(self._steps, self._free):
+                env[out] = fn(*[env[n] for n in inputs])
+                for name in free:  # after its last use
+                    del env[name]
+            outs = [env[o] for o in self.graph.outputs]
+        return outs[0] if len(outs) == 1 else tuple(outs)
+
+    def predict(self, x: np.ndarray, batch: int = 256) -> np.ndarray:
+        """Class labels (int64): the argmax of the (first) output, ``batch`` inputs at a time."""
+        x = self._check(x)
+        if not isinstance(batch, int) or isinstance(batch, bool) or batch < 1:
+            raise ConfigError(f"batch must be a positive integer, got {batch!r}")
+        labels = np.empty(x.shape[0], np.int64)
+        for i in range(0, x.shape[0], batch):
+            out = self.run(x[i:i + batch])
+            out = out[0] if isinstance(out, tuple) else out
+            labels[i:i + batch] = out.reshape(out.shape[0], -1).argmax(axis=1)
+        return labels
+
+    def accuracy(self, x: np.ndarray, y, batch: int = 256) -> float:
+        """Fraction of inputs whose predicted label equals ``y``."""
+        y = np.asarray(y).reshape(-1)
+        if y.shape[0] != len(x):
+            raise ConfigError(f"got {len(x)} inputs but {y.shape[0]} labels")
+        if y.shape[0] == 0:
+            raise ConfigError("accuracy needs at least one input")
+        return float(np.mean(self.predict(x, batch) == y))
+
+    def _check(self, x) -> np.ndarray:
+        want = "(N, " + ", ".join(str(d) for d in self.input_shape) + ")"
+        if not isinstance(x, np.ndarray):
+            raise ConfigError(f"input must be a float32 numpy array of shape {want}, got {type(x).__name__}")
+        if x.dtype != np.float32:
+            raise ConfigError(f"input dtype must be float32, got {x.dtype} (use x.astype(np.float32))")
+        if x.ndim != len(self.input_shape) + 1 or tuple(x.shape[1:]) != self.input_shape:
+            raise ConfigError(f"input shape must be {want}, got {tuple(x.shape)}")
+        return np.ascontiguousarray(x)
+
+    # ------------------------------------------------------------------ memory
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes kept resident for weights, scales and biases: the encoded buffer plus the
+        per-tensor tables (ts block tables, cached indices, decoded f16 vectors)."""
+        return self._store.nbytes + self._extra
+
+    @property
+    def encoded_bytes(self) -> int:
+        """The sum of the tensors' encoded sizes in the file (``nbytes`` of the tensor table)."""
+        return sum(e.nbytes for e in self._store.entries.values())
+
+    def activation_bytes(self, batch: int = 1) -> int:
+        """Peak bytes of simultaneously live activations for a batch (kernel temporaries such as
+        one block of unpacked weights or one chunk of im2col patches are bounded separately)."""
+        if not isinstance(batch, int) or isinstance(batch, bool) or batch < 1:
+            raise ConfigError(f"batch must be a positive integer, got {batch!r}")
+        return plan.peak_bytes(self.graph, self.shapes, batch)
+
+    def __repr__(self) -> str:
+        return (f"Runtime({self.source!r}, input {list(self.input_shape)}, {len(self.graph.nodes)} nodes, "
+                f"{self.weight_bytes} weight bytes)")
+
+
+def _simple(op: str, a: dict):
+    """The kernel of an op without constants, with its attributes bound."""
+    table = {
+        "relu": kernels.relu,
+        "leaky_relu": lambda x: kernels.leaky_relu(x, a["alpha"]),
+        "hardtanh": lambda x: kernels.hardtanh(x, a["min_val"], a["max_val"]),
+        "maxpool2d": lambda x: kernels.maxpool2d(x, a["kernel"], a["strides"], a["pads"], a["dilations"],
+                                                 a["ceil_mode"]),
+        "avgpool2d": lambda x: kernels.avgpool2d(x, a["kernel"], a["strides"], a["pads"], a["ceil_mode"],
+                                                 a["count_include_pad"]),
+        "global_avgpool": kernels.global_avgpool,
+        "flatten": kernels.flatten,
+        "reshape": lambda x: kernels.reshape(x, a["shape"]),
+        "add": kernels.add,
+        "concat": lambda *xs: kernels.concat(*xs, axis=a["axis"]),
+        "softmax": lambda x: kernels.softmax(x, a["axis"]),
+        "log_softmax": lambda x: kernels.log_softmax(x, a["axis"]),
+    }
+    return table[op]
+
+
+__all__ = ["Runtime"]

@@ -1,0 +1,185 @@
+"""The op kernels of the reference runtime: torch semantics in numpy (numpy only).
+
+Each kernel takes float32 NCHW (or (N, K)) arrays and returns a new float32 array; ``flatten`` and
+``reshape`` return views. Convolution is im2col followed by the layer's weight op (see
+:mod:`ternarize.runtime.weights`), in chunks of samples so that the patch matrix stays under
+``PATCH_BYTES`` (one sample's patches at least). Pooling follows torch exactly: max-pool pads with
+−inf and supports dilation; both pools follow torch's ``ceil_mode`` output size, and avg-pool's
+divisor counts the window clipped to the padded input (``count_include_pad``) or to the input.
+
+Example::
+
+    y = maxpool2d(x, kernel=[2, 2], strides=[2, 2], pads=[0, 0], dilations=[1, 1], ceil_mode=False)
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numpy.lib.stride_tricks import as_strided
+
+PATCH_BYTES = 16 << 20  # bound on one chunk of the im2col patch matrix
+
+
+def out_size(size: int, k: int, s: int, p: int, d: int, ceil_mode: bool) -> int:
+    """torch's output size of a window op (graph.py's rule, including the ceil_mode correction)."""
+    span = size + 2 * p - d * (k - 1) - 1
+    out = (-(-span // s) if ceil_mode else span // s) + 1
+    if ceil_mode and (out - 1) * s >= size + p:  # the last window must start inside input or left pad
+        out -= 1
+    return out
+
+
+# ---------------------------------------------------------------------- weighted layers
+
+
+def affine_rows(y: np.ndarray, scale, bias) -> np.ndarray:
+    """y (O, M) *= scale[:, None]; += bias[:, None] (in place): one multiply per output."""
+    if scale is not None:
+        y *= scale[:, None]
+    if bias is not None:
+        y += bias[:, None]
+    return y
+
+
+def linear(x: np.ndarray, weight, scale, bias) -> np.ndarray:
+    """(N, K) → (N, O): the weight op works on columns, so the input goes in transposed."""
+    y = affine_rows(weight.matmul(x.T), scale, bias)
+    return np.ascontiguousarray(y.T)
+
+
+def conv2d(x: np.ndarray, weight, scale, bias, kshape, strides, pads, dilations, groups) -> np.ndarray:
+    """(N, C, H, W) → (N, O, OH, OW) via im2col, in chunks of samples."""
+    n, c, h, w = x.shape
+    o, _, kh, kw = kshape
+    oh = out_size(h, kh, strides[0], pads[0], dilations[0], False)
+    ow = out_size(w, kw, strides[1], pads[1], dilations[1], False)
+    if pads[0] or pads[1]:
+        x = np.pad(x, ((0, 0), (0, 0), (pads[0], pads[0]), (pads[1], pads[1])))
+    out = np.empty((n, o, oh, ow), np.float32)
+    per_sample = 4 * c * kh * kw * oh * ow
+    step = max(1, PATCH_BYTES // per_sample)
+    for n0 in range(0, n, step):
+        n1 = min(n, n0 + step)
+        patches = im2col(x[n0:n1], kh, kw, oh, ow, strides, dilations)
+        y = affine_rows(weight.matmul(patches), scale, bias)
+        out[n0:n1] = y.reshape(o, n1 - n0, oh, ow).transpose(1, 0, 2, 3)
+    return out
+
+
+def im2col(xp: np.ndarray, kh: int, kw: int, oh: int, ow: int, strides, dilations) -> np.ndarray:
+    """Padded (N, C, H, W) → (C·kh·kw, N·oh·ow): row c·kh·kw + i·kw + j, column (n, y, x).
+
+    The row order is the weight's (O, C/g, kh, kw) flattening, so group g's rows are contiguous.
+    """
+    n, c, _, _ = xp.shape
+    sn, sc, sh, sw = xp.strides
+    view = as_strided(xp, (c, kh, kw, n, oh, ow),
+                      (sc, dilations[0] * sh, dilations[1] * sw, sn, strides[0] * sh, strides[1] * sw),
+                      writeable=False)
+    return view.reshape(c * kh * kw, n * oh * ow)  # the one copy
+
+
+# ---------------------------------------------------------------------- pooling
+
+
+def _pad_for_windows(x, k, s, p, d, ceil_mode, fill):
+    """x padded by p on the left and as much as the last (ceil_mode) window needs on the right."""
+    _, _, h, w = x.shape
+    oh = out_size(h, k[0], s[0], p[0], d[0], ceil_mode)
+    ow = out_size(w, k[1], s[1], p[1], d[1], ceil_mode)
+    right_h = max(0, (oh - 1) * s[0] + d[0] * (k[0] - 1) + 1 - h - p[0])
+    right_w = max(0, (ow - 1) * s[1] + d[1] * (k[1] - 1) + 1 - w - p[1])
+    if p[0] or p[1] or right_h or right_w:
+        x = np.pad(x, ((0, 0), (0, 0), (p[0], right_h), (p[1], right_w)), constant_values=fill)
+    return x, oh, ow
+
+
+def _windows(xp, k, s, d, oh, ow):
+    """Every kernel offset's strided view (N, C, oh, ow) of the padded input."""
+    for i in range(k[0]):
+        for j in range(k[1]):
+            yield xp[:, :, i * d[0]:i * d[0] + (oh - 1) * s[0] + 1:s[0],
+                     j * d[1]:j * d[1] + (ow - 1) * s[1] + 1:s[1]]
+
+
+def maxpool2d(x, kernel, strides, pads, dilations, ceil_mode) -> np.ndarray:
+    xp, oh, ow = _pad_for_windows(x, kernel, strides, pads, dilations, ceil_mode, -np.inf)
+    views = _windows(xp, kernel, strides, dilations, oh, ow)
+    out = np.array(next(views), np.float32)
+    for v in views:
+        np.maximum(out, v, out=out)
+    return out
+
+
+def avgpool2d(x, kernel, strides, pads, ceil_mode, count_include_pad) -> np.ndarray:
+    ones = [1, 1]
+    xp, oh, ow = _pad_for_windows(x, kernel, strides, pads, ones, ceil_mode, 0.0)
+    views = _windows(xp, kernel, strides, ones, oh, ow)
+    out = np.array(next(views), np.float32)
+    for v in views:
+        out += v
+    dh = _divisor(x.shape[2], kernel[0], strides[0], pads[0], oh, count_include_pad)
+    dw = _divisor(x.shape[3], kernel[1], strides[1], pads[1], ow, count_include_pad)
+    out /= np.outer(dh, dw).astype(np.float32)
+    return out
+
+
+def _divisor(size, k, s, p, n_out, count_include_pad) -> np.ndarray:
+    """torch's avg-pool divisor along one axis: the window clipped to the padded input (whose end
+    is size + p), then, without count_include_pad, to the input itself."""
+    start = np.arange(n_out) * s - p
+    end = np.minimum(start + k, size + p)
+    if count_include_pad:
+        return end - start
+    return np.minimum(end, size) - np.maximum(start, 0)
+
+
+def global_avgpool(x) -> np.ndarray:
+    return x.mean(axis=(2, 3), keepdims=True, dtype=np.float32)
+
+
+# ---------------------------------------------------------------------- elementwise and shape
+
+
+def channel_affine(x, scale, shift) -> np.ndarray:
+    shape = (1, -1) + (1,) * (x.ndim - 2)
+    return x * scale.reshape(shape) + shift.reshape(shape)
+
+
+def relu(x) -> np.ndarray:
+    return np.maximum(x, np.float32(0))
+
+
+def leaky_relu(x, alpha) -> np.ndarray:
+    return np.where(x > 0, x, x * np.float32(alpha))
+
+
+def hardtanh(x, min_val, max_val) -> np.ndarray:
+    return np.clip(x, np.float32(min_val), np.float32(max_val))
+
+
+def softmax(x, axis) -> np.ndarray:
+    e = np.exp(x - x.max(axis=axis, keepdims=True))
+    e /= e.sum(axis=axis, keepdims=True)
+    return e
+
+
+def log_softmax(x, axis) -> np.ndarray:
+    shifted = x - x.max(axis=axis, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=axis, keepdims=True))
+
+
+def flatten(x) -> np.ndarray:
+    return x.reshape(x.shape[0], -1)
+
+
+def reshape(x, shape) -> np.ndarray:
+    return x.reshape(x.shape[0], *shape)
+
+
+def add(a, b) -> np.ndarray:
+    return a + b
+
+
+def concat(*xs, axis) -> np.ndarray:
+    return np.concatenate(xs, axis=axis)

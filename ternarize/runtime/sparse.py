@@ -1,0 +1,325 @@
+"""Sparse ternary weights (``ts``) used straight from their Rice-coded stream (numpy only).
+
+A ``ts`` tensor of R rows and K columns is stored as blocks of ``B`` rows (formats/TERN.md §5.3):
+per block a unary stream (one 1 bit ends each event's quotient), a remainder stream (k bits per
+event) and a sign stream (1 bit per event). :class:`SparseCodes` keeps those bytes as they are and,
+on every call, decodes a *group* of consecutive blocks (at most ``EVENTS_PER_GROUP`` non-zero
+weights) with a fixed number of vectorized passes, then computes
+
+    Y[r, :] = Σ_{c: θ[r,c] = +1} X[c, :] − Σ_{c: θ[r,c] = −1} X[c, :]
+
+by gathering rows of ``X2``, an interleaved copy of the input holding ``X`` at even and ``−X`` at
+odd rows (so the sign is part of the gather index and no multiply is needed), and summing each
+output row's segment with ``np.add.reduceat``. The per-channel scale is applied by the caller,
+once per output.
+
+Decoding a group, without any Python loop per event (only per block, to slice the streams):
+
+* ``ends``: positions of the 1 bits of the group's concatenated unary streams (``flatnonzero``).
+  The number of zeros before event j's 1 bit is the sum of the quotients up to j.
+* remainders: each block's stream, zero-padded to whole 8-event groups of k bytes, is read 8
+  fields at a time: a byte table for k = 1, 2, 4, else eight passes, one per slot, over the
+  transposed bytes. Their running sum is formed inside each 8-event group (for k <= 5 by one
+  multiplication of the 8 byte lanes of a uint64 by 0x0101010101010101, else by 7 additions of
+  contiguous rows) plus a cumsum over the groups; padding slots hold 0 and are dropped afterwards
+  (the sign stream is padded to 8 events per block in exactly the same way).
+* ``T = 2·Σ(r − (2^k − 1)) + (ends << (k + 1))`` is strictly increasing over the group and
+  differs from each event's doubled cell (row·K + column within its block) by one constant per
+  block; the constants, the row boundaries (``searchsorted`` on ``T``) and a per-row offset turn
+  ``T`` into the gather index ``2·(g·K + column) + sign``.
+
+Cost: about 25 numpy passes over the group's events, i.e. some 15–30 ns per non-zero weight and
+call, however large the batch; the gathers and sums then cost per column of ``X``.
+``cache_indices=True`` keeps the decoded gather indices and row starts (int32, about 4 bytes per
+non-zero weight) instead of decoding on every call: faster, and reported as such by
+``Runtime.weight_bytes``.
+
+Example::
+
+    w = SparseCodes(buf, shape=(300, 784), params={"block_rows": 84, "k": 4})
+    y = w.matmul(x.T)          # (300, N) = θ @ xᵀ, float32
+"""
+
+from __future__ import annotations
+
+import struct
+
+import numpy as np
+
+from ..pack import rows_cols
+
+EVENTS_PER_GROUP = 1 << 16  # non-zeros decoded together: about 40 bytes of temporaries each (2.5 MiB)
+GATHER_BYTES = 1 << 20  # bound on the gathered (events × columns) float32 temporary (L2-sized)
+_ZERO = np.zeros(64, np.uint8)
+
+
+def block_table(buf: np.ndarray, rows: int, block_rows: int, k: int) -> np.ndarray:
+    """Per block: ``(n_events, offset of its unary stream)``, the only state kept beside the bytes.
+
+    ``buf`` was fully validated by ``tern.load``; this walk only reads the 8-byte block headers.
+    int32 when the buffer allows (8 bytes per block of about 65 536 weights).
+    """
+    nblocks = -(-rows // block_rows)
+    table = np.empty((nblocks, 2), np.int32 if buf.size < (1 << 31) else np.int64)
+    at = 0
+    for b in range(nblocks):
+        n, n_unary = struct.unpack_from("<II", buf, at)
+        table[b] = (n, at + 8)
+        at += 8 + n_unary + (n * k + 7) // 8 + (n + 7) // 8
+    return table
+
+
+def _spans(table: np.ndarray, size: int, k: int) -> np.ndarray:
+    """(n, unary start, n_unary, n_rem, n_sign) per block, int64, from the compact table."""
+    n, u0 = table[:, 0].astype(np.int64), table[:, 1].astype(np.int64)
+    n_rem, n_sign = (n * k + 7) // 8, (n + 7) // 8
+    block_end = np.append(u0[1:] - 8, size)
+    return np.stack([n, u0, block_end - u0 - n_rem - n_sign, n_rem, n_sign], axis=1)
+
+
+def _groups(events: np.ndarray, cap: int) -> list[tuple[int, int]]:
+    """Consecutive block ranges holding at most ``cap`` events each (or one block beyond it)."""
+    out, b0, total = [], 0, 0
+    for b, n in enumerate(events.tolist()):
+        if b > b0 and total + n > cap:
+            out.append((b0, b))
+            b0, total = b, 0
+        total += n
+    out.append((b0, len(events)))
+    return out
+
+
+class SparseCodes:
+    """A ``ts`` ternary weight of shape (O, C/g, ...) applied with additions and subtractions only.
+
+    ``groups``: output rows ``[i·O/g, (i+1)·O/g)`` read input rows ``[i·K, (i+1)·K)`` (grouped conv).
+    """
+
+    def __init__(self, buf: np.ndarray, shape, params: dict, groups: int = 1, cache_indices: bool = False):
+        self.buf = buf
+        self.rows, self.cols = rows_cols(shape)
+        self.groups = groups
+        self.block_rows, self.k = int(params["block_rows"]), int(params["k"])
+        self.table = block_table(buf, self.rows, self.block_rows, self.k)
+        self.plan = _groups(self.table[:, 0], EVENTS_PER_GROUP)
+        self.cache = self._decode_all() if cache_indices else None
+
+    @property
+    def nbytes(self) -> int:
+        """Resident bytes beyond the shared encoded buffer: the block table (and the cache)."""
+        return self.table.nbytes + (self.cache[0].nbytes + self.cache[1].nbytes if self.cache else 0)
+
+    def matmul(self, x: np.ndarray) -> np.ndarray:
+        """θ @ x for x of shape (groups·K, M): returns (O, M) float32."""
+        x2 = _interleave(x)
+        out = np.empty((self.rows, x.shape[1]), np.float32)
+        if self.cache is not None:
+            _accumulate(x2, *self.cache, out)
+            return out
+        spans, rows2 = self._layer()
+        for b0, b1 in self.plan:
+            r0, r1 = b0 * self.block_rows, min(self.rows, b1 * self.block_rows)
+            decoded = self._decode(spans[b0:b1], rows2[:, r0:r1])
+            if decoded is None:
+                out[r0:r1] = 0
+            else:
+                _accumulate(x2, *decoded, out[r0:r1])
+        return out
+
+    def _decode_all(self):
+        """Every group decoded once and joined: (int32 gather indices, int32 row starts)."""
+        spans, rows2 = self._layer()
+        index, starts, n = [], [], 0
+        for b0, b1 in self.plan:
+            r0, r1 = b0 * self.block_rows, min(self.rows, b1 * self.block_rows)
+            decoded = self._decode(spans[b0:b1], rows2[:, r0:r1])
+            if decoded is None:
+                starts.append(np.full(r1 - r0, n, np.intp))
+            else:
+                index.append(decoded[0])
+                starts.append(decoded[1] + n)
+                n += decoded[0].size
+        index = np.concatenate(index) if index else np.zeros(0, np.intp)
+        return index.astype(np.int32 if 2 * self.groups * self.cols < (1 << 31) else np.intp), \
+            np.concatenate(starts).astype(np.int32 if n < (1 << 31) else np.intp)
+
+    def _layer(self):
+        """Per call, once per layer: the block spans, and per row 2·K·(row in its block) and
+        2·K·(its group), the doubled offsets of its cells and of its group's input rows."""
+        spans = _spans(self.table, self.buf.size, self.k)
+        rows = np.arange(self.rows)
+        rows2 = np.stack([rows % self.block_rows, rows // (self.rows // self.groups)])
+        rows2 *= 2 * self.cols
+        return spans, rows2
+
+    # ------------------------------------------------------------------ decoding one group of blocks
+    def _decode(self, t: np.ndarray, rows2: np.ndarray):
+        """Gather indices 2·(g·K + column) + sign, row-major, and each row's first event (or None).
+
+        ``t``: the group's spans (n, unary start, n_unary, n_rem, n_sign per block); ``rows2``:
+        the group's rows of ``_layer``.
+        """
+        events = t[:, 0]
+        n = int(events.sum())
+        if n == 0:
+            return None
+        spans = t.tolist()
+        slot0 = 8 * (np.cumsum(t[:, 4]) - t[:, 4])  # first padded slot of each block
+        real = _compactor(slot0.tolist(), events.tolist(), n, 8 * int(t[:, 4].sum()))
+        index, offset = self._increasing(spans, t, slot0, real, n)
+        first = np.cumsum(events) - events
+        per_block = np.minimum(self.block_rows, rows2.shape[1] - np.arange(len(t)) * self.block_rows)
+        base = np.repeat(offset, per_block)
+        # row ρ of block b starts at its first event with T + offset_b >= 2·K·ρ
+        starts = np.searchsorted(index, rows2[0] - base)
+        np.clip(starts, np.repeat(first, per_block), np.repeat(first + events, per_block), out=starts)
+        base += rows2[1] - rows2[0]  # from the doubled cell to the doubled input row
+        index += np.repeat(base, np.diff(starts, append=n))
+        sign = np.concatenate([self.buf[u0 + nu + nr:u0 + nu + nr + ns] for _, u0, nu, nr, ns in spans])
+        index += real(np.unpackbits(sign, bitorder="little"))
+        return index, starts
+
+    def _increasing(self, spans: list, t: np.ndarray, slot0: np.ndarray, real, n: int):
+        """T = 2·Σ_{i<=j} (r_i − mask) + (ends_j << (k+1)), strictly increasing over the group, and
+        per block the constant that turns T into the doubled cell 2·(row·K + column) in the block."""
+        k = self.k
+        unary = np.concatenate([self.buf[u0:u0 + nu] for _, u0, nu, _, _ in spans])
+        ends = np.flatnonzero(np.unpackbits(unary, bitorder="little").view(bool))
+        np.left_shift(ends, k + 1, out=ends)  # each 1 bit ends a quotient: Σ q = zeros before it
+        if k:
+            prefix, r_first = self._remainder_prefix(spans, int(t[:, 4].sum()), slot0)
+            index = real(prefix)
+            index -= np.arange(0, ((1 << k) - 1) * n, (1 << k) - 1)
+            index <<= 1
+            index += ends
+        else:
+            index, r_first = ends, np.zeros(len(t), np.intp)  # offsets below read ends first
+        events = t[:, 0]
+        nz = events > 0
+        f = (np.cumsum(events) - events)[nz]  # each nonempty block's first event
+        unary_bits = 8 * (np.cumsum(t[:, 2]) - t[:, 2])
+        offset = np.zeros(len(t), np.intp)
+        offset[nz] = ends[f] - (unary_bits[nz] << (k + 1)) + 2 * r_first[nz] - index[f]
+        return index, offset
+
+    def _remainder_prefix(self, spans: list, ngroups: int, slot0: np.ndarray):
+        """Inclusive prefix sums of the remainders over the padded slots, and each block's first one.
+
+        Each block's stream is zero-padded to whole 8-event groups of k bytes; padding slots hold 0,
+        so they do not change the sums of the events before them.
+        """
+        k = self.k
+        pieces = []
+        for _, u0, nu, nr, ns in spans:
+            pieces.append(self.buf[u0 + nu:u0 + nu + nr])
+            if ns * k > nr:
+                pieces.append(_ZERO[:ns * k - nr])
+        p = np.concatenate(pieces)
+        if k <= 5:  # 8 fields of k bits fit the byte lanes of a uint64, sums included
+            fields = _LUT[k].take(p, axis=0).reshape(ngroups, 8) if k in _LUT else \
+                np.ascontiguousarray(_slots(p, ngroups, k).T)
+            r_first = fields[slot0 // 8, 0].astype(np.intp)
+            lanes = fields.view("<u8") * np.uint64(0x0101010101010101)  # lane s: Σ of fields 0..s
+            lanes = lanes.astype("<u8", copy=False).view(np.uint8).reshape(ngroups, 8)
+        else:
+            lanes = _slots(p, ngroups, k)  # (8, groups), wide enough for the sums
+            r_first = lanes[0, slot0 // 8].astype(np.intp)
+            for s in range(1, 8):
+                lanes[s] += lanes[s - 1]
+            lanes = lanes.T
+        totals = np.cumsum(lanes[:, 7], dtype=np.intp)
+        totals -= lanes[:, 7]
+        prefix = np.empty((ngroups, 8), np.intp)
+        np.add(lanes, totals[:, None], out=prefix)
+        return prefix.reshape(-1), r_first
+
+
+def _compactor(slot0: list, events: list, n: int, slots: int):
+    """A function dropping the padding slots (after each block's events) from a padded array."""
+    if n == slots:
+        return lambda a: a
+    return lambda a: np.concatenate([a[s:s + e] for s, e in zip(slot0, events)])
+
+
+def _byte_fields(k: int) -> np.ndarray:
+    """byte → its 8/k fields of k bits (least significant first), as uint8 (k = 1, 2, 4)."""
+    return ((np.arange(256)[:, None] >> (k * np.arange(8 // k))) & ((1 << k) - 1)).astype(np.uint8)
+
+
+_LUT = {k: _byte_fields(k) for k in (1, 2, 4)}
+
+
+def _slots(p: np.ndarray, ngroups: int, k: int) -> np.ndarray:
+    """Remainders from whole 8-event groups of k bytes, as (8, groups): slot s is at bit s·k.
+
+    The bytes are transposed first so that every pass below runs over contiguous rows. The dtype
+    leaves room for the in-place prefix sums over the 8 slots (8·(2^k − 1) must fit).
+    """
+    mask = (1 << k) - 1
+    dtype = np.uint8 if k <= 5 else np.uint16 if k <= 13 else np.uint32
+    pt = np.ascontiguousarray(p.reshape(ngroups, k).T)  # (k, groups)
+    out = np.empty((8, ngroups), dtype)
+    wide = np.empty(ngroups, np.uint32)
+    for s in range(8):
+        byte, shift = (s * k) >> 3, (s * k) & 7
+        if shift + k <= 8:
+            np.right_shift(pt[byte], shift, out=wide, dtype=np.uint32)
+        else:  # the field straddles two to four bytes (shift + k <= 27)
+            np.left_shift(pt[byte + 1], 8, out=wide, dtype=np.uint32)
+            wide |= pt[byte]
+            for extra in range(2, (shift + k + 7) // 8):
+                wide |= pt[byte + extra].astype(np.uint32) << np.uint32(8 * extra)
+            wide >>= np.uint32(shift)
+        np.bitwise_and(wide, mask, out=out[s], casting="unsafe")
+    return out
+
+
+def _interleave(x: np.ndarray) -> np.ndarray:
+    """(2·rows, M) with x at even rows and −x at odd rows; 1-D when M = 1 (a faster take)."""
+    rows, m = x.shape
+    x2 = np.empty((rows, 2, m), np.float32)
+    x2[:, 0] = x
+    np.negative(x, out=x2[:, 1])
+    return x2.reshape(2 * rows) if m == 1 else x2.reshape(2 * rows, m)
+
+
+def _accumulate(x2: np.ndarray, index: np.ndarray, starts: np.ndarray, out: np.ndarray) -> None:
+    """out[r] = Σ x2[index[starts[r]:starts[r+1]]]: gather, then ``np.add.reduceat`` per segment.
+
+    With several columns the gathered (events × columns) temporary is bounded by ``GATHER_BYTES``:
+    whole rows of ``x2`` are gathered for as many output rows as fit (long contiguous copies), and
+    only an output row whose events alone exceed the bound is split by columns.
+    """
+    n = index.size
+    if x2.ndim == 1:
+        v = np.empty(n + 1, np.float32)
+        v[n] = 0  # reduceat needs indices < len: an empty last row points here
+        x2.take(index, out=v[:n])
+        out[:, 0] = np.add.reduceat(v, starts)
+        out[np.diff(starts, append=n) == 0] = 0  # reduceat returns the element at an empty segment's start
+        return
+    m = x2.shape[1]
+    fit = max(1, GATHER_BYTES // (4 * m))  # events per chunk with full rows
+    bounds = np.append(starts, n)
+    r0 = 0
+    while r0 < starts.size:
+        r1 = max(r0 + 1, int(np.searchsorted(bounds, bounds[r0] + fit, "right")) - 1)
+        r1 = min(r1, starts.size)
+        _segment_sums(x2, index[bounds[r0]:bounds[r1]], bounds[r0:r1 + 1] - bounds[r0], out[r0:r1])
+        r0 = r1
+
+
+def _segment_sums(x2: np.ndarray, index: np.ndarray, bounds: np.ndarray, out: np.ndarray) -> None:
+    """out[r] = Σ of the rows x2[index[bounds[r]:bounds[r+1]]], in column chunks within GATHER_BYTES."""
+    n, m = index.size, x2.shape[1]
+    step = max(1, GATHER_BYTES // (4 * (n + 1)))
+    for m0 in range(0, m, step):
+        m1 = min(m, m0 + step)
+        v = np.empty((n + 1, m1 - m0), np.float32)
+        v[n] = 0
+        if m1 - m0 == m:
+            np.take(x2, index, axis=0, out=v[:n])
+        else:  # take() would copy the whole non-contiguous column slice first
+            v[:n] = x2[index, m0:m1]
+        out[:, m0:m1] = np.add.reduceat(v, bounds[:-1], axis=0)
+    out[bounds[:-1] == bounds[1:]] = 0
