@@ -42,9 +42,9 @@ _LAZY = {
     "TrainConfig": ("ternarize.train.loop", "TrainConfig"),
     "fit": ("ternarize.train.loop", "fit"),
     "Graph": ("ternarize.graph", "Graph"),
-    "lower": ("ternarize.lower", "lower"),
+    "lower": ("ternarize.lowering", "lower"),
     "Runtime": ("ternarize.runtime", "Runtime"),
-    "compress": ("ternarize.compress", "compress"),
+    "compress": ("ternarize.pipeline", "compress"),
 }
 
 __all__ = [

@@ -133,3 +133,266 @@ def data_list(data_dir: str | None) -> None:
 
 def _log(message: str) -> None:
     click.echo(message, err=True)
+
+
+# ---------------------------------------------------------------------- compress
+
+
+def _training_options(f):
+    """Options shared by compress and demo (TrainConfig fields)."""
+    opts = [
+        click.option("--mode", type=click.Choice(["ternary", "binary"]), default="ternary", show_default=True,
+                     help="Weights in {-1, 0, +1} or {-1, +1}."),
+        click.option("--method", type=click.Choice(["msa", "ste"]), default="msa", show_default=True,
+                     help="E-MSA (the paper) or a straight-through baseline (TWN / BinaryConnect)."),
+        click.option("--epochs", type=click.IntRange(min=1), default=5, show_default=True,
+                     help="Training epochs (the paper ran 250 on MNIST)."),
+        click.option("--batch-size", type=click.IntRange(min=2), default=100, show_default=True),
+        click.option("--rho", type=click.FloatRange(min=0, min_open=True), default=None,
+                     help="E-MSA ρ (default 0.25 ternary, 0.5 binary)."),
+        click.option("--lam", type=click.FloatRange(min=0), default=1e-7, show_default=True,
+                     help="E-MSA L1 price λ of a non-zero ternary weight."),
+        click.option("--ema-decay", type=click.FloatRange(0, 1, max_open=True), default=0.999, show_default=True,
+                     help="Initial moving-average decay α of E-MSA."),
+        click.option("--init", type=click.Choice(["random", "twn"]), default="random", show_default=True,
+                     help="Initial codes: uniform random (paper) or thresholded float weights."),
+        click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-3, show_default=True,
+                     help="Adam learning rate for BatchNorm, biases, scales and float-kept layers."),
+        click.option("--keep-float", multiple=True, metavar="GLOB",
+                     help="Keep matching layers float (module path or parameter glob, or 'first'/'last'). "
+                     "Repeatable."),
+        click.option("--distill", is_flag=True, help="Also learn from the float model's outputs."),
+        click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N."),
+        click.option("--seed", type=int, default=0, show_default=True),
+        click.option("--no-progress", is_flag=True, help="No progress bar (epoch lines only)."),
+    ]
+    for opt in reversed(opts):
+        f = opt(f)
+    return f
+
+
+def _train_options(kw: dict) -> dict:
+    out = {k: kw.pop(k) for k in ("mode", "method", "epochs", "batch_size", "rho", "lam", "ema_decay", "init", "lr",
+                                  "distill", "device", "seed")}
+    out["keep_float"] = tuple(kw.pop("keep_float"))
+    out["progress"] = not kw.pop("no_progress")
+    return out
+
+
+@cli.command(context_settings=CONTEXT)
+@click.argument("model", type=click.Path(dir_okay=True))
+@click.option("--data", "data_name", required=True, help="digits, mnist, fashion-mnist, cifar10, a .npz file or "
+              "package.module:function.")
+@data_dir_option
+@click.option("--out", default="out", show_default=True, type=click.Path(), help="Output folder.")
+@click.option("--arch", default=None, help="Architecture for a state_dict: a zoo name (mlp, vgg, lenet, resnet) "
+              "with optional arguments, e.g. 'mlp(width=256)', or package.module:factory.")
+@click.option("--trust", is_flag=True, help="Allow unpickling arbitrary code from MODEL. Only for files you trust.")
+@click.option("--resume", is_flag=True, help="Continue an interrupted run from OUT/checkpoint.pt.")
+@click.option("--force", is_flag=True, help="Overwrite the outputs in an existing OUT folder.")
+@_training_options
+def compress(model, data_name, data_dir, out, arch, trust, resume, force, **kw):
+    """Retrain MODEL with discrete weights and write OUT/model.tern, OUT/model.onnx and a report.
+
+    MODEL is a torch.save'd module, a state_dict (with --arch) or a TorchScript file. It is
+    loaded safely: pickled code never runs unless you pass --trust.
+
+    Example: ternarize compress model.pt --data mnist --epochs 5 --out out
+    """
+    from .pipeline import compress as run
+
+    options = _train_options(kw)
+    result = run(model, data_name, out=out, arch=arch, trust=trust, data_dir=data_dir, force=force,
+                 resume=resume, log=_log, **options)
+    if result is not None:
+        _print_report(result.report)
+
+
+@cli.command(context_settings=CONTEXT)
+@click.option("--out", default="demo", show_default=True, type=click.Path(), help="Output folder.")
+@click.option("--force", is_flag=True, help="Overwrite the outputs in an existing OUT folder.")
+@click.option("--epochs", type=click.IntRange(min=1), default=None, help="Compression epochs (default: the demo's).")
+@click.option("--no-progress", is_flag=True, help="No progress bar (epoch lines only).")
+def demo(out, force, epochs, no_progress):
+    """Compress the embedded default: an MLP trained in float on the 8x8 digits, which ship
+    with scikit-learn, so nothing is downloaded. Takes a minute or two on a laptop.
+
+    Example: ternarize demo --out demo
+    """
+    from .demo import run
+
+    result = run(out=out, force=force, epochs=epochs, progress=not no_progress, log=_log)
+    _print_report(result.report)
+
+
+def _print_report(rep) -> None:
+    from rich.console import Console
+
+    console = Console()
+    if not console.is_terminal:  # piped or captured: no terminal width to respect
+        console = Console(width=160)
+    layers, totals = rep.rich_tables()
+    console.print(layers)
+    console.print(totals)
+    console.print(rep.summary())
+
+
+# ---------------------------------------------------------------------- .tern files
+
+
+def _existing_file(path: str) -> str:
+    from .errors import ConfigError
+
+    if not os.path.exists(path):
+        raise ConfigError(f"{path} does not exist")
+    if os.path.isdir(path):
+        raise ConfigError(f"{path} is a folder; give a .tern file")
+    return path
+
+
+@cli.command(context_settings=CONTEXT)
+@click.argument("file", type=click.Path())
+def inspect(file):
+    """Show a .tern file's header and a per-tensor table.
+
+    Example: ternarize inspect out/model.tern
+    """
+    from rich.console import Console
+    from rich.table import Table
+
+    from . import tern
+
+    tf = tern.load(_existing_file(file))
+    g = tf.header["graph"]
+    console = Console()
+    console.print(f"{file}: .tern v{tf.version}, {tf.size:,} bytes (header {tf.data_start:,}), "
+                  f"producer {tf.metadata.get('producer', '?')}")
+    inputs = ", ".join(f"{v['name']} {v['shape']}" for v in g["inputs"])
+    console.print(f"graph: {len(g['nodes'])} nodes; inputs {inputs}; outputs {', '.join(g['outputs'])}")
+    keys = sorted(k for k in tf.metadata if k != "producer")
+    if keys:
+        console.print("metadata: " + ", ".join(keys))
+    table = Table()
+    for col in ("tensor", "kind", "encoding", "shape", "bytes", "bits/weight", "crc32"):
+        table.add_column(col, justify="right" if col in ("bytes", "bits/weight") else "left")
+    for e in tf.tensors:
+        table.add_row(e.name, e.kind, e.encoding, "x".join(map(str, e.shape)), f"{e.nbytes:,}",
+                      f"{e.bits_per_weight:.3f}", f"{e.crc32:08x}")
+    console.print(table)
+
+
+@cli.command(context_settings=CONTEXT)
+@click.argument("file", type=click.Path())
+def verify(file):
+    """Run every check of the .tern format on FILE; exit 0 when sound, 1 when not.
+
+    Example: ternarize verify out/model.tern
+    """
+    from . import tern
+
+    results = tern.verify(_existing_file(file))
+    for name, ok, message in results:
+        click.echo(f"{'ok  ' if ok else 'FAIL'} {name}" + (f": {_one_line(message)}" if not ok else ""))
+    sound = all(ok for _, ok, _ in results)
+    click.echo(f"{file}: {'sound' if sound else 'NOT sound'}")
+    sys.exit(0 if sound else 1)
+
+
+@cli.command(context_settings=CONTEXT)
+@click.argument("file", type=click.Path())
+@click.option("--input", "input_path", type=click.Path(), default=None, help="A .npy file of inputs (N, ...).")
+@click.option("--data", "data_name", default=None, help="A dataset: report accuracy on its test set.")
+@data_dir_option
+@click.option("--output", type=click.Path(), default=None, help="Save the raw outputs of --input to this .npy file.")
+def run(file, input_path, data_name, data_dir, output):
+    """Run a .tern file with the numpy reference runtime: predictions for --input, or
+    accuracy on the test set of --data.
+
+    Example: ternarize run out/model.tern --data mnist
+    """
+    from . import runtime as rt
+    from .errors import ConfigError
+
+    if (input_path is None) == (data_name is None):
+        raise ConfigError("give exactly one of --input x.npy or --data NAME")
+    model = rt.Runtime.load(_existing_file(file))
+    if data_name is not None:
+        from .data import load_dataset
+
+        ds = load_dataset(data_name, data_dir=data_dir)
+        acc = model.accuracy(ds.x_test, ds.y_test)
+        click.echo(f"{file} on {ds.name}: test accuracy {100 * acc:.2f}% ({len(ds.y_test)} examples)")
+        return
+    y = model.run(_load_npy(_existing_file(input_path)))
+    if output:
+        _save_npy(output, y)
+    for label in y.argmax(axis=1):
+        click.echo(int(label))
+
+
+def _load_npy(path: str):
+    import numpy as np
+
+    from .errors import ConfigError
+
+    try:
+        x = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        raise ConfigError(f"{path} is not a readable .npy file of numbers ({_one_line(str(e))[:120]})") from None
+    if not isinstance(x, np.ndarray) or x.dtype.kind not in "iuf":
+        raise ConfigError(f"{path} must hold one numeric array (a .npy file), not {type(x).__name__}")
+    return x.astype(np.float32, copy=False)
+
+
+def _save_npy(path: str, y) -> None:
+    import numpy as np
+
+    tmp = f"{path}.tmp{os.getpid()}.npy"
+    try:
+        np.save(tmp, y)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+@cli.command(context_settings=CONTEXT)
+@click.argument("file", type=click.Path())
+@click.option("--onnx", "onnx_path", required=True, type=click.Path(), help="Where to write the ONNX file.")
+@click.option("--compat", is_flag=True, help="int8 codes at opset 21 for runtimes without INT2.")
+@click.option("--compact", is_flag=True, help="Store sparse ternary weights as gap streams or base-3 codes "
+              "decoded in-graph (smaller; onnxruntime folds the decode at load).")
+def export(file, onnx_path, compat, compact):
+    """Export a .tern file to ONNX (INT2 weights, opset 25) that stock onnxruntime runs.
+
+    Example: ternarize export out/model.tern --onnx model.onnx --compact
+    """
+    from . import onnx as onnx_export
+    from . import tern
+
+    graph = tern.read(_existing_file(file))
+    info = onnx_export.export(graph, onnx_path, compat=compat, compact=compact)
+    click.echo(f"wrote {onnx_path} ({info.size:,} bytes, opset {info.opset})")
+
+
+@cli.command(context_settings=CONTEXT)
+@click.argument("path", type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.option("--out", type=click.Path(file_okay=False), default=None,
+              help="Also write report.json, report.md and plots to this folder.")
+def report(path, as_json, out):
+    """Report size, sparsity and cost of a .tern file, or of a folder made by compress.
+
+    Example: ternarize report out
+    """
+    import json
+
+    from . import report as reporting
+
+    rep = reporting.load(path)
+    if out:
+        rep.write(out)
+    if as_json:
+        click.echo(json.dumps(rep.to_json(), indent=2, sort_keys=True))
+    else:
+        _print_report(rep)

@@ -85,6 +85,16 @@ class Const:
             raise GraphError(f"constant {name!r} ({self.kind}) holds invalid value {d.ravel()[i]!r} at index {i}")
 
 
+class ConstSpec:
+    """A constant known by kind and shape only: enough for ``Graph.validate`` to check a graph and
+    infer every shape before (or without) decoding any tensor."""
+
+    def __init__(self, kind: str, shape: tuple[int, ...]):
+        if kind not in KINDS:
+            raise GraphError(f"constant kind {kind!r} is unknown; expected one of {', '.join(KINDS)}")
+        self.kind, self.shape = kind, tuple(int(d) for d in shape)
+
+
 @dataclass
 class Value:
     """A graph input: a name and a shape whose first dimension is the dynamic batch (None)."""
@@ -114,7 +124,7 @@ class Graph:
     inputs: list[Value]
     outputs: list[str]
     nodes: list[Node]
-    consts: dict[str, Const]
+    consts: dict[str, Const | ConstSpec]
     metadata: dict[str, Any] = field(default_factory=dict)
 
     # ------------------------------------------------------------------ serialization
@@ -176,7 +186,7 @@ class Graph:
 
         for name, c in self.consts.items():
             define(name, "constants")
-            if not isinstance(c, Const):
+            if not isinstance(c, (Const, ConstSpec)):
                 raise GraphError(f"constant {name!r} is not a Const")
             _check_elements(c.shape, f"constant {name!r}")
         if not self.inputs:

@@ -37,7 +37,7 @@ import numpy as np
 from . import pack
 from ._version import __version__
 from .errors import ConfigError, GraphError, TernFormatError
-from .graph import KINDS, Const, Graph
+from .graph import KINDS, Const, ConstSpec, Graph
 
 MAGIC = b"\x89TERN\r\n\x1a"
 VERSION = 1
@@ -361,20 +361,9 @@ def _check_data(i: int, e: TensorEntry, data: memoryview) -> None:
 # ====================================================================== 6. graph
 
 
-class _ShapeOnly(Const):
-    """A constant known by kind and shape only, so the graph is checked before any tensor is decoded."""
-
-    def __init__(self, kind: str, shape: tuple[int, ...]):  # no data: Const.__post_init__ is skipped
-        self.kind, self.data, self._shape = kind, None, shape
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return self._shape
-
-
 def _check_graph(graph_obj: dict, metadata: dict, entries: list[TensorEntry]) -> None:
     """Graph.from_json + validate, every tensor used, table in the order of first use by the nodes."""
-    stubs = {e.name: _ShapeOnly(e.kind, e.shape) for e in entries}
+    stubs = {e.name: ConstSpec(e.kind, e.shape) for e in entries}
     with _graph_errors():
         graph = Graph.from_json(graph_obj, stubs, metadata)
         order = first_use(graph)

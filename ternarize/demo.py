@@ -1,0 +1,46 @@
+"""The embedded default: compress a small MLP trained in float on scikit-learn's 8x8 digits.
+
+Nothing is downloaded. The float model is trained for a few seconds and saved as
+``OUT/float_model.pt``; then it goes through exactly what ``ternarize compress`` does. The
+schedule is faster than the paper's (batch 50, α = 0.99, λ = 1e-5) so that sparsity emerges in
+a couple of hundred steps instead of tens of thousands; the paper's defaults stay the defaults
+of ``compress``.
+
+Example::
+
+    result = ternarize.demo.run(out="demo")
+    print(result.report.summary())
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from . import zoo
+from .data import load_dataset
+from .pipeline import CompressResult, compress, prepare_out
+from .train.loop import fit_float
+
+DEMO_SETTINGS = dict(epochs=20, batch_size=50, ema_decay=0.99, lam=1e-5)
+
+
+def run(out: str = "demo", force: bool = False, epochs: int | None = None, progress: bool = True,
+        log=print) -> CompressResult:
+    """Train the float MLP on digits, save it, compress it into ``out``; return the result."""
+    prepare_out(out, force=force, resume=False)
+    data = load_dataset("digits")
+    torch.manual_seed(0)
+    model = zoo.create("mlp", in_shape=data.in_shape, num_classes=data.num_classes, width=256, depth=2)
+    log("training the float model: MLP 64-256-256-10 on the 8x8 digits")
+    fit_float(model, data, epochs=10, progress=progress, log=log)
+    path = os.path.join(out, "float_model.pt")
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save(model.cpu(), tmp)
+    os.replace(tmp, path)
+    settings = dict(DEMO_SETTINGS, progress=progress)
+    if epochs is not None:
+        settings["epochs"] = epochs
+    log(f"compressing {path} (ternary E-MSA, {settings['epochs']} epochs)")
+    return compress(path, data, out=out, force=True, log=log, **settings)

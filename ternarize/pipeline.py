@@ -1,0 +1,222 @@
+"""The whole job in one call: load → evaluate → retrain → lower → write .tern and .onnx → verify →
+report.
+
+Everything that can be checked before training is checked first (options, the model file, the
+dataset, that the model accepts the data's input shape and has enough outputs, that it can be
+lowered, that the output folder may be written), so bad input fails in seconds with one line.
+After training, the .tern file is run by the numpy runtime and the .onnx file by onnxruntime on
+held-out inputs and both are compared with the trained torch model; a disagreement removes them
+and raises :class:`VerificationError`. Every file is written atomically; under ``torchrun`` every
+rank trains and rank 0 alone writes.
+
+Example::
+
+    result = ternarize.compress("model.pt", "mnist", out="out", epochs=5)
+    print(result.report.summary())
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass, fields
+
+import numpy as np
+import torch
+
+from . import tern
+from .data import Dataset, load_dataset
+from .errors import ConfigError, Error, VerificationError
+from .load import load_model
+from .lowering import lower
+from .train import policy
+from .train.loop import TrainConfig, TrainResult, evaluate, fit
+
+OUTPUTS = ("model.tern", "model.onnx", "report.json", "report.md", "layers.png", "training.png", "weights.png")
+CHECKPOINT = "checkpoint.pt"
+VERIFY_SAMPLES = 512
+RTOL = 1e-4
+
+
+@dataclass
+class CompressResult:
+    out: str
+    tern_path: str
+    onnx_path: str
+    report: object            # ternarize.report.Report
+    train: TrainResult | None
+    float_accuracy: float
+    accuracy: float           # the trained torch model on the test set
+    runtime_accuracy: float   # the .tern file run by the numpy runtime on the test set
+    files: list
+
+
+def compress(model, data, out: str = "out", *, arch: str | None = None, trust: bool = False,
+             data_dir: str | None = None, force: bool = False, log=print, **options) -> CompressResult | None:
+    """Compress ``model`` (an nn.Module or a model file path) on ``data`` (a Dataset or a name).
+
+    ``options`` are :class:`ternarize.TrainConfig` fields (mode, method, epochs, rho, lam,
+    keep_float, distill, device, seed, resume, ...). Returns None on ranks other than 0 under torchrun.
+    """
+    config = _config(options, out)
+    source = _source_info(model)
+    if isinstance(model, (str, os.PathLike)):
+        model = load_model(model, arch=arch, trust=trust)
+    dataset = data if isinstance(data, Dataset) else load_dataset(data, data_dir=data_dir)
+    if _rank() == 0:  # the other ranks of a torchrun job only train
+        prepare_out(out, force=force, resume=config.resume)
+    example = torch.from_numpy(dataset.x_test[:2])
+    _check_fits(model, dataset, example)
+    policy.discrete_layers(model, config.keep_float, config.scale)  # a --keep-float that matches nothing
+    lower(model, example)  # an unsupported op fails here, before any training
+    float_acc = _accuracy(model, dataset)
+    log(f"float model: test accuracy {100 * float_acc:.2f}%")
+    float_weights = {name: p.detach().cpu().numpy().copy() for name, p in model.named_parameters()}
+    result = fit(model, dataset, config, log=log)
+    if _rank() != 0:
+        return None
+    model.cpu().eval()
+    acc = _accuracy(model, dataset)
+    graph = lower(model, example, discrete=result.discrete)
+    graph.metadata.update(_metadata(source, dataset, config, result, float_acc, acc))
+    return _write_outputs(out, graph, model, dataset, result, float_acc, acc,
+                          {k: float_weights[k] for k in result.discrete}, log)
+
+
+# ---------------------------------------------------------------------- before training
+
+
+def _config(options: dict, out: str) -> TrainConfig:
+    names = {f.name for f in fields(TrainConfig)}
+    unknown = sorted(set(options) - names)
+    if unknown:
+        raise ConfigError(f"unknown option {unknown[0]!r}; options are TrainConfig fields: {', '.join(sorted(names))}")
+    options = dict(options)
+    options.setdefault("checkpoint", os.path.join(out, CHECKPOINT))
+    options["keep_float"] = tuple(options.get("keep_float", ()))
+    config = TrainConfig(**options)
+    config.validate()
+    return config
+
+
+def _source_info(model) -> dict:
+    if isinstance(model, (str, os.PathLike)) and os.path.isfile(model):
+        h = hashlib.sha256()
+        with open(model, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        return {"source": os.path.basename(os.fspath(model)), "source_sha256": h.hexdigest(),
+                "source_bytes": os.path.getsize(model)}
+    return {"source": type(model).__name__} if not isinstance(model, (str, os.PathLike)) else {}
+
+
+def prepare_out(out: str, force: bool, resume: bool) -> None:
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ConfigError(f"--out {out} exists and is not a folder; choose another path")
+    present = os.listdir(out) if os.path.isdir(out) else []
+    for name in [f for f in present if ".tmp" in f]:  # left by a killed run; never a finished file
+        os.remove(os.path.join(out, name))
+    present = [f for f in present if ".tmp" not in f]
+    if resume:
+        if CHECKPOINT not in present:
+            raise ConfigError(f"there is no {CHECKPOINT} in {out} to resume from; run without --resume")
+        return
+    if present and not force:
+        raise ConfigError(f"the output folder {out} already holds {', '.join(sorted(present)[:3])}"
+                          f"{' ...' if len(present) > 3 else ''}; pass --force to overwrite it or --resume to continue")
+    if present and force:
+        for name in OUTPUTS + (CHECKPOINT,):
+            path = os.path.join(out, name)
+            if os.path.isfile(path):
+                os.remove(path)
+    os.makedirs(out, exist_ok=True)
+
+
+def _check_fits(model, dataset: Dataset, example: torch.Tensor) -> None:
+    model.eval()
+    try:
+        with torch.no_grad():
+            y = model(example)
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"the model does not accept the data's inputs of shape {list(dataset.in_shape)} "
+                          f"(batch excluded): {first}") from e
+    if not isinstance(y, torch.Tensor) or y.dim() != 2:
+        raise ConfigError(f"the model must return class scores of shape (batch, classes); it returned "
+                          f"{tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__}")
+    if y.shape[1] < dataset.num_classes:
+        raise ConfigError(f"the model has {y.shape[1]} outputs but the data has {dataset.num_classes} classes")
+
+
+def _accuracy(model, dataset: Dataset) -> float:
+    model = model.cpu()
+    return evaluate(model, torch.from_numpy(dataset.x_test), torch.from_numpy(dataset.y_test))[1]
+
+
+def _rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def _metadata(source, dataset, config, result, float_acc, acc) -> dict:
+    return {**source, "name": source.get("source", "model"), "dataset": dataset.name, "mode": config.mode,
+            "method": config.method,
+            "training": {"settings": config.to_json(), "history": result.history, "seconds": result.seconds},
+            "accuracy": {"float": float_acc, "trained": acc}}
+
+
+# ---------------------------------------------------------------------- after training
+
+
+def _write_outputs(out, graph, model, dataset, result, float_acc, acc, float_weights, log) -> CompressResult:
+    from . import onnx as onnx_export
+    from . import report as reporting
+    from .runtime import Runtime
+
+    tern_path, onnx_path = os.path.join(out, "model.tern"), os.path.join(out, "model.onnx")
+    try:
+        tern.write(graph, tern_path)
+        onnx_export.export(graph, onnx_path)
+        runtime = Runtime.load(tern_path, cache_indices=True)  # faster on sparse layers; memory is no concern here
+        x = dataset.x_test[:VERIFY_SAMPLES]
+        with torch.no_grad():
+            reference = model(torch.from_numpy(x)).numpy()
+        _agree("the .tern file (numpy runtime)", runtime.run(x), reference)
+        _agree("the .onnx file (onnxruntime)", onnx_export.run(onnx_export.session(onnx_path), x), reference)
+        runtime_acc = runtime.accuracy(dataset.x_test, dataset.y_test)
+    except Error:
+        for path in (tern_path, onnx_path):
+            if os.path.exists(path):
+                os.remove(path)
+        raise
+    accuracy = graph.metadata["accuracy"] | {"runtime": runtime_acc}
+    _update_accuracy(tern_path, graph, accuracy)
+    rep = reporting.build(tern_path, onnx_path, runtime=Runtime.load(tern_path))
+    files = [tern_path, onnx_path] + rep.write(out, float_weights)
+    log(f"wrote {', '.join(os.path.basename(f) for f in files)} to {out}")
+    _remove_checkpoint(out)
+    return CompressResult(out, tern_path, onnx_path, rep, result, float_acc, acc, runtime_acc, files)
+
+
+def _agree(what: str, got: np.ndarray, reference: np.ndarray) -> None:
+    scale = float(np.abs(reference).max()) or 1.0
+    err = float(np.abs(got - reference).max()) if got.shape == reference.shape else float("inf")
+    if not err <= RTOL * scale:
+        raise VerificationError(f"{what} disagrees with the trained torch model: max |difference| {err:.3g} "
+                                f"> {RTOL:g} x {scale:.3g}; the output files were removed (please report this)")
+    same = float((got.argmax(1) == reference.argmax(1)).mean())
+    if same < 0.999:
+        raise VerificationError(f"{what} predicts a different class than the trained torch model on "
+                                f"{100 * (1 - same):.2f}% of held-out inputs; the output files were removed")
+
+
+def _update_accuracy(tern_path: str, graph, accuracy: dict) -> None:
+    """Rewrite the .tern with the runtime's accuracy in its metadata (same tensors, atomic)."""
+    graph.metadata["accuracy"] = accuracy
+    tern.write(graph, tern_path)
+
+
+def _remove_checkpoint(out: str) -> None:
+    path = os.path.join(out, CHECKPOINT)
+    if os.path.exists(path):
+        os.remove(path)
+

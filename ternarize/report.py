@@ -1,0 +1,383 @@
+"""Reports: per-layer size, sparsity and cost of a compressed model, as JSON, Markdown, a terminal
+table and PNG plots (numpy, plus matplotlib for plots and rich for the terminal, both imported lazily).
+
+The numbers come from the ``.tern`` file itself (so they are consistent with it by construction),
+the ONNX file's size when there is one, the reference runtime's resident weights and activation
+plan, and what the compressing run stored in the file's metadata (accuracy, training history).
+The JSON fields are documented in ``formats/REPORT.md``.
+
+Example::
+
+    rep = build("out/model.tern", onnx_path="out/model.onnx")
+    print(rep.to_markdown())
+    rep.write("out")          # report.json, report.md, layers.png, training.png
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import pack, tern
+from ._version import __version__
+from .errors import ConfigError
+from .graph import ConstSpec, Graph
+
+SCHEMA = "ternarize-report/1"
+_WEIGHTED = ("linear", "conv2d")
+
+
+@dataclass
+class Report:
+    layers: list[dict]
+    totals: dict
+    accuracy: dict = field(default_factory=dict)
+    training: dict = field(default_factory=dict)
+    model: dict = field(default_factory=dict)
+    plots: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return {"schema": SCHEMA, "producer": f"ternarize {__version__}", "model": self.model,
+                "layers": self.layers, "totals": self.totals, "accuracy": self.accuracy,
+                "training": self.training, "plots": self.plots}
+
+    # -- Markdown
+    def to_markdown(self) -> str:
+        t, m = self.totals, self.model
+        lines = [f"# Compression report: {m.get('name', 'model')}", ""]
+        if m:
+            lines += [", ".join(f"**{k}**: {v}" for k, v in m.items() if k in ("dataset", "mode", "method")), ""]
+        lines += ["| | |", "|---|---|"]
+        lines += [f"| {label} | {value} |" for label, value in _total_rows(t, self.accuracy)]
+        lines += ["", "## Layers", "", "| " + " | ".join(h for h, _ in _LAYER_COLUMNS) + " |",
+                  "|" + "---|" * len(_LAYER_COLUMNS)]
+        lines += ["| " + " | ".join(fmt(row) for _, fmt in _LAYER_COLUMNS) + " |" for row in self.layers]
+        if self.plots:
+            lines += ["", "## Plots", ""] + [f"![{os.path.splitext(p)[0]}]({p})" for p in self.plots]
+        hist = self.training.get("history") or []
+        if hist:
+            lines += ["", "## Training", "", "| epoch | loss | test acc | non-zero | seconds |",
+                      "|---|---|---|---|---|"]
+            lines += [f"| {h['epoch']} | {h['train_loss']:.4f} | {_pct(h.get('test_acc'))} | "
+                      f"{_pct(h.get('nonzero'))} | {h.get('seconds', 0):.1f} |" for h in hist]
+        return "\n".join(lines) + "\n"
+
+    # -- terminal
+    def rich_tables(self):
+        """(layers table, totals table) as rich Tables."""
+        from rich.table import Table
+
+        layers = Table(title="layers", show_lines=False)
+        for header, _ in _LAYER_COLUMNS:
+            layers.add_column(header, justify="left" if header in ("layer", "shape", "kind", "encoding") else "right")
+        for row in self.layers:
+            layers.add_row(*(fmt(row) for _, fmt in _LAYER_COLUMNS))
+        totals = Table(title="totals", show_header=False)
+        totals.add_column("what")
+        totals.add_column("value", justify="right")
+        for label, value in _total_rows(self.totals, self.accuracy):
+            totals.add_row(label, value)
+        return layers, totals
+
+    def summary(self) -> str:
+        t = self.totals
+        text = (f"{_size(t['tern_bytes'])} .tern ({t['compression_tern']:.1f}x smaller than float32), "
+                f"{_pct(t['nonzero_fraction'])} non-zero discrete weights, "
+                f"{t['bits_per_discrete_weight']:.3f} bits/weight "
+                f"(entropy {t['entropy_bits_per_discrete_weight']:.3f})")
+        if self.accuracy.get("runtime") is not None:
+            text += f", accuracy {_pct(self.accuracy['runtime'])}"
+            if self.accuracy.get("float") is not None:
+                text += f" (float {_pct(self.accuracy['float'])})"
+        return text
+
+    # -- files
+    def write(self, folder: str, float_weights: dict | None = None) -> list[str]:
+        """Write report.json, report.md and the plots into ``folder``; return the paths."""
+        os.makedirs(folder, exist_ok=True)
+        self.plots = plot(self, folder, float_weights)
+        paths = [os.path.join(folder, p) for p in self.plots]
+        for name, text in (("report.json", json.dumps(self.to_json(), indent=2, sort_keys=True) + "\n"),
+                           ("report.md", self.to_markdown())):
+            path = os.path.join(folder, name)
+            _atomic_text(path, text)
+            paths.append(path)
+        return paths
+
+
+def build(tern_path: str, onnx_path: str | None = None, runtime=None) -> Report:
+    """Build the report of ``tern_path``; ``runtime`` (a loaded Runtime) saves loading it again."""
+    tf = tern.load(tern_path)
+    graph_json = tf.header["graph"]
+    entries = {e.name: e for e in tf.tensors}
+    shapes = _activation_shapes(tf)
+    layers = [_layer_row(tf, entries, node, shapes) for node in graph_json["nodes"] if node["op"] in _WEIGHTED]
+    if runtime is None:
+        from .runtime import Runtime
+
+        runtime = Runtime.load(tern_path)
+    totals = _totals(tf, layers, onnx_path, runtime)
+    meta = tf.metadata
+    model = {k: meta[k] for k in ("name", "dataset", "mode", "method", "source", "source_sha256") if k in meta}
+    model["file"] = os.path.basename(tern_path)
+    return Report(layers, totals, dict(meta.get("accuracy", {})), dict(meta.get("training", {})), model)
+
+
+def load(path: str) -> Report:
+    """A report for ``path``: a .tern file, or a folder holding model.tern (and model.onnx)."""
+    if os.path.isdir(path):
+        tern_path = os.path.join(path, "model.tern")
+        if not os.path.isfile(tern_path):
+            raise ConfigError(f"{path} holds no model.tern; give a .tern file or a folder made by compress")
+    else:
+        tern_path = path
+    if not os.path.exists(tern_path):
+        raise ConfigError(f"{tern_path} does not exist")
+    onnx_path = os.path.join(os.path.dirname(os.path.abspath(tern_path)), "model.onnx")
+    return build(tern_path, onnx_path if os.path.isfile(onnx_path) else None)
+
+
+# ---------------------------------------------------------------------- rows
+
+
+def _activation_shapes(tf) -> dict:
+    """Every activation's shape, from the header alone (no tensor is decoded)."""
+    consts = {e.name: ConstSpec(e.kind, e.shape) for e in tf.tensors}
+    return Graph.from_json(json.loads(json.dumps(tf.header["graph"])), consts).validate()
+
+
+def _layer_row(tf, entries, node, shapes) -> dict:
+    ins = list(node["inputs"]) + [""] * (4 - len(node["inputs"]))
+    w = entries[ins[1]]
+    codes = tf.decode(w.name) if w.kind != "float32" else None
+    count = w.count
+    out = shapes[node["outputs"][0]]
+    spatial = math.prod(out[2:]) if len(out) > 2 else 1
+    nbytes = sum(entries[n].nbytes for n in ins[1:] if n)
+    row = {"name": node["name"], "op": node["op"], "shape": list(w.shape), "kind": w.kind, "encoding": w.encoding,
+           "weights": count, "weight_bytes": w.nbytes, "bytes": nbytes, "bits_per_weight": 8 * w.nbytes / count,
+           "macs": count * spatial, "outputs": math.prod(out[1:])}
+    if codes is None:
+        row.update(nonzero=count, nonzero_fraction=1.0, plus_fraction=None, minus_fraction=None,
+                   entropy_bits=None, add_only_macs=0, multiplies=count * spatial)
+        return row
+    plus, minus = int(np.count_nonzero(codes > 0)), int(np.count_nonzero(codes < 0))
+    row.update(nonzero=plus + minus, nonzero_fraction=(plus + minus) / count, plus_fraction=plus / count,
+               minus_fraction=minus / count, entropy_bits=pack.entropy_bits(codes),
+               add_only_macs=(plus + minus) * spatial, multiplies=w.shape[0] * spatial)
+    return row
+
+
+def _totals(tf, layers, onnx_path, runtime) -> dict:
+    discrete = [r for r in layers if r["kind"] != "float32"]
+    n_disc = sum(r["weights"] for r in discrete)
+    disc_bytes = sum(r["weight_bytes"] for r in discrete)
+    float32_bytes = 4 * sum(e.count for e in tf.tensors)
+    onnx_bytes = os.path.getsize(onnx_path) if onnx_path else None
+    weight_bytes, act_bytes = int(runtime.weight_bytes), int(runtime.activation_bytes(1))
+    return {
+        "layers": len(layers), "discrete_layers": len(discrete), "discrete_weights": n_disc,
+        "float_weights": sum(e.count for e in tf.tensors) - n_disc,
+        "nonzero_fraction": sum(r["nonzero"] for r in discrete) / n_disc if n_disc else None,
+        "bits_per_discrete_weight": 8 * disc_bytes / n_disc if n_disc else None,
+        "entropy_bits_per_discrete_weight": sum(r["entropy_bits"] * r["weights"] for r in discrete) / n_disc
+        if n_disc else None,
+        "float32_bytes": float32_bytes, "tern_bytes": tf.size, "onnx_bytes": onnx_bytes,
+        "compression_tern": float32_bytes / tf.size,
+        "compression_onnx": float32_bytes / onnx_bytes if onnx_bytes else None,
+        "header_bytes": tf.data_start, "tensor_bytes": sum(e.nbytes for e in tf.tensors),
+        "macs": sum(r["macs"] for r in layers), "add_only_macs": sum(r["add_only_macs"] for r in layers),
+        "multiplies": sum(r["multiplies"] for r in layers),
+        "runtime_weight_bytes": weight_bytes, "runtime_activation_bytes": act_bytes,
+        "peak_ram_bytes": weight_bytes + act_bytes,
+    }
+
+
+# ---------------------------------------------------------------------- formatting
+
+
+def _pct(v) -> str:
+    return "-" if v is None else f"{100 * v:.2f}%"
+
+
+def _size(n) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+
+
+def _count(n) -> str:
+    return "-" if n is None else f"{n:,}"
+
+
+def _bits(v) -> str:
+    return "-" if v is None else f"{v:.3f}"
+
+
+_LAYER_COLUMNS = [
+    ("layer", lambda r: r["name"]),
+    ("shape", lambda r: "x".join(map(str, r["shape"]))),
+    ("kind", lambda r: r["kind"]),
+    ("encoding", lambda r: r["encoding"]),
+    ("non-zero", lambda r: _pct(r["nonzero_fraction"])),
+    ("+1/-1", lambda r: "-" if r["plus_fraction"] is None else
+     f"{r['plus_fraction'] / max(1e-12, r['plus_fraction'] + r['minus_fraction']):.2f}/"
+     f"{r['minus_fraction'] / max(1e-12, r['plus_fraction'] + r['minus_fraction']):.2f}"),
+    ("bits/w", lambda r: _bits(r["bits_per_weight"])),
+    ("entropy", lambda r: _bits(r["entropy_bits"])),
+    ("bytes", lambda r: _size(r["bytes"])),
+    ("MACs", lambda r: _count(r["macs"])),
+    ("add-only", lambda r: _count(r["add_only_macs"])),
+]
+
+
+def _total_rows(t: dict, acc: dict) -> list[tuple[str, str]]:
+    rows = [
+        ("float32 size", _size(t["float32_bytes"])),
+        (".tern size", f"{_size(t['tern_bytes'])} ({t['compression_tern']:.1f}x smaller)"),
+        ("ONNX size", "-" if t["onnx_bytes"] is None else
+         f"{_size(t['onnx_bytes'])} ({t['compression_onnx']:.1f}x smaller)"),
+        ("discrete weights", f"{_count(t['discrete_weights'])} in {t['discrete_layers']} layers"),
+        ("non-zero", _pct(t["nonzero_fraction"])),
+        ("bits per discrete weight", f"{_bits(t['bits_per_discrete_weight'])} "
+                                     f"(entropy bound {_bits(t['entropy_bits_per_discrete_weight'])})"),
+        ("MACs / add-only", f"{_count(t['macs'])} / {_count(t['add_only_macs'])}"),
+        ("peak RAM (batch 1)", f"{_size(t['peak_ram_bytes'])} = {_size(t['runtime_weight_bytes'])} weights "
+                               f"+ {_size(t['runtime_activation_bytes'])} activations"),
+    ]
+    for key, label in (("float", "float accuracy"), ("trained", "compressed accuracy (torch)"),
+                       ("runtime", "compressed accuracy (runtime)"), ("onnx", "compressed accuracy (onnxruntime)")):
+        if acc.get(key) is not None:
+            rows.append((label, _pct(acc[key])))
+    return rows
+
+
+def _atomic_text(path: str, text: str) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+# ---------------------------------------------------------------------- plots
+
+
+def plot(report: Report, folder: str, float_weights: dict | None = None) -> list[str]:
+    """Draw the PNG plots into ``folder``; return their file names (relative to ``folder``)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    names = []
+    if report.layers:
+        names.append(_plot_layers(report, folder))
+    if report.training.get("history"):
+        names.append(_plot_training(report, folder))
+    if float_weights:
+        names.append(_plot_weights(report, folder, float_weights))
+    return names
+
+
+def _save(fig, folder: str, name: str) -> str:
+    path = os.path.join(folder, name)
+    tmp = f"{path}.tmp{os.getpid()}.png"
+    fig.savefig(tmp, dpi=110, bbox_inches="tight")
+    os.replace(tmp, path)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return name
+
+
+def _plot_layers(report: Report, folder: str) -> str:
+    import matplotlib.pyplot as plt
+
+    rows = report.layers
+    x = np.arange(len(rows))
+    labels = [r["name"] for r in rows]
+    fig, (a, b) = plt.subplots(2, 1, figsize=(max(6, 0.7 * len(rows) + 3), 6), sharex=True)
+    plus = [100 * (r["plus_fraction"] or 0) for r in rows]
+    minus = [100 * (r["minus_fraction"] or 0) for r in rows]
+    floats = [100 if r["kind"] == "float32" else 0 for r in rows]
+    a.bar(x, plus, color="#4c72b0", label="+1")
+    a.bar(x, minus, bottom=plus, color="#dd8452", label="-1")
+    if any(floats):
+        a.bar(x, floats, color="#bbbbbb", label="float (kept)")
+    a.set_ylabel("non-zero weights (%)")
+    a.set_title("Sparsity and storage per layer")
+    a.set_ylim(0, 105 if any(floats) else max(5, 1.25 * max(p + m for p, m in zip(plus, minus))))
+    a.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8)
+    a.grid(axis="y", alpha=0.3)
+    b.bar(x - 0.2, [r["bits_per_weight"] if r["kind"] != "float32" else 0 for r in rows], width=0.4,
+          color="#55a868", label="bits per weight (file)")
+    b.bar(x + 0.2, [r["entropy_bits"] or 0 for r in rows], width=0.4, color="#8172b3", label="entropy bound")
+    b.axhline(2.0, color="k", lw=0.8, ls="--", label="dense 2-bit")
+    b.set_ylim(0, max(2.2, 1.1 * max(r["bits_per_weight"] if r["kind"] != "float32" else 0 for r in rows)))
+    b.set_ylabel("bits per weight")
+    b.set_xticks(x, labels, rotation=45, ha="right", fontsize=8)
+    b.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8)
+    b.grid(axis="y", alpha=0.3)
+    return _save(fig, folder, "layers.png")
+
+
+def _plot_training(report: Report, folder: str) -> str:
+    import matplotlib.pyplot as plt
+
+    hist = report.training["history"]
+    ep = [h["epoch"] for h in hist]
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.4))
+    axes[0].plot(ep, [100 * h["test_acc"] for h in hist], "o-", label="compressed")
+    if report.accuracy.get("float") is not None:
+        axes[0].axhline(100 * report.accuracy["float"], color="k", ls="--", lw=0.8, label="float model")
+    axes[0].set_title("test accuracy (%)")
+    axes[0].legend(fontsize=8)
+    axes[1].plot(ep, [h["train_loss"] for h in hist], "o-", label="train")
+    axes[1].plot(ep, [h["test_loss"] for h in hist], "s-", label="test")
+    axes[1].set_title("loss")
+    axes[1].legend(fontsize=8)
+    if all("nonzero" in h for h in hist):
+        axes[2].plot(ep, [100 * h["nonzero"] for h in hist], "o-", color="#dd8452")
+    axes[2].set_title("non-zero discrete weights (%)")
+    for ax in axes:
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return _save(fig, folder, "training.png")
+
+
+def _plot_weights(report: Report, folder: str, float_weights: dict) -> str:
+    """Histograms of the float weights of each discrete layer, with the TWN thresholds ±0.7·mean|W|
+    marked and the final non-zero fraction of that layer in the title."""
+    import matplotlib.pyplot as plt
+
+    names = list(float_weights)[:8]
+    cols = min(4, len(names))
+    rows = math.ceil(len(names) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.6 * rows), squeeze=False)
+    final = {r["name"]: r for r in report.layers}
+    for ax, name in zip(axes.ravel(), names):
+        w = np.asarray(float_weights[name], dtype=np.float32).ravel()
+        delta = 0.7 * float(np.abs(w).mean())
+        ax.hist(w, bins=80, color="#4c72b0", alpha=0.85)
+        for d in (-delta, delta):
+            ax.axvline(d, color="#c44e52", ls="--", lw=1)
+        layer = final.get(name.rsplit(".", 1)[0])
+        nz = f", {_pct(layer['nonzero_fraction'])} non-zero now" if layer else ""
+        ax.set_title(f"{name}{nz}", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.xaxis.set_major_locator(plt.MaxNLocator(5))
+    for ax in axes.ravel()[len(names):]:
+        ax.axis("off")
+    fig.suptitle("float weights before compression; dashed: TWN threshold ±0.7·mean|W|", fontsize=9)
+    fig.tight_layout()
+    return _save(fig, folder, "weights.png")
