@@ -1,0 +1,132 @@
+"""Training step time of E-MSA and the baselines, as ratios to float Adam (a benchmark, not a test).
+
+Variants, each a full step (forward, loss, backward, optimizer) on the same model and batch:
+float Adam; E-MSA ternary and binary, eager and fused (torch.compile); STE-TWN. Steps run
+round-robin (one step of each variant in turn) so that load on a shared machine hits every
+variant alike; the table reports median step times and their ratio to float Adam.
+
+    python bench/train_step.py                      # CPU: paper MLP 784-2048x3-10, VGG at width 0.25
+    python bench/train_step.py --device cuda --vgg-width 1 --json step.json
+
+Targets (issue): E-MSA / float ≤ 1.10 on CPU and ≤ 1.05 on GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from ternarize import zoo
+from ternarize.train import policy
+from ternarize.train.msa import MSA
+from ternarize.train.ste import STE
+
+
+def build(name: str, args, device):
+    if name == "mlp":
+        model = zoo.create("mlp", in_shape=(1, 28, 28), width=args.mlp_width)
+        shape = (1, 28, 28)
+    else:
+        model = zoo.create("vgg", in_shape=(3, 32, 32), width=args.vgg_width)
+        shape = (3, 32, 32)
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(args.batch, *shape, generator=g).to(device)
+    y = torch.randint(0, 10, (args.batch,), generator=g).to(device)
+    return model.to(device), x, y
+
+
+class Variant:
+    def __init__(self, label, model, make_opt):
+        self.label, self.model = label, model
+        names = {lay.param for lay in policy.discrete_layers(model)}
+        params = dict(model.named_parameters())
+        self.discrete = [params[n] for n in names]
+        rest = [p for n, p in params.items() if n not in names]
+        self.opts = make_opt(self.discrete, rest)
+        self.times = []
+
+    def step(self, x, y, sync):
+        t0 = time.perf_counter()
+        loss = F.cross_entropy(self.model(x), y)
+        for o in self.opts:
+            o.zero_grad(set_to_none=True)
+        loss.backward()
+        for o in self.opts:
+            o.step()
+        sync()
+        self.times.append(time.perf_counter() - t0)
+
+
+def variants(model, fused_ok: bool):
+    adam = torch.optim.Adam
+    out = [Variant("float Adam", copy.deepcopy(model), lambda d, r: [adam(d + r, lr=1e-3)])]
+    for mode in ("ternary", "binary"):
+        out.append(Variant(f"MSA {mode} eager", copy.deepcopy(model),
+                           lambda d, r, m=mode: [MSA(d, mode=m, fused=False), adam(r, lr=1e-3)]))
+        if fused_ok:
+            out.append(Variant(f"MSA {mode} fused", copy.deepcopy(model),
+                               lambda d, r, m=mode: [MSA(d, mode=m, fused=True), adam(r, lr=1e-3)]))
+    out.append(Variant("STE TWN", copy.deepcopy(model), lambda d, r: [STE(d, mode="ternary"), adam(r, lr=1e-3)]))
+    return out
+
+
+def measure(name, args, device):
+    model, x, y = build(name, args, device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    vs = variants(model, fused_ok=not args.no_compile)
+    for v in vs:  # warm-up (and compilation) outside the timed rounds
+        for _ in range(args.warmup):
+            v.step(x, y, sync)
+        v.times.clear()
+    for _ in range(args.steps):
+        for v in vs:
+            v.step(x, y, sync)
+    base = statistics.median(vs[0].times)
+    rows = []
+    for v in vs:
+        med = statistics.median(v.times)
+        rows.append({"model": name, "variant": v.label, "median_ms": 1e3 * med, "ratio": med / base,
+                     "min_ms": 1e3 * min(v.times), "discrete_weights": sum(p.numel() for p in v.discrete)})
+    return rows
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--models", default="mlp,vgg")
+    p.add_argument("--mlp-width", type=int, default=2048)
+    p.add_argument("--vgg-width", type=float, default=None, help="default: 1.0 on cuda, 0.25 on cpu")
+    p.add_argument("--batch", type=int, default=100)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--no-compile", action="store_true", help="skip the fused (torch.compile) variants")
+    p.add_argument("--json", default=None)
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    if args.vgg_width is None:
+        args.vgg_width = 1.0 if device.type == "cuda" else 0.25
+    rows = []
+    for name in args.models.split(","):
+        rows += measure(name.strip(), args, device)
+    env = {"device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
+           "torch": torch.__version__, "threads": torch.get_num_threads(), "batch": args.batch,
+           "steps": args.steps, "mlp_width": args.mlp_width, "vgg_width": args.vgg_width}
+    print(f"# step time vs float Adam ({env['device']}, torch {env['torch']}, {env['threads']} threads, "
+          f"batch {args.batch}, {args.steps} round-robin steps)")
+    print(f"{'model':<5} {'variant':<20} {'median ms':>10} {'min ms':>9} {'ratio':>7}")
+    for r in rows:
+        print(f"{r['model']:<5} {r['variant']:<20} {r['median_ms']:>10.2f} {r['min_ms']:>9.2f} {r['ratio']:>7.3f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"env": env, "rows": rows}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,19 @@
+"""The public API: every advertised name resolves, and importing submodules never shadows them."""
+
+import importlib
+
+import ternarize
+
+
+def test_every_public_name_resolves():
+    for name in ternarize.__all__:
+        assert getattr(ternarize, name) is not None, name
+
+
+def test_functions_stay_callable_after_their_modules_are_imported():
+    for module in ("ternarize.pipeline", "ternarize.lowering", "ternarize.load", "ternarize.train.loop",
+                   "ternarize.runtime", "ternarize.report", "ternarize.onnx", "ternarize.demo"):
+        importlib.import_module(module)
+    for name in ("compress", "lower", "load_model", "fit", "load_dataset"):
+        assert callable(getattr(ternarize, name)), name
+    assert isinstance(ternarize.Runtime, type) and isinstance(ternarize.MSA, type)

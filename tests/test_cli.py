@@ -1,0 +1,157 @@
+"""The command line: help everywhere, one-line errors with exit code 2, the bad-input table."""
+
+import gzip
+import os
+import pickle
+import subprocess
+import sys
+
+import click
+import pytest
+import torch
+from click.testing import CliRunner
+
+from ternarize import __version__, zoo
+from ternarize.cli import cli
+
+
+def invoke(*args, env=None):
+    runner = CliRunner()
+    return runner.invoke(cli, [str(a) for a in args], env=env, catch_exceptions=False)
+
+
+def _commands(group, prefix=()):
+    for name, cmd in group.commands.items():
+        yield (*prefix, name), cmd
+        if isinstance(cmd, click.Group):
+            yield from _commands(cmd, (*prefix, name))
+
+
+def test_every_command_has_help_text_with_an_example():
+    for path, cmd in _commands(cli):
+        assert cmd.help and len(cmd.help.strip()) > 20, f"{' '.join(path)} has no help text"
+        if not isinstance(cmd, click.Group):
+            assert "Example:" in cmd.help, f"{' '.join(path)} help has no example"
+        result = invoke(*path, "-h")
+        assert result.exit_code == 0 and "Usage:" in result.output
+        for param in cmd.params:
+            if isinstance(param, click.Option) and not param.hidden and param.name not in ("help",):
+                assert param.help or param.name in ("batch_size", "seed"), f"{' '.join(path)} --{param.name}"
+
+
+def test_version_and_short_help():
+    assert __version__ in invoke("--version").output
+    assert "Usage:" in invoke("-h").output
+
+
+def test_module_entry_point_and_console_script():
+    proc = subprocess.run([sys.executable, "-m", "ternarize", "--version"], capture_output=True, text=True)
+    assert proc.returncode == 0 and __version__ in proc.stdout
+    proc = subprocess.run([sys.executable, "-m", "ternarize", "compress", "nope.pt", "--data", "digits"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "ternarize", "--debug", "compress", "nope.pt", "--data", "digits"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and "Traceback" in proc.stderr
+
+
+def test_bad_option_is_one_line():
+    result = invoke("compress", "m.pt", "--data", "digits", "--mode", "quaternary")
+    assert result.exit_code == 2
+    assert result.stderr.strip().count("\n") == 0 and "quaternary" in result.stderr
+    result = invoke("compress", "m.pt", "--data", "digits", "--bogus")
+    assert result.exit_code == 2 and "--bogus" in result.stderr and result.stderr.strip().count("\n") == 0
+
+
+class Evil:
+    def __reduce__(self):
+        return (os.system, (f"touch {os.environ.get('EVIL_MARKER', '/nonexistent/marker')}",))
+
+
+def _write_idx(path, magic, dims, data, gz=True):
+    header = bytes(magic) + b"".join(d.to_bytes(4, "big") for d in dims)
+    opener = gzip.open if gz else open
+    with opener(path, "wb") as f:
+        f.write(header + data)
+
+
+@pytest.fixture
+def files(tmp_path):
+    d = tmp_path
+    model = zoo.create("mlp", in_shape=(1, 8, 8), width=16, depth=1)
+    torch.save(model, d / "good.pt")
+    torch.save(model.state_dict(), d / "sd.pt")
+    (d / "text.pt").write_text("this is not a model\n")
+    blob = (d / "good.pt").read_bytes()
+    (d / "trunc.pt").write_bytes(blob[: len(blob) // 2])
+    (d / "folder.pt").mkdir()
+    marker = d / "PWNED"
+    torch.save(Evil(), d / "evil.pt")
+    with open(d / "evil.pkl", "wb") as f:  # a bare pickle, not torch.save's format
+        pickle.dump(Evil(), f)
+    # corrupted MNIST folders: wrong magic in the training images; label count ≠ image count
+    for name, magic, labels in (("badmagic", [0, 0, 8, 9], 2), ("badcount", [0, 0, 8, 3], 3)):
+        bad = d / name / "mnist"
+        bad.mkdir(parents=True)
+        _write_idx(bad / "train-images-idx3-ubyte.gz", magic, [2, 28, 28], bytes(2 * 784))
+        _write_idx(bad / "train-labels-idx1-ubyte.gz", [0, 0, 8, 1], [labels], bytes(labels))
+        _write_idx(bad / "t10k-images-idx3-ubyte.gz", [0, 0, 8, 3], [1, 28, 28], bytes(784))
+        _write_idx(bad / "t10k-labels-idx1-ubyte.gz", [0, 0, 8, 1], [1], bytes(1))
+    return d, marker
+
+
+BAD_INPUT = [
+    ("missing.pt", ["--data", "digits"], "does not exist"),
+    ("folder.pt", ["--data", "digits"], "directory"),
+    ("text.pt", ["--data", "digits"], "not a torch.save or TorchScript file"),
+    ("trunc.pt", ["--data", "digits"], "truncated or corrupted"),
+    ("sd.pt", ["--data", "digits"], "state_dict.*--arch"),
+    ("sd.pt", ["--data", "digits", "--arch", "transformer"], "unknown zoo model 'transformer'"),
+    ("sd.pt", ["--data", "digits", "--arch", "no_such_pkg.models:build"], "no_such_pkg"),
+    ("evil.pt", ["--data", "digits"], "posix.system.*--trust"),
+    ("evil.pkl", ["--data", "digits"], "cannot load"),
+    ("good.pt", ["--data", "imagenet"], "unknown dataset 'imagenet'"),
+    ("good.pt", ["--data", "mnist", "--data-dir", "{d}/badmagic"], "train-images-idx3-ubyte.*(magic|type)"),
+    ("good.pt", ["--data", "mnist", "--data-dir", "{d}/badcount"], "3 labels.*2 images|labels.*images"),
+    ("good.pt", ["--data", "mnist"], "ternarize data fetch mnist"),  # an empty data root
+    ("good.pt", ["--data", "digits", "--keep-float", "nothing*"], "matches no"),
+    ("good.pt", ["--data", "digits", "--epochs", "0"], "epochs"),
+]
+
+
+@pytest.mark.parametrize("model, args, message", BAD_INPUT, ids=[f"{m}-{a[1]}-{i}" for i, (m, a, _) in
+                                                                   enumerate(BAD_INPUT)])
+def test_bad_input_table(files, model, args, message, tmp_path, monkeypatch):
+    d, marker = files
+    monkeypatch.setenv("EVIL_MARKER", str(marker))
+    monkeypatch.setenv("TERNARIZE_DATA", str(tmp_path / "empty-root"))
+    args = [a.replace("{d}", str(d)) for a in args]
+    out = tmp_path / "out"
+    result = invoke("compress", d / model, *args, "--out", out, "--no-progress")
+    assert result.exit_code == 2, result.output
+    err = result.stderr.strip()
+    assert err.count("\n") == 0, err
+    assert err.startswith("ternarize: ")
+    import re
+
+    assert re.search(message, err), err
+    assert "Traceback" not in result.output
+    assert not marker.exists(), "the hostile pickle ran"
+    assert not (out / "model.tern").exists()
+
+
+def test_file_commands_reject_missing_and_malformed_files(tmp_path):
+    bad = tmp_path / "bad.tern"
+    bad.write_bytes(b"\x89TERN\r\n\x1a" + b"\x00" * 30)
+    for args in (["inspect", tmp_path / "none.tern"], ["export", tmp_path / "none.tern", "--onnx", tmp_path / "o.onnx"],
+                 ["run", tmp_path / "none.tern", "--data", "digits"], ["report", tmp_path / "none.tern"],
+                 ["inspect", bad], ["run", bad, "--data", "digits"], ["export", bad, "--onnx", tmp_path / "o.onnx"]):
+        result = invoke(*args)
+        assert result.exit_code == 2, (args, result.output)
+        assert result.stderr.strip().count("\n") == 0 and result.stderr.startswith("ternarize: ")
+    assert not (tmp_path / "o.onnx").exists()
+    result = invoke("verify", bad)
+    assert result.exit_code == 1 and "NOT sound" in result.output
+    assert invoke("verify", tmp_path / "none.tern").exit_code == 2
+    assert invoke("run", bad).exit_code == 2  # neither --input nor --data

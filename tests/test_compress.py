@@ -1,0 +1,164 @@
+"""`ternarize compress` end to end on the embedded digits dataset."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+import ternarize
+from ternarize import tern, zoo
+from ternarize.cli import cli
+from ternarize.data import load_dataset
+
+FAST = ["--epochs", "2", "--batch-size", "50", "--no-progress"]
+
+
+def invoke(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+
+
+@pytest.fixture(scope="module")
+def float_model(tmp_path_factory):
+    from ternarize.train.loop import fit_float
+
+    torch.manual_seed(0)
+    data = load_dataset("digits")
+    model = zoo.create("mlp", in_shape=data.in_shape, width=48, depth=2)
+    fit_float(model, data, epochs=3, progress=False, log=lambda s: None)
+    path = tmp_path_factory.mktemp("model") / "model.pt"
+    torch.save(model, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def compressed(float_model, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "out"
+    result = ternarize.compress(str(float_model), "digits", out=str(out), epochs=2, batch_size=50, progress=False,
+                                log=lambda s: None)
+    return out, result
+
+
+def test_outputs_exist_and_verify(compressed):
+    out, result = compressed
+    for name in ("model.tern", "model.onnx", "report.json", "report.md", "layers.png", "training.png", "weights.png"):
+        assert (out / name).is_file(), name
+    assert not (out / "checkpoint.pt").exists()
+    assert invoke("verify", out / "model.tern").exit_code == 0
+    assert [name for name in os.listdir(out) if ".tmp" in name] == []
+
+
+def test_runtime_accuracy_equals_the_trained_torch_model(compressed):
+    _, result = compressed
+    assert result.runtime_accuracy == result.accuracy
+    assert result.accuracy > 0.8
+    rep = json.loads((compressed[0] / "report.json").read_text())
+    assert rep["accuracy"]["runtime"] == result.runtime_accuracy
+    assert rep["accuracy"]["trained"] == result.accuracy
+
+
+def test_report_is_consistent_with_the_files(compressed):
+    out, _ = compressed
+    rep = json.loads((out / "report.json").read_text())
+    t = rep["totals"]
+    size = os.path.getsize(out / "model.tern")
+    assert t["tern_bytes"] == size
+    assert t["onnx_bytes"] == os.path.getsize(out / "model.onnx")
+    tf = tern.load(str(out / "model.tern"))
+    assert tf.data_start == t["header_bytes"]
+    assert sum(e.nbytes for e in tf.tensors) == t["tensor_bytes"] <= size - t["header_bytes"]
+    assert size - t["header_bytes"] - t["tensor_bytes"] < 64 * len(tf.tensors)  # only alignment padding
+    graph = tern.read(str(out / "model.tern"))
+    for row in rep["layers"]:
+        node = next(n for n in graph.nodes if n.name == row["name"])
+        codes = graph.consts[node.inputs[1]].data
+        assert row["weights"] == codes.size
+        if row["kind"] != "float32":
+            assert row["nonzero"] == np.count_nonzero(codes)
+            assert row["plus_fraction"] == pytest.approx(np.mean(codes == 1))
+    disc = [r for r in rep["layers"] if r["kind"] != "float32"]
+    assert t["discrete_weights"] == sum(r["weights"] for r in disc)
+    assert t["nonzero_fraction"] == pytest.approx(sum(r["nonzero"] for r in disc) / t["discrete_weights"])
+    assert t["peak_ram_bytes"] == t["runtime_weight_bytes"] + t["runtime_activation_bytes"]
+    md = (out / "report.md").read_text()
+    assert "![layers](layers.png)" in md and "| non-zero |" in md
+
+
+def test_report_command_on_folder_and_file(compressed):
+    out, _ = compressed
+    result = invoke("report", out, "--json")
+    assert result.exit_code == 0
+    assert json.loads(result.output)["totals"]["tern_bytes"] == os.path.getsize(out / "model.tern")
+    assert invoke("report", out / "model.tern").exit_code == 0
+    assert invoke("inspect", out / "model.tern").exit_code == 0
+
+
+def test_run_and_export_commands(compressed, tmp_path):
+    out, result = compressed
+    ds = load_dataset("digits")
+    res = invoke("run", out / "model.tern", "--data", "digits")
+    assert res.exit_code == 0 and f"{100 * result.runtime_accuracy:.2f}%" in res.output
+    np.save(tmp_path / "x.npy", ds.x_test[:5])
+    res = invoke("run", out / "model.tern", "--input", tmp_path / "x.npy", "--output", tmp_path / "y.npy")
+    assert res.exit_code == 0 and len(res.output.split()) == 5
+    assert np.load(tmp_path / "y.npy").shape == (5, 10)
+    res = invoke("export", out / "model.tern", "--onnx", tmp_path / "m.onnx")
+    assert res.exit_code == 0 and (tmp_path / "m.onnx").is_file()
+
+
+def test_existing_folder_is_not_overwritten_without_force(compressed, float_model):
+    out, _ = compressed
+    before = (out / "model.tern").read_bytes()
+    res = invoke("compress", float_model, "--data", "digits", "--out", out, *FAST)
+    assert res.exit_code == 2 and "--force" in res.stderr
+    assert (out / "model.tern").read_bytes() == before
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: zoo.create("mlp", in_shape=(1, 28, 28), width=8, depth=1), "does not accept"),
+    (lambda: torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10), torch.nn.GELU()),
+     "unsupported module GELU"),
+    (lambda: torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 3)), "3 outputs but the data has 10 classes"),
+])
+def test_bad_models_fail_before_training(tmp_path, make, message):
+    torch.save(make(), tmp_path / "m.pt")
+    res = invoke("compress", tmp_path / "m.pt", "--data", "digits", "--out", tmp_path / "out", *FAST)
+    assert res.exit_code == 2 and message in res.stderr, res.stderr
+    assert "epoch" not in res.stderr  # no training started
+    assert not (tmp_path / "out" / "checkpoint.pt").exists()
+
+
+def _compress_cmd(model, out, epochs):
+    return [sys.executable, "-m", "ternarize", "compress", str(model), "--data", "digits", "--out", str(out),
+            "--epochs", str(epochs), "--batch-size", "20", "--no-progress"]
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_to_the_same_result(float_model, tmp_path):
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    assert subprocess.run(_compress_cmd(float_model, straight, 4), capture_output=True).returncode == 0
+    proc = subprocess.Popen(_compress_cmd(float_model, killed, 4), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
+    deadline = time.time() + 120
+    while not (killed / "checkpoint.pt").exists() and time.time() < deadline and proc.poll() is None:
+        assert not (killed / "model.tern").exists()
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert (killed / "checkpoint.pt").exists(), proc.stderr.read()
+    assert not (killed / "model.tern").exists() and not (killed / "model.onnx").exists()
+    res = subprocess.run(_compress_cmd(float_model, killed, 4) + ["--resume"], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert "resuming after epoch" in res.stderr
+    a, b = tern.read(str(straight / "model.tern")), tern.read(str(killed / "model.tern"))
+    assert a.consts.keys() == b.consts.keys()
+    for name in a.consts:
+        np.testing.assert_array_equal(a.consts[name].data, b.consts[name].data, err_msg=name)
+    acc = [h["test_acc"] for h in a.metadata["training"]["history"]]
+    assert acc == [h["test_acc"] for h in b.metadata["training"]["history"]]
