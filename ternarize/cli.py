@@ -163,6 +163,8 @@ def _training_options(f):
                      "Repeatable."),
         click.option("--distill", is_flag=True, help="Also learn from the float model's outputs."),
         click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N."),
+        click.option("--precision", type=click.Choice(["fp32", "tf32", "bf16"]), default="fp32", show_default=True,
+                     help="Arithmetic of the forward and backward passes (tf32: CUDA only; bf16: autocast)."),
         click.option("--seed", type=int, default=0, show_default=True),
         click.option("--no-progress", is_flag=True, help="No progress bar (epoch lines only)."),
     ]
@@ -173,7 +175,7 @@ def _training_options(f):
 
 def _train_options(kw: dict) -> dict:
     out = {k: kw.pop(k) for k in ("mode", "method", "epochs", "batch_size", "rho", "lam", "ema_decay", "init", "lr",
-                                  "distill", "device", "seed")}
+                                  "distill", "device", "precision", "seed")}
     out["keep_float"] = tuple(kw.pop("keep_float"))
     out["progress"] = not kw.pop("no_progress")
     return out

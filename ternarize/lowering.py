@@ -111,8 +111,7 @@ _FUNCTIONS = {
     F.dropout: "identity", F.linear: "linear_fn", F.conv2d: "conv2d_fn",
 }
 _METHODS = {"view": "reshape", "reshape": "reshape", "flatten": "flatten", "relu": "relu",
-            "softmax": "softmax", "log_softmax": "log_softmax", "contiguous": "identity",
-            "size": "shape_query", "dim": "shape_query"}
+            "softmax": "softmax", "log_softmax": "log_softmax", "contiguous": "identity"}
 _NOOP_MODULES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.AlphaDropout, nn.Identity)
 
 
@@ -145,6 +144,8 @@ class _Builder:
             pass  # parameters are read where they are used
         elif n.op == "call_module":
             self._lower_module(n, self.modules[n.target])
+        elif n.op in ("call_function", "call_method") and not isinstance(n.meta.get("value"), torch.Tensor):
+            return  # x.shape, x.size(0), ...: only feed a reshape's target, which reads the traced shape
         elif n.op == "call_function":
             self._lower_call(n, _FUNCTIONS.get(n.target), _fn_name(n.target), n.args[1:])
         elif n.op == "call_method":
@@ -314,8 +315,6 @@ class _Builder:
         path = n.name
         if kind is None:
             raise LoweringError(f"unsupported operation {what} at {n.name!r}")
-        if kind == "shape_query":
-            return  # only used to compute a reshape's target; the reshape itself reads the traced shape
         x = self._x(n.args[0]) if kind not in ("concat",) else None
         if kind == "identity":
             self.alias[n.name] = x

@@ -59,6 +59,8 @@ def compress(model, data, out: str = "out", *, arch: str | None = None, trust: b
     keep_float, distill, device, seed, resume, ...). Returns None on ranks other than 0 under torchrun.
     """
     config = _config(options, out)
+    if _rank() != 0:
+        log = _quiet  # under torchrun, rank 0 alone speaks
     source = _source_info(model)
     if isinstance(model, (str, os.PathLike)):
         model = load_model(model, arch=arch, trust=trust)
@@ -153,14 +155,21 @@ def _accuracy(model, dataset: Dataset) -> float:
     return evaluate(model, torch.from_numpy(dataset.x_test), torch.from_numpy(dataset.y_test))[1]
 
 
+def _quiet(_message: str) -> None:
+    pass
+
+
 def _rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
 def _metadata(source, dataset, config, result, float_acc, acc) -> dict:
+    """What the .tern header keeps about its making: small on purpose (the per-epoch history, which
+    can outweigh a small model's tensors, goes to report.json instead)."""
+    settings = {k: v for k, v in config.to_json().items() if k not in ("checkpoint", "resume", "progress")}
     return {**source, "name": source.get("source", "model"), "dataset": dataset.name, "mode": config.mode,
-            "method": config.method,
-            "training": {"settings": config.to_json(), "history": result.history, "seconds": result.seconds},
+            "method": config.method, "training": {"settings": settings, "epochs": len(result.history),
+                                                  "seconds": round(result.seconds, 3)},
             "accuracy": {"float": float_acc, "trained": acc}}
 
 
@@ -190,7 +199,8 @@ def _write_outputs(out, graph, model, dataset, result, float_acc, acc, float_wei
         raise
     accuracy = graph.metadata["accuracy"] | {"runtime": runtime_acc}
     _update_accuracy(tern_path, graph, accuracy)
-    rep = reporting.build(tern_path, onnx_path, runtime=Runtime.load(tern_path))
+    training = dict(graph.metadata["training"], history=result.history)
+    rep = reporting.build(tern_path, onnx_path, runtime=Runtime.load(tern_path), training=training)
     files = [tern_path, onnx_path] + rep.write(out, float_weights)
     log(f"wrote {', '.join(os.path.basename(f) for f in files)} to {out}")
     _remove_checkpoint(out)

@@ -109,8 +109,9 @@ class Report:
         return paths
 
 
-def build(tern_path: str, onnx_path: str | None = None, runtime=None) -> Report:
-    """Build the report of ``tern_path``; ``runtime`` (a loaded Runtime) saves loading it again."""
+def build(tern_path: str, onnx_path: str | None = None, runtime=None, training: dict | None = None) -> Report:
+    """Build the report of ``tern_path``; ``runtime`` (a loaded Runtime) saves loading it again;
+    ``training`` (settings and per-epoch history) replaces the summary kept in the file's metadata."""
     tf = tern.load(tern_path)
     graph_json = tf.header["graph"]
     entries = {e.name: e for e in tf.tensors}
@@ -124,7 +125,7 @@ def build(tern_path: str, onnx_path: str | None = None, runtime=None) -> Report:
     meta = tf.metadata
     model = {k: meta[k] for k in ("name", "dataset", "mode", "method", "source", "source_sha256") if k in meta}
     model["file"] = os.path.basename(tern_path)
-    return Report(layers, totals, dict(meta.get("accuracy", {})), dict(meta.get("training", {})), model)
+    return Report(layers, totals, dict(meta.get("accuracy", {})), dict(training or meta.get("training", {})), model)
 
 
 def load(path: str) -> Report:
@@ -137,8 +138,21 @@ def load(path: str) -> Report:
         tern_path = path
     if not os.path.exists(tern_path):
         raise ConfigError(f"{tern_path} does not exist")
-    onnx_path = os.path.join(os.path.dirname(os.path.abspath(tern_path)), "model.onnx")
-    return build(tern_path, onnx_path if os.path.isfile(onnx_path) else None)
+    folder = os.path.dirname(os.path.abspath(tern_path))
+    onnx_path = os.path.join(folder, "model.onnx")
+    return build(tern_path, onnx_path if os.path.isfile(onnx_path) else None, training=_saved_training(folder))
+
+
+def _saved_training(folder: str) -> dict | None:
+    """The training history from a report.json that compress left beside the .tern file, if any."""
+    path = os.path.join(folder, "report.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            saved = json.load(f)
+        training = saved.get("training") if saved.get("schema") == SCHEMA else None
+        return training if isinstance(training, dict) and isinstance(training.get("history"), list) else None
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 # ---------------------------------------------------------------------- rows

@@ -88,6 +88,8 @@ def test_report_is_consistent_with_the_files(compressed):
     assert t["peak_ram_bytes"] == t["runtime_weight_bytes"] + t["runtime_activation_bytes"]
     md = (out / "report.md").read_text()
     assert "![layers](layers.png)" in md and "| non-zero |" in md
+    assert len(rep["training"]["history"]) == 2
+    assert "history" not in tf.metadata["training"]  # the header stays small
 
 
 def test_report_command_on_folder_and_file(compressed):
@@ -160,5 +162,18 @@ def test_killed_run_resumes_to_the_same_result(float_model, tmp_path):
     assert a.consts.keys() == b.consts.keys()
     for name in a.consts:
         np.testing.assert_array_equal(a.consts[name].data, b.consts[name].data, err_msg=name)
-    acc = [h["test_acc"] for h in a.metadata["training"]["history"]]
-    assert acc == [h["test_acc"] for h in b.metadata["training"]["history"]]
+    ha, hb = (json.loads((d / "report.json").read_text())["training"]["history"] for d in (straight, killed))
+    assert [h["test_acc"] for h in ha] == [h["test_acc"] for h in hb] and len(ha) == 4
+
+
+@pytest.mark.slow
+def test_compress_under_torchrun_writes_once_from_rank_0(float_model, tmp_path):
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "ternarize",
+           "compress", str(float_model), "--data", "digits", "--out", str(out), "--epochs", "1", "--device", "cpu",
+           "--no-progress"]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stderr.count("epoch 1/1") == 1 and res.stderr.count("float model") == 1  # only rank 0 logs
+    assert invoke("verify", out / "model.tern").exit_code == 0
+    assert (out / "report.json").is_file() and not (out / "checkpoint.pt").exists()

@@ -139,10 +139,16 @@ def test_distillation_and_squared_hinge(float_mlp, digits):
 @pytest.mark.parametrize("field, value, message", [
     ("method", "adam", "method"), ("mode", "int4", "mode"), ("epochs", 0, "epochs"), ("batch_size", 1, "batch"),
     ("rho", -1.0, "rho"), ("loss", "mse", "loss"), ("device", "tpu", "device"), ("scale", "free", "scale"),
+    ("precision", "fp8", "precision"),
 ])
 def test_bad_config(float_mlp, digits, field, value, message):
     with pytest.raises(ConfigError, match=message):
         fit(copy.deepcopy(float_mlp), digits, TrainConfig(**{field: value}, **QUIET), log=_silent)
+
+
+def test_bf16_autocast_trains(float_mlp, digits):
+    result = fit(copy.deepcopy(float_mlp), digits, TrainConfig(epochs=2, precision="bf16", **QUIET), log=_silent)
+    assert result.history[-1]["test_acc"] > 0.8
 
 
 def test_validation_split_is_reported(float_mlp, digits):

@@ -22,6 +22,7 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import os
@@ -65,6 +66,7 @@ class TrainConfig:
     device: str = "auto"           # auto | cpu | cuda | cuda:N
     seed: int = 0
     compile: str = "auto"          # fuse the MSA update with torch.compile: auto | on | off
+    precision: str = "fp32"        # fp32 | tf32 (CUDA matmuls and convs in TF32) | bf16 (autocast)
     checkpoint: str | None = None  # path of the per-epoch checkpoint
     resume: bool = False
     progress: bool = True
@@ -76,6 +78,7 @@ class TrainConfig:
         _one_of("scale", self.scale, ("auto", "fixed", "learned"))
         _one_of("loss", self.loss, LOSSES)
         _one_of("compile", self.compile, ("auto", "on", "off"))
+        _one_of("precision", self.precision, ("fp32", "tf32", "bf16"))
         _require(isinstance(self.epochs, int) and self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}")
         _require(isinstance(self.batch_size, int) and self.batch_size >= 2,
                  f"batch size must be >= 2 (BatchNorm needs two samples), got {self.batch_size}")
@@ -136,13 +139,26 @@ def fit(model: nn.Module, data, config: TrainConfig | None = None, teacher: nn.M
     net = dist.wrap(model)
     run = _Run(net, model, discrete_opt, adam, tensors, teacher_logits, config, dist, log)
     t0 = time.perf_counter()
-    for epoch in range(start_epoch, config.epochs):
-        record = run.epoch(epoch)
-        result.history.append(record)
-        if config.checkpoint and dist.rank == 0:
-            _save_checkpoint(config, model, discrete_opt, adam, result, epoch)
+    with _tf32(config.precision == "tf32"):
+        for epoch in range(start_epoch, config.epochs):
+            record = run.epoch(epoch)
+            result.history.append(record)
+            if config.checkpoint and dist.rank == 0:
+                _save_checkpoint(config, model, discrete_opt, adam, result, epoch)
     result.seconds = time.perf_counter() - t0
     return result
+
+
+@contextlib.contextmanager
+def _tf32(enabled: bool):
+    """Allow TF32 in CUDA matmuls and convolutions for the duration of training, then restore."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    if enabled:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 def fit_float(model: nn.Module, data, epochs: int = 5, lr: float = 1e-3, batch_size: int = 100,
@@ -346,9 +362,10 @@ class _Run:
         return record
 
     def step(self, idx) -> torch.Tensor:
-        out = self.net(self.t.x[idx])
+        with torch.autocast(self.t.x.device.type, dtype=torch.bfloat16, enabled=self.config.precision == "bf16"):
+            out = self.net(self.t.x[idx])
         teacher = self.teacher[idx] if self.teacher is not None else None
-        loss = _loss(out, self.t.y[idx], self.config, teacher)
+        loss = _loss(out.float(), self.t.y[idx], self.config, teacher)
         for opt in (self.opt, self.adam):
             if opt is not None:
                 opt.zero_grad(set_to_none=True)
