@@ -1,13 +1,13 @@
 """Lowering torch models to the graph IR, checked against the torch model through an independent
 torch interpreter of the IR (tests/ir_torch.py)."""
 
+import ir_torch
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-import ir_torch
 from ternarize import LoweringError, lower, zoo
 from ternarize.lowering import detect_kind, split_discrete
 

@@ -146,6 +146,11 @@ def test_bad_config(float_mlp, digits, field, value, message):
         fit(copy.deepcopy(float_mlp), digits, TrainConfig(**{field: value}, **QUIET), log=_silent)
 
 
+def test_time_budget_stops_early(float_mlp, digits):
+    result = fit(copy.deepcopy(float_mlp), digits, TrainConfig(epochs=50, time_budget=1e-6, **QUIET), log=_silent)
+    assert len(result.history) == 1
+
+
 def test_bf16_autocast_trains(float_mlp, digits):
     result = fit(copy.deepcopy(float_mlp), digits, TrainConfig(epochs=2, precision="bf16", **QUIET), log=_silent)
     assert result.history[-1]["test_acc"] > 0.8

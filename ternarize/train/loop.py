@@ -67,6 +67,7 @@ class TrainConfig:
     seed: int = 0
     compile: str = "auto"          # fuse the MSA update with torch.compile: auto | on | off
     precision: str = "fp32"        # fp32 | tf32 (CUDA matmuls and convs in TF32) | bf16 (autocast)
+    time_budget: float | None = None  # seconds of training; stops after the epoch that exceeds it
     checkpoint: str | None = None  # path of the per-epoch checkpoint
     resume: bool = False
     progress: bool = True
@@ -90,6 +91,8 @@ class TrainConfig:
         _require(self.distill_temperature > 0, "distill temperature must be positive")
         _require(0 <= self.distill_weight <= 1, "distill weight must be in [0, 1]")
         _require(not self.resume or self.checkpoint, "resume needs a checkpoint path")
+        _require(self.time_budget is None or self.time_budget > 0,
+                 f"time budget must be positive, got {self.time_budget}")
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -145,6 +148,11 @@ def fit(model: nn.Module, data, config: TrainConfig | None = None, teacher: nn.M
             result.history.append(record)
             if config.checkpoint and dist.rank == 0:
                 _save_checkpoint(config, model, discrete_opt, adam, result, epoch)
+            spent = sum(h["seconds"] for h in result.history)
+            if config.time_budget and dist.agree(spent > config.time_budget) and epoch + 1 < config.epochs:
+                if dist.rank == 0:
+                    log(f"stopping after epoch {epoch + 1}: the time budget of {config.time_budget:g}s is spent")
+                break
     result.seconds = time.perf_counter() - t0
     return result
 
@@ -242,6 +250,16 @@ class _Distributed:
 
             for buf in model.buffers():
                 tdist.broadcast(buf, 0)
+
+    def agree(self, flag: bool) -> bool:
+        """True on every rank when it is true on any (so all ranks stop at the same epoch)."""
+        if self.world <= 1:
+            return flag
+        import torch.distributed as tdist
+
+        t = torch.tensor([1.0 if flag else 0.0], device=self.device)
+        tdist.all_reduce(t, op=tdist.ReduceOp.MAX)
+        return bool(t.item())
 
     def all_reduce_mean(self, t: torch.Tensor) -> torch.Tensor:
         if self.world > 1:
