@@ -97,7 +97,8 @@ def markdown(report) -> str:
               "|---|---|---|---|---|---|---|---|---|"]
     for mode, s in report["mnist"].items():
         t = s["time_to"]
-        when = [f"{t[k]['seconds']:.1f}s (epoch {t[k]['epoch']})" if k in t else "not reached" for k in ("0.985", "0.988")]
+        when = [f"{t[k]['seconds']:.1f}s (epoch {t[k]['epoch']})" if k in t else "not reached"
+                for k in ("0.985", "0.988")]
         paper = PAPER[mode]
         lines.append(f"| {mode} | {s['width']} | {s['epochs_run']} | {s['seconds_per_epoch']:.2f} | {when[0]} | "
                      f"{when[1]} | {100 * s['final_test_acc']:.2f}% | {100 * s['final_nonzero']:.2f}% | "
@@ -127,7 +128,8 @@ def main(argv=None) -> int:
     os.makedirs(args.out, exist_ok=True)
     log = lambda s: print(s, flush=True)  # noqa: E731
     env = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-           "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "tiny": args.tiny, "precision": args.precision}
+           "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "tiny": args.tiny,
+           "precision": args.precision}
     log(f"(a) step time on {env['device']}")
     report = {"env": env, "config": cfg,
               "steps": step_ratios(cfg, device, ["fp32", "tf32"] if device.type == "cuda" else ["fp32"], log)}
