@@ -34,8 +34,9 @@ import numpy as np  # noqa: E402
 import onnxruntime as ort  # noqa: E402
 import torch  # noqa: E402
 
-from ternarize import lower, zoo  # noqa: E402
+from ternarize import lower  # noqa: E402
 from ternarize import onnx as tonnx  # noqa: E402
+from ternarize.testing import project, synthetic  # noqa: E402
 
 # name → (kind, non-zero fraction, export options)
 VARIANTS = {
@@ -50,45 +51,11 @@ VARIANTS = {
 }
 
 
-def build(name: str, width: float, seed: int = 0) -> tuple[torch.nn.Module, tuple]:
-    """A zoo model with random BatchNorm statistics (negative γ included), in eval mode."""
-    torch.manual_seed(seed)
-    if name == "mlp":
-        model, shape = zoo.create("mlp", in_shape=(1, 28, 28), width=int(width)), (1, 28, 28)
-    else:
-        model, shape = zoo.create("vgg", in_shape=(1, 28, 28), width=width), (1, 28, 28)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d)):
-                m.running_mean.normal_()
-                m.running_var.uniform_(0.5, 2.0)
-                m.weight.normal_()
-                m.bias.normal_()
-    return model.eval(), shape
-
-
-def project(model: torch.nn.Module, kind: str, density: float, seed: int = 1) -> dict:
-    """Set every Linear/Conv weight to s_c·θ; return the ``discrete`` map for lower()."""
-    g = torch.Generator().manual_seed(seed)
-    discrete = {}
-    with torch.no_grad():
-        for path, m in model.named_modules():
-            if not isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)):
-                continue
-            w = m.weight
-            sign = torch.randint(0, 2, w.shape, generator=g).float() * 2 - 1
-            keep = (torch.rand(w.shape, generator=g) < density).float() if kind == "ternary" else 1.0
-            scale = torch.rand(w.shape[0], generator=g) * 0.1 + 0.01
-            w.copy_(sign * keep * scale.reshape(-1, *[1] * (w.dim() - 1)))
-            discrete[f"{path}.weight"] = kind
-    return discrete
-
-
 def export_variants(name: str, width: float, variants: list[str], folder: Path) -> list[dict]:
     rows = []
     for v in variants:
         kind, density, opts = VARIANTS[v]
-        model, shape = build(name, width)
+        model, shape = synthetic(name, width)
         discrete = {} if kind == "float32" else project(model, kind, density)
         graph = lower(model, torch.zeros(1, *shape), discrete=discrete)
         path = folder / f"{name}-{v.replace(' ', '_').replace('%', 'pct')}.onnx"

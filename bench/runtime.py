@@ -49,8 +49,9 @@ import numpy as np  # noqa: E402
 import onnxruntime as ort  # noqa: E402
 import torch  # noqa: E402
 
-from ternarize import lower, pack, tern, zoo  # noqa: E402
+from ternarize import lower, pack, tern  # noqa: E402
 from ternarize.runtime import Runtime  # noqa: E402
+from ternarize.testing import project, synthetic  # noqa: E402
 
 # row name → (kind, non-zero fraction, Runtime.load options, encoding asked of the writer or None)
 VARIANTS = {
@@ -62,44 +63,9 @@ VARIANTS = {
 }
 
 
-def build(name: str, width: float, seed: int = 0) -> tuple[torch.nn.Module, tuple]:
-    """A zoo model with random BatchNorm statistics (negative γ included), in eval mode."""
-    torch.manual_seed(seed)
-    shape = (1, 28, 28)
-    model = zoo.create("mlp", in_shape=shape, width=int(width)) if name == "mlp" else \
-        zoo.create("vgg", in_shape=shape, width=width)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d)):
-                m.running_mean.normal_()
-                m.running_var.uniform_(0.5, 2.0)
-                m.weight.normal_()
-                m.bias.normal_()
-    return model.eval(), shape
-
-
-def project(model: torch.nn.Module, kind: str, density: float, seed: int = 1) -> dict:
-    """Set every Linear/Conv weight to s_c·θ; return the ``discrete`` map for lower()."""
-    g = torch.Generator().manual_seed(seed)
-    discrete = {}
-    with torch.no_grad():
-        for path, m in model.named_modules():
-            if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)):
-                w = m.weight
-                sign = torch.randint(0, 2, w.shape, generator=g).float() * 2 - 1
-                keep = (torch.rand(w.shape, generator=g) < density).float() if kind == "ternary" else 1.0
-                scale = 0.5 + torch.rand(w.shape[0], generator=g)
-                w.copy_(sign * keep * scale.reshape(-1, *([1] * (w.dim() - 1))))
-                discrete[f"{path}.weight"] = kind
-    return discrete
-
-
-# ---------------------------------------------------------------------- the float reference
-
-
 def float_onnx(name: str, width: float, folder: Path, threads: int):
     """The float model exported to ONNX (ternarize.onnx if present, else torch.onnx) and a session."""
-    model, shape = build(name, width)
+    model, shape = synthetic(name, width)
     path = folder / f"{name}-float.onnx"
     try:
         from ternarize import onnx as tonnx
@@ -123,7 +89,7 @@ def float_onnx(name: str, width: float, folder: Path, threads: int):
 
 def compile_variant(name: str, width: float, variant: str, folder: Path) -> dict:
     kind, density, opts, encoding = VARIANTS[variant]
-    model, shape = build(name, width)
+    model, shape = synthetic(name, width)
     discrete = project(model, kind, density)
     graph = lower(model, torch.zeros(1, *shape), discrete=discrete)
     path = folder / f"{name}-{variant.split()[0]}-{int(100 * density)}-{encoding}.tern"

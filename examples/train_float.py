@@ -14,7 +14,6 @@ Example::
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 import torch
@@ -58,9 +57,7 @@ def run(args) -> int:
     model.cpu().eval()
     _, acc = evaluate(model, torch.from_numpy(data.x_test), torch.from_numpy(data.y_test))
     print(f"test accuracy {100 * acc:.2f}%")
-    tmp = f"{args.out}.tmp{os.getpid()}"
-    torch.save(model, tmp)
-    os.replace(tmp, args.out)
+    ternarize.save_model(model, args.out)  # atomic: never a half-written model.pt
     print(f"saved {args.out}")
     return 0
 

@@ -37,6 +37,7 @@ _LAZY = {
     "data": ("ternarize.data", None),
     "load_dataset": ("ternarize.data", "load_dataset"),
     "load_model": ("ternarize.load", "load_model"),
+    "save_model": ("ternarize.load", "save_model"),
     "MSA": ("ternarize.train.msa", "MSA"),
     "STE": ("ternarize.train.ste", "STE"),
     "TrainConfig": ("ternarize.train.loop", "TrainConfig"),

@@ -113,8 +113,7 @@ def data_fetch(name: str, data_dir: str | None, download: bool) -> None:
     """
     from . import data as datasets
 
-    folder = datasets.fetch(name, data_dir=data_dir, download=download, log=_log)
-    click.echo(f"{name}: ready in {folder}")
+    datasets.fetch(name, data_dir=data_dir, download=download, log=_log)  # it reports where the data is
 
 
 @data.command("list", context_settings=CONTEXT)
@@ -349,13 +348,10 @@ def _load_npy(path: str):
 def _save_npy(path: str, y) -> None:
     import numpy as np
 
-    tmp = f"{path}.tmp{os.getpid()}.npy"
-    try:
+    from ._io import atomic_path
+
+    with atomic_path(path, suffix=".npy") as tmp:
         np.save(tmp, y)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 @cli.command(context_settings=CONTEXT)

@@ -20,6 +20,7 @@ import torch
 
 from . import zoo
 from .data import load_dataset
+from .load import save_model
 from .pipeline import CompressResult, compress, prepare_out
 from .train.loop import fit_float
 
@@ -36,9 +37,7 @@ def run(out: str = "demo", force: bool = False, epochs: int | None = None, progr
     log("training the float model: MLP 64-256-256-10 on the 8x8 digits")
     fit_float(model, data, epochs=10, progress=progress, log=log)
     path = os.path.join(out, "float_model.pt")
-    tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(model.cpu(), tmp)
-    os.replace(tmp, path)
+    save_model(model.cpu(), path)
     settings = dict(DEMO_SETTINGS, progress=progress)
     if epochs is not None:
         settings["epochs"] = epochs

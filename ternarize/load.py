@@ -57,6 +57,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import zoo
+from ._io import atomic_path
 from .errors import Error, ModelLoadError, UnsafeModelError
 
 __all__ = ["load_model", "parse_arch"]
@@ -119,6 +120,18 @@ def load_model(path, arch: str | None = None, trust: bool = False) -> nn.Module:
     model.cpu()
     model.eval()
     return model
+
+
+def save_model(model: nn.Module, path) -> None:
+    """Save ``model`` whole with ``torch.save``, atomically, so that :func:`load_model` reads it back
+    without ``trust`` when it is built from torch.nn modules and zoo models.
+
+    Example::
+
+        save_model(zoo.create("mlp", width=256), "model.pt")
+    """
+    with atomic_path(path) as tmp:
+        torch.save(model, tmp)
 
 
 def parse_arch(spec: str) -> Callable[[], nn.Module]:

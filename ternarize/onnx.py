@@ -40,8 +40,6 @@ Example::
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,6 +47,7 @@ import numpy as np
 import onnx  # the onnx package (absolute import), not this module
 from onnx import TensorProto, helper, numpy_helper
 
+from ._io import atomic_write
 from ._version import __version__
 from .errors import ExportError
 from .graph import Graph, Node
@@ -164,7 +163,7 @@ def export(graph: Graph, path, compat: bool = False, *, binary: str = "bits", co
     model = builder.build()
     _check(model, graph, shapes)
     data = model.SerializeToString(deterministic=True)
-    _write_atomic(Path(path), data)
+    atomic_write(Path(path), data)
     return ExportInfo(str(path), len(data), builder.opset, model.ir_version, dict(builder.encodings),
                       _nonzero(graph), len(model.graph.node))
 
@@ -175,20 +174,6 @@ def _nonzero(graph: Graph) -> float | None:
     if not total:
         return None
     return sum(int(np.count_nonzero(graph.consts[n].data)) for n in names) / total
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Temp file in the target's directory, then os.replace: a reader never sees a half file."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or Path("."))
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _check(model: onnx.ModelProto, graph: Graph, shapes: dict) -> None:

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import pack, tern
+from ._io import atomic_path, atomic_write
 from ._version import __version__
 from .errors import ConfigError
 from .graph import ConstSpec, Graph
@@ -104,7 +105,7 @@ class Report:
         for name, text in (("report.json", json.dumps(self.to_json(), indent=2, sort_keys=True) + "\n"),
                            ("report.md", self.to_markdown())):
             path = os.path.join(folder, name)
-            _atomic_text(path, text)
+            atomic_write(path, text)
             paths.append(path)
         return paths
 
@@ -273,17 +274,6 @@ def _total_rows(t: dict, acc: dict) -> list[tuple[str, str]]:
     return rows
 
 
-def _atomic_text(path: str, text: str) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 # ---------------------------------------------------------------------- plots
 
 
@@ -303,11 +293,10 @@ def plot(report: Report, folder: str, float_weights: dict | None = None) -> list
 
 
 def _save(fig, folder: str, name: str) -> str:
-    path = os.path.join(folder, name)
-    tmp = f"{path}.tmp{os.getpid()}.png"
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")
-    os.replace(tmp, path)
     import matplotlib.pyplot as plt
+
+    with atomic_path(os.path.join(folder, name), suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=110, bbox_inches="tight")
 
     plt.close(fig)
     return name

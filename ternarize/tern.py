@@ -25,7 +25,6 @@ import contextlib
 import json
 import os
 import re
-import secrets
 import stat
 import struct
 import zlib
@@ -35,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from . import pack
+from ._io import atomic_write
 from ._version import __version__
 from .errors import ConfigError, GraphError, TernFormatError
 from .graph import KINDS, Const, ConstSpec, Graph
@@ -657,29 +657,5 @@ def write(graph: Graph, path, encodings: dict[str, str] | None = None, allow_los
     over ``path``; on any failure the temporary file is removed and ``path`` is left as it was.
     """
     buf, info = dumps(graph, encodings, allow_lossy, producer=producer)
-    _atomic_write(path, buf)
+    atomic_write(path, buf)
     return WriteInfo(os.fspath(path), info.size, info.header_len, info.data_start, info.tensors)
-
-
-def _atomic_write(path, data: bytes) -> None:
-    path = os.path.abspath(os.fspath(path))
-    directory, base = os.path.split(path)
-    tmp = os.path.join(directory, f".{base}.tmp.{secrets.token_hex(6)}")
-    # 0o666 lets the umask decide the final permissions, as for any newly created file
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    with contextlib.suppress(OSError):  # make the rename durable; not possible on every platform
-        dir_fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)

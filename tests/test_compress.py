@@ -174,6 +174,7 @@ def test_compress_under_torchrun_writes_once_from_rank_0(float_model, tmp_path):
            "--no-progress"]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert res.returncode == 0, res.stderr[-3000:]
-    assert res.stderr.count("epoch 1/1") == 1 and res.stderr.count("float model") == 1  # only rank 0 logs
-    assert invoke("verify", out / "model.tern").exit_code == 0
-    assert (out / "report.json").is_file() and not (out / "checkpoint.pt").exists()
+    log = res.stderr[-3000:]
+    assert res.stderr.count("epoch 1/1") == 1 and res.stderr.count("float model") == 1, log  # only rank 0 logs
+    assert invoke("verify", out / "model.tern").exit_code == 0, log
+    assert (out / "report.json").is_file() and not (out / "checkpoint.pt").exists(), log

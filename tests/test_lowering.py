@@ -10,33 +10,19 @@ from torch import nn
 
 from ternarize import LoweringError, lower, zoo
 from ternarize.lowering import detect_kind, split_discrete
+from ternarize.testing import project, randomize_batchnorm
 
 
 def _randomize_batchnorm(model, negative=True):
-    g = torch.Generator().manual_seed(0)
-    for m in model.modules():
-        if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
-            n = m.num_features
-            m.running_mean.copy_(torch.rand(n, generator=g) * 2 - 1)
-            m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
-            lo = -1 if negative else 0.1
-            m.weight.data.copy_(torch.rand(n, generator=g) * (1 - lo) + lo)
-            m.bias.data.copy_(torch.rand(n, generator=g) * 2 - 1)
+    randomize_batchnorm(model)
+    if not negative:
+        for m in model.modules():
+            if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
+                m.weight.data.abs_().add_(0.1)
 
 
 def _ternarize(model, mode="ternary"):
-    g = torch.Generator().manual_seed(1)
-    discrete = {}
-    for name, p in model.named_parameters():
-        if name.endswith("weight") and p.dim() >= 2:
-            s = torch.rand(p.shape[0], *([1] * (p.dim() - 1)), generator=g) + 0.1
-            lo = -1 if mode == "ternary" else 0
-            theta = torch.randint(lo, 2, p.shape, generator=g).float()
-            if mode == "binary":
-                theta = theta * 2 - 1
-            p.data.copy_(s * theta)
-            discrete[name] = mode
-    return discrete
+    return project(model, mode, density=2 / 3)
 
 
 def _check(model, shape, discrete=None, rtol=1e-5):

@@ -292,7 +292,7 @@ def test_write_is_atomic(tmp_path, monkeypatch):
     def broken(src, dst):
         raise OSError("disk full")
 
-    monkeypatch.setattr(tonnx.os, "replace", broken)
+    monkeypatch.setattr("os.replace", broken)
     with pytest.raises(OSError):
         tonnx.export(linear_graph(theta), target)
     assert target.read_bytes() == b"old" and sorted(os.listdir(tmp_path)) == ["m.onnx"]

@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._io import atomic_path
 from .._version import __version__
 from ..errors import ConfigError, TrainingError
 from . import policy
@@ -477,13 +478,8 @@ def _save_checkpoint(config, model, discrete_opt, adam, result, epoch) -> None:
     }
     path = config.checkpoint
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
+    with atomic_path(path) as tmp:
         torch.save(state, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def _load_checkpoint(config) -> dict:
