@@ -47,9 +47,10 @@ def project(model: nn.Module, kind: str, density: float = 1.0, seed: int = 1) ->
     return discrete
 
 
-def synthetic(name: str, width: float, in_shape=(1, 28, 28), seed: int = 0) -> tuple[nn.Module, tuple]:
-    """Zoo model ``name`` ("mlp": ``width`` units; others: width multiplier) with random BatchNorm
-    statistics, in eval mode; returns (model, input shape)."""
+def synthetic(name: str, width: float | None = None, in_shape=(1, 28, 28), seed: int = 0) -> tuple[nn.Module, tuple]:
+    """Zoo model ``name`` ("mlp": ``width`` units; others: width multiplier; None: the zoo's default)
+    with random BatchNorm statistics, in eval mode; returns (model, input shape)."""
     torch.manual_seed(seed)
-    model = zoo.create(name, in_shape=in_shape, width=int(width) if name == "mlp" else width)
+    kwargs = {} if width is None else {"width": int(width) if name == "mlp" else width}
+    model = zoo.create(name, in_shape=in_shape, **kwargs)
     return randomize_batchnorm(model, seed).eval(), tuple(in_shape)

@@ -141,6 +141,7 @@ class MSA(torch.optim.Optimizer):
         super().__init__(params, defaults)
         self._fused_setting = fused
         self._compiled = {}
+        self._alphas = {}
         generator = torch.Generator().manual_seed(seed)
         for group in self.param_groups:
             _check(group["mode"] in MODES, f"MSA mode {group['mode']!r} is unknown")
@@ -195,13 +196,23 @@ class MSA(torch.optim.Optimizer):
             new_scale = scale.clone()
             _adam_positive(new_scale, _scale_grad(w, grad), state, group["scale_lr"])
         update = self._update_fn(p)
-        alpha = torch.as_tensor(group["ema_decay"], dtype=p.dtype, device=p.device)
+        alpha = self._alpha(group, p)
         update(w, grad, M, scale, new_scale, alpha, group["rho"], group["lam"], group["mode"])
         if new_scale is not scale:
             scale.copy_(new_scale)
         if w.data_ptr() != p.data_ptr():  # _rows had to copy (non-contiguous parameter)
             p.copy_(w.reshape(p.shape))
             state["M"].copy_(M.reshape(p.shape))
+
+    def _alpha(self, group: dict, p: torch.Tensor) -> torch.Tensor:
+        """α as a tensor on the parameter's device, made again only when it changes (once an epoch):
+        copying a Python float to a GPU every step would make the host wait for the device."""
+        key = (id(group), p.device, p.dtype)
+        cached = self._alphas.get(key)
+        if cached is None or cached[0] != group["ema_decay"]:
+            cached = (group["ema_decay"], torch.tensor(group["ema_decay"], dtype=p.dtype, device=p.device))
+            self._alphas[key] = cached
+        return cached[1]
 
     def _update_fn(self, p: torch.Tensor):
         if not self._use_compile(p):
