@@ -64,6 +64,7 @@ from typing import BinaryIO
 
 import numpy as np
 
+from ._io import atomic_path
 from .errors import ConfigError, DataError
 
 # ----------------------------------------------------------------------------------------------
@@ -746,27 +747,19 @@ Log = Callable[[str], object]
 
 def _install(src: BinaryIO, dest: Path, md5: str | None) -> Path:
     """Copy ``src`` to ``dest`` atomically: a temp file in the same folder, md5 of the (uncompressed)
-    content checked, then ``os.replace``. An interrupted copy leaves only a hidden ``.part`` file.
+    content checked, then ``os.replace``. An interrupted copy leaves only a hidden ``.tmp.`` file.
 
     Example: ``with open(src, "rb") as f: _install(f, folder / "t10k-labels-idx1-ubyte", md5)``.
     """
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as out:
+    with atomic_path(dest) as tmp:
+        with open(tmp, "wb") as out:
             shutil.copyfileobj(src, out, _CHUNK)
-            out.flush()
-            os.fsync(out.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; data files are ordinary readable files
+        os.chmod(tmp, 0o644)  # data files are ordinary readable files, whatever the umask
         if md5 is not None:
             actual = content_md5(tmp, gz=dest.name.endswith(".gz"))
             if actual != md5:
                 raise DataError(f"{dest.name}: md5 {actual} differs from the official {md5}; the source is "
                                 "corrupt or a different version (nothing was written)")
-        os.replace(tmp, dest)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
     _remove_other_variant(dest)
     return dest
 
@@ -968,7 +961,7 @@ def fetch(name: str, data_dir: str | os.PathLike | None = None, download: bool =
         log(f"{spec.name}: already present and verified in {folder}")
         return folder
     folder.mkdir(parents=True, exist_ok=True)
-    for stale in folder.glob(".*.part"):  # left by an interrupted earlier fetch
+    for stale in folder.glob(".*.tmp.*"):  # left by an interrupted earlier fetch
         stale.unlink()
     _FETCHERS[spec.name](spec, folder, download, log)
     verify_checksums(spec.name, data_dir)

@@ -612,7 +612,7 @@ def test_fetch_copies_from_the_debian_folder(tmp_path, monkeypatch):
     monkeypatch.setattr(data, "FASHION_SYSTEM_DIR", system / "fashion-mnist")
     root = tmp_path / "root"
     (root / "fashion-mnist").mkdir(parents=True)
-    (root / "fashion-mnist" / ".train-images-idx3-ubyte.gz.abc.part").write_bytes(b"interrupted")
+    (root / "fashion-mnist" / ".train-images-idx3-ubyte.gz.tmp.abc123").write_bytes(b"interrupted")
     lines: list[str] = []
     folder = data.fetch("fashion-mnist", data_dir=root, log=lines.append)
     assert folder == root / "fashion-mnist"
