@@ -189,10 +189,12 @@ def _train_options(kw: dict) -> dict:
 @click.option("--arch", default=None, help="Architecture for a state_dict: a zoo name (mlp, vgg, lenet, resnet) "
               "with optional arguments, e.g. 'mlp(width=256)', or package.module:factory.")
 @click.option("--trust", is_flag=True, help="Allow unpickling arbitrary code from MODEL. Only for files you trust.")
+@click.option("--val-fraction", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True,
+              help="Hold out this share of the training set and report accuracy on it every epoch.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run from OUT/checkpoint.pt.")
 @click.option("--force", is_flag=True, help="Overwrite the outputs in an existing OUT folder.")
 @_training_options
-def compress(model, data_name, data_dir, out, arch, trust, resume, force, **kw):
+def compress(model, data_name, data_dir, out, arch, trust, val_fraction, resume, force, **kw):
     """Retrain MODEL with discrete weights and write OUT/model.tern, OUT/model.onnx and a report.
 
     MODEL is a torch.save'd module, a state_dict (with --arch) or a TorchScript file. It is
@@ -203,8 +205,8 @@ def compress(model, data_name, data_dir, out, arch, trust, resume, force, **kw):
     from .pipeline import compress as run
 
     options = _train_options(kw)
-    result = run(model, data_name, out=out, arch=arch, trust=trust, data_dir=data_dir, force=force,
-                 resume=resume, log=_log, **options)
+    result = run(model, data_name, out=out, arch=arch, trust=trust, data_dir=data_dir, val_fraction=val_fraction,
+                 force=force, resume=resume, log=_log, **options)
     if result is not None:
         _print_report(result.report)
 

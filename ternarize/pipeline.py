@@ -52,8 +52,12 @@ class CompressResult:
 
 
 def compress(model, data, out: str = "out", *, arch: str | None = None, trust: bool = False,
-             data_dir: str | None = None, force: bool = False, log=print, **options) -> CompressResult | None:
+             data_dir: str | None = None, val_fraction: float = 0.0, force: bool = False, log=print,
+             **options) -> CompressResult | None:
     """Compress ``model`` (an nn.Module or a model file path) on ``data`` (a Dataset or a name).
+
+    ``val_fraction`` holds out that share of the training set (the same split for the same seed)
+    and reports accuracy on it after every epoch.
 
     ``options`` are :class:`ternarize.TrainConfig` fields (mode, method, epochs, rho, lam,
     keep_float, distill, device, seed, resume, ...). Returns None on ranks other than 0 under torchrun.
@@ -65,6 +69,8 @@ def compress(model, data, out: str = "out", *, arch: str | None = None, trust: b
     if isinstance(model, (str, os.PathLike)):
         model = load_model(model, arch=arch, trust=trust)
     dataset = data if isinstance(data, Dataset) else load_dataset(data, data_dir=data_dir)
+    if val_fraction:
+        dataset = dataset.split_validation(val_fraction, seed=config.seed)
     if _rank() == 0:  # the other ranks of a torchrun job only train
         prepare_out(out, force=force, resume=config.resume)
     example = torch.from_numpy(dataset.x_test[:2])

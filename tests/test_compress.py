@@ -41,7 +41,7 @@ def float_model(tmp_path_factory):
 def compressed(float_model, tmp_path_factory):
     out = tmp_path_factory.mktemp("run") / "out"
     result = ternarize.compress(str(float_model), "digits", out=str(out), epochs=2, batch_size=50, progress=False,
-                                log=lambda s: None)
+                                val_fraction=0.1, log=lambda s: None)
     return out, result
 
 
@@ -89,6 +89,7 @@ def test_report_is_consistent_with_the_files(compressed):
     md = (out / "report.md").read_text()
     assert "![layers](layers.png)" in md and "| non-zero |" in md
     assert len(rep["training"]["history"]) == 2
+    assert all(0 < h["val_acc"] <= 1 for h in rep["training"]["history"])
     assert "history" not in tf.metadata["training"]  # the header stays small
 
 

@@ -34,27 +34,16 @@ import numpy as np
 
 from .. import tern
 from ..errors import ConfigError
-from ..graph import Const, Graph
+from ..graph import ConstSpec, Graph
 from . import kernels, plan
 from .weights import Store, weight_op
-
-
-class _Stub(Const):
-    """A constant known by kind and shape only: the runtime's graph carries no weight data."""
-
-    def __init__(self, kind: str, shape: tuple[int, ...]):  # no data, so Const.__post_init__ is skipped
-        self.kind, self.data, self._shape = kind, None, tuple(shape)
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return self._shape
 
 
 class Runtime:
     """A loaded model: ``run``, ``predict``, ``accuracy``; weights resident in encoded form."""
 
     def __init__(self, tf: tern.TernFile, cache_indices: bool = False):
-        stubs = {e.name: _Stub(e.kind, e.shape) for e in tf.tensors}
+        stubs = {e.name: ConstSpec(e.kind, e.shape) for e in tf.tensors}
         self.graph = Graph.from_json(tf.header["graph"], stubs, tf.metadata)
         self.shapes = self.graph.validate()
         if len(self.graph.inputs) != 1:
