@@ -35,9 +35,9 @@ paper's magnitudes) and s_c = mean|W_c| when it is learned, and ``"twn"`` thresh
 Δ_c = 0.7·mean|W_c| with s_c the mean of |W_cj| above Δ_c (Li & Liu, 2016). M starts uniform in
 (−1e−6, 1e−6). Random draws come from a generator seeded with ``seed``, so data-parallel ranks agree.
 
-The update is one fused pass per tensor where ``torch.compile`` works (default on CUDA, and on
-CPU for tensors large enough to repay the compile time), else a few in-place eager passes. It never
-synchronises with the host.
+The update is fused by ``torch.compile`` where it works (per tensor: one reduction for ρ_k, then
+one element-wise pass writing M and W; the default on CUDA, and on CPU for models large enough to
+repay the compile time), else a few in-place eager passes. It never synchronises with the host.
 
 Example::
 
@@ -122,7 +122,7 @@ class MSA(torch.optim.Optimizer):
         scale_lr: Adam learning rate for learned scales.
         init: ``"random"`` (paper) or ``"twn"``; tensors already discrete are kept either way.
         seed: seeds the random initial θ and M.
-        fused: ``"auto"``, True or False: use torch.compile for one fused pass per tensor.
+        fused: ``"auto"``, True or False: fuse the update with torch.compile.
     """
 
     def __init__(self, params, mode="ternary", rho=None, lam=1e-7, ema_decay=0.999, ema_anneal=0.95,
