@@ -147,9 +147,9 @@ class _Builder:
         elif n.op in ("call_function", "call_method") and not isinstance(n.meta.get("value"), torch.Tensor):
             return  # x.shape, x.size(0), ...: only feed a reshape's target, which reads the traced shape
         elif n.op == "call_function":
-            self._lower_call(n, _FUNCTIONS.get(n.target), _fn_name(n.target), n.args[1:])
+            self._lower_call(n, _FUNCTIONS.get(n.target), _fn_name(n.target))
         elif n.op == "call_method":
-            self._lower_call(n, _METHODS.get(n.target), f".{n.target}()", n.args[1:])
+            self._lower_call(n, _METHODS.get(n.target), f".{n.target}()")
         else:  # pragma: no cover - fx has no other node kinds
             raise LoweringError(f"unexpected fx node {n.op} {n.name}")
 
@@ -202,7 +202,7 @@ class _Builder:
         elif isinstance(m, nn.Linear):
             self._weighted(n, "linear", path, m.weight, m.bias, x(), {})
         elif isinstance(m, nn.Conv2d):
-            self._weighted(n, "conv2d", path, m.weight, m.bias, x(), _conv_attrs(m, path, self._shape(n.args[0])))
+            self._weighted(n, "conv2d", path, m.weight, m.bias, x(), _conv_attrs(m, path))
         elif isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
             self._batchnorm(n, m, path, x())
         elif isinstance(m, nn.ReLU):
@@ -311,7 +311,7 @@ class _Builder:
         self._emit(n, op, [x], {"axis": int(axis)}, name=path)
 
     # -- functions and methods
-    def _lower_call(self, n: fx.Node, kind: str | None, what: str, rest) -> None:
+    def _lower_call(self, n: fx.Node, kind: str | None, what: str) -> None:
         path = n.name
         if kind is None:
             raise LoweringError(f"unsupported operation {what} at {n.name!r}")
@@ -407,7 +407,7 @@ def _pair(v) -> list[int]:
     return [int(v), int(v)]
 
 
-def _conv_attrs(m: nn.Conv2d, path: str, in_shape) -> dict:
+def _conv_attrs(m: nn.Conv2d, path: str) -> dict:
     if m.padding_mode != "zeros":
         raise LoweringError(f"Conv2d at {path!r} uses padding_mode={m.padding_mode!r}; only 'zeros' is supported")
     pads = m.padding

@@ -95,7 +95,7 @@ class Runtime:
             else:
                 kshape = self.graph.consts[w].shape
                 fn = lambda x: kernels.conv2d(x, wop, scale, bias, kshape, a["strides"], a["pads"],  # noqa: E731
-                                              a["dilations"], groups)
+                                              a["dilations"])
         elif op == "channel_affine":
             scale, shift = self._floats(node.inputs[1]), self._floats(node.inputs[2])
             fn = lambda x: kernels.channel_affine(x, scale, shift)  # noqa: E731

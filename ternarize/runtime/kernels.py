@@ -47,8 +47,8 @@ def linear(x: np.ndarray, weight, scale, bias) -> np.ndarray:
     return np.ascontiguousarray(y.T)
 
 
-def conv2d(x: np.ndarray, weight, scale, bias, kshape, strides, pads, dilations, groups) -> np.ndarray:
-    """(N, C, H, W) → (N, O, OH, OW) via im2col, in chunks of samples."""
+def conv2d(x: np.ndarray, weight, scale, bias, kshape, strides, pads, dilations) -> np.ndarray:
+    """(N, C, H, W) → (N, O, OH, OW) via im2col, in chunks of samples (the weight op applies groups)."""
     n, c, h, w = x.shape
     o, _, kh, kw = kshape
     oh = out_size(h, kh, strides[0], pads[0], dilations[0], False)
