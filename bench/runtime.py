@@ -15,10 +15,13 @@ process:
     (tracemalloc) while loading, against the encoded size (the tensors' ``nbytes``) and against
     float32 weights.
 
-The row "ternary 5% cached" loads the same file with ``cache_indices=True`` (decoded positions
-kept, about 4 bytes per non-zero weight): the default keeps every weight encoded. The row
-"ternary 50% as t2" asks the writer for the dense 2-bit encoding, which it would not choose (ts is
-smaller at 1.5 bits), to show what the size-optimal choice costs the runtime.
+Sparse (``ts``) weights are held as ``Runtime.load`` does by default (``sparse="auto"``: re-encoded as
+a byte per non-zero weight while the resident weights stay within 1.2× the encoded size). The rows
+"ternary 5% stream" and "ternary 5% indices" load the same file with ``sparse="stream"`` (the
+Rice-coded stream as stored, decoded on every call) and ``sparse="indices"`` (decoded int32
+positions, about 4 bytes per non-zero weight). The row "ternary 50% as t2" asks the writer for the
+dense 2-bit encoding, which it would not choose (ts is smaller at 1.5 bits), to show what the
+size-optimal choice costs the runtime.
 
 Example::
 
@@ -56,7 +59,8 @@ from ternarize.testing import project, synthetic  # noqa: E402
 # row name → (kind, non-zero fraction, Runtime.load options, encoding asked of the writer or None)
 VARIANTS = {
     "ternary 5%": ("ternary", 0.05, {}, None),
-    "ternary 5% cached": ("ternary", 0.05, {"cache_indices": True}, None),
+    "ternary 5% stream": ("ternary", 0.05, {"sparse": "stream"}, None),
+    "ternary 5% indices": ("ternary", 0.05, {"sparse": "indices"}, None),
     "ternary 50%": ("ternary", 0.5, {}, None),
     "ternary 50% as t2": ("ternary", 0.5, {}, "t2"),
     "binary": ("binary", 1.0, {}, None),
@@ -106,7 +110,9 @@ def compile_variant(name: str, width: float, variant: str, folder: Path) -> dict
     x = np.random.default_rng(2).standard_normal((50, *shape)).astype(np.float32)
     with torch.no_grad():
         ref = model(torch.from_numpy(x)).numpy()
+    held = [rt.forms[n] for n in sorted(rt.forms)]
     return {"model": name, "variant": variant, "runtime": rt, "shape": shape,
+            "held": ",".join(f"{f}:{held.count(f)}" for f in sorted(set(held))) or "-",
             "encodings": sorted({e.encoding for e in disc}), "file_size": info.size,
             "nonzero": float(sum(np.count_nonzero(graph.consts[e.name].data) for e in disc) / n),
             "bits": 8 * sum(e.nbytes for e in disc) / n, "entropy": entropy,
@@ -144,13 +150,14 @@ def latency(rows: list[dict], ref: dict, batch: int, runs: int, block: int = 5) 
 
 
 def table(rows: list[dict], ref: dict) -> str:
-    head = (f"{'variant':18} {'enc':6} {'nz':>5} {'bits/w':>6} {'H':>6} {'/H':>5} {'/2':>5} "
+    head = (f"{'variant':18} {'ts held as':16} {'enc':6} {'nz':>5} {'bits/w':>6} {'H':>6} {'/H':>5} {'/2':>5} "
             f"{'b1 ms':>8} {'ort ms':>7} {'b1 x':>6} {'min x':>6} {'b64 ms':>8} {'ort ms':>7} {'b64 x':>6} "
             f"{'resident':>9} {'encoded':>9} {'res/enc':>7} {'traced/enc':>10} {'vs f32':>7} {'err':>6}")
     lines = [head, "-" * len(head)]
     for r in rows:
         lines.append(
-            f"{r['variant']:18} {','.join(r['encodings']):6} {100 * r['nonzero']:>4.1f}% {r['bits']:>6.3f} "
+            f"{r['variant']:18} {r['held']:16} {','.join(r['encodings']):6} {100 * r['nonzero']:>4.1f}% "
+            f"{r['bits']:>6.3f} "
             f"{r['entropy']:>6.3f} {r['bits'] / r['entropy']:>5.3f} {r['bits'] / 2:>5.3f} "
             f"{r['b1_ms']:>8.3f} {r['b1_ort_ms']:>7.3f} {r['b1_x']:>6.2f} {r['b1_min_x']:>6.2f} "
             f"{r['b64_ms']:>8.2f} {r['b64_ort_ms']:>7.2f} {r['b64_x']:>6.2f} "

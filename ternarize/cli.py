@@ -307,7 +307,11 @@ def verify(file):
 @click.option("--data", "data_name", default=None, help="A dataset: report accuracy on its test set.")
 @data_dir_option
 @click.option("--output", type=click.Path(), default=None, help="Save the raw outputs of --input to this .npy file.")
-def run(file, input_path, data_name, data_dir, output):
+@click.option("--sparse", type=click.Choice(["auto", "stream", "gaps", "indices"]), default="auto", show_default=True,
+              help="How sparse (ts) weights are held: auto = re-encoded as bytes within 1.2x the file's "
+                   "weight bytes; stream = as stored (least memory); gaps = all re-encoded; indices = "
+                   "decoded int32 indices (fastest, about 4 bytes per non-zero).")
+def run(file, input_path, data_name, data_dir, output, sparse):
     """Run a .tern file with the numpy reference runtime: predictions for --input, or
     accuracy on the test set of --data.
 
@@ -318,7 +322,7 @@ def run(file, input_path, data_name, data_dir, output):
 
     if (input_path is None) == (data_name is None):
         raise ConfigError("give exactly one of --input x.npy or --data NAME")
-    model = rt.Runtime.load(_existing_file(file))
+    model = rt.Runtime.load(_existing_file(file), sparse=sparse)
     if data_name is not None:
         from .data import load_dataset
 

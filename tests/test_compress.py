@@ -107,6 +107,11 @@ def test_run_and_export_commands(compressed, tmp_path):
     ds = load_dataset("digits")
     res = invoke("run", out / "model.tern", "--data", "digits")
     assert res.exit_code == 0 and f"{100 * result.runtime_accuracy:.2f}%" in res.output
+    for form in ("stream", "gaps", "indices"):
+        res = invoke("run", out / "model.tern", "--data", "digits", "--sparse", form)
+        assert res.exit_code == 0 and f"{100 * result.runtime_accuracy:.2f}%" in res.output, form
+    res = invoke("run", out / "model.tern", "--data", "digits", "--sparse", "fast")
+    assert res.exit_code == 2 and "--sparse" in res.stderr and len(res.stderr.strip().splitlines()) == 1
     np.save(tmp_path / "x.npy", ds.x_test[:5])
     res = invoke("run", out / "model.tern", "--input", tmp_path / "x.npy", "--output", tmp_path / "y.npy")
     assert res.exit_code == 0 and len(res.output.split()) == 5

@@ -28,7 +28,7 @@ from ternarize import data, tern, zoo
 from ternarize.errors import ConfigError, DataError, TernFormatError
 from ternarize.graph import Const, Graph, Node, Value
 from ternarize.lowering import lower
-from ternarize.runtime import Runtime, kernels, sparse, weights
+from ternarize.runtime import Runtime, gaps, kernels, sparse, weights
 
 ROOT = Path(__file__).resolve().parents[1]
 GOLDEN = ROOT / "formats" / "golden"
@@ -119,6 +119,20 @@ def test_zoo_matches_torch(tmp_path, name, in_shape, kw, mode):
     x = inputs(in_shape)
     assert_close(rt.run(x), torch_out(model, x))
     assert rt.weight_bytes <= 1.2 * rt.encoded_bytes
+
+
+@pytest.mark.parametrize("form", ["stream", "gaps", "indices"])
+@pytest.mark.parametrize("name,in_shape,kw", ZOO, ids=[f"{z[0]}-{'x'.join(map(str, z[1]))}" for z in ZOO])
+def test_zoo_sparse_forms_match_torch(tmp_path, name, in_shape, kw, form):
+    """Each way of holding ts weights, on every zoo model at 5 % non-zero, batch 1 and batch 100."""
+    torch.manual_seed(0)
+    model = zoo.create(name, in_shape=in_shape, **kw)
+    compile_model(model, in_shape, project(model, "ternary", density=0.05), tmp_path / "m.tern")
+    rt = Runtime.load(tmp_path / "m.tern", sparse=form)
+    assert set(rt.forms.values()) == {form}
+    x = inputs(in_shape)
+    assert_close(rt.run(x), torch_out(model, x))
+    assert_close(rt.run(x[:1]), torch_out(model, x[:1]))
 
 
 def test_mixed_float_and_discrete(tmp_path):
@@ -329,9 +343,13 @@ def test_chunked_paths_agree(tmp_path, monkeypatch):
     monkeypatch.setattr(sparse, "EVENTS_PER_GROUP", 50)
     monkeypatch.setattr(sparse, "GATHER_BYTES", 1024)
     monkeypatch.setattr(kernels, "PATCH_BYTES", 1)
-    after = Runtime.load(tmp_path / "m.tern").run(x)
-    assert_close(after, before, 1e-6)
-    assert_close(after, torch_out(model, x))
+    monkeypatch.setattr(gaps, "CHUNK_BYTES", 40)
+    for form in ("stream", "gaps"):
+        rt = Runtime.load(tmp_path / "m.tern", sparse=form)
+        for batch in (x, x[:1]):
+            after = rt.run(batch)
+            assert_close(after, before[:len(batch)], 1e-6)
+            assert_close(after, torch_out(model, batch))
 
 
 # ---------------------------------------------------------------------- trained models
@@ -410,15 +428,51 @@ def test_weights_stay_encoded(tmp_path):
     assert_close(y, ref.astype(np.float32), 1e-5)
 
 
-def test_cache_indices_same_results_more_memory(tmp_path):
+def test_sparse_forms_same_results(tmp_path):
     torch.manual_seed(6)
     model = zoo.create("mlp", in_shape=(1, 28, 28), width=64)
     discrete = project(model, "ternary", density=0.05)
-    rt, _ = compile_model(model, (1, 28, 28), discrete, tmp_path / "m.tern")
-    cached = Runtime.load(tmp_path / "m.tern", cache_indices=True)
+    compile_model(model, (1, 28, 28), discrete, tmp_path / "m.tern")
     x = inputs((1, 28, 28), n=7)
-    assert_close(cached.run(x), rt.run(x), 1e-6)
-    assert cached.weight_bytes > rt.weight_bytes
+    rts = {form: Runtime.load(tmp_path / "m.tern", sparse=form) for form in ("stream", "gaps", "indices", "auto")}
+    for form, rt in rts.items():
+        assert set(rt.forms.values()) == ({form} if form != "auto" else {"gaps"}), (form, rt.forms)
+        assert_close(rt.run(x), rts["stream"].run(x), 1e-6)
+        assert_close(rt.run(x[:1]), rts["stream"].run(x[:1]), 1e-6)
+    assert rts["stream"].weight_bytes < rts["gaps"].weight_bytes < rts["indices"].weight_bytes
+    assert rts["auto"].weight_bytes <= 1.2 * rts["auto"].encoded_bytes
+
+
+def test_auto_keeps_the_memory_budget(tmp_path):
+    """Within budget × encoded bytes: tight budgets keep streams; the choice is the cheapest first."""
+    torch.manual_seed(8)
+    model = zoo.create("mlp", in_shape=(1, 28, 28), width=128)
+    discrete = project(model, "ternary", density=0.04)
+    compile_model(model, (1, 28, 28), discrete, tmp_path / "m.tern")
+    x = inputs((1, 28, 28), n=3)
+    ref = Runtime.load(tmp_path / "m.tern", sparse="stream")
+    seen = set()
+    for budget in (1.0, 1.05, 1.1, 1.2, 1.5, 3.0):
+        rt = Runtime.load(tmp_path / "m.tern", budget=budget)
+        assert rt.weight_bytes <= budget * rt.encoded_bytes or set(rt.forms.values()) == {"stream"}
+        assert_close(rt.run(x), ref.run(x), 1e-6)
+        seen.add(tuple(sorted(rt.forms.items())))
+    assert len(seen) >= 2, "the budget never changed the choice"
+    assert set(Runtime.load(tmp_path / "m.tern", budget=1.0).forms.values()) == {"stream"}
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"sparse": "fast"}, "sparse must be one of"),
+    ({"budget": 0.5}, "budget must be a number >= 1"),
+    ({"budget": "big"}, "budget must be a number >= 1"),
+    ({"budget": float("nan")}, "budget must be a number >= 1"),
+])
+def test_bad_sparse_options(tmp_path, kwargs, message):
+    g = Graph([Value("x", (None, 4))], ["y"], [Node("linear", "A", ["x", "w"], ["y"])],
+              {"w": Const("ternary", np.eye(4, dtype=np.int8))})
+    tern.write(g, tmp_path / "e.tern")
+    with pytest.raises(ConfigError, match=message):
+        Runtime.load(tmp_path / "e.tern", **kwargs)
 
 
 def test_activation_bytes_by_hand(tmp_path):

@@ -9,10 +9,16 @@ Design
   ``weights.BLOCK_BYTES`` (1 MiB) of float32 and multiplied with BLAS; a whole layer is never
   inflated. Float weights (``f32``) are zero-copy views used directly; ``f16`` goes block by block.
 * **Sparse codes** (``ts``) are applied straight from their positions and signs, with additions and
-  subtractions only: the stream of a group of blocks is decoded with vectorized passes, ±inputs are
-  gathered and summed per output row (``np.add.reduceat``), then the per-channel scale multiplies
-  once and the bias adds (:mod:`ternarize.runtime.sparse`). ``cache_indices=True`` keeps the
-  decoded indices instead (about 4 bytes per non-zero weight) for speed.
+  subtractions only: ±inputs are gathered and summed per output row, then the per-channel scale
+  multiplies once and the bias adds. ``sparse`` picks how a ``ts`` weight is held:
+
+  - ``"stream"``: the Rice-coded stream as stored, decoded per call (the least memory, slowest;
+    :mod:`ternarize.runtime.sparse`);
+  - ``"gaps"``: re-encoded at load as one byte per non-zero weight, decoded in a few passes
+    (:mod:`ternarize.runtime.gaps`), about 1.05–1.2× the stream at 2–5 % non-zero;
+  - ``"auto"`` (default): ``"gaps"`` for as many weights as fit while the resident weights stay
+    within ``budget`` (default 1.2) × the encoded size, the fewest extra bytes per non-zero first;
+  - ``"indices"``: the decoded gather indices (int32, about 4 bytes per non-zero weight).
 * **Convolution** is im2col (stride, padding, dilation, groups) in chunks of samples, then the same
   weight paths. Pools, activations and shape ops follow torch (:mod:`ternarize.runtime.kernels`).
 * **Activations are freed after their last use**; ``activation_bytes`` walks the same schedule
@@ -21,11 +27,12 @@ Design
 Example::
 
     from ternarize.runtime import Runtime
-    rt = Runtime.load("model.tern")
+    rt = Runtime.load("model.tern")  # sparse="auto", budget=1.2
     rt.input_shape                   # (1, 28, 28)
     logits = rt.run(x)               # x: float32 (N, 1, 28, 28) -> (N, 10)
     rt.accuracy(x_test, y_test)      # 0.97
     rt.weight_bytes, rt.activation_bytes(batch=64)
+    rt.forms                         # {"fc1.weight": "gaps", ...}: how each ts weight is held
 """
 
 from __future__ import annotations
@@ -36,13 +43,22 @@ from .. import tern
 from ..errors import ConfigError
 from ..graph import ConstSpec, Graph
 from . import kernels, plan
+from .gaps import GapCodes
+from .sparse import SparseCodes
 from .weights import Store, weight_op
+
+SPARSE_FORMS = ("auto", "stream", "gaps", "indices")
+BUDGET = 1.2  # "auto": resident weights at most this × the encoded size
 
 
 class Runtime:
     """A loaded model: ``run``, ``predict``, ``accuracy``; weights resident in encoded form."""
 
-    def __init__(self, tf: tern.TernFile, cache_indices: bool = False):
+    def __init__(self, tf: tern.TernFile, sparse: str = "auto", budget: float = BUDGET):
+        if sparse not in SPARSE_FORMS:
+            raise ConfigError(f"sparse must be one of {', '.join(SPARSE_FORMS)}; got {sparse!r}")
+        if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not budget >= 1:
+            raise ConfigError(f"budget must be a number >= 1 (resident ÷ encoded bytes); got {budget!r}")
         stubs = {e.name: ConstSpec(e.kind, e.shape) for e in tf.tensors}
         self.graph = Graph.from_json(tf.header["graph"], stubs, tf.metadata)
         self.shapes = self.graph.validate()
@@ -52,9 +68,16 @@ class Runtime:
         self.input_name = self.graph.inputs[0].name
         self.input_shape = tuple(self.graph.inputs[0].shape[1:])
         self.source = tf.source
-        self._store = Store(tf)
-        self._extra = 0  # resident bytes beyond the buffer: tables, caches, decoded f16 vectors
-        self._steps = [self._step(node, cache_indices) for node in self.graph.nodes]
+        self._weights = {node.inputs[1]: node.attrs.get("groups", 1) for node in self.graph.nodes
+                         if node.op in ("linear", "conv2d")}
+        self._build(tf, sparse == "indices", {})
+        if sparse in ("auto", "gaps"):
+            gaps = self._gap_forms(tf, budget if sparse == "auto" else None)
+            if gaps:
+                self._build(tf, False, gaps)
+        self.forms = {name: "gaps" if isinstance(op, GapCodes) else "indices" if op.cache is not None else "stream"
+                      for name, op in self._ops.items() if isinstance(op, (GapCodes, SparseCodes))}
+        self._steps = [self._step(node) for node in self.graph.nodes]
         last = plan.last_uses(self.graph)
         self._free = [[] for _ in self.graph.nodes]
         for i, node in enumerate(self.graph.nodes):
@@ -64,31 +87,70 @@ class Runtime:
                 self._free[i].append(name)
 
     @classmethod
-    def load(cls, path, cache_indices: bool = False) -> Runtime:
+    def load(cls, path, sparse: str = "auto", budget: float = BUDGET) -> Runtime:
         """Read and check ``path`` (TernFormatError if malformed) and prepare it to run.
 
-        ``cache_indices``: keep the decoded positions of ``ts`` weights (faster, more memory).
+        ``sparse``: how ``ts`` weights are held, one of ``SPARSE_FORMS`` (see the module doc);
+        ``budget``: for ``"auto"``, the most resident weight bytes per encoded byte.
         """
-        return cls(tern.load(path), cache_indices)
+        return cls(tern.load(path), sparse, budget)
 
     # ------------------------------------------------------------------ building
-    def _floats(self, name: str):
-        if not name:
-            return None
-        arr = self._store.floats(name)
-        if not np.shares_memory(arr, self._store.buf):
-            self._extra += arr.nbytes
-        return arr
+    def _build(self, tf, cache_indices: bool, gaps: dict) -> None:
+        """The store (without the re-encoded weights) and the weight ops."""
+        self._store = Store(tf, skip=gaps)
+        self._ops = {}
+        for name, groups in self._weights.items():
+            self._ops[name] = gaps.get(name) or weight_op(self._store, name, groups, cache_indices)
+        self._extra = sum(op.nbytes for op in self._ops.values())
+        self._extra += sum(self._floats(n).nbytes for n in self._float_inputs() if self._is_copy(n))
 
-    def _step(self, node, cache_indices: bool):
+    def _float_inputs(self) -> set:
+        """The float vectors the steps read: scales, biases, shifts."""
+        names = set()
+        for node in self.graph.nodes:
+            if node.op in ("linear", "conv2d"):
+                names.update(n for n in node.inputs[2:4] if n)
+            elif node.op == "channel_affine":
+                names.update(node.inputs[1:3])
+        return names
+
+    def _is_copy(self, name: str) -> bool:
+        return not np.shares_memory(self._store.floats(name), self._store.buf)
+
+    def _gap_forms(self, tf, budget) -> dict:
+        """``ts`` weights re-encoded as byte steps: all that can be (budget None), or those that fit
+        ``budget`` × the encoded size, taken by fewest extra bytes per non-zero weight."""
+        options = []
+        for name, groups in self._weights.items():
+            op = self._ops[name]
+            if not isinstance(op, SparseCodes):
+                continue
+            index, starts = op.decode_all()
+            g = GapCodes.build(index, starts, op.rows, 2 * groups * op.cols)
+            if g is not None:
+                extra = g.nbytes - self._store.entries[name].nbytes - op.nbytes
+                options.append((extra / max(1, index.size), extra, name, g))
+        if budget is None:
+            return {name: g for _, _, name, g in options}
+        room = budget * self.encoded_bytes - self.weight_bytes
+        chosen = {}
+        for _, extra, name, g in sorted(options, key=lambda o: o[:2]):
+            if extra <= room:
+                chosen[name] = g
+                room -= extra
+        return chosen
+
+    def _floats(self, name: str):
+        return self._store.floats(name) if name else None
+
+    def _step(self, node):
         """(function of the input arrays, input activation names, output name) for one node."""
         a, op = node.attrs, node.op
         acts = [n for n in node.inputs if n and n not in self.graph.consts]
         if op in ("linear", "conv2d"):
             _, w, s, b = list(node.inputs) + [""] * (4 - len(node.inputs))
-            groups = a.get("groups", 1)
-            wop = weight_op(self._store, w, groups, cache_indices)
-            self._extra += wop.nbytes
+            wop = self._ops[w]
             scale, bias = self._floats(s), self._floats(b)
             if op == "linear":
                 fn = lambda x: kernels.linear(x, wop, scale, bias)  # noqa: E731
@@ -152,8 +214,9 @@ class Runtime:
     # ------------------------------------------------------------------ memory
     @property
     def weight_bytes(self) -> int:
-        """Bytes kept resident for weights, scales and biases: the encoded buffer plus the
-        per-tensor tables (ts block tables, cached indices, decoded f16 vectors)."""
+        """Bytes kept resident for weights, scales and biases: the encoded buffer plus what the weight
+        ops hold beside it (ts block tables, re-encoded byte steps, cached indices) and decoded f16
+        vectors."""
         return self._store.nbytes + self._extra
 
     @property

@@ -30,9 +30,10 @@ Decoding a group, without any Python loop per event (only per block, to slice th
 
 Cost: about 25 numpy passes over the group's events, i.e. some 15–30 ns per non-zero weight and
 call, however large the batch; the gathers and sums then cost per column of ``X``.
-``cache_indices=True`` keeps the decoded gather indices and row starts (int32, about 4 bytes per
-non-zero weight) instead of decoding on every call: faster, and reported as such by
-``Runtime.weight_bytes``.
+``cache_indices=True`` (``Runtime.load(sparse="indices")``) keeps the decoded gather indices and row
+starts (int32, about 4 bytes per non-zero weight) instead of decoding on every call: faster, and
+reported as such by ``Runtime.weight_bytes``. :mod:`ternarize.runtime.gaps` re-encodes the decoded
+positions as a byte per non-zero weight: nearly as fast, at about 1.2× the stream's bytes.
 
 Example::
 
@@ -102,7 +103,7 @@ class SparseCodes:
         self.block_rows, self.k = int(params["block_rows"]), int(params["k"])
         self.table = block_table(buf, self.rows, self.block_rows, self.k)
         self.plan = _groups(self.table[:, 0], EVENTS_PER_GROUP)
-        self.cache = self._decode_all() if cache_indices else None
+        self.cache = self.decode_all() if cache_indices else None
 
     @property
     def nbytes(self) -> int:
@@ -126,7 +127,7 @@ class SparseCodes:
                 _accumulate(x2, *decoded, out[r0:r1])
         return out
 
-    def _decode_all(self):
+    def decode_all(self):
         """Every group decoded once and joined: (int32 gather indices, int32 row starts)."""
         spans, rows2 = self._layer()
         index, starts, n = [], [], 0

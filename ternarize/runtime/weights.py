@@ -12,7 +12,9 @@ encoding    how it is applied
             the memory; the input gets zero rows for the padding codes of each row's last byte
 ``b1``      the same with a byte → 8 floats table (bit 1 → +1, bit 0 → −1); padding bits meet the
             zero rows of the padded input
-``ts``      :class:`~ternarize.runtime.sparse.SparseCodes`: additions and subtractions only
+``ts``      :class:`~ternarize.runtime.sparse.SparseCodes` (the stream as stored) or, when the
+            runtime re-encodes it at load, :class:`~ternarize.runtime.gaps.GapCodes` (a byte per
+            non-zero weight): additions and subtractions only
 ``f32``     a zero-copy float32 view of the buffer: one BLAS matmul per group
 ``f16``     blocks of rows converted to float32, as for ``t2``
 ==========  =================================================================================
@@ -52,18 +54,22 @@ _T2, _B1 = _table(4), _table(8)
 
 
 class Store:
-    """The encoded bytes of every tensor of a TernFile, copied into one owned buffer."""
+    """The encoded bytes of every tensor of a TernFile, copied into one owned buffer.
 
-    def __init__(self, tf):
+    ``skip``: tensors held in another form (re-encoded ``ts`` weights): their bytes are not copied.
+    """
+
+    def __init__(self, tf, skip=()):
         self.entries = {e.name: e for e in tf.tensors}
         self.offsets, total = {}, 0
-        for e in tf.tensors:
+        kept = [e for e in tf.tensors if e.name not in skip]
+        for e in kept:
             align = _ALIGN.get(e.encoding, 1)
             total = -(-total // align) * align
             self.offsets[e.name] = total
             total += e.nbytes
         self.buf = np.zeros(total, np.uint8)
-        for e in tf.tensors:
+        for e in kept:
             o = self.offsets[e.name]
             self.buf[o:o + e.nbytes] = np.frombuffer(tf.raw(e.name), np.uint8)
         self.buf.flags.writeable = False
@@ -87,7 +93,8 @@ class Store:
 
 
 def weight_op(store: Store, name: str, groups: int = 1, cache_indices: bool = False):
-    """The matmul op of weight ``name`` in its stored encoding."""
+    """The matmul op of weight ``name`` in its stored encoding (``ts``: the stream, decoded per call,
+    or with ``cache_indices`` its decoded positions)."""
     e = store.entries[name]
     raw = store.raw(name)
     if e.encoding == "ts":

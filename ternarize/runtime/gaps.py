@@ -1,0 +1,255 @@
+"""Sparse ternary weights held as one byte per non-zero: the runtime's fast form of ``ts`` (numpy only).
+
+The ``ts`` stream of a file (formats/TERN.md §5.3) is within about 1 % of the entropy bound but takes
+some 25 numpy passes to decode. :class:`GapCodes` re-encodes it once, at load, into about 8 bits
+per non-zero weight that decode in a few numpy passes. At 2–5 % non-zero that is 1.1–1.2× the
+``ts`` bytes; ``Runtime.load(sparse="auto")`` uses it within a memory budget.
+
+Layout
+------
+Every non-zero weight (row r, column c, sign s: 0 for +1, 1 for −1) of an R × K weight is a point
+``i = 2·c + s`` of a row of ``W = 2·K`` (``2·groups·K`` for a grouped convolution, whose points
+then count the input rows of earlier groups too). Rows are laid end to end, ``m`` of them per
+*span* of S positions (S a power of two from 256 to 2^16, chosen per weight for the fewest bytes):
+point i of row r is the ``u = (r % m)·W + i``-th point position of span ``r // m``, at position
+``(r // m)·S + u + ⌊u / 255⌋`` — every position ≡ 255 (mod 256) is a *zero slot*, which reads 0.
+``m = ⌊255·S/256 / W⌋`` and the rest of a span is unused.
+
+The points of the whole weight are increasing positions p_1 < p_2 < …, stored as the steps
+``p_j − p_{j−1} − 1`` (p_0 = −1), one byte each: a step of 1 to 256. A longer step stops at zero
+slots on the way: the next one, then every 256th position, until the point is within 256. A stop
+reads 0 and adds nothing to its row. Stops belong to the row of the point after them;
+``counts[r]`` (uint8/16/32, the narrowest that fits) is the number of bytes of row r. At 5 %
+non-zero this is about 8.2 bits per non-zero weight; at 1 %, 13.
+
+Decoding
+--------
+The bytes are kept in chunks of whole rows, each transposed into ``L = 16`` rows of C columns:
+column j holds bytes j·L … j·L + 15. Per call and chunk:
+
+1. positions modulo 2^16 (uint16, wrapping): L − 1 additions of contiguous rows give the prefix
+   sums down each column, a ``cumsum`` over the C column totals gives each column's start, two
+   broadcast additions add it and the +1 per step; ``& (S − 1)`` maps a position into its span;
+2. one input column: the gather table holds the interleaved input ``[x₀, −x₀, x₁, −x₁, …]`` once
+   per row of a span, laid out as the positions are (zeros at the zero slots and after the m
+   rows), so position p reads entry ``p mod S``. One ``take``, then L − 1 additions for the
+   prefix sums of the gathered values down each column; with the totals of the columns before
+   (``reduceat`` between consecutive rows' last columns, float64, then a cumsum over the rows)
+   that is the running sum F at each row's last byte, and row r is F(its last) − F(row r − 1's);
+3. several input columns: the positions, back in byte order, become rows of the interleaved input
+   (a zero row for the zero slots), gathered and summed per row as in ``sparse._accumulate``.
+
+Example::
+
+    g = GapCodes.build(index, starts, rows=300, width=2 * 784)   # from SparseCodes.decode_all()
+    y = g.matmul(x.T)          # (300, N) = θ @ xᵀ
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .sparse import _accumulate, _interleave
+
+SPAN = 1 << 16  # positions are computed modulo 2^16 (uint16 arithmetic)
+MAX_STEP = 256  # one byte: a step of 1 to 256
+L = 16  # rows of a transposed chunk
+CHUNK_BYTES = 1 << 19  # bytes decoded together (whole rows): about 16 bytes of temporaries each
+_RAMP = np.arange(1, L + 1, dtype=np.uint16)[:, None]  # the +1 of every step, summed down a column
+
+
+def per_span(width: int, span: int) -> int:
+    """Rows of W points that fit a span: 255 of every 256 positions hold points, the last is a zero slot."""
+    return span // 256 * 255 // width
+
+
+def slot(u: np.ndarray) -> np.ndarray:
+    """The position of the u-th point position of a span: after every 255 comes a zero slot."""
+    return u + u // 255
+
+
+def encode(points: np.ndarray, row: np.ndarray, width: int, span: int):
+    """Steps (uint8) and bytes per point (int64, escapes included) for points ascending within rows.
+
+    ``row``: the row of each point, non-decreasing. A step longer than 256 goes through zero slots
+    (positions ≡ 255 mod 256): to the next one, then 256 at a time, then to the point.
+    """
+    m = per_span(width, span)
+    p = (row // m) * span + slot((row % m) * width + points)
+    prev = np.empty_like(p)
+    prev[:1] = -1
+    prev[1:] = p[:-1]
+    if np.any(p <= prev):
+        raise ValueError("points must be strictly increasing within each row")
+    far = np.flatnonzero(p - prev > MAX_STEP)
+    a, b = prev[far], p[far]
+    z1 = (a + 1) // MAX_STEP * MAX_STEP + (MAX_STEP - 1)  # the first zero slot after a
+    more = np.maximum(0, -(-(b - MAX_STEP - z1) // MAX_STEP))  # further zero slots, 256 apart
+    length = np.ones(p.size, np.int64)
+    length[far] += 1 + more
+    end = np.cumsum(length)
+    steps = np.full(int(end[-1]) if end.size else 0, MAX_STEP - 1, np.uint8)  # escapes: steps of 256
+    last = prev.copy()
+    last[far] = z1 + MAX_STEP * more
+    steps[end - 1] = p - last - 1
+    steps[end[far] - length[far]] = z1 - a - 1
+    return steps, length
+
+
+class GapCodes:
+    """A sparse ternary weight of R rows as byte steps (see the module doc); ``matmul`` computes θ @ x.
+
+    ``chunks``: per chunk ``(row0, row1, position before it, its bytes as (L, C) uint8)``.
+    """
+
+    def __init__(self, steps: np.ndarray, counts: np.ndarray, width: int, span: int):
+        self.counts, self.width, self.span = counts, width, span
+        self.rows = counts.size
+        self.nsteps = steps.size
+        self.chunks = _chunks(steps, counts, span)
+
+    @property
+    def nbytes(self) -> int:
+        """Resident bytes: the transposed steps (≤ 15 padding bytes per chunk), the row counts and
+        the chunk table (4 integers per chunk)."""
+        return sum(c[3].nbytes for c in self.chunks) + self.counts.nbytes + 32 * len(self.chunks)
+
+    @classmethod
+    def build(cls, index: np.ndarray, starts: np.ndarray, rows: int, width: int) -> GapCodes | None:
+        """From decoded points ``index`` (per row ascending) and each row's first one (``decode_all``).
+
+        Tries every span from the smallest power of two ≥ W to 2^16 and keeps the one with the fewest
+        bytes (the smaller span on a tie: a smaller gather table). None when W > 2^16.
+        """
+        if per_span(width, SPAN) < 1 or width % 2:
+            return None
+        index = np.asarray(index, np.int64)
+        per_row = np.diff(np.append(np.asarray(starts, np.int64), index.size))
+        row = np.repeat(np.arange(rows, dtype=np.int64), per_row)
+        best = None
+        span = 256
+        while per_span(width, span) < 1:
+            span *= 2
+        while span <= SPAN:
+            steps, length = encode(index, row, width, span)
+            if best is None or steps.size < best[0].size:
+                best = steps, length, span
+            span *= 2
+        steps, length, span = best
+        counts = np.bincount(row, weights=length, minlength=rows).astype(np.int64)
+        top = counts.max(initial=0)
+        dtype = np.uint8 if top < 1 << 8 else np.uint16 if top < 1 << 16 else np.uint32
+        return cls(steps, counts.astype(dtype), width, span)
+
+    def matmul(self, x: np.ndarray) -> np.ndarray:
+        """θ @ x for x of shape (groups·K, M): returns (R, M) float32."""
+        m = x.shape[1]
+        x2 = _interleave(x)
+        out = np.empty((self.rows, m), np.float32)
+        if m == 1:
+            table = _table(x2, self.span, self.rows)
+        else:  # a zero row for the zero slots
+            x2 = np.concatenate([x2, np.zeros((1, m), np.float32)])
+        for r0, r1, before, steps in self.chunks:
+            counts = self.counts[r0:r1]
+            if steps.size == 0:
+                out[r0:r1] = 0
+                continue
+            pos = positions(steps, before, self.span)
+            if m == 1:
+                out[r0:r1, 0] = _row_sums(table.take(pos, mode="clip"), counts)  # in range by construction
+            else:
+                n = int(counts.sum(dtype=np.int64))
+                index = _input_rows(pos.T.reshape(-1)[:n], self.width)
+                starts = np.cumsum(counts, dtype=np.intp)
+                starts -= counts
+                _accumulate(x2, index, starts, out[r0:r1])
+        return out
+
+
+def positions(steps: np.ndarray, before: int, span: int = SPAN) -> np.ndarray:
+    """Positions modulo ``span`` of transposed steps (L, C): entry (l, j) is byte j·L + l, whose
+    position is ``before + Σ_{i <= j·L + l} (step_i + 1)``. uint16, shape (L, C)."""
+    acc = steps.astype(np.uint16)
+    for i in range(1, L):
+        np.add(acc[i], acc[i - 1], out=acc[i])
+    total = acc[-1] + np.uint16(L)  # each column's sum of steps + 1
+    start = np.cumsum(total, dtype=np.uint16)  # wraps modulo 2^16, as wanted
+    start -= total
+    start += np.uint16(before & 0xFFFF)
+    acc += start
+    acc += _RAMP
+    if span < SPAN:
+        acc &= np.uint16(span - 1)
+    return acc
+
+
+def _row_sums(v: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Per row, the sum of its bytes' values, from the gathered values v (L, C) in transposed order.
+
+    The running sum at a row's last byte (l, j) is the prefix down column j to l plus the totals of
+    columns before j; those are summed per row (``reduceat`` between consecutive rows' columns,
+    float64) and accumulated over the rows, not over all columns.
+    """
+    c = v.shape[1]
+    for i in range(1, L):
+        np.add(v[i], v[i - 1], out=v[i])  # down each column
+    last = np.cumsum(counts, dtype=np.intp)
+    last -= 1  # each row's last byte (−1: none yet)
+    col = last // L
+    np.maximum(col, 0, out=col)
+    running = v.reshape(-1).take((last - col * L) * c + col)
+    running[last < 0] = 0
+    # Σ of the column totals before col[r]: col[0]'s, then the columns between consecutive rows'
+    between = np.add.reduceat(v[-1], col, dtype=np.float64)[:-1]
+    between[col[1:] == col[:-1]] = 0  # reduceat gives an element, not 0, for an empty range
+    earlier = np.empty(col.size)
+    earlier[0] = v[-1, :col[0]].sum(dtype=np.float64)
+    np.cumsum(between, out=earlier[1:])
+    earlier[1:] += earlier[0]
+    running += earlier
+    running[1:] -= running[:-1].copy()
+    return running
+
+
+def _table(x2: np.ndarray, span: int, rows: int) -> np.ndarray:
+    """Entry ``p mod span`` of position p is the input its point reads, 0 at zero slots and after the
+    span's rows; just the rows when they all fit in one span."""
+    w = x2.size
+    n = min(rows, per_span(w, span))
+    blocks = -(-n * w // 255)
+    lin = np.zeros(blocks * 255, np.float32)
+    lin[:n * w].reshape(n, w)[:] = x2
+    size = span if rows > n else blocks * 256
+    out = np.zeros(size, np.float32)
+    out[:blocks * 256].reshape(blocks, 256)[:, :255] = lin.reshape(blocks, 255)
+    return out
+
+
+def _input_rows(pos: np.ndarray, width: int) -> np.ndarray:
+    """The row of the interleaved input (W rows, then a zero row) each position reads."""
+    p = pos.astype(np.intp)
+    zero = (p & 255) == 255
+    p -= p >> 8  # the point position within the span
+    p %= width
+    p[zero] = width
+    return p
+
+
+def _chunks(steps: np.ndarray, counts: np.ndarray, span: int) -> list:
+    """Row ranges of at most ``CHUNK_BYTES`` bytes (or one row beyond), each with the position before
+    it and its bytes transposed to (L, C), zero-padded."""
+    ends = np.cumsum(counts, dtype=np.int64)
+    out, r0, b0, before = [], 0, 0, -1
+    while r0 < counts.size:
+        r1 = min(counts.size, max(r0 + 1, int(np.searchsorted(ends, b0 + CHUNK_BYTES, "right"))))
+        b1 = int(ends[r1 - 1])
+        n = b1 - b0
+        cols = -(-n // L)
+        block = np.zeros(cols * L, np.uint8)
+        block[:n] = steps[b0:b1]
+        block = np.ascontiguousarray(block.reshape(cols, L).T)
+        out.append((r0, r1, before & 0xFFFF, block))
+        before += n + int(steps[b0:b1].sum(dtype=np.int64))
+        r0, b0 = r1, b1
+    return out

@@ -1,0 +1,164 @@
+"""The byte-step form of sparse ternary weights (ternarize.runtime.gaps) against brute force.
+
+Oracles: ``np.cumsum`` for the decoded positions, the dense product θ @ x (float64) for every matmul,
+and a direct count for the bytes each layout needs (one per point, two per cancelling pair).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from ternarize import pack
+from ternarize.runtime import gaps, sparse
+
+
+def _theta(rng, rows, cols, density):
+    sign = np.where(rng.random((rows, cols)) < 0.5, -1, 1).astype(np.int8)
+    return sign * (rng.random((rows, cols)) < density).astype(np.int8)
+
+
+def _points(theta, groups=1):
+    """(index, starts) as SparseCodes.decode_all gives them: 2·(g·K + column) + sign, row-major."""
+    rows, cols = theta.shape
+    r, c = np.nonzero(theta)
+    index = 2 * ((r // (rows // groups)) * cols + c) + (theta[r, c] < 0)
+    return index, np.searchsorted(r, np.arange(rows))
+
+
+def _check(theta, groups=1, batches=(1, 4), rng=None):
+    rng = rng or np.random.default_rng(0)
+    rows, cols = theta.shape
+    g = gaps.GapCodes.build(*_points(theta, groups), rows, 2 * groups * cols)
+    assert g is not None
+    og = rows // groups
+    for m in batches:
+        x = rng.standard_normal((groups * cols, m)).astype(np.float32)
+        ref = np.concatenate([theta[i * og:(i + 1) * og].astype(np.float64) @ x[i * cols:(i + 1) * cols]
+                              for i in range(groups)])
+        got = g.matmul(x)
+        assert got.shape == (rows, m) and got.dtype == np.float32
+        scale = max(1.0, float(np.abs(ref).max()))
+        assert float(np.abs(got - ref).max()) <= 1e-5 * scale, (theta.shape, groups, m)
+    return g
+
+
+@pytest.mark.parametrize("n", [1, 15, 16, 17, 255, 256, 4097, 70_000])
+def test_positions_are_the_running_sum(n):
+    rng = np.random.default_rng(n)
+    steps = rng.integers(0, 256, n).astype(np.uint8)
+    (_, _, before, block), = gaps._chunks(steps, np.array([n]), gaps.SPAN)
+    assert before == 0xFFFF and block.shape == (gaps.L, -(-n // gaps.L))
+    got = gaps.positions(block, before).T.reshape(-1)[:n]
+    assert np.array_equal(got, np.cumsum(steps.astype(np.int64) + 1) - 1 & 0xFFFF)
+    for span in (2, 64, 4096):
+        assert np.array_equal(gaps.positions(block, before, span).T.reshape(-1)[:n], got & (span - 1))
+
+
+@pytest.mark.parametrize("density", [1.0, 0.5, 0.2, 0.05, 0.02, 0.005, 0.0005, 0.0])
+@pytest.mark.parametrize("rows,cols", [(1, 1), (7, 3), (40, 500), (300, 784), (64, 2048), (3, 32640)])
+def test_matmul_against_dense(rows, cols, density):
+    rng = np.random.default_rng(rows * cols)
+    _check(_theta(rng, rows, cols, density), rng=rng)
+
+
+@pytest.mark.parametrize("rows,cols,groups", [(12, 100, 3), (64, 9, 64), (16, 40, 4)])
+def test_grouped(rows, cols, groups):
+    rng = np.random.default_rng(groups)
+    _check(_theta(rng, rows, cols, 0.3), groups, rng=rng)
+
+
+def test_long_steps_and_empty_rows():
+    """Steps of exactly 256, 257, 258 and far beyond, empty first/last/middle rows, a lone far point."""
+    theta = np.zeros((9, 1500), np.int8)
+    theta[1, [0, 128, 256]] = [1, -1, 1]          # doubled steps 256, 257 (+1 → −1), 255
+    theta[1, 385] = -1                            # 258 from the previous (+1 at 256 → −1 at 385)
+    theta[3, 1499] = 1                            # far from row 1's last point and the row start
+    theta[4, 0] = -1
+    theta[6, [5, 6, 1000, 1001]] = [1, 1, -1, -1]
+    g = _check(theta)
+    np.testing.assert_array_equal(g.counts.astype(int) > 0, np.any(theta != 0, axis=1) | (g.counts > 0))
+    assert g.counts[[0, 8]].tolist() == [0, 0]
+    _check(np.zeros((5, 10), np.int8))
+
+
+def _walk(positions):
+    """Brute force: bytes to reach each position in turn, a step of at most 256 at a time, every
+    stop short of the target on a zero slot (a position ≡ 255 mod 256)."""
+    n, at = 0, -1
+    for p in positions:
+        while p - at > 256:
+            at = next(z for z in range(at + 1, at + 257) if z % 256 == 255)
+            n += 1
+        at, n = p, n + 1
+    return n
+
+
+@pytest.mark.parametrize("width,span", [(4000, 4096), (1568, 65536), (2, 256), (600, 2048)])
+def test_bytes_match_a_brute_force_walk(width, span):
+    """One byte per point, plus one per zero slot passed on a step longer than 256 positions."""
+    rng = np.random.default_rng(width)
+    rows = 3 * gaps.per_span(width, span) + 2
+    for density in (0.3, 0.02, 0.002):
+        theta = _theta(rng, rows, width // 2, density)
+        index, starts = _points(theta)
+        row = np.repeat(np.arange(rows), np.diff(np.append(starts, index.size)))
+        steps, length = gaps.encode(index, row, width, span)
+        assert steps.size == length.sum()
+        m = gaps.per_span(width, span)
+        u = (row % m) * width + index
+        assert steps.size == _walk(((row // m) * span + u + u // 255).tolist())
+    assert gaps.per_span(255, 256) == 1 and gaps.per_span(256, 256) == 0 and gaps.per_span(2, 512) == 255
+    assert gaps.slot(np.array([0, 254, 255, 509, 510])).tolist() == [0, 254, 256, 510, 512]
+
+
+def test_span_is_the_smallest_of_fewest_bytes():
+    rng = np.random.default_rng(5)
+    index, starts = _points(_theta(rng, 64, 784, 0.05))
+    sizes = {}
+    for span in (2048, 4096, 8192, 16384, 32768, 65536):
+        row = np.repeat(np.arange(64), np.diff(np.append(starts, index.size)))
+        sizes[span] = gaps.encode(index, row, 1568, span)[0].size
+    g = gaps.GapCodes.build(index, starts, 64, 1568)
+    assert sizes[g.span] == min(sizes.values())
+    assert all(size > sizes[g.span] for span, size in sizes.items() if span < g.span)
+
+
+def test_too_wide_rows_are_refused():
+    theta = np.zeros((2, 32641), np.int8)  # 65 282 point positions; a span holds 256 · 255 = 65 280
+    theta[0, 5] = 1
+    assert gaps.GapCodes.build(*_points(theta), 2, 65282) is None
+    assert gaps.GapCodes.build(*_points(np.ascontiguousarray(theta[:, :32640])), 2, 65280) is not None
+
+
+def test_small_chunks_agree(monkeypatch):
+    rng = np.random.default_rng(9)
+    theta = _theta(rng, 50, 300, 0.1)
+    whole = gaps.GapCodes.build(*_points(theta), 50, 600)
+    monkeypatch.setattr(gaps, "CHUNK_BYTES", 7)
+    g = _check(theta, rng=rng)
+    assert len(g.chunks) == 50 > len(whole.chunks)
+
+
+def test_size_near_one_byte_per_nonzero():
+    """About 8.2 bits per non-zero weight at 5 % non-zero, 1.15–1.21× the ts stream; at 2 %, 1.1–1.2×."""
+    rng = np.random.default_rng(11)
+    theta = _theta(rng, 1024, 1024, 0.05)
+    g = gaps.GapCodes.build(*_points(theta), 1024, 2048)
+    nz = np.count_nonzero(theta)
+    buf, _ = pack.encode(theta, "ternary", "ts")
+    assert 8.0 <= 8 * g.nbytes / nz <= 8.3
+    assert 1.1 <= g.nbytes / len(buf) <= 1.21
+    theta = _theta(rng, 1024, 1024, 0.02)
+    g = gaps.GapCodes.build(*_points(theta), 1024, 2048)
+    assert 1.1 <= g.nbytes / len(pack.encode(theta, "ternary", "ts")[0]) <= 1.2
+
+
+def test_from_sparse_codes():
+    rng = np.random.default_rng(12)
+    theta = _theta(rng, 30, 200, 0.05)
+    buf, params = pack.encode(theta, "ternary", "ts")
+    sc = sparse.SparseCodes(np.frombuffer(buf, np.uint8), theta.shape, params)
+    g = gaps.GapCodes.build(*sc.decode_all(), 30, 400)
+    x = rng.standard_normal((200, 3)).astype(np.float32)
+    np.testing.assert_allclose(g.matmul(x), sc.matmul(x), rtol=1e-5, atol=1e-5)
