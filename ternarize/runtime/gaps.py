@@ -53,7 +53,8 @@ from .sparse import _accumulate, _interleave
 
 SPAN = 1 << 16  # positions are computed modulo 2^16 (uint16 arithmetic)
 MAX_STEP = 256  # one byte: a step of 1 to 256
-L = 16  # rows of a transposed chunk
+L = 16  # rows of a transposed chunk (a power of two)
+_SHIFT = L.bit_length() - 1
 CHUNK_BYTES = 1 << 19  # bytes decoded together (whole rows): about 16 bytes of temporaries each
 _RAMP = np.arange(1, L + 1, dtype=np.uint16)[:, None]  # the +1 of every step, summed down a column
 
@@ -144,12 +145,10 @@ class GapCodes:
     def matmul(self, x: np.ndarray) -> np.ndarray:
         """θ @ x for x of shape (groups·K, M): returns (R, M) float32."""
         m = x.shape[1]
-        x2 = _interleave(x)
+        x2 = _interleave(x, zero_row=m > 1)  # the zero row: what zero slots read
         out = np.empty((self.rows, m), np.float32)
         if m == 1:
             table = _table(x2, self.span, self.rows)
-        else:  # a zero row for the zero slots
-            x2 = np.concatenate([x2, np.zeros((1, m), np.float32)])
         for r0, r1, before, steps in self.chunks:
             counts = self.counts[r0:r1]
             if steps.size == 0:
@@ -196,12 +195,15 @@ def _row_sums(v: np.ndarray, counts: np.ndarray) -> np.ndarray:
         np.add(v[i], v[i - 1], out=v[i])  # down each column
     last = np.cumsum(counts, dtype=np.intp)
     last -= 1  # each row's last byte (−1: none yet)
-    col = last // L
+    col = last >> _SHIFT
     np.maximum(col, 0, out=col)
-    running = v.reshape(-1).take((last - col * L) * c + col)
+    at = last & (L - 1)
+    at *= c
+    at += col
+    running = v.reshape(-1).take(at)
     running[last < 0] = 0
     # Σ of the column totals before col[r]: col[0]'s, then the columns between consecutive rows'
-    between = np.add.reduceat(v[-1], col, dtype=np.float64)[:-1]
+    between = np.add.reduceat(v[-1], col)[:-1].astype(np.float64)
     between[col[1:] == col[:-1]] = 0  # reduceat gives an element, not 0, for an empty range
     earlier = np.empty(col.size)
     earlier[0] = v[-1, :col[0]].sum(dtype=np.float64)

@@ -275,13 +275,16 @@ def _slots(p: np.ndarray, ngroups: int, k: int) -> np.ndarray:
     return out
 
 
-def _interleave(x: np.ndarray) -> np.ndarray:
-    """(2·rows, M) with x at even rows and −x at odd rows; 1-D when M = 1 (a faster take)."""
+def _interleave(x: np.ndarray, zero_row: bool = False) -> np.ndarray:
+    """(2·rows, M) with x at even rows and −x at odd rows (then one zero row if asked); 1-D when
+    M = 1 (a faster take)."""
     rows, m = x.shape
-    x2 = np.empty((rows, 2, m), np.float32)
-    x2[:, 0] = x
-    np.negative(x, out=x2[:, 1])
-    return x2.reshape(2 * rows) if m == 1 else x2.reshape(2 * rows, m)
+    x2 = np.empty(2 * rows * m + (m if zero_row else 0), np.float32)
+    pairs = x2[:2 * rows * m].reshape(rows, 2, m)
+    pairs[:, 0] = x
+    np.negative(x, out=pairs[:, 1])
+    x2[2 * rows * m:] = 0
+    return x2 if m == 1 else x2.reshape(-1, m)
 
 
 def _accumulate(x2: np.ndarray, index: np.ndarray, starts: np.ndarray, out: np.ndarray) -> None:
