@@ -15,7 +15,7 @@ Design
   - ``"stream"``: the Rice-coded stream as stored, decoded per call (the least memory, slowest;
     :mod:`ternarize.runtime.sparse`);
   - ``"gaps"``: re-encoded at load as one byte per non-zero weight, decoded in a few passes
-    (:mod:`ternarize.runtime.gaps`), about 1.05–1.2× the stream at 2–5 % non-zero;
+    (:mod:`ternarize.runtime.gaps`), about 1.1–1.2× the stream at 2–5 % non-zero;
   - ``"auto"`` (default): ``"gaps"`` for as many weights as fit while the resident weights stay
     within ``budget`` (default 1.2) × the encoded size, the fewest extra bytes per non-zero first;
   - ``"indices"``: the decoded gather indices (int32, about 4 bytes per non-zero weight).
