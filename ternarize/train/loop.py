@@ -154,6 +154,7 @@ def fit(model: nn.Module, data, config: TrainConfig | None = None, teacher: nn.M
                 if dist.rank == 0:
                     log(f"stopping after epoch {epoch + 1}: the time budget of {config.time_budget:g}s is spent")
                 break
+    dist.close()
     result.seconds = time.perf_counter() - t0
     return result
 
@@ -182,7 +183,9 @@ def fit_float(model: nn.Module, data, epochs: int = 5, lr: float = 1e-3, batch_s
     adam = torch.optim.Adam(model.parameters(), lr=lr)
     config = TrainConfig(epochs=epochs, batch_size=batch_size, seed=seed, progress=progress, lr=lr)
     run = _Run(dist.wrap(model), model, None, adam, tensors, None, config, dist, log)
-    return [run.epoch(e) for e in range(epochs)]
+    history = [run.epoch(e) for e in range(epochs)]
+    dist.close()
+    return history
 
 
 def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 1000) -> tuple[float, float]:
@@ -217,8 +220,9 @@ def _require(ok: bool, message: str) -> None:
 class _Distributed:
     """Device choice and, under torchrun, the process group and DDP wrapping."""
 
-    def __init__(self, device: torch.device, rank: int, world: int):
+    def __init__(self, device: torch.device, rank: int, world: int, owned: bool = False):
         self.device, self.rank, self.world = device, rank, world
+        self.owned = owned  # this object started the process group and ends it
 
     @classmethod
     def setup(cls, device: str) -> _Distributed:
@@ -229,12 +233,24 @@ class _Distributed:
 
         local = int(os.environ.get("LOCAL_RANK", "0"))
         use_cuda = device != "cpu" and torch.cuda.is_available()
-        if not tdist.is_initialized():
+        owned = not tdist.is_initialized()
+        if owned:
             tdist.init_process_group("nccl" if use_cuda else "gloo")
         dev = torch.device(f"cuda:{local}") if use_cuda else torch.device("cpu")
         if use_cuda:
             torch.cuda.set_device(dev)
-        return cls(dev, tdist.get_rank(), tdist.get_world_size())
+        return cls(dev, tdist.get_rank(), tdist.get_world_size(), owned)
+
+    def close(self) -> None:
+        """End the process group this object started, every rank together: left to interpreter exit,
+        its background threads can abort a rank that finishes before the others."""
+        if self.owned:
+            import torch.distributed as tdist
+
+            if tdist.is_initialized():
+                tdist.barrier()
+                tdist.destroy_process_group()
+            self.owned = False
 
     def wrap(self, model: nn.Module) -> nn.Module:
         if self.world <= 1:
