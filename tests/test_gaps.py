@@ -162,3 +162,19 @@ def test_from_sparse_codes():
     g = gaps.GapCodes.build(*sc.decode_all(), 30, 400)
     x = rng.standard_normal((200, 3)).astype(np.float32)
     np.testing.assert_allclose(g.matmul(x), sc.matmul(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("gather_bytes", [1, 100, 1 << 20])
+def test_column_sums_in_blocks(monkeypatch, gather_bytes):
+    """Many short rows over a few columns are summed column by column, in blocks of output rows."""
+    monkeypatch.setattr(sparse, "GATHER_BYTES", gather_bytes)
+    rng = np.random.default_rng(13)
+    theta = _theta(rng, 300, 200, 0.03)
+    theta[[0, 150, 299]] = 0  # empty rows first, inside and last
+    assert sparse.by_columns(300, 5) and not sparse.by_columns(300, 100) and not sparse.by_columns(300, 1)
+    _check(theta, batches=(5,), rng=rng)
+    buf, params = pack.encode(theta, "ternary", "ts")
+    for cache in (False, True):
+        sc = sparse.SparseCodes(np.frombuffer(buf, np.uint8), theta.shape, params, cache_indices=cache)
+        x = rng.standard_normal((200, 5)).astype(np.float32)
+        np.testing.assert_allclose(sc.matmul(x), theta.astype(np.float64) @ x, rtol=1e-5, atol=1e-5)

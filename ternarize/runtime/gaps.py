@@ -49,7 +49,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .sparse import _accumulate, _interleave
+from .sparse import _accumulate, _interleave, _interleave_t, by_columns
 
 SPAN = 1 << 16  # positions are computed modulo 2^16 (uint16 arithmetic)
 MAX_STEP = 256  # one byte: a step of 1 to 256
@@ -145,7 +145,9 @@ class GapCodes:
     def matmul(self, x: np.ndarray) -> np.ndarray:
         """θ @ x for x of shape (groups·K, M): returns (R, M) float32."""
         m = x.shape[1]
-        x2 = _interleave(x, zero_row=m > 1)  # the zero row: what zero slots read
+        cols = by_columns(self.rows, m)
+        x2 = None if cols else _interleave(x, zero_row=m > 1)  # the zero row: what zero slots read
+        x2t = _interleave_t(x, zero_row=True) if cols else None
         out = np.empty((self.rows, m), np.float32)
         if m == 1:
             table = _table(x2, self.span, self.rows)
@@ -162,7 +164,7 @@ class GapCodes:
                 index = _input_rows(pos.T.reshape(-1)[:n], self.width)
                 starts = np.cumsum(counts, dtype=np.intp)
                 starts -= counts
-                _accumulate(x2, index, starts, out[r0:r1])
+                _accumulate(x2, index, starts, out[r0:r1], x2t)
         return out
 
 

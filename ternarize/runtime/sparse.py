@@ -112,10 +112,12 @@ class SparseCodes:
 
     def matmul(self, x: np.ndarray) -> np.ndarray:
         """θ @ x for x of shape (groups·K, M): returns (O, M) float32."""
-        x2 = _interleave(x)
+        cols = by_columns(self.rows, x.shape[1])
+        x2 = None if cols else _interleave(x)
+        x2t = _interleave_t(x) if cols else None
         out = np.empty((self.rows, x.shape[1]), np.float32)
         if self.cache is not None:
-            _accumulate(x2, *self.cache, out)
+            _accumulate(x2, *self.cache, out, x2t)
             return out
         spans, rows2 = self._layer()
         for b0, b1 in self.plan:
@@ -124,7 +126,7 @@ class SparseCodes:
             if decoded is None:
                 out[r0:r1] = 0
             else:
-                _accumulate(x2, *decoded, out[r0:r1])
+                _accumulate(x2, *decoded, out[r0:r1], x2t)
         return out
 
     def decode_all(self):
@@ -287,14 +289,36 @@ def _interleave(x: np.ndarray, zero_row: bool = False) -> np.ndarray:
     return x2 if m == 1 else x2.reshape(-1, m)
 
 
-def _accumulate(x2: np.ndarray, index: np.ndarray, starts: np.ndarray, out: np.ndarray) -> None:
+def by_columns(rows: int, m: int) -> bool:
+    """Whether ``rows`` output rows over ``m`` > 1 input columns are summed column by column (many
+    short segments: gathers along the rows of the transposed input are faster there)."""
+    return 1 < m and 4 * m <= rows
+
+
+def _interleave_t(x: np.ndarray, zero_row: bool = False) -> np.ndarray:
+    """``_interleave(x, zero_row).T``, built directly: (M, 2·rows [+ 1])."""
+    rows, m = x.shape
+    x2t = np.zeros((m, 2 * rows + (1 if zero_row else 0)), np.float32)
+    pairs = x2t[:, :2 * rows].reshape(m, rows, 2)
+    pairs[:, :, 0] = x.T
+    np.negative(x.T, out=pairs[:, :, 1])
+    return x2t
+
+
+def _accumulate(x2: np.ndarray, index: np.ndarray, starts: np.ndarray, out: np.ndarray,
+                x2t: np.ndarray | None = None) -> None:
     """out[r] = Σ x2[index[starts[r]:starts[r+1]]]: gather, then ``np.add.reduceat`` per segment.
 
-    With several columns the gathered (events × columns) temporary is bounded by ``GATHER_BYTES``:
-    whole rows of ``x2`` are gathered for as many output rows as fit (long contiguous copies), and
-    only an output row whose events alone exceed the bound is split by columns.
+    With several columns the gathered temporary is bounded by ``GATHER_BYTES``. Given ``x2t``
+    (``x2`` transposed, see ``by_columns``) the events of as many output rows as fit are gathered
+    from every column at once and summed along them; otherwise whole rows of ``x2`` are gathered
+    for as many output rows as fit (long contiguous copies), and only an output row whose events
+    alone exceed the bound is split by columns.
     """
     n = index.size
+    if x2t is not None:
+        _column_sums(x2t, index, starts, out)
+        return
     if x2.ndim == 1:
         v = np.empty(n + 1, np.float32)
         v[n] = 0  # reduceat needs indices < len: an empty last row points here
@@ -310,6 +334,23 @@ def _accumulate(x2: np.ndarray, index: np.ndarray, starts: np.ndarray, out: np.n
         r1 = max(r0 + 1, int(np.searchsorted(bounds, bounds[r0] + fit, "right")) - 1)
         r1 = min(r1, starts.size)
         _segment_sums(x2, index[bounds[r0]:bounds[r1]], bounds[r0:r1 + 1] - bounds[r0], out[r0:r1])
+        r0 = r1
+
+
+def _column_sums(x2t: np.ndarray, index: np.ndarray, starts: np.ndarray, out: np.ndarray) -> None:
+    """out[r] = Σ x2t[:, index[starts[r]:starts[r+1]]] for x2t (M, 2K): blocks of output rows whose
+    (M × events) gather fits ``GATHER_BYTES`` (one row at least)."""
+    n, m = index.size, x2t.shape[0]
+    fit = max(1, GATHER_BYTES // (4 * m))
+    bounds = np.append(starts, n)
+    r0 = 0
+    while r0 < starts.size:
+        r1 = min(starts.size, max(r0 + 1, int(np.searchsorted(bounds, bounds[r0] + fit, "right")) - 1))
+        e0, e1 = int(bounds[r0]), int(bounds[r1])
+        v = np.zeros((m, e1 - e0 + 1), np.float32)  # the last column: what empty rows at the end read
+        v[:, :-1] = x2t.take(index[e0:e1], axis=1)
+        out[r0:r1] = np.add.reduceat(v, bounds[r0:r1] - e0, axis=1).T
+        out[r0:r1][bounds[r0:r1] == bounds[r0 + 1:r1 + 1]] = 0
         r0 = r1
 
 
