@@ -55,7 +55,7 @@ SPAN = 1 << 16  # positions are computed modulo 2^16 (uint16 arithmetic)
 MAX_STEP = 256  # one byte: a step of 1 to 256
 L = 16  # rows of a transposed chunk (a power of two)
 _SHIFT = L.bit_length() - 1
-CHUNK_BYTES = 1 << 19  # bytes decoded together (whole rows): about 16 bytes of temporaries each
+CHUNK_BYTES = 1 << 18  # bytes decoded together (whole rows): about 16 bytes of temporaries each
 _RAMP = np.arange(1, L + 1, dtype=np.uint16)[:, None]  # the +1 of every step, summed down a column
 
 
@@ -119,8 +119,9 @@ class GapCodes:
     def build(cls, index: np.ndarray, starts: np.ndarray, rows: int, width: int) -> GapCodes | None:
         """From decoded points ``index`` (per row ascending) and each row's first one (``decode_all``).
 
-        Tries every span from the smallest power of two ≥ W to 2^16 and keeps the one with the fewest
-        bytes (the smaller span on a tie: a smaller gather table). None when W > 2^16.
+        Tries every span from the smallest power of two (256 at least) that holds a row up to 2^16 and
+        keeps the one with the fewest bytes (the smaller span on a tie: a smaller gather table). None
+        when a row does not fit a span of 2^16 positions (W > 65 280).
         """
         if per_span(width, SPAN) < 1 or width % 2:
             return None
@@ -189,8 +190,8 @@ def _row_sums(v: np.ndarray, counts: np.ndarray) -> np.ndarray:
     """Per row, the sum of its bytes' values, from the gathered values v (L, C) in transposed order.
 
     The running sum at a row's last byte (l, j) is the prefix down column j to l plus the totals of
-    columns before j; those are summed per row (``reduceat`` between consecutive rows' columns,
-    float64) and accumulated over the rows, not over all columns.
+    the columns before j: those are summed between consecutive rows' columns (``reduceat``) and
+    accumulated over the rows in float64, not over all the columns.
     """
     c = v.shape[1]
     for i in range(1, L):
