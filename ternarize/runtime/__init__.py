@@ -133,7 +133,9 @@ class Runtime:
                 options.append((extra / max(1, index.size), extra, name, g))
         if budget is None:
             return {name: g for _, _, name, g in options}
-        room = budget * self.encoded_bytes - self.weight_bytes
+        # dropping bytes from the store can add up to 3 bytes of alignment before each float tensor
+        aligned = sum(e.encoding in ("f32", "f16") for e in self._store.entries.values())
+        room = budget * self.encoded_bytes - self.weight_bytes - 3 * aligned
         chosen = {}
         for _, extra, name, g in sorted(options, key=lambda o: o[:2]):
             if extra <= room:
