@@ -155,3 +155,11 @@ def test_file_commands_reject_missing_and_malformed_files(tmp_path):
     assert result.exit_code == 1 and "NOT sound" in result.output
     assert invoke("verify", tmp_path / "none.tern").exit_code == 2
     assert invoke("run", bad).exit_code == 2  # neither --input nor --data
+
+
+def test_run_sparse_choices_are_the_runtime_forms():
+    from ternarize.cli import cli
+    from ternarize.runtime import SPARSE_FORMS
+
+    option = next(p for p in cli.commands["run"].params if p.name == "sparse")
+    assert tuple(option.type.choices) == SPARSE_FORMS

@@ -171,7 +171,9 @@ def test_column_sums_in_blocks(monkeypatch, gather_bytes):
     rng = np.random.default_rng(13)
     theta = _theta(rng, 300, 200, 0.03)
     theta[[0, 150, 299]] = 0  # empty rows first, inside and last
-    assert sparse.by_columns(300, 5) and not sparse.by_columns(300, 100) and not sparse.by_columns(300, 1)
+    x = np.ones((200, 5), np.float32)
+    assert sparse.interleaved(x, 300)[0] is None and sparse.interleaved(x, 19)[1] is None
+    assert sparse.interleaved(x[:, :1], 300)[1] is None
     _check(theta, batches=(5,), rng=rng)
     buf, params = pack.encode(theta, "ternary", "ts")
     for cache in (False, True):

@@ -428,11 +428,16 @@ def test_weights_stay_encoded(tmp_path):
     assert_close(y, ref.astype(np.float32), 1e-5)
 
 
+def _sparse_mlp(path, seed: int, width: int, density: float):
+    """A zoo MLP on 1×28×28 with its weights projected to ternary at ``density``, written to ``path``."""
+    torch.manual_seed(seed)
+    model = zoo.create("mlp", in_shape=(1, 28, 28), width=width)
+    compile_model(model, (1, 28, 28), project(model, "ternary", density=density), path)
+    return path
+
+
 def test_sparse_forms_same_results(tmp_path):
-    torch.manual_seed(6)
-    model = zoo.create("mlp", in_shape=(1, 28, 28), width=64)
-    discrete = project(model, "ternary", density=0.05)
-    compile_model(model, (1, 28, 28), discrete, tmp_path / "m.tern")
+    _sparse_mlp(tmp_path / "m.tern", seed=6, width=64, density=0.05)
     x = inputs((1, 28, 28), n=7)
     rts = {form: Runtime.load(tmp_path / "m.tern", sparse=form) for form in ("stream", "gaps", "indices", "auto")}
     for form, rt in rts.items():
@@ -445,10 +450,7 @@ def test_sparse_forms_same_results(tmp_path):
 
 def test_auto_keeps_the_memory_budget(tmp_path):
     """Within budget × encoded bytes: tight budgets keep streams; the choice is the cheapest first."""
-    torch.manual_seed(8)
-    model = zoo.create("mlp", in_shape=(1, 28, 28), width=128)
-    discrete = project(model, "ternary", density=0.04)
-    compile_model(model, (1, 28, 28), discrete, tmp_path / "m.tern")
+    _sparse_mlp(tmp_path / "m.tern", seed=8, width=128, density=0.04)
     x = inputs((1, 28, 28), n=3)
     ref = Runtime.load(tmp_path / "m.tern", sparse="stream")
     seen = set()

@@ -102,11 +102,12 @@ class Runtime:
         self._ops = {}
         for name, groups in self._weights.items():
             self._ops[name] = gaps.get(name) or weight_op(self._store, name, groups, cache_indices)
+        # the float vectors the steps read (scales, biases, shifts): views of the store, or decoded f16
+        self._vectors = {n: self._store.floats(n) for n in self._float_inputs()}
         self._extra = sum(op.nbytes for op in self._ops.values())
-        self._extra += sum(self._floats(n).nbytes for n in self._float_inputs() if self._is_copy(n))
+        self._extra += sum(v.nbytes for v in self._vectors.values() if not np.shares_memory(v, self._store.buf))
 
     def _float_inputs(self) -> set:
-        """The float vectors the steps read: scales, biases, shifts."""
         names = set()
         for node in self.graph.nodes:
             if node.op in ("linear", "conv2d"):
@@ -114,9 +115,6 @@ class Runtime:
             elif node.op == "channel_affine":
                 names.update(node.inputs[1:3])
         return names
-
-    def _is_copy(self, name: str) -> bool:
-        return not np.shares_memory(self._store.floats(name), self._store.buf)
 
     def _gap_forms(self, tf, budget) -> dict:
         """``ts`` weights re-encoded as byte steps: all that can be (budget None), or those that fit
@@ -144,7 +142,7 @@ class Runtime:
         return chosen
 
     def _floats(self, name: str):
-        return self._store.floats(name) if name else None
+        return self._vectors[name] if name else None
 
     def _step(self, node):
         """(function of the input arrays, input activation names, output name) for one node."""

@@ -49,7 +49,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .sparse import _accumulate, _interleave, _interleave_t, by_columns
+from .sparse import _accumulate, interleaved
 
 SPAN = 1 << 16  # positions are computed modulo 2^16 (uint16 arithmetic)
 MAX_STEP = 256  # one byte: a step of 1 to 256
@@ -106,7 +106,6 @@ class GapCodes:
     def __init__(self, steps: np.ndarray, counts: np.ndarray, width: int, span: int):
         self.counts, self.width, self.span = counts, width, span
         self.rows = counts.size
-        self.nsteps = steps.size
         self.chunks = _chunks(steps, counts, span)
 
     @property
@@ -146,9 +145,7 @@ class GapCodes:
     def matmul(self, x: np.ndarray) -> np.ndarray:
         """θ @ x for x of shape (groups·K, M): returns (R, M) float32."""
         m = x.shape[1]
-        cols = by_columns(self.rows, m)
-        x2 = None if cols else _interleave(x, zero_row=m > 1)  # the zero row: what zero slots read
-        x2t = _interleave_t(x, zero_row=True) if cols else None
+        x2, x2t = interleaved(x, self.rows, zero_row=True)  # the zero row: what zero slots read
         out = np.empty((self.rows, m), np.float32)
         if m == 1:
             table = _table(x2, self.span, self.rows)

@@ -112,9 +112,7 @@ class SparseCodes:
 
     def matmul(self, x: np.ndarray) -> np.ndarray:
         """θ @ x for x of shape (groups·K, M): returns (O, M) float32."""
-        cols = by_columns(self.rows, x.shape[1])
-        x2 = None if cols else _interleave(x)
-        x2t = _interleave_t(x) if cols else None
+        x2, x2t = interleaved(x, self.rows)
         out = np.empty((self.rows, x.shape[1]), np.float32)
         if self.cache is not None:
             _accumulate(x2, *self.cache, out, x2t)
@@ -289,10 +287,14 @@ def _interleave(x: np.ndarray, zero_row: bool = False) -> np.ndarray:
     return x2 if m == 1 else x2.reshape(-1, m)
 
 
-def by_columns(rows: int, m: int) -> bool:
-    """Whether ``rows`` output rows over ``m`` > 1 input columns are summed column by column (many
-    short segments: gathers along the rows of the transposed input are faster there)."""
-    return 1 < m and 4 * m <= rows
+def interleaved(x: np.ndarray, rows: int, zero_row: bool = False):
+    """``(x2, None)`` from ``_interleave``, or ``(None, x2t)``, its transpose, when ``rows`` output rows
+    over M > 1 input columns are better summed column by column (many short segments:
+    ``4·M <= rows``). ``zero_row`` appends a zero input row (M > 1)."""
+    m = x.shape[1]
+    if 1 < m and 4 * m <= rows:
+        return None, _interleave_t(x, zero_row)
+    return _interleave(x, zero_row and m > 1), None
 
 
 def _interleave_t(x: np.ndarray, zero_row: bool = False) -> np.ndarray:
@@ -310,7 +312,7 @@ def _accumulate(x2: np.ndarray, index: np.ndarray, starts: np.ndarray, out: np.n
     """out[r] = Σ x2[index[starts[r]:starts[r+1]]]: gather, then ``np.add.reduceat`` per segment.
 
     With several columns the gathered temporary is bounded by ``GATHER_BYTES``. Given ``x2t``
-    (``x2`` transposed, see ``by_columns``) the events of as many output rows as fit are gathered
+    (``x2`` transposed, see ``interleaved``) the events of as many output rows as fit are gathered
     from every column at once and summed along them; otherwise whole rows of ``x2`` are gathered
     for as many output rows as fit (long contiguous copies), and only an output row whose events
     alone exceed the bound is split by columns.
