@@ -164,17 +164,18 @@ def test_from_sparse_codes():
     np.testing.assert_allclose(g.matmul(x), sc.matmul(x), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("gather_bytes", [1, 100, 1 << 20])
-def test_column_sums_in_blocks(monkeypatch, gather_bytes):
-    """Many short rows over a few columns are summed column by column, in blocks of output rows."""
+@pytest.mark.parametrize("gather_bytes", [1, 100, 3000, 1 << 20])
+def test_padded_sums_in_blocks(monkeypatch, gather_bytes):
+    """Several columns: rows by event count, padded blocks within the bound, column slices for a row
+    too long for it alone; empty rows, rows of one event and a long row included."""
     monkeypatch.setattr(sparse, "GATHER_BYTES", gather_bytes)
     rng = np.random.default_rng(13)
     theta = _theta(rng, 300, 200, 0.03)
     theta[[0, 150, 299]] = 0  # empty rows first, inside and last
-    x = np.ones((200, 5), np.float32)
-    assert sparse.interleaved(x, 300)[0] is None and sparse.interleaved(x, 19)[1] is None
-    assert sparse.interleaved(x[:, :1], 300)[1] is None
-    _check(theta, batches=(5,), rng=rng)
+    theta[7] = 0
+    theta[7, 11] = -1  # one event
+    theta[8] = rng.choice([-1, 1], 200)  # every column
+    _check(theta, batches=(2, 5, 40), rng=rng)
     buf, params = pack.encode(theta, "ternary", "ts")
     for cache in (False, True):
         sc = sparse.SparseCodes(np.frombuffer(buf, np.uint8), theta.shape, params, cache_indices=cache)

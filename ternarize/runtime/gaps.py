@@ -49,7 +49,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .sparse import _accumulate, interleaved
+from .sparse import Columns, interleave
 
 SPAN = 1 << 16  # positions are computed modulo 2^16 (uint16 arithmetic)
 MAX_STEP = 256  # one byte: a step of 1 to 256
@@ -142,13 +142,16 @@ class GapCodes:
         dtype = np.uint8 if top < 1 << 8 else np.uint16 if top < 1 << 16 else np.uint32
         return cls(steps, counts.astype(dtype), width, span)
 
-    def matmul(self, x: np.ndarray) -> np.ndarray:
-        """θ @ x for x of shape (groups·K, M): returns (R, M) float32."""
+    zero_row = True  # matmul takes the convolution's patches with a zero last row as they are
+
+    def matmul(self, x: np.ndarray, zero_row: bool = False) -> np.ndarray:
+        """θ @ x for x of shape (groups·K, M) (with ``zero_row``: one more row, zero): (R, M) float32."""
         m = x.shape[1]
-        x2, x2t = interleaved(x, self.rows, zero_row=True)  # the zero row: what zero slots read
         out = np.empty((self.rows, m), np.float32)
         if m == 1:
-            table = _table(x2, self.span, self.rows)
+            table = _table(interleave(x[:x.shape[0] - zero_row]), self.span, self.rows)
+        else:
+            columns = Columns(x, zero_row, int(self.counts.sum(dtype=np.int64)))
         for r0, r1, before, steps in self.chunks:
             counts = self.counts[r0:r1]
             if steps.size == 0:
@@ -162,7 +165,7 @@ class GapCodes:
                 index = _input_rows(pos.T.reshape(-1)[:n], self.width)
                 starts = np.cumsum(counts, dtype=np.intp)
                 starts -= counts
-                _accumulate(x2, index, starts, out[r0:r1], x2t)
+                columns.accumulate(index, starts, out[r0:r1])
         return out
 
 

@@ -58,16 +58,20 @@ def conv2d(x: np.ndarray, weight, scale, bias, kshape, strides, pads, dilations)
     out = np.empty((n, o, oh, ow), np.float32)
     per_sample = 4 * c * kh * kw * oh * ow
     step = max(1, PATCH_BYTES // per_sample)
+    zero_row = getattr(weight, "zero_row", False)  # sparse ops read a zero row for their padding
     for n0 in range(0, n, step):
         n1 = min(n, n0 + step)
-        patches = im2col(x[n0:n1], kh, kw, oh, ow, strides, dilations)
-        y = affine_rows(weight.matmul(patches), scale, bias)
+        patches = im2col(x[n0:n1], kh, kw, oh, ow, strides, dilations, zero_row)
+        y = weight.matmul(patches, zero_row=True) if zero_row else weight.matmul(patches)
+        y = affine_rows(y, scale, bias)
         out[n0:n1] = y.reshape(o, n1 - n0, oh, ow).transpose(1, 0, 2, 3)
     return out
 
 
-def im2col(xp: np.ndarray, kh: int, kw: int, oh: int, ow: int, strides, dilations) -> np.ndarray:
-    """Padded (N, C, H, W) → (C·kh·kw, N·oh·ow): row c·kh·kw + i·kw + j, column (n, y, x).
+def im2col(xp: np.ndarray, kh: int, kw: int, oh: int, ow: int, strides, dilations,
+           zero_row: bool = False) -> np.ndarray:
+    """Padded (N, C, H, W) → (C·kh·kw, N·oh·ow): row c·kh·kw + i·kw + j, column (n, y, x); with
+    ``zero_row`` one more row of zeros at the end.
 
     The row order is the weight's (O, C/g, kh, kw) flattening, so group g's rows are contiguous.
     """
@@ -76,7 +80,12 @@ def im2col(xp: np.ndarray, kh: int, kw: int, oh: int, ow: int, strides, dilation
     view = as_strided(xp, (c, kh, kw, n, oh, ow),
                       (sc, dilations[0] * sh, dilations[1] * sw, sn, strides[0] * sh, strides[1] * sw),
                       writeable=False)
-    return view.reshape(c * kh * kw, n * oh * ow)  # the one copy
+    k, m = c * kh * kw, n * oh * ow
+    out = np.empty((k + zero_row, m), np.float32)
+    out[:k].reshape(c, kh, kw, n, oh, ow)[...] = view  # the one copy
+    if zero_row:
+        out[k] = 0
+    return out
 
 
 # ---------------------------------------------------------------------- pooling

@@ -51,6 +51,7 @@ from ..pack import rows_cols
 
 EVENTS_PER_GROUP = 1 << 16  # non-zeros decoded together: about 40 bytes of temporaries each (2.5 MiB)
 GATHER_BYTES = 1 << 20  # bound on the gathered (events × columns) float32 temporary (L2-sized)
+SPLIT = 8  # several columns: split the events by sign (no copy of the input) when 8 · events < K · M
 _ZERO = np.zeros(64, np.uint8)
 
 
@@ -110,12 +111,19 @@ class SparseCodes:
         """Resident bytes beyond the shared encoded buffer: the block table (and the cache)."""
         return self.table.nbytes + (self.cache[0].nbytes + self.cache[1].nbytes if self.cache else 0)
 
-    def matmul(self, x: np.ndarray) -> np.ndarray:
-        """θ @ x for x of shape (groups·K, M): returns (O, M) float32."""
-        x2, x2t = interleaved(x, self.rows)
-        out = np.empty((self.rows, x.shape[1]), np.float32)
+    zero_row = True  # matmul takes the convolution's patches with a zero last row as they are
+
+    def matmul(self, x: np.ndarray, zero_row: bool = False) -> np.ndarray:
+        """θ @ x for x of shape (groups·K, M) (with ``zero_row``: one more row, zero): (O, M) float32."""
+        m = x.shape[1]
+        out = np.empty((self.rows, m), np.float32)
+        if m == 1:
+            x2 = interleave(x[:x.shape[0] - zero_row])
+            acc = lambda index, starts, o: _accumulate(x2, index, starts, o)  # noqa: E731
+        else:
+            acc = Columns(x, zero_row, int(self.table[:, 0].sum())).accumulate
         if self.cache is not None:
-            _accumulate(x2, *self.cache, out, x2t)
+            acc(*self.cache, out)
             return out
         spans, rows2 = self._layer()
         for b0, b1 in self.plan:
@@ -124,7 +132,7 @@ class SparseCodes:
             if decoded is None:
                 out[r0:r1] = 0
             else:
-                _accumulate(x2, *decoded, out[r0:r1], x2t)
+                acc(*decoded, out[r0:r1])
         return out
 
     def decode_all(self):
@@ -275,98 +283,112 @@ def _slots(p: np.ndarray, ngroups: int, k: int) -> np.ndarray:
     return out
 
 
-def _interleave(x: np.ndarray, zero_row: bool = False) -> np.ndarray:
-    """(2·rows, M) with x at even rows and −x at odd rows (then one zero row if asked); 1-D when
-    M = 1 (a faster take)."""
-    rows, m = x.shape
-    x2 = np.empty(2 * rows * m + (m if zero_row else 0), np.float32)
-    pairs = x2[:2 * rows * m].reshape(rows, 2, m)
-    pairs[:, 0] = x
-    np.negative(x, out=pairs[:, 1])
-    x2[2 * rows * m:] = 0
-    return x2 if m == 1 else x2.reshape(-1, m)
+def interleave(x: np.ndarray) -> np.ndarray:
+    """One input column as the M = 1 gathers read it: [x₀, −x₀, x₁, −x₁, …] (1-D, 2·rows)."""
+    x2 = np.empty(2 * x.shape[0], np.float32)
+    x2[0::2] = x[:, 0]
+    np.negative(x[:, 0], out=x2[1::2])
+    return x2
 
 
-def interleaved(x: np.ndarray, rows: int, zero_row: bool = False):
-    """``(x2, None)`` from ``_interleave``, or ``(None, x2t)``, its transpose, when ``rows`` output rows
-    over M > 1 input columns are better summed column by column (many short segments:
-    ``4·M <= rows``). ``zero_row`` appends a zero input row (M > 1)."""
-    m = x.shape[1]
-    if 1 < m and 4 * m <= rows:
-        return None, _interleave_t(x, zero_row)
-    return _interleave(x, zero_row and m > 1), None
+class Columns:
+    """The input of a product with M > 1 columns, prepared for gathers of whole rows.
 
+    ``x``: (K, M), or with ``zero_row`` (K + 1, M) whose last row is zero (as the convolution kernel
+    builds its patches). The events' codes are 2·k + s (s = 1 for −1; 2·K reads zero). Two ways:
 
-def _interleave_t(x: np.ndarray, zero_row: bool = False) -> np.ndarray:
-    """``_interleave(x, zero_row).T``, built directly: (M, 2·rows [+ 1])."""
-    rows, m = x.shape
-    x2t = np.zeros((m, 2 * rows + (1 if zero_row else 0)), np.float32)
-    pairs = x2t[:, :2 * rows].reshape(m, rows, 2)
-    pairs[:, :, 0] = x.T
-    np.negative(x.T, out=pairs[:, :, 1])
-    return x2t
-
-
-def _accumulate(x2: np.ndarray, index: np.ndarray, starts: np.ndarray, out: np.ndarray,
-                x2t: np.ndarray | None = None) -> None:
-    """out[r] = Σ x2[index[starts[r]:starts[r+1]]]: gather, then ``np.add.reduceat`` per segment.
-
-    With several columns the gathered temporary is bounded by ``GATHER_BYTES``. Given ``x2t``
-    (``x2`` transposed, see ``interleaved``) the events of as many output rows as fit are gathered
-    from every column at once and summed along them; otherwise whole rows of ``x2`` are gathered
-    for as many output rows as fit (long contiguous copies), and only an output row whose events
-    alone exceed the bound is split by columns.
+    * *interleaved*, when the events outnumber the input's floats (about K·M/8 or more, e.g. a
+      linear layer over a batch): a (2K + 1, M) copy holding x at even rows, −x at odd rows and a
+      zero last row, gathered with the codes as they are;
+    * *split by sign*, when the events are few beside the input (a convolution's patch matrix):
+      no copy of the input; the events are regrouped as 2R rows, each output row's +1 events
+      then its −1 events, summed from the input with its zero row, and the halves subtracted.
     """
+
+    def __init__(self, x: np.ndarray, zero_row: bool, events: int):
+        k, m = x.shape[0] - zero_row, x.shape[1]
+        self.split = SPLIT * events < k * m
+        if not self.split:
+            self.x = np.empty((2 * k + 1, m), np.float32)
+            pairs = self.x[:2 * k].reshape(k, 2, m)
+            pairs[:, 0] = x[:k]
+            np.negative(x[:k], out=pairs[:, 1])
+            self.x[-1] = 0
+        elif zero_row:
+            self.x = np.ascontiguousarray(x)
+        else:
+            self.x = np.empty((k + 1, m), np.float32)
+            self.x[:k] = x
+            self.x[k] = 0
+
+    def accumulate(self, index: np.ndarray, starts: np.ndarray, out: np.ndarray) -> None:
+        """out[r] = the signed sum of the input rows of events starts[r] to starts[r + 1]."""
+        if not self.split:
+            _padded_sums(self.x, index, starts, out)
+            return
+        n, rows = index.size, starts.size
+        row = np.repeat(np.arange(rows), np.diff(starts, append=n))
+        neg = (index & 1).astype(bool)
+        plus, minus = np.flatnonzero(~neg), np.flatnonzero(neg)
+        k = index >> 1
+        counts = np.concatenate([np.bincount(row[plus], minlength=rows), np.bincount(row[minus], minlength=rows)])
+        sums = np.empty((2 * rows, self.x.shape[1]), np.float32)
+        _padded_sums(self.x, np.concatenate([k[plus], k[minus]]), np.cumsum(counts) - counts, sums)
+        np.subtract(sums[:rows], sums[rows:], out=out)
+
+
+def _accumulate(x2: np.ndarray, index: np.ndarray, starts: np.ndarray, out: np.ndarray) -> None:
+    """One column: out[r, 0] = Σ x2[index[starts[r]:starts[r+1]]] for x2 from ``interleave``: one
+    gather, then ``np.add.reduceat`` over the rows' segments."""
     n = index.size
-    if x2t is not None:
-        _column_sums(x2t, index, starts, out)
-        return
-    if x2.ndim == 1:
-        v = np.empty(n + 1, np.float32)
-        v[n] = 0  # reduceat needs indices < len: an empty last row points here
-        x2.take(index, out=v[:n])
-        out[:, 0] = np.add.reduceat(v, starts)
-        out[np.diff(starts, append=n) == 0] = 0  # reduceat returns the element at an empty segment's start
-        return
-    m = x2.shape[1]
-    fit = max(1, GATHER_BYTES // (4 * m))  # events per chunk with full rows
-    bounds = np.append(starts, n)
-    r0 = 0
-    while r0 < starts.size:
-        r1 = max(r0 + 1, int(np.searchsorted(bounds, bounds[r0] + fit, "right")) - 1)
-        r1 = min(r1, starts.size)
-        _segment_sums(x2, index[bounds[r0]:bounds[r1]], bounds[r0:r1 + 1] - bounds[r0], out[r0:r1])
-        r0 = r1
+    v = np.empty(n + 1, np.float32)
+    v[n] = 0  # reduceat needs indices < len: an empty last row points here
+    x2.take(index, out=v[:n], mode="clip")  # in range by construction; "raise" would copy first
+    out[:, 0] = np.add.reduceat(v, starts)
+    out[np.diff(starts, append=n) == 0] = 0  # reduceat returns the element at an empty segment's start
 
 
-def _column_sums(x2t: np.ndarray, index: np.ndarray, starts: np.ndarray, out: np.ndarray) -> None:
-    """out[r] = Σ x2t[:, index[starts[r]:starts[r+1]]] for x2t (M, 2K): blocks of output rows whose
-    (M × events) gather fits ``GATHER_BYTES`` (one row at least)."""
-    n, m = index.size, x2t.shape[0]
-    fit = max(1, GATHER_BYTES // (4 * m))
-    bounds = np.append(starts, n)
-    r0 = 0
-    while r0 < starts.size:
-        r1 = min(starts.size, max(r0 + 1, int(np.searchsorted(bounds, bounds[r0] + fit, "right")) - 1))
-        e0, e1 = int(bounds[r0]), int(bounds[r1])
-        v = np.zeros((m, e1 - e0 + 1), np.float32)  # the last column: what empty rows at the end read
-        v[:, :-1] = x2t.take(index[e0:e1], axis=1)
-        out[r0:r1] = np.add.reduceat(v, bounds[r0:r1] - e0, axis=1).T
-        out[r0:r1][bounds[r0:r1] == bounds[r0 + 1:r1 + 1]] = 0
-        r0 = r1
+def _padded_sums(x: np.ndarray, index: np.ndarray, starts: np.ndarray, out: np.ndarray) -> None:
+    """out[r] = Σ x[index[starts[r]:starts[r+1]]] for x (rows, M) whose last row is zero.
 
-
-def _segment_sums(x2: np.ndarray, index: np.ndarray, bounds: np.ndarray, out: np.ndarray) -> None:
-    """out[r] = Σ of the rows x2[index[bounds[r]:bounds[r+1]]], in column chunks within GATHER_BYTES."""
-    n, m = index.size, x2.shape[1]
-    step = max(1, GATHER_BYTES // (4 * (n + 1)))
-    for m0 in range(0, m, step):
-        m1 = min(m, m0 + step)
-        v = np.empty((n + 1, m1 - m0), np.float32)
-        v[n] = 0
-        if m1 - m0 == m:
-            np.take(x2, index, axis=0, out=v[:n])
-        else:  # take() would copy the whole non-contiguous column slice first
-            v[:n] = x2[index, m0:m1]
-        out[:, m0:m1] = np.add.reduceat(v, bounds[:-1], axis=0)
-    out[bounds[:-1] == bounds[1:]] = 0
+    Output rows are taken in order of their number of events, in blocks of rows whose gather fits
+    ``GATHER_BYTES`` (one row at least; a row too long for it alone goes by column slices). A block
+    of r rows with at most d events each is padded with the zero row to a (d, r) index matrix,
+    gathered as (d, r, M) and summed over its first axis: every addition runs over r·M contiguous
+    floats, where summing each row's segment separately runs over M.
+    """
+    n, rows, m = index.size, starts.size, x.shape[1]
+    zero = x.shape[0] - 1
+    counts = np.diff(starts, append=n)
+    order = np.argsort(counts, kind="stable")
+    cs = counts[order]
+    sorted_starts = np.cumsum(cs) - cs
+    # the events in the sorted rows' order, each with its rank within its row and its row
+    at = np.repeat(starts[order] - sorted_starts, cs)
+    at += np.arange(n)
+    idx = index[at]
+    rank = np.arange(n) - np.repeat(sorted_starts, cs)
+    row = np.repeat(np.arange(rows), cs)
+    sums = np.zeros((rows, m), np.float32)
+    q0 = int(np.searchsorted(cs, 1))  # rows without events stay 0
+    row_bytes = 4 * m
+    while q0 < rows:
+        q1 = min(rows, q0 + max(1, GATHER_BYTES // (row_bytes * int(cs[q0]))))
+        while q1 > q0 + 1 and (q1 - q0) * int(cs[q1 - 1]) * row_bytes > GATHER_BYTES:
+            q1 = q0 + max(1, GATHER_BYTES // (row_bytes * int(cs[q1 - 1])))
+        d, r = int(cs[q1 - 1]), q1 - q0
+        e0, e1 = int(sorted_starts[q0]), int(sorted_starts[q1 - 1]) + d
+        p = np.full(d * r, zero, np.intp)
+        flat = rank[e0:e1] * r
+        flat += row[e0:e1]
+        flat -= q0
+        p[flat] = idx[e0:e1]
+        p = p.reshape(d, r)
+        if d * r * row_bytes <= GATHER_BYTES:
+            np.sum(x.take(p, axis=0, mode="clip"), axis=0, out=sums[q0:q1])
+        else:  # one row whose events alone exceed the bound: column slices
+            step = max(1, GATHER_BYTES // (4 * d))
+            for m0 in range(0, m, step):
+                np.sum(x[p, m0:m0 + step], axis=0, out=sums[q0:q1, m0:m0 + step])
+        q0 = q1
+    out[order] = sums
