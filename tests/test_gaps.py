@@ -27,26 +27,37 @@ def _points(theta, groups=1):
 
 
 def _check(theta, groups=1, batches=(1, 4), rng=None):
+    """Every matmul against the dense product, with the bytes in order (a small weight's layout) and
+    transposed in chunks (a large weight's); returns the transposed form."""
     rng = rng or np.random.default_rng(0)
     rows, cols = theta.shape
-    g = gaps.GapCodes.build(*_points(theta, groups), rows, 2 * groups * cols)
-    assert g is not None
     og = rows // groups
-    for m in batches:
-        x = rng.standard_normal((groups * cols, m)).astype(np.float32)
-        ref = np.concatenate([theta[i * og:(i + 1) * og].astype(np.float64) @ x[i * cols:(i + 1) * cols]
-                              for i in range(groups)])
-        got = g.matmul(x)
-        assert got.shape == (rows, m) and got.dtype == np.float32
-        scale = max(1.0, float(np.abs(ref).max()))
-        assert float(np.abs(got - ref).max()) <= 1e-5 * scale, (theta.shape, groups, m)
+    flat_bytes = gaps.FLAT_BYTES
+    try:
+        for gaps.FLAT_BYTES in (1 << 62, -1):
+            g = gaps.GapCodes.build(*_points(theta, groups), rows, 2 * groups * cols)
+            assert g is not None
+            assert all(c[3].ndim == (1 if gaps.FLAT_BYTES > 0 else 2) for c in g.chunks)
+            for m in batches:
+                x = rng.standard_normal((groups * cols, m)).astype(np.float32)
+                ref = np.concatenate([theta[i * og:(i + 1) * og].astype(np.float64) @ x[i * cols:(i + 1) * cols]
+                                      for i in range(groups)])
+                got = g.matmul(x)
+                assert got.shape == (rows, m) and got.dtype == np.float32
+                scale = max(1.0, float(np.abs(ref).max()))
+                assert float(np.abs(got - ref).max()) <= 1e-5 * scale, (theta.shape, groups, m, gaps.FLAT_BYTES)
+    finally:
+        gaps.FLAT_BYTES = flat_bytes
     return g
 
 
 @pytest.mark.parametrize("n", [1, 15, 16, 17, 255, 256, 4097, 70_000])
-def test_positions_are_the_running_sum(n):
+def test_positions_are_the_running_sum(n, monkeypatch):
     rng = np.random.default_rng(n)
     steps = rng.integers(0, 256, n).astype(np.uint8)
+    (_, _, before, flat), = gaps._chunks(steps, np.array([n]), gaps.SPAN)
+    assert before == -1 and np.array_equal(flat, steps) or n > gaps.FLAT_BYTES
+    monkeypatch.setattr(gaps, "FLAT_BYTES", 0)
     (_, _, before, block), = gaps._chunks(steps, np.array([n]), gaps.SPAN)
     assert before == 0xFFFF and block.shape == (gaps.L, -(-n // gaps.L))
     got = gaps.positions(block, before).T.reshape(-1)[:n]
@@ -134,6 +145,7 @@ def test_too_wide_rows_are_refused():
 def test_small_chunks_agree(monkeypatch):
     rng = np.random.default_rng(9)
     theta = _theta(rng, 50, 300, 0.1)
+    monkeypatch.setattr(gaps, "FLAT_BYTES", 0)
     whole = gaps.GapCodes.build(*_points(theta), 50, 600)
     monkeypatch.setattr(gaps, "CHUNK_BYTES", 7)
     g = _check(theta, rng=rng)

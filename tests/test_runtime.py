@@ -344,6 +344,7 @@ def test_chunked_paths_agree(tmp_path, monkeypatch):
     monkeypatch.setattr(sparse, "GATHER_BYTES", 1024)
     monkeypatch.setattr(kernels, "PATCH_BYTES", 1)
     monkeypatch.setattr(gaps, "CHUNK_BYTES", 40)
+    monkeypatch.setattr(gaps, "FLAT_BYTES", 0)
     for form in ("stream", "gaps"):
         rt = Runtime.load(tmp_path / "m.tern", sparse=form)
         for batch in (x, x[:1]):

@@ -49,13 +49,14 @@ from __future__ import annotations
 
 import numpy as np
 
-from .sparse import Columns, interleave
+from .sparse import Columns, _accumulate, interleave
 
 SPAN = 1 << 16  # positions are computed modulo 2^16 (uint16 arithmetic)
 MAX_STEP = 256  # one byte: a step of 1 to 256
 L = 16  # rows of a transposed chunk (a power of two)
 _SHIFT = L.bit_length() - 1
 CHUNK_BYTES = 1 << 18  # bytes decoded together (whole rows): about 16 bytes of temporaries each
+FLAT_BYTES = 1 << 15  # a weight of at most this many bytes stays in byte order: one cumsum decodes it
 _RAMP = np.arange(1, L + 1, dtype=np.uint16)[:, None]  # the +1 of every step, summed down a column
 
 
@@ -157,14 +158,27 @@ class GapCodes:
             if steps.size == 0:
                 out[r0:r1] = 0
                 continue
-            pos = positions(steps, before, self.span)
-            if m == 1:
+            starts = None
+            if steps.ndim == 1:  # byte order: fewer numpy calls, for small weights
+                pos = np.add(steps, 1, dtype=np.intp)
+                np.cumsum(pos, out=pos)
+                pos += before
+                if self.rows > per_span(self.width, self.span):
+                    pos &= self.span - 1
+                starts = np.cumsum(counts, dtype=np.intp)
+                starts -= counts
+            else:
+                pos = positions(steps, before, self.span)
+            if m == 1 and starts is not None:
+                _accumulate(table, pos, starts, out[r0:r1])
+            elif m == 1:
                 out[r0:r1, 0] = _row_sums(table.take(pos, mode="clip"), counts)  # in range by construction
             else:
                 n = int(counts.sum(dtype=np.int64))
-                index = _input_rows(pos.T.reshape(-1)[:n], self.width)
-                starts = np.cumsum(counts, dtype=np.intp)
-                starts -= counts
+                index = _input_rows(pos if starts is not None else pos.T.reshape(-1)[:n], self.width)
+                if starts is None:
+                    starts = np.cumsum(counts, dtype=np.intp)
+                    starts -= counts
                 columns.accumulate(index, starts, out[r0:r1])
         return out
 
@@ -243,7 +257,10 @@ def _input_rows(pos: np.ndarray, width: int) -> np.ndarray:
 
 def _chunks(steps: np.ndarray, counts: np.ndarray, span: int) -> list:
     """Row ranges of at most ``CHUNK_BYTES`` bytes (or one row beyond), each with the position before
-    it and its bytes transposed to (L, C), zero-padded."""
+    it and its bytes transposed to (L, C), zero-padded; a weight of at most ``FLAT_BYTES`` bytes is
+    one chunk of its bytes in order (1-D), with the position before it as is (−1)."""
+    if steps.size <= FLAT_BYTES:
+        return [(0, counts.size, -1, steps.copy())]
     ends = np.cumsum(counts, dtype=np.int64)
     out, r0, b0, before = [], 0, 0, -1
     while r0 < counts.size:

@@ -54,7 +54,7 @@ def conv2d(x: np.ndarray, weight, scale, bias, kshape, strides, pads, dilations)
     oh = out_size(h, kh, strides[0], pads[0], dilations[0], False)
     ow = out_size(w, kw, strides[1], pads[1], dilations[1], False)
     if pads[0] or pads[1]:
-        x = np.pad(x, ((0, 0), (0, 0), (pads[0], pads[0]), (pads[1], pads[1])))
+        x = _pad(x, pads[0], pads[0], pads[1], pads[1], 0.0)
     out = np.empty((n, o, oh, ow), np.float32)
     per_sample = 4 * c * kh * kw * oh * ow
     step = max(1, PATCH_BYTES // per_sample)
@@ -99,8 +99,16 @@ def _pad_for_windows(x, k, s, p, d, ceil_mode, fill):
     right_h = max(0, (oh - 1) * s[0] + d[0] * (k[0] - 1) + 1 - h - p[0])
     right_w = max(0, (ow - 1) * s[1] + d[1] * (k[1] - 1) + 1 - w - p[1])
     if p[0] or p[1] or right_h or right_w:
-        x = np.pad(x, ((0, 0), (0, 0), (p[0], right_h), (p[1], right_w)), constant_values=fill)
+        x = _pad(x, p[0], right_h, p[1], right_w, fill)
     return x, oh, ow
+
+
+def _pad(x, top: int, bottom: int, left: int, right: int, fill: float) -> np.ndarray:
+    """x (N, C, H, W) inside a border of ``fill`` (what ``np.pad`` gives, in two numpy calls)."""
+    n, c, h, w = x.shape
+    out = np.full((n, c, h + top + bottom, w + left + right), fill, np.float32)
+    out[:, :, top:top + h, left:left + w] = x
+    return out
 
 
 def _windows(xp, k, s, d, oh, ow):
