@@ -24,7 +24,9 @@ non-zero this is about 8.2 bits per non-zero weight; at 1 %, 13.
 
 Decoding
 --------
-The bytes are kept in chunks of whole rows, each transposed into ``L = 16`` rows of C columns:
+A weight of at most ``FLAT_BYTES`` bytes keeps them in order: one ``cumsum`` gives the positions, and
+the gathered values are summed per row with ``reduceat`` (few numpy calls, for small layers).
+Larger weights are kept in chunks of whole rows, each transposed into ``L = 16`` rows of C columns:
 column j holds bytes j·L … j·L + 15. Per call and chunk:
 
 1. positions modulo 2^16 (uint16, wrapping): L − 1 additions of contiguous rows give the prefix
@@ -36,8 +38,8 @@ column j holds bytes j·L … j·L + 15. Per call and chunk:
    prefix sums of the gathered values down each column; with the totals of the columns before
    (``reduceat`` between consecutive rows' last columns, float64, then a cumsum over the rows)
    that is the running sum F at each row's last byte, and row r is F(its last) − F(row r − 1's);
-3. several input columns: the positions, back in byte order, become rows of the interleaved input
-   (a zero row for the zero slots), gathered and summed per row as in ``sparse._accumulate``.
+3. several input columns: the positions, back in byte order, become input rows (the zero slots
+   read a zero row), gathered and summed per output row by :class:`~ternarize.runtime.sparse.Columns`.
 
 Example::
 

@@ -8,10 +8,15 @@ weights) with a fixed number of vectorized passes, then computes
 
     Y[r, :] = Σ_{c: θ[r,c] = +1} X[c, :] − Σ_{c: θ[r,c] = −1} X[c, :]
 
-by gathering rows of ``X2``, an interleaved copy of the input holding ``X`` at even and ``−X`` at
-odd rows (so the sign is part of the gather index and no multiply is needed), and summing each
-output row's segment with ``np.add.reduceat``. The per-channel scale is applied by the caller,
-once per output.
+with gathers and additions only. One input column (batch 1 of a linear layer): the events' codes
+``2·column + sign`` index ``[x₀, −x₀, x₁, −x₁, …]`` (the sign is part of the gather index, no
+multiply), and ``np.add.reduceat`` sums each output row's segment. Several columns
+(:class:`Columns`): output rows are taken by event count in blocks, each block's events padded to a
+(count × rows) index matrix with a zero input row, gathered as whole input rows and summed over
+the first axis, so each addition runs over many contiguous floats; the sign is either part of the
+index into an interleaved copy (x at even, −x at odd rows: when the events outnumber the input's
+floats) or split off (+1 and −1 events summed apart and subtracted: a convolution's patches are
+read as they are). The per-channel scale is applied by the caller, once per output.
 
 Decoding a group, without any Python loop per event (only per block, to slice the streams):
 
