@@ -176,11 +176,16 @@ def test_from_sparse_codes():
     np.testing.assert_allclose(g.matmul(x), sc.matmul(x), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("split", [0, 1 << 40])  # always split by sign / always interleaved
 @pytest.mark.parametrize("gather_bytes", [1, 100, 3000, 1 << 20])
-def test_padded_sums_in_blocks(monkeypatch, gather_bytes):
+def test_padded_sums_in_blocks(monkeypatch, gather_bytes, split):
     """Several columns: rows by event count, padded blocks within the bound, column slices for a row
-    too long for it alone; empty rows, rows of one event and a long row included."""
+    too long for it alone; empty rows, rows of one event and a long row included; the sign split
+    off or part of the index."""
     monkeypatch.setattr(sparse, "GATHER_BYTES", gather_bytes)
+    monkeypatch.setattr(sparse, "SPLIT", split)
+    x = np.ones((200, 3), np.float32)
+    assert sparse.Columns(x, False, 10).split == (split == 0)
     rng = np.random.default_rng(13)
     theta = _theta(rng, 300, 200, 0.03)
     theta[[0, 150, 299]] = 0  # empty rows first, inside and last
@@ -193,3 +198,6 @@ def test_padded_sums_in_blocks(monkeypatch, gather_bytes):
         sc = sparse.SparseCodes(np.frombuffer(buf, np.uint8), theta.shape, params, cache_indices=cache)
         x = rng.standard_normal((200, 5)).astype(np.float32)
         np.testing.assert_allclose(sc.matmul(x), theta.astype(np.float64) @ x, rtol=1e-5, atol=1e-5)
+        padded = np.concatenate([x, np.zeros((1, 5), np.float32)])  # as the convolution passes its patches
+        np.testing.assert_allclose(sc.matmul(padded, zero_row=True), theta.astype(np.float64) @ x,
+                                   rtol=1e-5, atol=1e-5)

@@ -2,7 +2,9 @@
 
 Every weight op computes ``θ @ X`` (or ``W @ X`` for a float weight) for ``X`` of shape
 (groups·K, M) and returns (O, M) float32; output rows ``[i·O/g, (i+1)·O/g)`` read input rows
-``[i·K, (i+1)·K)`` (grouped convolution; ``groups = 1`` for linear layers).
+``[i·K, (i+1)·K)`` (grouped convolution; ``groups = 1`` for linear layers). The sparse ops have
+``zero_row = True``: the convolution then passes its patches with one more row, of zeros, and
+``matmul(x, zero_row=True)`` reads that row for the padding of its gathers instead of copying x.
 
 ==========  =================================================================================
 encoding    how it is applied
