@@ -160,28 +160,24 @@ class GapCodes:
             if steps.size == 0:
                 out[r0:r1] = 0
                 continue
-            starts = None
-            if steps.ndim == 1:  # byte order: fewer numpy calls, for small weights
+            if steps.ndim == 1:  # byte order (a small weight): one cumsum, fewer numpy calls
                 pos = np.add(steps, 1, dtype=np.intp)
                 np.cumsum(pos, out=pos)
                 pos += before
                 if self.rows > per_span(self.width, self.span):
                     pos &= self.span - 1
-                starts = np.cumsum(counts, dtype=np.intp)
-                starts -= counts
             else:
                 pos = positions(steps, before, self.span)
-            if m == 1 and starts is not None:
+                if m == 1:
+                    out[r0:r1, 0] = _row_sums(table.take(pos, mode="clip"), counts)  # in range by construction
+                    continue
+                pos = pos.T.reshape(-1)[:int(counts.sum(dtype=np.int64))]  # back in byte order
+            starts = np.cumsum(counts, dtype=np.intp)
+            starts -= counts
+            if m == 1:
                 _accumulate(table, pos, starts, out[r0:r1])
-            elif m == 1:
-                out[r0:r1, 0] = _row_sums(table.take(pos, mode="clip"), counts)  # in range by construction
             else:
-                n = int(counts.sum(dtype=np.int64))
-                index = _input_rows(pos if starts is not None else pos.T.reshape(-1)[:n], self.width)
-                if starts is None:
-                    starts = np.cumsum(counts, dtype=np.intp)
-                    starts -= counts
-                columns.accumulate(index, starts, out[r0:r1])
+                columns.accumulate(_input_rows(pos, self.width), starts, out[r0:r1])
         return out
 
 
