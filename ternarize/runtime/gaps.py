@@ -177,7 +177,8 @@ class GapCodes:
             if m == 1:
                 _accumulate(table, pos, starts, out[r0:r1])
             else:
-                columns.accumulate(_input_rows(pos, self.width), starts, out[r0:r1])
+                rows = _input_rows(pos, self.width, r0, counts, per_span(self.width, self.span))
+                columns.accumulate(rows, starts, out[r0:r1])
         return out
 
 
@@ -243,13 +244,16 @@ def _table(x2: np.ndarray, span: int, rows: int) -> np.ndarray:
     return out
 
 
-def _input_rows(pos: np.ndarray, width: int) -> np.ndarray:
-    """The row of the interleaved input (W rows, then a zero row) each position reads."""
+def _input_rows(pos: np.ndarray, width: int, row0: int, counts: np.ndarray, m: int) -> np.ndarray:
+    """The row of the interleaved input (W rows, then a zero row) each position reads, for the bytes
+    of rows ``row0`` on (``counts`` bytes each), m rows to a span: a point of row r is at point
+    position (r mod m)·W + its column within the span (subtracted per row: no division per byte)."""
     p = pos.astype(np.intp)
     zero = (p & 255) == 255
     p -= p >> 8  # the point position within the span
-    p %= width
-    p[zero] = width
+    if m > 1:
+        p -= np.repeat(width * (np.arange(row0, row0 + counts.size) % m), counts)
+    np.copyto(p, width, where=zero)
     return p
 
 

@@ -358,42 +358,48 @@ def _padded_sums(x: np.ndarray, index: np.ndarray, starts: np.ndarray, out: np.n
 
     Output rows are taken in order of their number of events, in blocks of rows whose gather fits
     ``GATHER_BYTES`` (one row at least; a row too long for it alone goes by column slices). A block
-    of r rows with at most d events each is padded with the zero row to a (d, r) index matrix,
-    gathered as (d, r, M) and summed over its first axis: every addition runs over r·M contiguous
-    floats, where summing each row's segment separately runs over M.
+    of r rows with at most d events each is an (r, d) index matrix, each row's events then the zero
+    row; all blocks lie end to end in one buffer, filled by one scatter of the events (a row's
+    events land contiguously). Each block is gathered as (d, r, M) and summed over its first axis:
+    every addition runs over r·M contiguous floats, where summing each row's segment separately
+    runs over M.
     """
     n, rows, m = index.size, starts.size, x.shape[1]
     zero = x.shape[0] - 1
     counts = np.diff(starts, append=n)
     order = np.argsort(counts, kind="stable")
     cs = counts[order]
-    sorted_starts = np.cumsum(cs) - cs
-    # the events in the sorted rows' order, each with its rank within its row and its row
-    at = np.repeat(starts[order] - sorted_starts, cs)
-    at += np.arange(n)
-    idx = index[at]
-    rank = np.arange(n) - np.repeat(sorted_starts, cs)
-    row = np.repeat(np.arange(rows), cs)
-    sums = np.zeros((rows, m), np.float32)
-    q0 = int(np.searchsorted(cs, 1))  # rows without events stay 0
     row_bytes = 4 * m
+    blocks, q0, size = [], int(np.searchsorted(cs, 1)), 0  # rows without events stay 0
+    first = q0
     while q0 < rows:
         q1 = min(rows, q0 + max(1, GATHER_BYTES // (row_bytes * int(cs[q0]))))
         while q1 > q0 + 1 and (q1 - q0) * int(cs[q1 - 1]) * row_bytes > GATHER_BYTES:
             q1 = q0 + max(1, GATHER_BYTES // (row_bytes * int(cs[q1 - 1])))
-        d, r = int(cs[q1 - 1]), q1 - q0
-        e0, e1 = int(sorted_starts[q0]), int(sorted_starts[q1 - 1]) + d
-        p = np.full(d * r, zero, np.intp)
-        flat = rank[e0:e1] * r
-        flat += row[e0:e1]
-        flat -= q0
-        p[flat] = idx[e0:e1]
-        p = p.reshape(d, r)
-        if d * r * row_bytes <= GATHER_BYTES:
-            np.sum(x.take(p, axis=0, mode="clip"), axis=0, out=sums[q0:q1])
-        else:  # one row whose events alone exceed the bound: column slices
-            step = max(1, GATHER_BYTES // (4 * d))
-            for m0 in range(0, m, step):
-                np.sum(x[p, m0:m0 + step], axis=0, out=sums[q0:q1, m0:m0 + step])
+        d = int(cs[q1 - 1])
+        blocks.append((q0, q1, d, size))
+        size += d * (q1 - q0)
         q0 = q1
+    sums = np.empty((rows, m), np.float32)
+    sums[:first] = 0
+    if blocks:
+        # where each (sorted) row's events start in the buffer: its block's offset + its place × d
+        span = np.array([(b[1] - b[0], b[2], b[3] - b[0] * b[2]) for b in blocks], np.intp).T
+        slot = np.zeros(rows, np.intp)
+        slot[first:] = np.repeat(span[2], span[0]) + np.arange(first, rows) * np.repeat(span[1], span[0])
+        base = np.empty(rows, np.intp)
+        base[order] = slot
+        base -= starts
+        at = np.repeat(base, counts)
+        at += np.arange(n)
+        buf = np.full(size, zero, np.intp)
+        buf[at] = index
+        for q0, q1, d, o in blocks:
+            p = buf[o:o + d * (q1 - q0)].reshape(q1 - q0, d).T
+            if d * (q1 - q0) * row_bytes <= GATHER_BYTES:
+                np.sum(x.take(p, axis=0, mode="clip"), axis=0, out=sums[q0:q1])
+            else:  # one row whose events alone exceed the bound: column slices
+                step = max(1, GATHER_BYTES // (4 * d))
+                for m0 in range(0, m, step):
+                    np.sum(x[p, m0:m0 + step], axis=0, out=sums[q0:q1, m0:m0 + step])
     out[order] = sums
