@@ -28,24 +28,29 @@ def _points(theta, groups=1):
 
 def _check(theta, groups=1, batches=(1, 4), rng=None):
     """Every matmul against the dense product, with the bytes in order (a small weight's layout) and
-    transposed in chunks (a large weight's); returns the transposed form."""
+    transposed in chunks (a large weight's), each with the signs interleaved and split into rows of
+    their own, with and without the convolution's zero row; returns the transposed interleaved form."""
     rng = rng or np.random.default_rng(0)
     rows, cols = theta.shape
     og = rows // groups
     flat_bytes = gaps.FLAT_BYTES
     try:
         for gaps.FLAT_BYTES in (1 << 62, -1):
-            g = gaps.GapCodes.build(*_points(theta, groups), rows, 2 * groups * cols)
-            assert g is not None
-            assert all(c[3].ndim == (1 if gaps.FLAT_BYTES > 0 else 2) for c in g.chunks)
-            for m in batches:
-                x = rng.standard_normal((groups * cols, m)).astype(np.float32)
-                ref = np.concatenate([theta[i * og:(i + 1) * og].astype(np.float64) @ x[i * cols:(i + 1) * cols]
-                                      for i in range(groups)])
-                got = g.matmul(x)
-                assert got.shape == (rows, m) and got.dtype == np.float32
-                scale = max(1.0, float(np.abs(ref).max()))
-                assert float(np.abs(got - ref).max()) <= 1e-5 * scale, (theta.shape, groups, m, gaps.FLAT_BYTES)
+            for split in (True, False):
+                g = gaps.GapCodes.build(*_points(theta, groups), rows, 2 * groups * cols, split=split)
+                assert g is not None and g.split == split and g.counts.size == rows * (1 + split)
+                assert all(c[3].ndim == (1 if gaps.FLAT_BYTES > 0 else 2) for c in g.chunks)
+                for m in batches:
+                    x = rng.standard_normal((groups * cols, m)).astype(np.float32)
+                    ref = np.concatenate([theta[i * og:(i + 1) * og].astype(np.float64) @ x[i * cols:(i + 1) * cols]
+                                          for i in range(groups)])
+                    scale = max(1.0, float(np.abs(ref).max()))
+                    padded = np.concatenate([x, np.zeros((1, m), np.float32)])
+                    for got in (g.matmul(x), g.matmul(padded, zero_row=True)):
+                        assert got.shape == (rows, m) and got.dtype == np.float32
+                        # split: the +1 and −1 sums are rounded apart, each up to the row's whole magnitude
+                        assert float(np.abs(got - ref).max()) <= (4e-5 if split else 1e-5) * scale, \
+                            (theta.shape, groups, m, gaps.FLAT_BYTES, split)
     finally:
         gaps.FLAT_BYTES = flat_bytes
     return g
@@ -164,6 +169,18 @@ def test_size_near_one_byte_per_nonzero():
     theta = _theta(rng, 1024, 1024, 0.02)
     g = gaps.GapCodes.build(*_points(theta), 1024, 2048)
     assert 1.1 <= g.nbytes / len(pack.encode(theta, "ternary", "ts")[0]) <= 1.2
+
+
+def test_split_costs_about_a_byte_per_row():
+    """The split form (conv weights) stores 2R rows: its bytes are the interleaved form's plus at
+    most about 1.5 bytes per output row (the second row's count and its first step)."""
+    rng = np.random.default_rng(14)
+    for rows, cols in ((256, 2304), (64, 576), (128, 1152)):
+        index, starts = _points(_theta(rng, rows, cols, 0.05))
+        inter = gaps.GapCodes.build(index, starts, rows, 2 * cols)
+        split = gaps.GapCodes.build(index, starts, rows, 2 * cols, split=True)
+        assert split.counts.size == 2 * rows and split.width == cols
+        assert 0 <= split.nbytes - inter.nbytes <= 1.5 * rows, (rows, cols, split.nbytes, inter.nbytes)
 
 
 def test_from_sparse_codes():

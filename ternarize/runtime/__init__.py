@@ -78,6 +78,8 @@ class Runtime:
         self.source = tf.source
         self._weights = {node.inputs[1]: node.attrs.get("groups", 1) for node in self.graph.nodes
                          if node.op in ("linear", "conv2d")}
+        # their patches have many columns: gaps keeps their +1 and −1 points apart (gaps module doc)
+        self._conv_weights = {node.inputs[1] for node in self.graph.nodes if node.op == "conv2d"}
         self._build(tf, sparse == "indices", {})
         if sparse in ("auto", "gaps"):
             gaps = self._gap_forms(tf, budget if sparse == "auto" else None)
@@ -133,7 +135,7 @@ class Runtime:
             if not isinstance(op, SparseCodes):
                 continue
             index, starts = op.decode_all()
-            g = GapCodes.build(index, starts, op.rows, 2 * groups * op.cols)
+            g = GapCodes.build(index, starts, op.rows, 2 * groups * op.cols, split=name in self._conv_weights)
             if g is not None:
                 extra = g.nbytes - self._store.entries[name].nbytes - op.nbytes
                 options.append((extra / max(1, index.size), extra, name, g))

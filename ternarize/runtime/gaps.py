@@ -15,6 +15,12 @@ point i of row r is the ``u = (r % m)·W + i``-th point position of span ``r // 
 ``(r // m)·S + u + ⌊u / 255⌋`` — every position ≡ 255 (mod 256) is a *zero slot*, which reads 0.
 ``m = ⌊255·S/256 / W⌋`` and the rest of a span is unused.
 
+*Split* form (``build(..., split=True)``, used for convolution weights): row r's +1 points are
+stored as row r and its −1 points as row R + r, each point being its input row c (W = K, or
+groups·K). A product over several columns then reads the input rows as they are (the patch matrix,
+with the zero row the zero slots read) and subtracts the second R rows' sums from the first's; no
+sign has to be separated per call. It takes about one byte more per output row.
+
 The points of the whole weight are increasing positions p_1 < p_2 < …, stored as the steps
 ``p_j − p_{j−1} − 1`` (p_0 = −1), one byte each: a step of 1 to 256. A longer step stops at zero
 slots on the way: the next one, then every 256th position, until the point is within 256. A stop
@@ -39,7 +45,8 @@ column j holds bytes j·L … j·L + 15. Per call and chunk:
    (``reduceat`` between consecutive rows' last columns, float64, then a cumsum over the rows)
    that is the running sum F at each row's last byte, and row r is F(its last) − F(row r − 1's);
 3. several input columns: the positions, back in byte order, become input rows (the zero slots
-   read a zero row), gathered and summed per output row by :class:`~ternarize.runtime.sparse.Columns`.
+   read a zero row; a row's offset within its span is subtracted per row), gathered and summed per
+   output row by :class:`~ternarize.runtime.sparse.Columns` (split form: directly in padded blocks).
 
 Example::
 
@@ -51,7 +58,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .sparse import Columns, _accumulate, interleave
+from .sparse import Columns, _accumulate, _padded_sums, interleave
 
 SPAN = 1 << 16  # positions are computed modulo 2^16 (uint16 arithmetic)
 MAX_STEP = 256  # one byte: a step of 1 to 256
@@ -106,9 +113,9 @@ class GapCodes:
     ``chunks``: per chunk ``(row0, row1, position before it, its bytes as (L, C) uint8)``.
     """
 
-    def __init__(self, steps: np.ndarray, counts: np.ndarray, width: int, span: int):
-        self.counts, self.width, self.span = counts, width, span
-        self.rows = counts.size
+    def __init__(self, steps: np.ndarray, counts: np.ndarray, width: int, span: int, split: bool = False):
+        self.counts, self.width, self.span, self.split = counts, width, span, split
+        self.rows = counts.size // 2 if split else counts.size  # output rows
         self.chunks = _chunks(steps, counts, span)
 
     @property
@@ -118,18 +125,28 @@ class GapCodes:
         return sum(c[3].nbytes for c in self.chunks) + self.counts.nbytes + 32 * len(self.chunks)
 
     @classmethod
-    def build(cls, index: np.ndarray, starts: np.ndarray, rows: int, width: int) -> GapCodes | None:
+    def build(cls, index: np.ndarray, starts: np.ndarray, rows: int, width: int,
+              split: bool = False) -> GapCodes | None:
         """From decoded points ``index`` (per row ascending) and each row's first one (``decode_all``).
 
+        ``split``: store each row's +1 points and −1 points as two rows of W/2 points (see the module
+        doc), for a weight that multiplies several columns at a time (a convolution's patches).
         Tries every span from the smallest power of two (256 at least) that holds a row up to 2^16 and
         keeps the one with the fewest bytes (the smaller span on a tie: a smaller gather table). None
         when a row does not fit a span of 2^16 positions (W > 65 280).
         """
-        if per_span(width, SPAN) < 1 or width % 2:
+        if width % 2:
             return None
         index = np.asarray(index, np.int64)
         per_row = np.diff(np.append(np.asarray(starts, np.int64), index.size))
         row = np.repeat(np.arange(rows, dtype=np.int64), per_row)
+        if split:  # row r's +1 points become row r, its −1 points row R + r, each point its input row
+            row += rows * (index & 1)
+            order = np.argsort(row, kind="stable")
+            row, index = row[order], index[order] >> 1
+            rows, width = 2 * rows, width // 2
+        if per_span(width, SPAN) < 1:
+            return None
         best = None
         span = 256
         while per_span(width, span) < 1:
@@ -143,16 +160,19 @@ class GapCodes:
         counts = np.bincount(row, weights=length, minlength=rows).astype(np.int64)
         top = counts.max(initial=0)
         dtype = np.uint8 if top < 1 << 8 else np.uint16 if top < 1 << 16 else np.uint32
-        return cls(steps, counts.astype(dtype), width, span)
+        return cls(steps, counts.astype(dtype), width, span, split)
 
     zero_row = True  # matmul takes the convolution's patches with a zero last row as they are
 
     def matmul(self, x: np.ndarray, zero_row: bool = False) -> np.ndarray:
         """θ @ x for x of shape (groups·K, M) (with ``zero_row``: one more row, zero): (R, M) float32."""
-        m = x.shape[1]
-        out = np.empty((self.rows, m), np.float32)
+        m, k = x.shape[1], x.shape[0] - zero_row
+        lines = self.counts.size  # stored rows: 2R when split
+        out = np.empty((lines, m), np.float32)
         if m == 1:
-            table = _table(interleave(x[:x.shape[0] - zero_row]), self.span, self.rows)
+            table = _table(np.ascontiguousarray(x[:k, 0]) if self.split else interleave(x[:k]), self.span, lines)
+        elif self.split:  # the input rows as they are, then a zero row (read by the zero slots)
+            xz = x if zero_row else np.concatenate([x, np.zeros((1, m), np.float32)])
         else:
             columns = Columns(x, zero_row, int(self.counts.sum(dtype=np.int64)))
         for r0, r1, before, steps in self.chunks:
@@ -164,7 +184,7 @@ class GapCodes:
                 pos = np.add(steps, 1, dtype=np.intp)
                 np.cumsum(pos, out=pos)
                 pos += before
-                if self.rows > per_span(self.width, self.span):
+                if lines > per_span(self.width, self.span):
                     pos &= self.span - 1
             else:
                 pos = positions(steps, before, self.span)
@@ -176,10 +196,13 @@ class GapCodes:
             starts -= counts
             if m == 1:
                 _accumulate(table, pos, starts, out[r0:r1])
+                continue
+            rows = _input_rows(pos, self.width, r0, counts, per_span(self.width, self.span))
+            if self.split:
+                _padded_sums(xz, rows, starts, out[r0:r1])
             else:
-                rows = _input_rows(pos, self.width, r0, counts, per_span(self.width, self.span))
                 columns.accumulate(rows, starts, out[r0:r1])
-        return out
+        return np.subtract(out[:self.rows], out[self.rows:]) if self.split else out
 
 
 def positions(steps: np.ndarray, before: int, span: int = SPAN) -> np.ndarray:
