@@ -35,15 +35,15 @@ the gathered values are summed per row with ``reduceat`` (few numpy calls, for s
 Larger weights are kept in chunks of whole rows, each transposed into ``L = 16`` rows of C columns:
 column j holds bytes j·L … j·L + 15. Per call and chunk:
 
-1. positions modulo 2^16 (uint16, wrapping): L − 1 additions of contiguous rows give the prefix
-   sums down each column, a ``cumsum`` over the C column totals gives each column's start, two
-   broadcast additions add it and the +1 per step; ``& (S − 1)`` maps a position into its span;
+1. positions modulo 2^16 (uint16, wrapping): the steps + 1, then L − 1 additions of contiguous
+   rows give the prefix sums down each column, a ``cumsum`` over the C column totals gives each
+   column's start, one broadcast addition adds it; ``& (S − 1)`` maps a position into its span;
 2. one input column: the gather table holds the interleaved input ``[x₀, −x₀, x₁, −x₁, …]`` once
    per row of a span, laid out as the positions are (zeros at the zero slots and after the m
    rows), so position p reads entry ``p mod S``. One ``take``, then L − 1 additions for the
    prefix sums of the gathered values down each column; with the totals of the columns before
-   (``reduceat`` between consecutive rows' last columns, float64, then a cumsum over the rows)
-   that is the running sum F at each row's last byte, and row r is F(its last) − F(row r − 1's);
+   (a float64 ``cumsum`` over the column totals) that is the running sum F at each row's last
+   byte, and row r is F(its last) − F(row r − 1's);
 3. several input columns: the positions, back in byte order, become input rows (the zero slots
    read a zero row; a row's offset within its span is subtracted per row), gathered and summed per
    output row by :class:`~ternarize.runtime.sparse.Columns` (split form: directly in padded blocks).
@@ -66,7 +66,6 @@ L = 16  # rows of a transposed chunk (a power of two)
 _SHIFT = L.bit_length() - 1
 CHUNK_BYTES = 1 << 18  # bytes decoded together (whole rows): about 16 bytes of temporaries each
 FLAT_BYTES = 1 << 15  # a weight of at most this many bytes stays in byte order: one cumsum decodes it
-_RAMP = np.arange(1, L + 1, dtype=np.uint16)[:, None]  # the +1 of every step, summed down a column
 
 
 def per_span(width: int, span: int) -> int:
@@ -208,15 +207,14 @@ class GapCodes:
 def positions(steps: np.ndarray, before: int, span: int = SPAN) -> np.ndarray:
     """Positions modulo ``span`` of transposed steps (L, C): entry (l, j) is byte j·L + l, whose
     position is ``before + Σ_{i <= j·L + l} (step_i + 1)``. uint16, shape (L, C)."""
-    acc = steps.astype(np.uint16)
+    acc = np.add(steps, 1, dtype=np.uint16)  # each byte's step + 1
     for i in range(1, L):
         np.add(acc[i], acc[i - 1], out=acc[i])
-    total = acc[-1] + np.uint16(L)  # each column's sum of steps + 1
+    total = acc[-1]  # each column's sum
     start = np.cumsum(total, dtype=np.uint16)  # wraps modulo 2^16, as wanted
     start -= total
     start += np.uint16(before & 0xFFFF)
     acc += start
-    acc += _RAMP
     if span < SPAN:
         acc &= np.uint16(span - 1)
     return acc
@@ -225,32 +223,31 @@ def positions(steps: np.ndarray, before: int, span: int = SPAN) -> np.ndarray:
 def _row_sums(v: np.ndarray, counts: np.ndarray) -> np.ndarray:
     """Per row, the sum of its bytes' values, from the gathered values v (L, C) in transposed order.
 
-    The running sum at a row's last byte (l, j) is the prefix down column j to l plus the totals of
-    the columns before j: those are summed between consecutive rows' columns (``reduceat``) and
-    accumulated over the rows in float64, not over all the columns.
+    After the prefix sums down each column, the running sum at byte (l, j) is v[l, j] plus the
+    totals of the columns before j (a float64 cumsum over the columns); a row's sum is the running
+    sum at its last byte minus the one at the row before's.
     """
     c = v.shape[1]
     for i in range(1, L):
         np.add(v[i], v[i - 1], out=v[i])  # down each column
+    earlier = np.empty(c + 1)
+    earlier[0] = 0
+    np.cumsum(v[-1], dtype=np.float64, out=earlier[1:])
     last = np.cumsum(counts, dtype=np.intp)
     last -= 1  # each row's last byte (−1: none yet)
+    lead = int(np.searchsorted(last, 0))  # rows before the first byte: their running sum is 0
     col = last >> _SHIFT
-    np.maximum(col, 0, out=col)
     at = last & (L - 1)
     at *= c
     at += col
-    running = v.reshape(-1).take(at)
-    running[last < 0] = 0
-    # Σ of the column totals before col[r]: col[0]'s, then the columns between consecutive rows'
-    between = np.add.reduceat(v[-1], col)[:-1].astype(np.float64)
-    between[col[1:] == col[:-1]] = 0  # reduceat gives an element, not 0, for an empty range
-    earlier = np.empty(col.size)
-    earlier[0] = v[-1, :col[0]].sum(dtype=np.float64)
-    np.cumsum(between, out=earlier[1:])
-    earlier[1:] += earlier[0]
-    running += earlier
-    running[1:] -= running[:-1].copy()
-    return running
+    running = earlier.take(col, mode="clip")
+    running += v.reshape(-1).take(at, mode="clip")
+    if lead:
+        running[:lead] = 0
+    out = np.empty(counts.size, np.float32)
+    out[0] = running[0]
+    np.subtract(running[1:], running[:-1], out=out[1:], casting="same_kind")
+    return out
 
 
 def _table(x2: np.ndarray, span: int, rows: int) -> np.ndarray:
@@ -259,11 +256,15 @@ def _table(x2: np.ndarray, span: int, rows: int) -> np.ndarray:
     w = x2.size
     n = min(rows, per_span(w, span))
     blocks = -(-n * w // 255)
-    lin = np.zeros(blocks * 255, np.float32)
+    lin = np.empty(blocks * 255, np.float32)
     lin[:n * w].reshape(n, w)[:] = x2
+    lin[n * w:] = 0
     size = span if rows > n else blocks * 256
-    out = np.zeros(size, np.float32)
-    out[:blocks * 256].reshape(blocks, 256)[:, :255] = lin.reshape(blocks, 255)
+    out = np.empty(size, np.float32)
+    slots = out[:blocks * 256].reshape(blocks, 256)
+    slots[:, :255] = lin.reshape(blocks, 255)
+    slots[:, 255] = 0
+    out[blocks * 256:] = 0
     return out
 
 
