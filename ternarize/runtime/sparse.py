@@ -383,10 +383,12 @@ def _padded_sums(x: np.ndarray, index: np.ndarray, starts: np.ndarray, out: np.n
     sums = np.empty((rows, m), np.float32)
     sums[:first] = 0
     if blocks:
-        # where each (sorted) row's events start in the buffer: its block's offset + its place × d
-        span = np.array([(b[1] - b[0], b[2], b[3] - b[0] * b[2]) for b in blocks], np.intp).T
+        # where each sorted row's events start in the buffer: its block's offset + its place × d
+        width = np.array([q1 - q0 for q0, q1, _, _ in blocks], np.intp)
+        depth = np.array([d for _, _, d, _ in blocks], np.intp)
+        offset = np.array([o - q0 * d for q0, _, d, o in blocks], np.intp)
         slot = np.zeros(rows, np.intp)
-        slot[first:] = np.repeat(span[2], span[0]) + np.arange(first, rows) * np.repeat(span[1], span[0])
+        slot[first:] = np.repeat(offset, width) + np.arange(first, rows) * np.repeat(depth, width)
         base = np.empty(rows, np.intp)
         base[order] = slot
         base -= starts
