@@ -188,7 +188,9 @@ class GapCodes:
             else:
                 pos = positions(steps, before, self.span)
                 if m == 1:
-                    out[r0:r1, 0] = _row_sums(table.take(pos, mode="clip"), counts)  # in range by construction
+                    # in range by construction (but the padding bytes after the last row); "wrap"
+                    # checks bounds fastest and "raise" would copy first
+                    out[r0:r1, 0] = _row_sums(table.take(pos, mode="wrap"), counts)
                     continue
                 pos = pos.T.reshape(-1)[:int(counts.sum(dtype=np.int64))]  # back in byte order
             starts = np.cumsum(counts, dtype=np.intp)
