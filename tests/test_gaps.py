@@ -26,7 +26,7 @@ def _points(theta, groups=1):
     return index, np.searchsorted(r, np.arange(rows))
 
 
-def _check(theta, groups=1, batches=(1, 4), rng=None):
+def _check(theta, groups=1, batches=(1, 4, 9), rng=None):
     """Every matmul against the dense product, with the bytes in order (a small weight's layout) and
     transposed in chunks (a large weight's), each with the signs interleaved and split into rows of
     their own, with and without the convolution's zero row; returns the transposed interleaved form."""

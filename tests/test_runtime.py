@@ -320,7 +320,9 @@ def test_sparse_codes_against_dense(monkeypatch, density, cache):
 
     monkeypatch.setattr(sparse, "EVENTS_PER_GROUP", 300)  # many groups, and groups of one block
     rng = np.random.default_rng(int(density * 1000))
-    for rows, cols, groups, m in [(40, 500, 1, 1), (12, 3000, 3, 4), (9, 7, 9, 2), (100, 20, 1, 3)]:
+    # up to sparse.FEW_COLUMNS columns gather rows of the interleaved input, more go through Columns
+    for rows, cols, groups, m in [(40, 500, 1, 1), (12, 3000, 3, 4), (9, 7, 9, 2), (100, 20, 1, 3),
+                                  (30, 200, 1, 12), (12, 300, 3, 9)]:
         theta = _codes(rng, "ternary", (rows, cols), density)
         buf, params = pack.encode(theta, "ternary", "ts")
         w = sparse.SparseCodes(np.frombuffer(buf, np.uint8), (rows, cols), params, groups, cache)

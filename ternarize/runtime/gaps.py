@@ -38,13 +38,14 @@ column j holds bytes j·L … j·L + 15. Per call and chunk:
 1. positions modulo 2^16 (uint16, wrapping): the steps + 1, then L − 1 additions of contiguous
    rows give the prefix sums down each column, a ``cumsum`` over the C column totals gives each
    column's start, one broadcast addition adds it; ``& (S − 1)`` maps a position into its span;
-2. one input column: the gather table holds the interleaved input ``[x₀, −x₀, x₁, −x₁, …]`` once
-   per row of a span, laid out as the positions are (zeros at the zero slots and after the m
-   rows), so position p reads entry ``p mod S``. One ``take``, then L − 1 additions for the
+2. up to ``FEW_COLUMNS`` (7) input columns: the gather table holds the interleaved input rows
+   ``[x₀, −x₀, x₁, −x₁, …]`` (the input rows as they are in the split form) once per row of a
+   span, laid out as the positions are (zeros at the zero slots and after the m rows), so
+   position p reads table row ``p mod S``. One ``take``, then L − 1 additions for the
    prefix sums of the gathered values down each column; with the totals of the columns before
    (a float64 ``cumsum`` over the column totals) that is the running sum F at each row's last
    byte, and row r is F(its last) − F(row r − 1's);
-3. several input columns: the positions, back in byte order, become input rows (the zero slots
+3. more input columns: the positions, back in byte order, become input rows (the zero slots
    read a zero row; a row's offset within its span is subtracted per row), gathered and summed per
    output row by :class:`~ternarize.runtime.sparse.Columns` (split form: directly in padded blocks).
 
@@ -58,7 +59,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .sparse import Columns, _accumulate, _padded_sums, interleave
+from .sparse import FEW_COLUMNS, Columns, _accumulate, _padded_sums, interleave
 
 SPAN = 1 << 16  # positions are computed modulo 2^16 (uint16 arithmetic)
 MAX_STEP = 256  # one byte: a step of 1 to 256
@@ -168,8 +169,9 @@ class GapCodes:
         m, k = x.shape[1], x.shape[0] - zero_row
         lines = self.counts.size  # stored rows: 2R when split
         out = np.empty((lines, m), np.float32)
-        if m == 1:
-            table = _table(np.ascontiguousarray(x[:k, 0]) if self.split else interleave(x[:k]), self.span, lines)
+        few = m <= FEW_COLUMNS  # gather each position's row of a table (positions decoded once)
+        if few:
+            table = _table(x[:k] if self.split else interleave(x[:k]), self.span, lines)
         elif self.split:  # the input rows as they are, then a zero row (read by the zero slots)
             xz = x if zero_row else np.concatenate([x, np.zeros((1, m), np.float32)])
         else:
@@ -187,15 +189,15 @@ class GapCodes:
                     pos &= self.span - 1
             else:
                 pos = positions(steps, before, self.span)
-                if m == 1:
+                if few:
                     # in range by construction (but the padding bytes after the last row); "wrap"
                     # checks bounds fastest and "raise" would copy first
-                    out[r0:r1, 0] = _row_sums(table.take(pos, mode="wrap"), counts)
+                    out[r0:r1] = _row_sums(table.take(pos, axis=0, mode="wrap"), counts)
                     continue
                 pos = pos.T.reshape(-1)[:int(counts.sum(dtype=np.int64))]  # back in byte order
             starts = np.cumsum(counts, dtype=np.intp)
             starts -= counts
-            if m == 1:
+            if few:
                 _accumulate(table, pos, starts, out[r0:r1])
                 continue
             rows = _input_rows(pos, self.width, r0, counts, per_span(self.width, self.span))
@@ -223,18 +225,18 @@ def positions(steps: np.ndarray, before: int, span: int = SPAN) -> np.ndarray:
 
 
 def _row_sums(v: np.ndarray, counts: np.ndarray) -> np.ndarray:
-    """Per row, the sum of its bytes' values, from the gathered values v (L, C) in transposed order.
+    """Per row, the sum of its bytes' values, from the gathered values v (L, C, M) in transposed order.
 
     After the prefix sums down each column, the running sum at byte (l, j) is v[l, j] plus the
     totals of the columns before j (a float64 cumsum over the columns); a row's sum is the running
-    sum at its last byte minus the one at the row before's.
+    sum at its last byte minus the one at the row before's. Returns (rows, M) float32.
     """
-    c = v.shape[1]
+    c, m = v.shape[1], v.shape[2]
     for i in range(1, L):
         np.add(v[i], v[i - 1], out=v[i])  # down each column
-    earlier = np.empty(c + 1)
+    earlier = np.empty((c + 1, m))
     earlier[0] = 0
-    np.cumsum(v[-1], dtype=np.float64, out=earlier[1:])
+    np.cumsum(v[-1], axis=0, dtype=np.float64, out=earlier[1:])
     last = np.cumsum(counts, dtype=np.intp)
     last -= 1  # each row's last byte (−1: none yet)
     lead = int(np.searchsorted(last, 0))  # rows before the first byte: their running sum is 0
@@ -242,29 +244,29 @@ def _row_sums(v: np.ndarray, counts: np.ndarray) -> np.ndarray:
     at = last & (L - 1)
     at *= c
     at += col
-    running = earlier.take(col, mode="clip")
-    running += v.reshape(-1).take(at, mode="clip")
+    running = earlier.take(col, axis=0, mode="wrap")
+    running += v.reshape(-1, m).take(at, axis=0, mode="wrap")
     if lead:
         running[:lead] = 0
-    out = np.empty(counts.size, np.float32)
+    out = np.empty((counts.size, m), np.float32)
     out[0] = running[0]
     np.subtract(running[1:], running[:-1], out=out[1:], casting="same_kind")
     return out
 
 
 def _table(x2: np.ndarray, span: int, rows: int) -> np.ndarray:
-    """Entry ``p mod span`` of position p is the input its point reads, 0 at zero slots and after the
-    span's rows; just the rows when they all fit in one span."""
-    w = x2.size
+    """Row ``p mod span`` of position p is the input row its point reads (x2: (W, M)), zero at zero
+    slots and after the span's rows; just the rows when they all fit in one span."""
+    w, m = x2.shape
     n = min(rows, per_span(w, span))
     blocks = -(-n * w // 255)
-    lin = np.empty(blocks * 255, np.float32)
-    lin[:n * w].reshape(n, w)[:] = x2
+    lin = np.empty((blocks * 255, m), np.float32)
+    lin[:n * w].reshape(n, w, m)[:] = x2
     lin[n * w:] = 0
     size = span if rows > n else blocks * 256
-    out = np.empty(size, np.float32)
-    slots = out[:blocks * 256].reshape(blocks, 256)
-    slots[:, :255] = lin.reshape(blocks, 255)
+    out = np.empty((size, m), np.float32)
+    slots = out[:blocks * 256].reshape(blocks, 256, m)
+    slots[:, :255] = lin.reshape(blocks, 255, m)
     slots[:, 255] = 0
     out[blocks * 256:] = 0
     return out

@@ -8,10 +8,10 @@ weights) with a fixed number of vectorized passes, then computes
 
     Y[r, :] = Σ_{c: θ[r,c] = +1} X[c, :] − Σ_{c: θ[r,c] = −1} X[c, :]
 
-with gathers and additions only. One input column (batch 1 of a linear layer): the events' codes
-``2·column + sign`` index ``[x₀, −x₀, x₁, −x₁, …]`` (the sign is part of the gather index, no
-multiply), and ``np.add.reduceat`` sums each output row's segment. Several columns
-(:class:`Columns`): output rows are taken by event count in blocks, each block's events padded to a
+with gathers and additions only. Up to ``FEW_COLUMNS`` input columns (a linear layer at a small
+batch): the events' codes ``2·column + sign`` index the rows of ``[x₀, −x₀, x₁, −x₁, …]`` (the sign
+is part of the gather index, no multiply), and ``np.add.reduceat`` sums each output row's segment.
+More columns (:class:`Columns`): output rows are taken by event count in blocks, each block's events padded to a
 (count × rows) index matrix with a zero input row, gathered as whole input rows and summed over
 the first axis, so each addition runs over many contiguous floats; the sign is either part of the
 index into an interleaved copy (x at even, −x at odd rows: when the events outnumber the input's
@@ -57,6 +57,7 @@ from ..pack import rows_cols
 EVENTS_PER_GROUP = 1 << 16  # non-zeros decoded together: about 40 bytes of temporaries each (2.5 MiB)
 GATHER_BYTES = 1 << 20  # bound on the gathered (events × columns) float32 temporary (L2-sized)
 SPLIT = 8  # several columns: split the events by sign (no copy of the input) when 8 · events < K · M
+FEW_COLUMNS = 7  # up to this many columns, each event gathers a row of the interleaved input (decoded once)
 _ZERO = np.zeros(64, np.uint8)
 
 
@@ -122,7 +123,7 @@ class SparseCodes:
         """θ @ x for x of shape (groups·K, M) (with ``zero_row``: one more row, zero): (O, M) float32."""
         m = x.shape[1]
         out = np.empty((self.rows, m), np.float32)
-        if m == 1:
+        if m <= FEW_COLUMNS:
             x2 = interleave(x[:x.shape[0] - zero_row])
             acc = lambda index, starts, o: _accumulate(x2, index, starts, o)  # noqa: E731
         else:
@@ -289,10 +290,10 @@ def _slots(p: np.ndarray, ngroups: int, k: int) -> np.ndarray:
 
 
 def interleave(x: np.ndarray) -> np.ndarray:
-    """One input column as the M = 1 gathers read it: [x₀, −x₀, x₁, −x₁, …] (1-D, 2·rows)."""
-    x2 = np.empty(2 * x.shape[0], np.float32)
-    x2[0::2] = x[:, 0]
-    np.negative(x[:, 0], out=x2[1::2])
+    """The input as the few-column gathers read it: rows x₀, −x₀, x₁, −x₁, … (2·K, M)."""
+    x2 = np.empty((2 * x.shape[0], x.shape[1]), np.float32)
+    x2[0::2] = x
+    np.negative(x, out=x2[1::2])
     return x2
 
 
@@ -343,13 +344,13 @@ class Columns:
 
 
 def _accumulate(x2: np.ndarray, index: np.ndarray, starts: np.ndarray, out: np.ndarray) -> None:
-    """One column: out[r, 0] = Σ x2[index[starts[r]:starts[r+1]]] for x2 from ``interleave``: one
-    gather, then ``np.add.reduceat`` over the rows' segments."""
+    """A few columns: out[r] = Σ x2[index[starts[r]:starts[r+1]]] for x2 from ``interleave``: one
+    gather of rows, then ``np.add.reduceat`` over the rows' segments."""
     n = index.size
-    v = np.empty(n + 1, np.float32)
+    v = np.empty((n + 1, x2.shape[1]), np.float32)
     v[n] = 0  # reduceat needs indices < len: an empty last row points here
-    x2.take(index, out=v[:n], mode="wrap")  # in range by construction: "wrap" checks fastest, "raise" copies
-    out[:, 0] = np.add.reduceat(v, starts)
+    x2.take(index, axis=0, out=v[:n], mode="wrap")  # in range by construction: "wrap" checks fastest
+    out[:] = np.add.reduceat(v, starts, axis=0)
     out[np.diff(starts, append=n) == 0] = 0  # reduceat returns the element at an empty segment's start
 
 
