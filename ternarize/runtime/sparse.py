@@ -293,7 +293,7 @@ def interleave(x: np.ndarray) -> np.ndarray:
     """The input as the few-column gathers read it: rows x₀, −x₀, x₁, −x₁, … (2·K, M)."""
     x2 = np.empty((2 * x.shape[0], x.shape[1]), np.float32)
     x2[0::2] = x
-    np.negative(x, out=x2[1::2])
+    np.negative(x2[0::2], out=x2[1::2])  # from the copy: x may be a transposed view
     return x2
 
 
@@ -318,7 +318,7 @@ class Columns:
             self.x = np.empty((2 * k + 1, m), np.float32)
             pairs = self.x[:2 * k].reshape(k, 2, m)
             pairs[:, 0] = x[:k]
-            np.negative(x[:k], out=pairs[:, 1])
+            np.negative(pairs[:, 0], out=pairs[:, 1])  # from the copy: x may be a transposed view
             self.x[-1] = 0
         elif zero_row:
             self.x = np.ascontiguousarray(x)
