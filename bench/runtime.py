@@ -8,7 +8,7 @@ process:
 (a) bits per discrete weight of the ``.tern`` file against the empirical entropy bound
     H(p0, p+, p−) (``pack.entropy_bits``, per tensor, weighted by size) and against 2 bits;
 (b) latency of ``Runtime.run`` against onnxruntime running the float model (``--threads``
-    intra-op threads, default 2), at batch 1 and 64. Both take turns in blocks of runs, so load
+    intra-op threads, default 2), at batch 1, 4 and 64. Both take turns in blocks of runs, so load
     from other processes hits both alike; "x" is the median over rounds of the paired ratio
     runtime / onnxruntime (below 1: the runtime is faster), "min x" the ratio of the fastest runs;
 (c) resident memory of the weights: ``Runtime.weight_bytes`` and the growth of traced memory
@@ -151,7 +151,8 @@ def latency(rows: list[dict], ref: dict, batch: int, runs: int, block: int = 5) 
 
 def table(rows: list[dict], ref: dict) -> str:
     head = (f"{'variant':18} {'ts held as':16} {'enc':6} {'nz':>5} {'bits/w':>6} {'H':>6} {'/H':>5} {'/2':>5} "
-            f"{'b1 ms':>8} {'ort ms':>7} {'b1 x':>6} {'min x':>6} {'b64 ms':>8} {'ort ms':>7} {'b64 x':>6} "
+            f"{'b1 ms':>8} {'ort ms':>7} {'b1 x':>6} {'min x':>6} {'b4 ms':>8} {'ort ms':>7} {'b4 x':>6} "
+            f"{'b64 ms':>8} {'ort ms':>7} {'b64 x':>6} "
             f"{'resident':>9} {'encoded':>9} {'res/enc':>7} {'traced/enc':>10} {'vs f32':>7} {'err':>6}")
     lines = [head, "-" * len(head)]
     for r in rows:
@@ -160,6 +161,7 @@ def table(rows: list[dict], ref: dict) -> str:
             f"{r['bits']:>6.3f} "
             f"{r['entropy']:>6.3f} {r['bits'] / r['entropy']:>5.3f} {r['bits'] / 2:>5.3f} "
             f"{r['b1_ms']:>8.3f} {r['b1_ort_ms']:>7.3f} {r['b1_x']:>6.2f} {r['b1_min_x']:>6.2f} "
+            f"{r['b4_ms']:>8.3f} {r['b4_ort_ms']:>7.3f} {r['b4_x']:>6.2f} "
             f"{r['b64_ms']:>8.2f} {r['b64_ort_ms']:>7.2f} {r['b64_x']:>6.2f} "
             f"{r['weight_bytes']:>9} {r['encoded']:>9} {r['weight_bytes'] / r['encoded']:>7.3f} "
             f"{r['traced'] / r['encoded']:>10.3f} {r['weight_bytes'] / ref['float_weight_bytes']:>6.2%} "
@@ -182,6 +184,7 @@ def bench_model(name: str, width: float, args, folder: Path) -> tuple[list[dict]
     ref = float_onnx(name, width, folder, args.threads)
     rows = [compile_variant(name, width, v, folder) for v in VARIANTS]
     latency(rows, ref, 1, args.runs)
+    latency(rows, ref, 4, max(2, args.runs // 4), block=2)
     latency(rows, ref, 64, max(2, args.runs // 10), block=1)
     if args.profile:
         print(f"\nprofile: {name} ternary 5%, batch 1")
@@ -194,7 +197,7 @@ def main(argv=None) -> None:
     ap.add_argument("--width", type=int, default=2048, help="MLP hidden width (paper: 2048)")
     ap.add_argument("--vgg-width", type=float, default=0.5, help="VGG width multiplier")
     ap.add_argument("--models", default="mlp,vgg", help="comma-separated: mlp, vgg")
-    ap.add_argument("--runs", type=int, default=100, help="timed runs at batch 1 (batch 64: runs/10)")
+    ap.add_argument("--runs", type=int, default=100, help="timed runs at batch 1 (batch 4: runs/4, 64: runs/10)")
     ap.add_argument("--threads", type=int, default=2, help="onnxruntime intra-op threads")
     ap.add_argument("--profile", action="store_true", help="cProfile the sparse model at batch 1")
     ap.add_argument("--json", type=Path, help="write the results here")
@@ -204,7 +207,8 @@ def main(argv=None) -> None:
         for name in args.models.split(","):
             width = args.width if name == "mlp" else args.vgg_width
             rows, ref = bench_model(name, width, args, Path(tmp))
-            print(f"\n{name} (width {width}): runtime (numpy {np.__version__}, 1 thread) vs onnxruntime "
+            print(f"\n{name} (width {width}): runtime (numpy {np.__version__}; sparse paths 1 thread, dense codes "
+                  f"through BLAS) vs onnxruntime "
                   f"{ort.__version__} float ({args.threads} threads, export: {ref['how']}); "
                   f"x = runtime / onnxruntime; float weights {ref['float_weight_bytes']} bytes")
             print(table(rows, ref))
