@@ -40,6 +40,7 @@ def _check(theta, groups=1, batches=(1, 4, 9), rng=None):
                 g = gaps.GapCodes.build(*_points(theta, groups), rows, 2 * groups * cols, split=split)
                 assert g is not None and g.split == split and g.counts.size == rows * (1 + split)
                 assert all(c[3].ndim == (1 if gaps.FLAT_BYTES > 0 else 2) for c in g.chunks)
+                assert g.matmul(np.zeros((groups * cols, 0), np.float32)).shape == (rows, 0)
                 for m in batches:
                     x = rng.standard_normal((groups * cols, m)).astype(np.float32)
                     ref = np.concatenate([theta[i * og:(i + 1) * og].astype(np.float64) @ x[i * cols:(i + 1) * cols]

@@ -65,7 +65,7 @@ SPAN = 1 << 16  # positions are computed modulo 2^16 (uint16 arithmetic)
 MAX_STEP = 256  # one byte: a step of 1 to 256
 L = 16  # rows of a transposed chunk (a power of two)
 _SHIFT = L.bit_length() - 1
-CHUNK_BYTES = 1 << 18  # bytes decoded together (whole rows): about 16 bytes of temporaries each
+CHUNK_BYTES = 1 << 18  # bytes decoded together (whole rows): about 12 + 4·M bytes of temporaries each
 FLAT_BYTES = 1 << 15  # a weight of at most this many bytes stays in byte order: one cumsum decodes it
 
 
@@ -167,6 +167,8 @@ class GapCodes:
     def matmul(self, x: np.ndarray, zero_row: bool = False) -> np.ndarray:
         """θ @ x for x of shape (groups·K, M) (with ``zero_row``: one more row, zero): (R, M) float32."""
         m, k = x.shape[1], x.shape[0] - zero_row
+        if m == 0:
+            return np.zeros((self.rows, 0), np.float32)
         lines = self.counts.size  # stored rows: 2R when split
         out = np.empty((lines, m), np.float32)
         few = m <= FEW_COLUMNS  # gather each position's row of a table (positions decoded once)
@@ -229,7 +231,10 @@ def _row_sums(v: np.ndarray, counts: np.ndarray) -> np.ndarray:
 
     After the prefix sums down each column, the running sum at byte (l, j) is v[l, j] plus the
     totals of the columns before j (a float64 cumsum over the columns); a row's sum is the running
-    sum at its last byte minus the one at the row before's. Returns (rows, M) float32.
+    sum at its last byte minus the one at the row before's. Returns (rows, M) float32. The float32
+    prefix within a column spans up to 15 bytes of the rows before, so a row's rounding error is
+    relative to those neighbours' values as well as its own; a non-finite input value reaches the
+    rows after it, as it reaches every row of the dense float product (0 · inf is NaN).
     """
     c, m = v.shape[1], v.shape[2]
     for i in range(1, L):
