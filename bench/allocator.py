@@ -65,12 +65,19 @@ def child(path: Path, mode: str, batch: int, runs: int) -> tuple[float, float]:
     return 1e3 * float(ms), float(faults)
 
 
+def positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--width", type=float, default=2048, help="MLP hidden width (paper: 2048)")
     ap.add_argument("--vgg-width", type=float, default=0.5, help="VGG width multiplier")
-    ap.add_argument("--rounds", type=int, default=3, help="fresh processes per side and case")
-    ap.add_argument("--runs", type=int, default=40, help="timed runs per process at batch 1 (batch 64: runs/10)")
+    ap.add_argument("--rounds", type=positive, default=3, help="fresh processes per side and case")
+    ap.add_argument("--runs", type=positive, default=40, help="timed runs per process at batch 1 (batch 64: runs/10)")
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args()
     rows = []

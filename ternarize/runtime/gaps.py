@@ -170,6 +170,7 @@ class GapCodes:
         if m == 0:
             return np.zeros((self.rows, 0), np.float32)
         lines = self.counts.size  # stored rows: 2R when split
+        per = per_span(self.width, self.span)
         out = np.empty((lines, m), np.float32)
         few = m <= FEW_COLUMNS  # gather each position's row of a table (positions decoded once)
         if few:
@@ -187,7 +188,7 @@ class GapCodes:
                 pos = np.add(steps, 1, dtype=np.intp)
                 np.cumsum(pos, out=pos)
                 pos += before
-                if lines > per_span(self.width, self.span):
+                if lines > per:
                     pos &= self.span - 1
             else:
                 pos = positions(steps, before, self.span)
@@ -202,11 +203,11 @@ class GapCodes:
             if few:
                 _accumulate(table, pos, starts, out[r0:r1])
                 continue
-            rows = _input_rows(pos, self.width, r0, counts, per_span(self.width, self.span))
+            index = _input_rows(pos, self.width, r0, counts, per)
             if self.split:
-                _padded_sums(xz, rows, starts, out[r0:r1])
+                _padded_sums(xz, index, starts, out[r0:r1])
             else:
-                columns.accumulate(rows, starts, out[r0:r1])
+                columns.accumulate(index, starts, out[r0:r1])
         return np.subtract(out[:self.rows], out[self.rows:]) if self.split else out
 
 

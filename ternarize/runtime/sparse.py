@@ -289,11 +289,15 @@ def _slots(p: np.ndarray, ngroups: int, k: int) -> np.ndarray:
     return out
 
 
-def interleave(x: np.ndarray) -> np.ndarray:
-    """The input as the few-column gathers read it: rows x₀, −x₀, x₁, −x₁, … (2·K, M)."""
-    x2 = np.empty((2 * x.shape[0], x.shape[1]), np.float32)
-    x2[0::2] = x
-    np.negative(x2[0::2], out=x2[1::2])  # from the copy: x may be a transposed view
+def interleave(x: np.ndarray, zero_row: bool = False) -> np.ndarray:
+    """The input as the gathers with the sign in the index read it: rows x₀, −x₀, x₁, −x₁, …
+    (2·K, M), with ``zero_row`` one more row of zeros (the code 2·K)."""
+    k, m = x.shape
+    x2 = np.empty((2 * k + zero_row, m), np.float32)
+    x2[0:2 * k:2] = x
+    np.negative(x2[0:2 * k:2], out=x2[1:2 * k:2])  # from the copy: x may be a transposed view
+    if zero_row:
+        x2[2 * k] = 0
     return x2
 
 
@@ -315,11 +319,7 @@ class Columns:
         k, m = x.shape[0] - zero_row, x.shape[1]
         self.split = SPLIT * events < k * m
         if not self.split:
-            self.x = np.empty((2 * k + 1, m), np.float32)
-            pairs = self.x[:2 * k].reshape(k, 2, m)
-            pairs[:, 0] = x[:k]
-            np.negative(pairs[:, 0], out=pairs[:, 1])  # from the copy: x may be a transposed view
-            self.x[-1] = 0
+            self.x = interleave(x[:k], zero_row=True)
         elif zero_row:
             self.x = np.ascontiguousarray(x)
         else:
