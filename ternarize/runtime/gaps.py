@@ -10,7 +10,8 @@ Layout
 Every non-zero weight (row r, column c, sign s: 0 for +1, 1 for −1) of an R × K weight is a point
 ``i = 2·c + s`` of a row of ``W = 2·K`` (``2·groups·K`` for a grouped convolution, whose points
 then count the input rows of earlier groups too). Rows are laid end to end, ``m`` of them per
-*span* of S positions (S a power of two from 256 to 2^16, chosen per weight for the fewest bytes):
+*span* of S positions (S a power of two from 256 to 2^16, per weight the smallest within
+``SPAN_SLACK`` (0.5 %) of the fewest bytes):
 point i of row r is the ``u = (r % m)·W + i``-th point position of span ``r // m``, at position
 ``(r // m)·S + u + ⌊u / 255⌋`` — every position ≡ 255 (mod 256) is a *zero slot*, which reads 0.
 ``m = ⌊255·S/256 / W⌋`` and the rest of a span is unused.
@@ -30,8 +31,10 @@ non-zero this is about 8.2 bits per non-zero weight; at 1 %, 13.
 
 Decoding
 --------
-A weight of at most ``FLAT_BYTES`` bytes keeps them in order: one ``cumsum`` gives the positions, and
-the gathered values are summed per row with ``reduceat`` (few numpy calls, for small layers).
+A weight of at most ``FLAT_BYTES`` bytes keeps them in order: one ``cumsum`` gives the positions,
+which become input rows as in step 3 below; with up to ``FEW_COLUMNS`` columns the rows of the
+interleaved input are gathered and summed per row with ``reduceat`` (few numpy calls and no table,
+for small layers).
 Larger weights are kept in chunks of whole rows, each transposed into ``L = 16`` rows of C columns:
 column j holds bytes j·L … j·L + 15. Per call and chunk:
 
@@ -42,9 +45,9 @@ column j holds bytes j·L … j·L + 15. Per call and chunk:
    ``[x₀, −x₀, x₁, −x₁, …]`` (the input rows as they are in the split form) once per row of a
    span, laid out as the positions are (zeros at the zero slots and after the m rows), so
    position p reads table row ``p mod S``. One ``take``, then L − 1 additions for the
-   prefix sums of the gathered values down each column; with the totals of the columns before
-   (a float64 ``cumsum`` over the column totals) that is the running sum F at each row's last
-   byte, and row r is F(its last) − F(row r − 1's);
+   prefix sums of the gathered values down each column; row r's sum is the totals of the whole
+   columns between row r − 1's last byte and its own (one ``reduceat`` over the column totals)
+   plus the prefix at its last byte minus the prefix at row r − 1's;
 3. more input columns: the positions, back in byte order, become input rows (the zero slots
    read a zero row; a row's offset within its span is subtracted per row), gathered and summed per
    output row by :class:`~ternarize.runtime.sparse.Columns` (split form: directly in padded blocks).
@@ -66,6 +69,7 @@ MAX_STEP = 256  # one byte: a step of 1 to 256
 L = 16  # rows of a transposed chunk (a power of two)
 _SHIFT = L.bit_length() - 1
 CHUNK_BYTES = 1 << 18  # bytes decoded together (whole rows): about 12 + 4·M bytes of temporaries each
+SPAN_SLACK = 0.005  # a smaller span may take up to 0.5 % more bytes than the one with the fewest
 FLAT_BYTES = 1 << 15  # a weight of at most this many bytes stays in byte order: one cumsum decodes it
 
 
@@ -132,8 +136,9 @@ class GapCodes:
         ``split``: store each row's +1 points and −1 points as two rows of W/2 points (see the module
         doc), for a weight that multiplies several columns at a time (a convolution's patches).
         Tries every span from the smallest power of two (256 at least) that holds a row up to 2^16 and
-        keeps the one with the fewest bytes (the smaller span on a tie: a smaller gather table). None
-        when a row does not fit a span of 2^16 positions (W > 65 280).
+        keeps the smallest whose bytes are within ``SPAN_SLACK`` of the fewest: a smaller span is a
+        smaller gather table, built on every call with few columns. None when a row does not fit a
+        span of 2^16 positions (W > 65 280).
         """
         if width % 2:
             return None
@@ -147,16 +152,15 @@ class GapCodes:
             rows, width = 2 * rows, width // 2
         if per_span(width, SPAN) < 1:
             return None
-        best = None
+        tried = []
         span = 256
         while per_span(width, span) < 1:
             span *= 2
         while span <= SPAN:
-            steps, length = encode(index, row, width, span)
-            if best is None or steps.size < best[0].size:
-                best = steps, length, span
+            tried.append((*encode(index, row, width, span), span))
             span *= 2
-        steps, length, span = best
+        fewest = min(t[0].size for t in tried)
+        steps, length, span = next(t for t in tried if t[0].size <= fewest * (1 + SPAN_SLACK))
         counts = np.bincount(row, weights=length, minlength=rows).astype(np.int64)
         top = counts.max(initial=0)
         dtype = np.uint8 if top < 1 << 8 else np.uint16 if top < 1 << 16 else np.uint32
@@ -172,11 +176,13 @@ class GapCodes:
         lines = self.counts.size  # stored rows: 2R when split
         per = per_span(self.width, self.span)
         out = np.empty((lines, m), np.float32)
-        few = m <= FEW_COLUMNS  # gather each position's row of a table (positions decoded once)
-        if few:
+        few = m <= FEW_COLUMNS  # each position reads one row (of a table, or of the input)
+        if few and self.chunks[0][3].ndim == 2:  # positions decoded once, each reads a table row
             table = _table(x[:k] if self.split else interleave(x[:k]), self.span, lines)
         elif self.split:  # the input rows as they are, then a zero row (read by the zero slots)
             xz = x if zero_row else np.concatenate([x, np.zeros((1, m), np.float32)])
+        elif few:  # a small weight: its positions become input rows of the interleaved input
+            xz = interleave(x[:k], zero_row=True)
         else:
             columns = Columns(x, zero_row, int(self.counts.sum(dtype=np.int64)))
         for r0, r1, before, steps in self.chunks:
@@ -200,12 +206,11 @@ class GapCodes:
                 pos = pos.T.reshape(-1)[:int(counts.sum(dtype=np.int64))]  # back in byte order
             starts = np.cumsum(counts, dtype=np.intp)
             starts -= counts
-            if few:
-                _accumulate(table, pos, starts, out[r0:r1])
-                continue
             index = _input_rows(pos, self.width, r0, counts, per)
-            if self.split:
-                _padded_sums(xz, index, starts, out[r0:r1])
+            if few:
+                _accumulate(xz, index, starts, out[r0:r1], counts)
+            elif self.split:
+                _padded_sums(xz, index, starts, out[r0:r1], counts)
             else:
                 columns.accumulate(index, starts, out[r0:r1])
         return np.subtract(out[:self.rows], out[self.rows:]) if self.split else out
@@ -230,34 +235,39 @@ def positions(steps: np.ndarray, before: int, span: int = SPAN) -> np.ndarray:
 def _row_sums(v: np.ndarray, counts: np.ndarray) -> np.ndarray:
     """Per row, the sum of its bytes' values, from the gathered values v (L, C, M) in transposed order.
 
-    After the prefix sums down each column, the running sum at byte (l, j) is v[l, j] plus the
-    totals of the columns before j (a float64 cumsum over the columns); a row's sum is the running
-    sum at its last byte minus the one at the row before's. Returns (rows, M) float32. The float32
-    prefix within a column spans up to 15 bytes of the rows before, so a row's rounding error is
-    relative to those neighbours' values as well as its own; a non-finite input value reaches the
-    rows after it, as it reaches every row of the dense float product (0 · inf is NaN).
+    After the prefix sums down each column, P(l, j) is the sum of column j's bytes up to l and
+    P(L − 1, j) the column's total. With F the running sum over the bytes, row r's sum is
+    F(its last byte) − F(row r − 1's), and F at byte (l, j) is the totals of the columns before j
+    plus P(l, j). So the sum is the totals of the columns from row r − 1's last column up to
+    (not including) row r's, one ``reduceat`` segment, plus P at its last byte minus P at row
+    r − 1's. Returns (rows, M) float32. The rounding of a row's sum involves the values of the
+    (at most 15) bytes before it in its first column, so it is relative to those neighbours' values
+    as well as its own; a non-finite input value reaches its neighbouring rows, as it reaches every
+    row of the dense float product (0 · inf is NaN).
     """
     c, m = v.shape[1], v.shape[2]
     for i in range(1, L):
         np.add(v[i], v[i - 1], out=v[i])  # down each column
-    earlier = np.empty((c + 1, m))
-    earlier[0] = 0
-    np.cumsum(v[-1], axis=0, dtype=np.float64, out=earlier[1:])
     last = np.cumsum(counts, dtype=np.intp)
     last -= 1  # each row's last byte (−1: none yet)
-    lead = int(np.searchsorted(last, 0))  # rows before the first byte: their running sum is 0
-    col = last >> _SHIFT
+    lead = int(np.searchsorted(last, 0))  # rows before the first byte: F is 0 there
+    col = np.empty(counts.size + 1, np.intp)  # the column of the last byte so far, 0 before any
+    col[0] = 0
+    np.right_shift(last, _SHIFT, out=col[1:])
     at = last & (L - 1)
     at *= c
-    at += col
-    running = earlier.take(col, axis=0, mode="wrap")
-    running += v.reshape(-1, m).take(at, axis=0, mode="wrap")
+    at += col[1:]
+    inside = np.empty((counts.size + 1, m), np.float32)  # P at the last byte so far
+    inside[0] = 0
+    v.reshape(-1, m).take(at, axis=0, out=inside[1:], mode="wrap")
     if lead:
-        running[:lead] = 0
-    out = np.empty((counts.size, m), np.float32)
-    out[0] = running[0]
-    np.subtract(running[1:], running[:-1], out=out[1:], casting="same_kind")
-    return out
+        col[1:lead + 1] = 0
+        inside[1:lead + 1] = 0
+    between = np.add.reduceat(v[-1], col, axis=0)[:-1]  # totals of columns col[r] … col[r + 1] − 1
+    between[col[1:] == col[:-1]] = 0  # no column between (reduceat gives the column's own total)
+    between += inside[1:]
+    between -= inside[:-1]
+    return between
 
 
 def _table(x2: np.ndarray, span: int, rows: int) -> np.ndarray:

@@ -339,23 +339,28 @@ class Columns:
         k = index >> 1
         counts = np.concatenate([np.bincount(row[plus], minlength=rows), np.bincount(row[minus], minlength=rows)])
         sums = np.empty((2 * rows, self.x.shape[1]), np.float32)
-        _padded_sums(self.x, np.concatenate([k[plus], k[minus]]), np.cumsum(counts) - counts, sums)
+        _padded_sums(self.x, np.concatenate([k[plus], k[minus]]), np.cumsum(counts) - counts, sums, counts)
         np.subtract(sums[:rows], sums[rows:], out=out)
 
 
-def _accumulate(x2: np.ndarray, index: np.ndarray, starts: np.ndarray, out: np.ndarray) -> None:
-    """A few columns: out[r] = Σ x2[index[starts[r]:starts[r+1]]] for x2 from ``interleave``: one
-    gather of rows, then ``np.add.reduceat`` over the rows' segments."""
+def _accumulate(x2: np.ndarray, index: np.ndarray, starts: np.ndarray, out: np.ndarray,
+                counts: np.ndarray | None = None) -> None:
+    """A few columns: out[r] = Σ x2[index[starts[r]:starts[r+1]]] (x2: rows to gather, e.g. from
+    ``interleave``): one gather of rows, then ``np.add.reduceat`` over the rows' segments.
+    ``counts``: each row's number of indices, when known (else from ``starts``)."""
     n = index.size
     v = np.empty((n + 1, x2.shape[1]), np.float32)
     v[n] = 0  # reduceat needs indices < len: an empty last row points here
     x2.take(index, axis=0, out=v[:n], mode="wrap")  # in range by construction: "wrap" checks fastest
-    out[:] = np.add.reduceat(v, starts, axis=0)
-    out[np.diff(starts, append=n) == 0] = 0  # reduceat returns the element at an empty segment's start
+    np.add.reduceat(v, starts, axis=0, out=out)
+    empty = counts == 0 if counts is not None else np.diff(starts, append=n) == 0
+    out[empty] = 0  # reduceat returns the element at an empty segment's start
 
 
-def _padded_sums(x: np.ndarray, index: np.ndarray, starts: np.ndarray, out: np.ndarray) -> None:
-    """out[r] = Σ x[index[starts[r]:starts[r+1]]] for x (rows, M) whose last row is zero.
+def _padded_sums(x: np.ndarray, index: np.ndarray, starts: np.ndarray, out: np.ndarray,
+                 counts: np.ndarray | None = None) -> None:
+    """out[r] = Σ x[index[starts[r]:starts[r+1]]] for x (rows, M) whose last row is zero
+    (``counts``: each row's number of indices, when known; else from ``starts``).
 
     Output rows are taken in order of their number of events, in blocks of rows whose gather fits
     ``GATHER_BYTES`` (one row at least; a row too long for it alone goes by column slices). A block
@@ -367,7 +372,8 @@ def _padded_sums(x: np.ndarray, index: np.ndarray, starts: np.ndarray, out: np.n
     """
     n, rows, m = index.size, starts.size, x.shape[1]
     zero = x.shape[0] - 1
-    counts = np.diff(starts, append=n)
+    if counts is None:
+        counts = np.diff(starts, append=n)
     order = np.argsort(counts, kind="stable")
     cs = counts[order]
     row_bytes = 4 * m
