@@ -8,7 +8,8 @@ process:
 (a) bits per discrete weight of the ``.tern`` file against the empirical entropy bound
     H(p0, p+, p−) (``pack.entropy_bits``, per tensor, weighted by size) and against 2 bits;
 (b) latency of ``Runtime.run`` against onnxruntime running the float model (``--threads``
-    intra-op threads, default 2), at batch 1, 4 and 64. Both take turns in blocks of runs, so load
+    intra-op threads, default 2), at batch 1, 4 and 64, and at batch 1 also against onnxruntime on
+    one thread (the runtime's sparse paths run on one). Both take turns in blocks of runs, so load
     from other processes hits both alike; "x" is the median over rounds of the paired ratio
     runtime / onnxruntime (below 1: the runtime is faster), "min x" the ratio of the fastest runs;
 (c) resident memory of the weights: ``Runtime.weight_bytes`` and the growth of traced memory
@@ -68,7 +69,8 @@ VARIANTS = {
 
 
 def float_onnx(name: str, width: float, folder: Path, threads: int):
-    """The float model exported to ONNX (ternarize.onnx if present, else torch.onnx) and a session."""
+    """The float model exported to ONNX (ternarize.onnx if present, else torch.onnx), a session on
+    ``threads`` intra-op threads and one on a single thread."""
     model, shape = synthetic(name, width)
     path = folder / f"{name}-float.onnx"
     try:
@@ -80,12 +82,14 @@ def float_onnx(name: str, width: float, folder: Path, threads: int):
         torch.onnx.export(model, torch.zeros(1, *shape), str(path), input_names=["x"], output_names=["y"],
                           dynamic_axes={"x": {0: "n"}}, dynamo=False)
         how = "torch.onnx"
-    so = ort.SessionOptions()
-    so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
-    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    sessions = []
+    for n in (threads, 1):
+        so = ort.SessionOptions()
+        so.intra_op_num_threads, so.inter_op_num_threads = n, 1
+        sessions.append(ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"]))
     params = sum(p.numel() for n, p in model.named_parameters() if n.endswith("weight") and p.dim() > 1)
-    return {"session": sess, "input": sess.get_inputs()[0].name, "how": how, "size": path.stat().st_size,
-            "float_weight_bytes": 4 * params}
+    return {"session": sessions[0], "session1": sessions[1], "input": sessions[0].get_inputs()[0].name,
+            "how": how, "size": path.stat().st_size, "float_weight_bytes": 4 * params}
 
 
 # ---------------------------------------------------------------------- the variants
@@ -120,8 +124,10 @@ def compile_variant(name: str, width: float, variant: str, folder: Path) -> dict
             "err": float(np.abs(rt.run(x) - ref).max() / np.abs(ref).max())}
 
 
-def latency(rows: list[dict], ref: dict, batch: int, runs: int, block: int = 5) -> None:
-    """Median ms of each runtime and of onnxruntime (float), and the median paired ratio."""
+def latency(rows: list[dict], ref: dict, batch: int, runs: int, block: int = 5, session: str = "session",
+            tag: str = "") -> None:
+    """Median ms of each runtime and of onnxruntime (float), and the median paired ratio; the keys
+    are ``b{batch}{tag}_ms`` and so on."""
     x = np.random.default_rng(3).standard_normal((batch, *rows[0]["shape"])).astype(np.float32)
     feed = {ref["input"]: x}
 
@@ -137,21 +143,22 @@ def latency(rows: list[dict], ref: dict, batch: int, runs: int, block: int = 5) 
     for r in rows:
         ours, theirs = [], []
         for k in range(max(1, -(-runs // block))):
-            pair = [lambda r=r: r["runtime"].run(x), lambda: ref["session"].run(None, feed)]
+            pair = [lambda r=r: r["runtime"].run(x), lambda: ref[session].run(None, feed)]
             a, b = (timed(f) for f in (pair if k % 2 == 0 else pair[::-1]))
             ours.append(a if k % 2 == 0 else b)
             theirs.append(b if k % 2 == 0 else a)
         flat_o, flat_t = [t for b in ours for t in b], [t for b in theirs for t in b]
-        r[f"b{batch}_ms"] = 1e3 * statistics.median(flat_o)
-        r[f"b{batch}_ort_ms"] = 1e3 * statistics.median(flat_t)
-        r[f"b{batch}_x"] = statistics.median(statistics.median(o) / statistics.median(t)
-                                             for o, t in zip(ours, theirs))
-        r[f"b{batch}_min_x"] = min(flat_o) / min(flat_t)
+        b = f"b{batch}{tag}"
+        r[f"{b}_ms"] = 1e3 * statistics.median(flat_o)
+        r[f"{b}_ort_ms"] = 1e3 * statistics.median(flat_t)
+        r[f"{b}_x"] = statistics.median(statistics.median(o) / statistics.median(t) for o, t in zip(ours, theirs))
+        r[f"{b}_min_x"] = min(flat_o) / min(flat_t)
 
 
 def table(rows: list[dict], ref: dict) -> str:
     head = (f"{'variant':18} {'ts held as':16} {'enc':6} {'nz':>5} {'bits/w':>6} {'H':>6} {'/H':>5} {'/2':>5} "
-            f"{'b1 ms':>8} {'ort ms':>7} {'b1 x':>6} {'min x':>6} {'b4 ms':>8} {'ort ms':>7} {'b4 x':>6} "
+            f"{'b1 ms':>8} {'ort ms':>7} {'b1 x':>6} {'min x':>6} {'ort1 ms':>7} {'b1 x1':>6} "
+            f"{'b4 ms':>8} {'ort ms':>7} {'b4 x':>6} "
             f"{'b64 ms':>8} {'ort ms':>7} {'b64 x':>6} "
             f"{'resident':>9} {'encoded':>9} {'res/enc':>7} {'traced/enc':>10} {'vs f32':>7} {'err':>6}")
     lines = [head, "-" * len(head)]
@@ -161,6 +168,7 @@ def table(rows: list[dict], ref: dict) -> str:
             f"{r['bits']:>6.3f} "
             f"{r['entropy']:>6.3f} {r['bits'] / r['entropy']:>5.3f} {r['bits'] / 2:>5.3f} "
             f"{r['b1_ms']:>8.3f} {r['b1_ort_ms']:>7.3f} {r['b1_x']:>6.2f} {r['b1_min_x']:>6.2f} "
+            f"{r['b1_t1_ort_ms']:>7.3f} {r['b1_t1_x']:>6.2f} "
             f"{r['b4_ms']:>8.3f} {r['b4_ort_ms']:>7.3f} {r['b4_x']:>6.2f} "
             f"{r['b64_ms']:>8.2f} {r['b64_ort_ms']:>7.2f} {r['b64_x']:>6.2f} "
             f"{r['weight_bytes']:>9} {r['encoded']:>9} {r['weight_bytes'] / r['encoded']:>7.3f} "
@@ -184,6 +192,7 @@ def bench_model(name: str, width: float, args, folder: Path) -> tuple[list[dict]
     ref = float_onnx(name, width, folder, args.threads)
     rows = [compile_variant(name, width, v, folder) for v in VARIANTS]
     latency(rows, ref, 1, args.runs)
+    latency(rows, ref, 1, args.runs, session="session1", tag="_t1")
     latency(rows, ref, 4, max(2, args.runs // 4), block=2)
     latency(rows, ref, 64, max(2, args.runs // 10), block=1)
     if args.profile:
@@ -210,7 +219,8 @@ def main(argv=None) -> None:
             print(f"\n{name} (width {width}): runtime (numpy {np.__version__}; sparse paths 1 thread, dense codes "
                   f"through BLAS) vs onnxruntime "
                   f"{ort.__version__} float ({args.threads} threads, export: {ref['how']}); "
-                  f"x = runtime / onnxruntime; float weights {ref['float_weight_bytes']} bytes")
+                  f"x = runtime / onnxruntime; x1: against onnxruntime on 1 thread (ort1 ms); "
+                  f"float weights {ref['float_weight_bytes']} bytes")
             print(table(rows, ref))
             results += [{k: v for k, v in r.items() if k != "runtime"} for r in rows]
     if args.json:
