@@ -192,7 +192,7 @@ class GapCodes:
                 continue
             if steps.ndim == 1:  # byte order (a small weight): one cumsum, fewer numpy calls
                 pos = np.add(steps, 1, dtype=np.intp)
-                np.cumsum(pos, out=pos)
+                np.add.accumulate(pos, out=pos)
                 pos += before
                 if lines > per:
                     pos &= self.span - 1
@@ -204,7 +204,7 @@ class GapCodes:
                     out[r0:r1] = _row_sums(table.take(pos, axis=0, mode="wrap"), counts)
                     continue
                 pos = pos.T.reshape(-1)[:int(counts.sum(dtype=np.int64))]  # back in byte order
-            starts = np.cumsum(counts, dtype=np.intp)
+            starts = np.add.accumulate(counts, dtype=np.intp)
             starts -= counts
             index = _input_rows(pos, self.width, r0, counts, per)
             if few:
@@ -220,16 +220,23 @@ def positions(steps: np.ndarray, before: int, span: int = SPAN) -> np.ndarray:
     """Positions modulo ``span`` of transposed steps (L, C): entry (l, j) is byte j·L + l, whose
     position is ``before + Σ_{i <= j·L + l} (step_i + 1)``. uint16, shape (L, C)."""
     acc = np.add(steps, 1, dtype=np.uint16)  # each byte's step + 1
-    for i in range(1, L):
-        np.add(acc[i], acc[i - 1], out=acc[i])
+    _down_columns(acc)
     total = acc[-1]  # each column's sum
-    start = np.cumsum(total, dtype=np.uint16)  # wraps modulo 2^16, as wanted
+    start = np.add.accumulate(total, dtype=np.uint16)  # wraps modulo 2^16, as wanted
     start -= total
     start += np.uint16(before & 0xFFFF)
     acc += start
     if span < SPAN:
         acc &= np.uint16(span - 1)
     return acc
+
+
+def _down_columns(a: np.ndarray) -> None:
+    """In place, the prefix sums of ``a`` (L, …) down its first axis: L − 1 additions of contiguous
+    rows (the row views taken once: indexing costs as much as a small addition)."""
+    rows = list(a)
+    for prev, cur in zip(rows, rows[1:]):
+        np.add(cur, prev, cur)
 
 
 def _row_sums(v: np.ndarray, counts: np.ndarray) -> np.ndarray:
@@ -246,11 +253,10 @@ def _row_sums(v: np.ndarray, counts: np.ndarray) -> np.ndarray:
     row of the dense float product (0 · inf is NaN).
     """
     c, m = v.shape[1], v.shape[2]
-    for i in range(1, L):
-        np.add(v[i], v[i - 1], out=v[i])  # down each column
-    last = np.cumsum(counts, dtype=np.intp)
+    _down_columns(v)
+    last = np.add.accumulate(counts, dtype=np.intp)
     last -= 1  # each row's last byte (−1: none yet)
-    lead = int(np.searchsorted(last, 0))  # rows before the first byte: F is 0 there
+    lead = int(np.searchsorted(last, 0)) if counts[0] == 0 else 0  # rows before the first byte: F is 0
     col = np.empty(counts.size + 1, np.intp)  # the column of the last byte so far, 0 before any
     col[0] = 0
     np.right_shift(last, _SHIFT, out=col[1:])
