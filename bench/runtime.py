@@ -148,11 +148,11 @@ def latency(rows: list[dict], ref: dict, batch: int, runs: int, block: int = 5, 
             ours.append(a if k % 2 == 0 else b)
             theirs.append(b if k % 2 == 0 else a)
         flat_o, flat_t = [t for b in ours for t in b], [t for b in theirs for t in b]
-        b = f"b{batch}{tag}"
-        r[f"{b}_ms"] = 1e3 * statistics.median(flat_o)
-        r[f"{b}_ort_ms"] = 1e3 * statistics.median(flat_t)
-        r[f"{b}_x"] = statistics.median(statistics.median(o) / statistics.median(t) for o, t in zip(ours, theirs))
-        r[f"{b}_min_x"] = min(flat_o) / min(flat_t)
+        key = f"b{batch}{tag}"
+        r[f"{key}_ms"] = 1e3 * statistics.median(flat_o)
+        r[f"{key}_ort_ms"] = 1e3 * statistics.median(flat_t)
+        r[f"{key}_x"] = statistics.median(statistics.median(o) / statistics.median(t) for o, t in zip(ours, theirs))
+        r[f"{key}_min_x"] = min(flat_o) / min(flat_t)
 
 
 def table(rows: list[dict], ref: dict) -> str:
