@@ -1,0 +1,165 @@
+"""Benchmark: the numpy runtime of the working tree against the one of a git revision (not a test).
+
+On a shared machine single timings wander by 15 % and more, and runs made minutes apart by more
+still, so a change to the runtime is judged by a ratio measured in one process. This script
+extracts ``ternarize/`` of REV (``git archive``) into a temporary folder and imports it under
+another name (the runtime's own imports are relative), writes the models of
+``bench/runtime.py`` (the paper MLP and the VGG-style CNN, weights projected to ternary at
+``--density`` non-zero) with the working tree's writer, loads each file with both runtimes
+(``sparse="auto"``, the default) and times them in alternating rounds: a warm-up run, then
+``--block`` timed runs of one, then of the other, the order swapped every round. It prints per
+model and batch the median ms of both, the median over rounds of the paired ratio (working tree ÷
+REV: below 1 the working tree is faster), the ratio of the fastest runs and the largest
+difference between their outputs.
+
+Example::
+
+    python bench/revisions.py HEAD~3                      # MLP and VGG at batch 1: about a minute
+    python bench/revisions.py main --batch 1,4,64 --rounds 20 --json out.json
+"""
+
+import os
+import sys
+
+# bench/ holds onnx.py: drop this directory from the path so that a package named onnx is found
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
+
+import argparse  # noqa: E402
+import importlib.util  # noqa: E402
+import io  # noqa: E402
+import json  # noqa: E402
+import statistics  # noqa: E402
+import subprocess  # noqa: E402
+import tarfile  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from ternarize import lower, tern  # noqa: E402
+from ternarize.runtime import Runtime  # noqa: E402
+from ternarize.testing import project, synthetic  # noqa: E402
+
+BASE = "ternarize_base"  # the name REV's package is imported under
+
+
+def base_runtime(rev: str, folder: Path):
+    """``Runtime`` of ``ternarize/`` at ``rev``, extracted into ``folder``; exits with 2 on a bad rev."""
+    root = Path(_HERE).parent
+    got = subprocess.run(["git", "-C", str(root), "archive", "--format=tar", rev, "ternarize"],
+                         capture_output=True)
+    if got.returncode:
+        message = got.stderr.decode(errors="replace").strip().splitlines() or ["git archive failed"]
+        print(f"revisions.py: cannot read ternarize/ at {rev!r}: {message[-1]}", file=sys.stderr)
+        raise SystemExit(2)
+    with tarfile.open(fileobj=io.BytesIO(got.stdout)) as tar:
+        try:
+            tar.extractall(folder, filter="data")
+        except TypeError:  # Python before 3.11.4: no extraction filters (the archive is git's own)
+            tar.extractall(folder)
+    package = folder / "ternarize"
+    spec = importlib.util.spec_from_file_location(BASE, package / "__init__.py",
+                                                  submodule_search_locations=[str(package)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[BASE] = module
+    spec.loader.exec_module(module)
+    return importlib.import_module(f"{BASE}.runtime").Runtime
+
+
+def model_file(name: str, width: float, density: float, folder: Path) -> Path:
+    model, shape = synthetic(name, width)
+    graph = lower(model, torch.zeros(1, *shape), discrete=project(model, "ternary", density))
+    path = folder / f"{name}.tern"
+    tern.write(graph, path)
+    return path
+
+
+def compare(head, base, batch: int, rounds: int, block: int) -> dict:
+    """Alternating rounds of ``head.run`` and ``base.run`` on one random batch."""
+    x = np.random.default_rng(3).standard_normal((batch, *head.input_shape)).astype(np.float32)
+    diff = float(np.abs(head.run(x) - base.run(x)).max())
+    times = {"head": [], "base": []}
+    for k in range(rounds):
+        for side in (("head", "base") if k % 2 == 0 else ("base", "head")):
+            rt = head if side == "head" else base
+            rt.run(x)  # untimed: warms the caches after the other one ran
+            block_times = []
+            for _ in range(block):
+                t = time.perf_counter()
+                rt.run(x)
+                block_times.append(time.perf_counter() - t)
+            times[side].append(block_times)
+    ratio = statistics.median(statistics.median(h) / statistics.median(b)
+                              for h, b in zip(times["head"], times["base"]))
+    flat = {side: [t for b in blocks for t in b] for side, blocks in times.items()}
+    return {"batch": batch, "head_ms": 1e3 * statistics.median(flat["head"]),
+            "base_ms": 1e3 * statistics.median(flat["base"]), "x": ratio,
+            "min_x": min(flat["head"]) / min(flat["base"]), "max_diff": diff}
+
+
+def positive(kind):
+    def parse(text: str):
+        value = kind(text)
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+        return value
+    return parse
+
+
+def batches(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a comma-separated list of batch sizes, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"batch sizes must be positive, got {text!r}")
+    return values
+
+
+def models(text: str) -> list[str]:
+    names = text.split(",")
+    unknown = [n for n in names if n not in ("mlp", "vgg")]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown model {unknown[0]!r}; choose from mlp, vgg")
+    return names
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("rev", help="the git revision to compare with (a commit, branch or tag)")
+    ap.add_argument("--models", type=models, default=["mlp", "vgg"], help="comma-separated: mlp, vgg")
+    ap.add_argument("--width", type=positive(int), default=2048, help="MLP hidden width (paper: 2048)")
+    ap.add_argument("--vgg-width", type=positive(float), default=0.5, help="VGG width multiplier")
+    ap.add_argument("--density", type=positive(float), default=0.05, help="non-zero fraction of the weights")
+    ap.add_argument("--batch", type=batches, default=[1], help="comma-separated batch sizes (default 1)")
+    ap.add_argument("--rounds", type=positive(int), default=40, help="alternating rounds per model and batch")
+    ap.add_argument("--block", type=positive(int), default=5, help="timed runs per side and round")
+    ap.add_argument("--json", type=Path, help="write the results here")
+    args = ap.parse_args(argv)
+    if args.density > 1:
+        ap.error(f"--density must be at most 1, got {args.density}")
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        base_cls = base_runtime(args.rev, Path(tmp) / "base")
+        for name in args.models:
+            path = model_file(name, args.width if name == "mlp" else args.vgg_width, args.density, Path(tmp))
+            head, base = Runtime.load(path), base_cls.load(path)
+            for batch in args.batch:
+                rows.append({"model": name, **compare(head, base, batch, args.rounds, args.block)})
+    print(f"working tree vs {args.rev} (numpy {np.__version__}; ternary {100 * args.density:g} % non-zero, "
+          f"{args.rounds} rounds of {args.block} runs each); x = working tree / {args.rev}")
+    head = f"{'model':6} {'batch':>5} {'tree ms':>9} {'rev ms':>9} {'x':>6} {'min x':>6} {'max |diff|':>10}"
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        print(f"{r['model']:6} {r['batch']:>5} {r['head_ms']:>9.3f} {r['base_ms']:>9.3f} {r['x']:>6.3f} "
+              f"{r['min_x']:>6.3f} {r['max_diff']:>10.1e}")
+    if args.json:
+        args.json.write_text(json.dumps({"rev": args.rev, "numpy": np.__version__, "rows": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
