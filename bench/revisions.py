@@ -65,8 +65,12 @@ def base_runtime(rev: str, folder: Path):
                                                   submodule_search_locations=[str(package)])
     module = importlib.util.module_from_spec(spec)
     sys.modules[BASE] = module
-    spec.loader.exec_module(module)
-    return importlib.import_module(f"{BASE}.runtime").Runtime
+    try:
+        spec.loader.exec_module(module)
+        return importlib.import_module(f"{BASE}.runtime").Runtime
+    except (ImportError, AttributeError) as e:
+        print(f"revisions.py: the runtime at {rev!r} cannot be imported ({e}); pick a newer revision", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def model_file(name: str, width: float, density: float, folder: Path) -> Path:
@@ -146,7 +150,13 @@ def main(argv=None) -> None:
         base_cls = base_runtime(args.rev, Path(tmp) / "base")
         for name in args.models:
             path = model_file(name, args.width if name == "mlp" else args.vgg_width, args.density, Path(tmp))
-            head, base = Runtime.load(path), base_cls.load(path)
+            head = Runtime.load(path)
+            try:
+                base = base_cls.load(path)
+            except Exception as e:  # an older reader may refuse what the working tree writes
+                print(f"revisions.py: the runtime at {args.rev!r} cannot load the {name} file "
+                      f"({type(e).__name__}: {e})", file=sys.stderr)
+                raise SystemExit(2) from None
             for batch in args.batch:
                 rows.append({"model": name, **compare(head, base, batch, args.rounds, args.block)})
     print(f"working tree vs {args.rev} (numpy {np.__version__}; ternary {100 * args.density:g} % non-zero, "
