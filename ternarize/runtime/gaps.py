@@ -297,8 +297,9 @@ def _table(x2: np.ndarray, span: int, rows: int) -> np.ndarray:
 def _input_rows(pos: np.ndarray, width: int, row0: int, counts: np.ndarray, m: int) -> np.ndarray:
     """The input row (one of W, or W for the zero row) each position reads, for the bytes of rows
     ``row0`` on (``counts`` bytes each), m rows to a span: a point of row r is at point position
-    (r mod m)·W + its column within the span (subtracted per row: no division per byte)."""
-    p = pos.astype(np.intp)
+    (r mod m)·W + its column within the span (subtracted per row: no division per byte). An intp
+    ``pos`` (a small weight's, decoded in byte order) is overwritten instead of copied."""
+    p = np.asarray(pos, np.intp)
     zero = (p & 255) == 255
     p -= p >> 8  # the point position within the span
     if m > 1:
