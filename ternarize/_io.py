@@ -1,36 +1,111 @@
 """Atomic file output: a reader sees the old file or the complete new one, never a half-written one.
 
-Standard library only, so the numpy-only modules can use it.
+Standard library only, so the numpy-only modules can use it. A target that exists but is not a
+regular file (a folder, a FIFO, a device) or that is one of the job's input files is refused, and
+a failure of the operating system (missing or read-only folder, full disk) becomes one
+:class:`~ternarize.errors.OutputError` line naming the path; the temp file is removed either way.
 
 Example::
 
     with atomic_path("out/model.onnx") as tmp:   # a temp name in the same folder
         save_somehow(tmp)                        # renamed over the target only if this succeeds
     atomic_write("out/model.tern", data)
+    check_output("preds.npy", inputs=["x.npy"])  # before any work: OutputError if it cannot be written
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import re
 import secrets
+import stat
+
+from .errors import OutputError
+
+_TEMP = re.compile(r"\.(?P<base>.+)\.tmp\.[0-9a-f]{12}(?:\.[A-Za-z0-9]+)?")
+
+
+def temp_name(base: str, suffix: str = "") -> str:
+    """The name of a temp file for the final name ``base`` (see :func:`is_temp_of`)."""
+    return f".{base}.tmp.{secrets.token_hex(6)}{suffix}"
+
+
+def is_temp_of(name: str, bases) -> bool:
+    """Whether ``name`` is a temp file :func:`atomic_path` makes for one of the final names ``bases``."""
+    m = _TEMP.fullmatch(name)
+    return bool(m) and m.group("base") in bases
+
+
+def check_output(path, inputs=()) -> str:
+    """Refuse, before any work, an output ``path`` that cannot be written: an empty path, one that
+    exists and is not a regular file, one that is the same file as one of ``inputs``, or one whose
+    folder is missing or not a folder. Returns the path."""
+    text = os.fspath(path)
+    if not text:
+        raise OutputError("the output path is empty; give a file name")
+    _check_target(text)
+    for source in inputs:
+        if source and os.path.exists(source) and os.path.exists(text) and os.path.samefile(source, text):
+            raise OutputError(f"the output {text} is the input file {os.fspath(source)}; choose another output path")
+    directory = os.path.dirname(os.path.abspath(text))
+    if not os.path.isdir(directory):
+        what = "is not a folder" if os.path.exists(directory) else "does not exist"
+        raise OutputError(f"cannot write {text}: the folder {directory} {what}; create it or choose another path")
+    return text
+
+
+def _check_target(path: str) -> None:
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return  # nothing there (or unreachable: the write itself will say why)
+    if stat.S_ISDIR(mode):
+        raise OutputError(f"{path} is a folder; give a file name for the output")
+    if not stat.S_ISREG(mode):
+        raise OutputError(f"{path} exists and is not a regular file (a device, FIFO or socket); "
+                          "choose another output path")
+
+
+def describe(e: OSError, path) -> str:
+    """One line for an operating-system failure to write ``path``, with what to do."""
+    hint = {errno.ENOSPC: "free some disk space or write elsewhere",
+            getattr(errno, "EDQUOT", errno.ENOSPC): "free some disk space or write elsewhere",
+            errno.EACCES: "choose a folder you may write to",
+            errno.EPERM: "choose a folder you may write to",
+            errno.EROFS: "the file system is read-only; choose another place",
+            errno.ENOENT: "create the folder first or choose another path",
+            errno.ENOTDIR: "a part of the path is a file, not a folder; choose another path",
+            errno.EISDIR: "give a file name, not a folder"}.get(e.errno, "check the path and try again")
+    return f"cannot write {os.fspath(path)}: {e.strerror or e}; {hint}"
 
 
 @contextlib.contextmanager
 def atomic_path(path, suffix: str = ""):
     """Yield a fresh temp path beside ``path``; on success fsync it and rename it over ``path``,
-    on any failure remove it. ``suffix`` keeps an extension some writers insist on (".npy")."""
-    path = os.path.abspath(os.fspath(path))
+    on any failure remove it. ``suffix`` keeps an extension some writers insist on (".npy").
+
+    Raises :class:`OutputError` when ``path`` is a folder or another non-regular file, and when
+    the operating system refuses a step (the writer's own OSError included)."""
+    shown = os.fspath(path)
+    if not shown:
+        raise OutputError("the output path is empty; give a file name")
+    path = os.path.abspath(shown)
+    _check_target(path)
     directory, base = os.path.split(path)
-    tmp = os.path.join(directory, f".{base}.tmp.{secrets.token_hex(6)}{suffix}")
+    tmp = os.path.join(directory, temp_name(base, suffix))
     try:
         yield tmp
         with open(tmp, "rb+") as f:  # the writer may have closed it unsynced
             os.fsync(f.fileno())
+        _check_target(path)  # appeared meanwhile?
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        if isinstance(e, OSError):
+            raise OutputError(describe(e, shown)) from e
         raise
     _sync_directory(directory)
 

@@ -54,6 +54,11 @@ class VerificationError(Error):
     """Two representations of the same model disagree beyond tolerance."""
 
 
+class OutputError(Error):
+    """An output cannot be written there (missing or read-only folder, full disk, not a regular
+    file, the same file as an input)."""
+
+
 __all__ = [
     "Error",
     "ConfigError",
@@ -66,4 +71,5 @@ __all__ = [
     "ExportError",
     "TrainingError",
     "VerificationError",
+    "OutputError",
 ]

@@ -130,8 +130,8 @@ def save_model(model: nn.Module, path) -> None:
 
         save_model(zoo.create("mlp", width=256), "model.pt")
     """
-    with atomic_path(path) as tmp:
-        torch.save(model, tmp)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:  # an OSError of ours, not torch's RuntimeError
+        torch.save(model, f)
 
 
 def parse_arch(spec: str) -> Callable[[], nn.Module]:

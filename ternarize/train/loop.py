@@ -494,8 +494,8 @@ def _save_checkpoint(config, model, discrete_opt, adam, result, epoch) -> None:
     }
     path = config.checkpoint
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:  # an OSError of ours, not torch's RuntimeError
+        torch.save(state, f)
 
 
 def _load_checkpoint(config) -> dict:
