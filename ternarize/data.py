@@ -65,7 +65,7 @@ from typing import BinaryIO
 import numpy as np
 
 from ._io import atomic_path
-from .errors import ConfigError, DataError
+from .errors import ConfigError, DataError, OutputError
 
 # ----------------------------------------------------------------------------------------------
 # The Dataset
@@ -960,11 +960,23 @@ def fetch(name: str, data_dir: str | os.PathLike | None = None, download: bool =
         verify_checksums(spec.name, data_dir)
         log(f"{spec.name}: already present and verified in {folder}")
         return folder
-    folder.mkdir(parents=True, exist_ok=True)
-    for stale in folder.glob(".*.tmp.*"):  # left by an interrupted earlier fetch
-        stale.unlink()
-    _FETCHERS[spec.name](spec, folder, download, log)
-    verify_checksums(spec.name, data_dir)
+    made = [p for p in (folder, *folder.parents) if not p.exists()]  # deepest first
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputError(f"cannot create the data folder {folder}: {e.strerror or e}; choose another --data-dir "
+                          "(or $TERNARIZE_DATA)") from e
+    try:
+        for stale in folder.glob(".*.tmp.*"):  # left by an interrupted earlier fetch
+            if stale.is_file():
+                stale.unlink()
+        _FETCHERS[spec.name](spec, folder, download, log)
+        verify_checksums(spec.name, data_dir)
+    except BaseException:
+        for path in made:  # the folders this call made, if nothing landed in them
+            with contextlib.suppress(OSError):
+                path.rmdir()
+        raise
     log(f"{spec.name}: ready in {folder}")
     return folder
 

@@ -21,7 +21,7 @@ import torch
 from . import zoo
 from .data import load_dataset
 from .load import save_model
-from .pipeline import CompressResult, compress, prepare_out
+from .pipeline import FLOAT_MODEL, CompressResult, OutputFolder, check_out, compress
 from .train.loop import fit_float
 
 DEMO_SETTINGS = dict(epochs=60, batch_size=50, ema_decay=0.995, lam=1e-5)
@@ -30,16 +30,18 @@ DEMO_SETTINGS = dict(epochs=60, batch_size=50, ema_decay=0.995, lam=1e-5)
 def run(out: str = "demo", force: bool = False, epochs: int | None = None, progress: bool = True,
         log=print) -> CompressResult:
     """Train the float MLP on digits, save it, compress it into ``out``; return the result."""
-    prepare_out(out, force=force, resume=False)
+    check_out(out, force=force, resume=False)
     data = load_dataset("digits")
-    torch.manual_seed(0)
-    model = zoo.create("mlp", in_shape=data.in_shape, num_classes=data.num_classes, width=256, depth=2)
-    log("training the float model: MLP 64-256-256-10 on the 8x8 digits")
-    fit_float(model, data, epochs=10, progress=progress, log=log)
-    path = os.path.join(out, "float_model.pt")
-    save_model(model.cpu(), path)
-    settings = dict(DEMO_SETTINGS, progress=progress)
-    if epochs is not None:
-        settings["epochs"] = epochs
-    log(f"compressing {path} (ternary E-MSA, {settings['epochs']} epochs)")
-    return compress(path, data, out=out, force=True, log=log, **settings)
+    with OutputFolder(out, force=force, resume=False) as folder:  # a failure removes what this run wrote
+        torch.manual_seed(0)
+        model = zoo.create("mlp", in_shape=data.in_shape, num_classes=data.num_classes, width=256, depth=2)
+        log("training the float model: MLP 64-256-256-10 on the 8x8 digits")
+        fit_float(model, data, epochs=10, progress=progress, log=log)
+        path = os.path.join(out, FLOAT_MODEL)
+        folder.add(path)
+        save_model(model.cpu(), path)
+        settings = dict(DEMO_SETTINGS, progress=progress)
+        if epochs is not None:
+            settings["epochs"] = epochs
+        log(f"compressing {path} (ternary E-MSA, {settings['epochs']} epochs)")
+        return compress(path, data, out=out, force=True, log=log, **settings)

@@ -17,16 +17,19 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+import tempfile
 from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
 
 from . import tern
+from ._io import is_temp_of
 from .data import Dataset, load_dataset
-from .errors import ConfigError, Error, VerificationError
+from .errors import ConfigError, OutputError, VerificationError
 from .load import load_model
 from .lowering import lower
 from .train import policy
@@ -34,6 +37,8 @@ from .train.loop import TrainConfig, TrainResult, evaluate, fit
 
 OUTPUTS = ("model.tern", "model.onnx", "report.json", "report.md", "layers.png", "training.png", "weights.png")
 CHECKPOINT = "checkpoint.pt"
+FLOAT_MODEL = "float_model.pt"  # the demo's float model, beside its outputs
+PROBE = ".ternarize-probe-"  # a file made and removed to see that the output folder can be written
 VERIFY_SAMPLES = 512
 RTOL = 1e-4
 
@@ -71,24 +76,26 @@ def compress(model, data, out: str = "out", *, arch: str | None = None, trust: b
     dataset = data if isinstance(data, Dataset) else load_dataset(data, data_dir=data_dir)
     if val_fraction:
         dataset = dataset.split_validation(val_fraction, seed=config.seed)
-    if _rank() == 0:  # the other ranks of a torchrun job only train
-        prepare_out(out, force=force, resume=config.resume)
+    writer = _rank() == 0  # the other ranks of a torchrun job only train
+    if writer:
+        check_out(out, force=force, resume=config.resume)
     example = torch.from_numpy(dataset.x_test[:2])
     _check_fits(model, dataset, example)
     policy.discrete_layers(model, config.keep_float, config.scale)  # a --keep-float that matches nothing
     lower(model, example)  # an unsupported op fails here, before any training
-    float_acc = _accuracy(model, dataset)
-    log(f"float model: test accuracy {100 * float_acc:.2f}%")
-    float_weights = {name: p.detach().cpu().numpy().copy() for name, p in model.named_parameters()}
-    result = fit(model, dataset, config, log=log)
-    if _rank() != 0:
-        return None
-    model.cpu().eval()
-    acc = _accuracy(model, dataset)
-    graph = lower(model, example, discrete=result.discrete)
-    graph.metadata.update(_metadata(source, dataset, config, result, float_acc, acc))
-    return _write_outputs(out, graph, model, dataset, result, float_acc, acc,
-                          {k: float_weights[k] for k in result.discrete}, log)
+    with OutputFolder(out, force=force, resume=config.resume, active=writer) as folder:
+        float_acc = _accuracy(model, dataset)
+        log(f"float model: test accuracy {100 * float_acc:.2f}%")
+        float_weights = {name: p.detach().cpu().numpy().copy() for name, p in model.named_parameters()}
+        result = fit(model, dataset, config, log=log)
+        if not writer:
+            return None
+        model.cpu().eval()
+        acc = _accuracy(model, dataset)
+        graph = lower(model, example, discrete=result.discrete)
+        graph.metadata.update(_metadata(source, dataset, config, result, float_acc, acc))
+        return _write_outputs(out, graph, model, dataset, result, float_acc, acc,
+                              {k: float_weights[k] for k in result.discrete}, log, folder)
 
 
 # ---------------------------------------------------------------------- before training
@@ -118,13 +125,20 @@ def _source_info(model) -> dict:
     return {"source": type(model).__name__} if not isinstance(model, (str, os.PathLike)) else {}
 
 
-def prepare_out(out: str, force: bool, resume: bool) -> None:
+def _own_temp(name: str) -> bool:
+    """A temp file this tool makes for one of its outputs or to probe the folder (left by a killed run)."""
+    return is_temp_of(name, OUTPUTS + (CHECKPOINT, FLOAT_MODEL)) or name.startswith(PROBE)
+
+
+def check_out(out: str, force: bool, resume: bool) -> None:
+    """Refuse an output folder that cannot be used, before any work and without touching it: a
+    path that is not a folder, a folder holding other files without ``force`` (or no checkpoint
+    with ``resume``), a parent folder that does not exist or cannot be written."""
+    if not out:
+        raise ConfigError("--out is empty; give an output folder")
     if os.path.exists(out) and not os.path.isdir(out):
         raise ConfigError(f"--out {out} exists and is not a folder; choose another path")
-    present = os.listdir(out) if os.path.isdir(out) else []
-    for name in [f for f in present if ".tmp" in f]:  # left by a killed run; never a finished file
-        os.remove(os.path.join(out, name))
-    present = [f for f in present if ".tmp" not in f]
+    present = [f for f in os.listdir(out) if not _own_temp(f)] if os.path.isdir(out) else []
     if resume:
         if CHECKPOINT not in present:
             raise ConfigError(f"there is no {CHECKPOINT} in {out} to resume from; run without --resume")
@@ -132,12 +146,68 @@ def prepare_out(out: str, force: bool, resume: bool) -> None:
     if present and not force:
         raise ConfigError(f"the output folder {out} already holds {', '.join(sorted(present)[:3])}"
                           f"{' ...' if len(present) > 3 else ''}; pass --force to overwrite it or --resume to continue")
-    if present and force:
-        for name in OUTPUTS + (CHECKPOINT,):
-            path = os.path.join(out, name)
-            if os.path.isfile(path):
-                os.remove(path)
-    os.makedirs(out, exist_ok=True)
+    parent = os.path.dirname(os.path.abspath(out))
+    while not os.path.exists(parent):  # makedirs creates the missing folders under the first that exists
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise ConfigError(f"cannot create the output folder {out}: {parent} is a file, not a folder; "
+                          "choose another --out")
+
+
+class OutputFolder:
+    """The output folder of one run, from just before training to the written report.
+
+    On entry: :func:`check_out` again, the folder is created if missing (remembering that this
+    run made it), its stale temp files and (with ``force``) the previous outputs are removed, and a
+    probe file shows that it can be written (a read-only folder or file system fails here, before
+    training). On a failure inside, the outputs written so far are removed (a complete checkpoint
+    stays for ``--resume``) and a folder this run made is removed again if it is left empty.
+    ``active`` False (a torchrun rank other than 0) does nothing.
+    """
+
+    def __init__(self, out: str, force: bool, resume: bool, active: bool = True):
+        self.out, self.force, self.resume, self.active = out, force, resume, active
+        self.made = False
+        self.written: list[str] = []  # outputs of this run, removed on failure
+
+    def __enter__(self) -> OutputFolder:
+        if not self.active:
+            return self
+        out = self.out
+        check_out(out, self.force, self.resume)
+        try:
+            if not os.path.isdir(out):
+                os.makedirs(out)
+                self.made = True
+            for name in os.listdir(out):
+                path = os.path.join(out, name)
+                if os.path.isfile(path) and (_own_temp(name) or (self.force and not self.resume and
+                                                                 name in OUTPUTS + (CHECKPOINT,))):
+                    os.remove(path)
+            fd, probe = tempfile.mkstemp(prefix=PROBE, dir=out)
+            os.close(fd)
+            os.remove(probe)
+        except OSError as e:
+            self._tidy()
+            raise OutputError(f"cannot write to the output folder {out}: {e.strerror or e}; "
+                              "choose another --out") from e
+        return self
+
+    def add(self, *paths: str) -> None:
+        """Record outputs written by this run (removed if the run fails after all)."""
+        self.written.extend(paths)
+
+    def __exit__(self, kind, error, tb) -> None:
+        if self.active and kind is not None:
+            for path in self.written:
+                with contextlib.suppress(OSError):
+                    os.remove(path)
+            self._tidy()
+
+    def _tidy(self) -> None:
+        if self.made:
+            with contextlib.suppress(OSError):
+                os.rmdir(self.out)  # only if empty
 
 
 def _check_fits(model, dataset: Dataset, example: torch.Tensor) -> None:
@@ -182,27 +252,24 @@ def _metadata(source, dataset, config, result, float_acc, acc) -> dict:
 # ---------------------------------------------------------------------- after training
 
 
-def _write_outputs(out, graph, model, dataset, result, float_acc, acc, float_weights, log) -> CompressResult:
+def _write_outputs(out, graph, model, dataset, result, float_acc, acc, float_weights, log,
+                   folder: OutputFolder) -> CompressResult:
+    """Write and check the outputs; any failure removes them (``folder`` does, on leaving)."""
     from . import onnx as onnx_export
     from . import report as reporting
     from .runtime import Runtime
 
     tern_path, onnx_path = os.path.join(out, "model.tern"), os.path.join(out, "model.onnx")
-    try:
-        tern.write(graph, tern_path)
-        onnx_export.export(graph, onnx_path)
-        runtime = Runtime.load(tern_path, sparse="indices")  # the fastest form; memory is no concern here
-        x = dataset.x_test[:VERIFY_SAMPLES]
-        with torch.no_grad():
-            reference = model(torch.from_numpy(x)).numpy()
-        _agree("the .tern file (numpy runtime)", runtime.run(x), reference)
-        _agree("the .onnx file (onnxruntime)", onnx_export.run(onnx_export.session(onnx_path), x), reference)
-        runtime_acc = runtime.accuracy(dataset.x_test, dataset.y_test)
-    except Error:
-        for path in (tern_path, onnx_path):
-            if os.path.exists(path):
-                os.remove(path)
-        raise
+    folder.add(tern_path, onnx_path, *(os.path.join(out, name) for name in OUTPUTS[2:]))
+    tern.write(graph, tern_path)
+    onnx_export.export(graph, onnx_path)
+    runtime = Runtime.load(tern_path, sparse="indices")  # the fastest form; memory is no concern here
+    x = dataset.x_test[:VERIFY_SAMPLES]
+    with torch.no_grad():
+        reference = model(torch.from_numpy(x)).numpy()
+    _agree("the .tern file (numpy runtime)", runtime.run(x), reference)
+    _agree("the .onnx file (onnxruntime)", onnx_export.run(onnx_export.session(onnx_path), x), reference)
+    runtime_acc = runtime.accuracy(dataset.x_test, dataset.y_test)
     accuracy = graph.metadata["accuracy"] | {"runtime": runtime_acc}
     _update_accuracy(tern_path, graph, accuracy)
     training = dict(graph.metadata["training"], history=result.history)

@@ -598,6 +598,7 @@ def test_fetch_offline_errors(tmp_path, monkeypatch):
         data.fetch("cifar10", **quiet)
     with pytest.raises(DataError, match=r"unknown dataset 'svhn'"):
         data.fetch("svhn", **quiet)
+    assert os.listdir(tmp_path) == []  # a failed fetch leaves no empty folders
     lines: list[str] = []
     assert (data.fetch("digits", log=lines.append) / "digits.csv.gz").is_file()
     assert lines == ["digits ships inside scikit-learn; nothing to fetch"]

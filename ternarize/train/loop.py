@@ -84,6 +84,14 @@ class TrainConfig:
         _require(isinstance(self.epochs, int) and self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}")
         _require(isinstance(self.batch_size, int) and self.batch_size >= 2,
                  f"batch size must be >= 2 (BatchNorm needs two samples), got {self.batch_size}")
+        for name in ("rho", "lam", "ema_decay", "ema_anneal", "lr", "distill_temperature", "distill_weight",
+                     "time_budget"):
+            value = getattr(self, name)
+            _require(value is None or (isinstance(value, (int, float)) and not isinstance(value, bool)
+                                       and math.isfinite(value)),
+                     f"{name} must be a finite number, got {value!r}")
+        _require(isinstance(self.seed, int) and not isinstance(self.seed, bool) and 0 <= self.seed < 1 << 63,
+                 f"seed must be an integer from 0 to 2**63 - 1, got {self.seed!r}")
         _require(self.rho is None or self.rho > 0, f"rho must be positive, got {self.rho}")
         _require(self.lam >= 0, f"lam must be >= 0, got {self.lam}")
         _require(0 <= self.ema_decay < 1, f"ema_decay must be in [0, 1), got {self.ema_decay}")
@@ -94,6 +102,10 @@ class TrainConfig:
         _require(not self.resume or self.checkpoint, "resume needs a checkpoint path")
         _require(self.time_budget is None or self.time_budget > 0,
                  f"time budget must be positive, got {self.time_budget}")
+        if int(os.environ.get("WORLD_SIZE", "1")) <= 1:  # torchrun ranks pick their own device
+            device = _device(self.device)
+            _require(self.precision != "tf32" or device.type == "cuda",
+                     f"precision tf32 needs a CUDA GPU and this run is on {device.type}; use fp32 or bf16")
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -130,7 +142,7 @@ def fit(model: nn.Module, data, config: TrainConfig | None = None, teacher: nn.M
     layers = policy.discrete_layers(model, config.keep_float, config.scale)
     resume_state = _load_checkpoint(config) if config.resume else None
     if resume_state is not None:
-        model.load_state_dict(resume_state["model"])
+        _load_state(model, resume_state["model"], config.checkpoint)
     torch.manual_seed(config.seed)
     discrete_opt, adam = _optimizers(model, layers, config)
     tensors = _Tensors.from_dataset(data, dist.device)
@@ -295,10 +307,13 @@ def _device(name: str) -> torch.device:
         dev = torch.device(name)
     except (RuntimeError, ValueError):
         raise ConfigError(f"device {name!r} is unknown; use auto, cpu or cuda") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device 'cuda' was asked for but no CUDA GPU is available; use --device cpu or auto")
     if dev.type not in ("cpu", "cuda"):
         raise ConfigError(f"device {name!r} is not supported; use auto, cpu or cuda")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {name!r} was asked for but no CUDA GPU is available; use --device cpu or auto")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ConfigError(f"device {name!r} was asked for but this machine has {torch.cuda.device_count()} CUDA "
+                          f"GPU(s), cuda:0 to cuda:{torch.cuda.device_count() - 1}")
     return dev
 
 
@@ -385,7 +400,8 @@ class _Run:
                 bar.advance(steps, total, self.opt)
         mean_loss = float(self.dist.all_reduce_mean(total)) / max(1, steps)
         if not math.isfinite(mean_loss):
-            where = f"; the last good checkpoint is {self.config.checkpoint}" if self.config.checkpoint else ""
+            saved = self.config.checkpoint and os.path.isfile(self.config.checkpoint)
+            where = f"; the last good checkpoint is {self.config.checkpoint}" if saved else ""
             raise TrainingError(f"the training loss became {mean_loss} in epoch {epoch + 1}{where}; "
                                 "try a smaller --lr (or --rho) or check the data for NaNs")
         if self.opt is not None:
@@ -517,10 +533,20 @@ def _load_checkpoint(config) -> dict:
     return state
 
 
+def _load_state(target, state, path) -> None:
+    """``target.load_state_dict(state)``, a mismatch being the user's: a checkpoint of another model."""
+    try:
+        target.load_state_dict(state)
+    except (RuntimeError, ValueError, KeyError, TypeError) as e:
+        first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"the checkpoint {path} was made for a different model ({first}); start over "
+                          "without --resume or choose another --out") from e
+
+
 def _restore(state, discrete_opt, adam, result, config, log, dist) -> int:
-    discrete_opt.load_state_dict(state["discrete_opt"])
+    _load_state(discrete_opt, state["discrete_opt"], config.checkpoint)
     if adam is not None and state["adam"] is not None:
-        adam.load_state_dict(state["adam"])
+        _load_state(adam, state["adam"], config.checkpoint)
     torch.set_rng_state(state["rng"])
     result.history = list(state["history"])
     epoch = int(state["epoch"]) + 1

@@ -1,0 +1,189 @@
+"""Output folders and option checks of compress and demo: nothing of the user's is touched, nothing
+half-written stays, and what can be checked before training is checked before training."""
+
+import errno
+import math
+import os
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+import ternarize
+from ternarize import demo, pipeline
+from ternarize._io import atomic_write, check_output, is_temp_of, temp_name
+from ternarize.cli import cli
+from ternarize.errors import ConfigError, OutputError, TrainingError
+from ternarize.train.loop import TrainConfig
+
+QUIET = dict(epochs=1, batch_size=50, progress=False, log=lambda s: None)
+
+
+def invoke(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+
+
+@pytest.fixture
+def tiny(tmp_path):
+    path = tmp_path / "tiny.pt"
+    torch.save(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10)), path)
+    return path
+
+
+@pytest.fixture
+def no_training(monkeypatch):
+    """Fail the test if training starts."""
+    def fit(*args, **kwargs):
+        raise AssertionError("training started")
+    monkeypatch.setattr(pipeline, "fit", fit)
+
+
+# ---------------------------------------------------------------------- temp names
+
+
+def test_temp_names_are_recognised_only_for_the_given_outputs():
+    name = temp_name("model.tern")
+    assert is_temp_of(name, ("model.tern",)) and not is_temp_of(name, ("model.onnx",))
+    assert is_temp_of(temp_name("layers.png", ".png"), ("layers.png",))
+    for user in ("template.tmpl", "report.tmp.bak", "cache.tmp", ".model.tern.tmp.xyz",
+                 ".model.tern.tmp.0123456789abX"):
+        assert not is_temp_of(user, ("model.tern", "report")), user
+
+
+def test_check_output_refuses_folders_inputs_and_missing_parents(tmp_path):
+    src = tmp_path / "x.npy"
+    src.write_bytes(b"data")
+    with pytest.raises(OutputError, match="is the input file"):
+        check_output(src, inputs=[src])
+    with pytest.raises(OutputError, match="is a folder"):
+        check_output(tmp_path)
+    with pytest.raises(OutputError, match="does not exist; create it"):
+        check_output(tmp_path / "nodir" / "o.npy")
+    with pytest.raises(OutputError, match="is not a folder"):
+        check_output(src / "o.npy")
+    with pytest.raises(OutputError, match="empty"):
+        check_output("")
+    assert check_output(tmp_path / "o.npy", inputs=[src]) == str(tmp_path / "o.npy")
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs here")
+def test_atomic_write_never_replaces_a_fifo(tmp_path):
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    with pytest.raises(OutputError, match="not a regular file"):
+        atomic_write(fifo, b"x")
+    assert not fifo.is_file() and sorted(os.listdir(tmp_path)) == ["pipe"]
+
+
+# ---------------------------------------------------------------------- the output folder
+
+
+def test_user_files_with_tmp_in_their_names_are_kept(tiny, tmp_path, no_training):
+    out = tmp_path / "userdir"
+    out.mkdir()
+    for name in ("template.tmpl", "report.tmp.bak", "notes.txt"):
+        (out / name).write_text(name)
+    (out / "cache.tmp").mkdir()
+    with pytest.raises(ConfigError, match="already holds"):
+        ternarize.compress(str(tiny), "digits", out=str(out), **QUIET)
+    assert sorted(os.listdir(out)) == ["cache.tmp", "notes.txt", "report.tmp.bak", "template.tmpl"]
+
+
+def test_stale_temp_files_of_a_killed_run_are_removed_and_do_not_block(tiny, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    stale = out / temp_name("model.tern")
+    stale.write_bytes(b"half")
+    (out / (pipeline.PROBE + "abc")).write_bytes(b"")
+    result = ternarize.compress(str(tiny), "digits", out=str(out), **QUIET)
+    assert result.accuracy > 0 and not stale.exists()
+    assert not [n for n in os.listdir(out) if n.startswith(".")]
+
+
+def test_an_unwritable_folder_fails_before_training(tiny, tmp_path, monkeypatch, no_training):
+    def refuse(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+    monkeypatch.setattr(pipeline.tempfile, "mkstemp", refuse)
+    out = tmp_path / "out"
+    with pytest.raises(OutputError, match="cannot write to the output folder .*Read-only file system; choose another"):
+        ternarize.compress(str(tiny), "digits", out=str(out), **QUIET)
+    assert not out.exists()  # the folder this run made is gone again
+
+
+def test_out_below_a_file_is_refused_first(tiny, tmp_path, no_training):
+    res = invoke("compress", tiny, "--data", "digits", "--out", tiny / "sub", "--epochs", "1")
+    assert res.exit_code == 2 and "is a file, not a folder" in res.stderr and "\n" not in res.stderr.strip()
+
+
+def test_a_failure_after_training_removes_the_outputs_and_keeps_the_checkpoint(tiny, tmp_path, monkeypatch):
+    import ternarize.onnx as onnx_export
+
+    def full(*args, **kwargs):
+        raise OutputError("cannot write model.onnx: No space left on device; free some disk space")
+    monkeypatch.setattr(onnx_export, "export", full)
+    out = tmp_path / "out"
+    with pytest.raises(OutputError, match="No space left"):
+        ternarize.compress(str(tiny), "digits", out=str(out), **QUIET)
+    assert os.listdir(out) == ["checkpoint.pt"]  # complete, for --resume once there is room
+
+
+def test_a_failed_training_leaves_no_empty_folder(tiny, tmp_path, monkeypatch):
+    def diverge(*args, **kwargs):
+        raise TrainingError("the training loss became nan in epoch 1")
+    monkeypatch.setattr(pipeline, "fit", diverge)
+    out = tmp_path / "out"
+    with pytest.raises(TrainingError):
+        ternarize.compress(str(tiny), "digits", out=str(out), **QUIET)
+    assert not out.exists()
+
+
+def test_a_failed_demo_removes_its_float_model_and_folder(tmp_path, monkeypatch):
+    monkeypatch.setattr(demo, "fit_float", lambda *args, **kwargs: None)
+
+    def fail(path, *args, **kwargs):
+        assert os.path.isfile(path)
+        raise TrainingError("the training loss became nan in epoch 1")
+    monkeypatch.setattr(demo, "compress", fail)
+    out = tmp_path / "demo"
+    with pytest.raises(TrainingError):
+        demo.run(out=str(out), progress=False, log=lambda s: None)
+    assert not out.exists()
+
+
+def test_resume_from_another_models_checkpoint_is_refused(tmp_path):
+    out = tmp_path / "out"
+    small = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10))
+    ternarize.fit(small, ternarize.load_dataset("digits"),
+                  TrainConfig(epochs=1, batch_size=50, progress=False, checkpoint=str(out / "checkpoint.pt")),
+                  log=lambda s: None)
+    other = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 10))
+    with pytest.raises(ConfigError, match="was made for a different model .*start over without --resume"):
+        ternarize.compress(other, "digits", out=str(out), resume=True, **QUIET)
+
+
+# ---------------------------------------------------------------------- options
+
+
+@pytest.mark.parametrize("field, value", [("lam", math.inf), ("rho", math.inf), ("lr", math.inf), ("lr", math.nan),
+                                          ("ema_decay", math.nan), ("seed", 1 << 80), ("seed", -1)])
+def test_non_finite_and_out_of_range_options_are_refused(field, value):
+    with pytest.raises(ConfigError, match=field):
+        TrainConfig(**{field: value}).validate()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the machine has a GPU")
+def test_cuda_devices_and_tf32_are_refused_without_a_gpu(tiny, tmp_path, no_training):
+    with pytest.raises(ConfigError, match="'cuda:3' was asked for"):
+        TrainConfig(device="cuda:3").validate()
+    with pytest.raises(ConfigError, match="tf32 needs a CUDA GPU"):
+        TrainConfig(precision="tf32").validate()
+    res = invoke("compress", tiny, "--data", "digits", "--out", tmp_path / "out", "--device", "tpu")
+    assert res.exit_code == 2 and "device 'tpu' is unknown" in res.stderr and "float model" not in res.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_options_are_checked_on_the_command_line_before_anything_is_made(tiny, tmp_path, no_training):
+    for args in (["--lam", "inf"], ["--seed", str(10 ** 23)], ["--lr", "nan"]):
+        res = invoke("compress", tiny, "--data", "digits", "--out", tmp_path / "out", *args)
+        assert res.exit_code == 2 and "\n" not in res.stderr.strip(), (args, res.stderr)
+        assert not (tmp_path / "out").exists()
