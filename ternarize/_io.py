@@ -68,17 +68,24 @@ def _check_target(path: str) -> None:
                           "choose another output path")
 
 
+_HINTS = {errno.ENOSPC: "free some disk space or write elsewhere",
+          getattr(errno, "EDQUOT", errno.ENOSPC): "free some disk space or write elsewhere",
+          errno.EACCES: "check the permissions or choose another path",
+          errno.EPERM: "check the permissions or choose another path",
+          errno.EROFS: "the file system is read-only; choose another place",
+          errno.ENOENT: "check the path; create a missing folder first",
+          errno.ENOTDIR: "a part of the path is a file, not a folder; choose another path",
+          errno.EISDIR: "it is a folder; give a file name"}
+
+
+def os_hint(e: OSError) -> str:
+    """What to do about an operating-system failure, by its errno."""
+    return _HINTS.get(e.errno, "check the path and try again")
+
+
 def describe(e: OSError, path) -> str:
     """One line for an operating-system failure to write ``path``, with what to do."""
-    hint = {errno.ENOSPC: "free some disk space or write elsewhere",
-            getattr(errno, "EDQUOT", errno.ENOSPC): "free some disk space or write elsewhere",
-            errno.EACCES: "choose a folder you may write to",
-            errno.EPERM: "choose a folder you may write to",
-            errno.EROFS: "the file system is read-only; choose another place",
-            errno.ENOENT: "create the folder first or choose another path",
-            errno.ENOTDIR: "a part of the path is a file, not a folder; choose another path",
-            errno.EISDIR: "give a file name, not a folder"}.get(e.errno, "check the path and try again")
-    return f"cannot write {os.fspath(path)}: {e.strerror or e}; {hint}"
+    return f"cannot write {os.fspath(path)}: {e.strerror or e}; {os_hint(e)}"
 
 
 @contextlib.contextmanager

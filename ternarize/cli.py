@@ -1,8 +1,10 @@
 """The ``ternarize`` command line: a thin shell over the library.
 
 Each command parses its options, calls one library function and prints. Errors from the
-``ternarize.Error`` family (and click's usage errors) become one line on stderr and exit code 2;
-``--debug`` shows the traceback instead.
+``ternarize.Error`` family, failures of the operating system (``OSError``) and click's usage errors
+become one line on stderr and exit code 2; ``--debug`` adds the traceback (never for usage errors).
+A group run without its command prints its help and exits with code 2. Text taken from a file or
+a path is printed with control characters escaped and never read as rich markup.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ import traceback
 import click
 
 from . import __version__
+from ._text import one_line as _one_line
+from ._text import printable as _printable
 from .errors import Error
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
@@ -32,21 +36,24 @@ class _Group(click.Group):
         except click.exceptions.Abort:
             click.echo("ternarize: interrupted", err=True)
             sys.exit(130)
-        except click.UsageError as e:
-            if debug:
-                raise
+        except click.UsageError as e:  # never a traceback, even with --debug: the line says what to fix
+            if isinstance(e, _NO_ARGS_IS_HELP) and e.ctx is not None:  # a group without its command
+                click.echo(e.ctx.get_help())
+                sys.exit(2)
             cmd = e.ctx.command_path if e.ctx else "ternarize"
-            click.echo(f"ternarize: {_one_line(e.format_message())} (see '{cmd} --help')", err=True)
+            hint = f"see '{cmd} --help'"
+            if isinstance(e, click.NoSuchOption) and e.option_name == "--debug":
+                hint = "put --debug before the command: 'ternarize --debug COMMAND ...'"
+            click.echo(f"ternarize: {_one_line(e.format_message())} ({hint})", err=True)
             sys.exit(2)
-        except click.ClickException as e:
-            if debug:
-                raise
-            click.echo(f"ternarize: {_one_line(e.format_message())}", err=True)
-            sys.exit(2)
-        except Error as e:
+        except (click.ClickException, Error, OSError) as e:  # OSError: a folder or file the user named
             if debug:
                 traceback.print_exc()
-            click.echo(f"ternarize: {_one_line(str(e))}", err=True)
+            if isinstance(e, OSError):
+                message = _os_error(e)
+            else:
+                message = e.format_message() if isinstance(e, click.ClickException) else str(e)
+            click.echo(f"ternarize: {_one_line(message)}", err=True)
             sys.exit(2)
         except KeyboardInterrupt:
             click.echo("ternarize: interrupted", err=True)
@@ -59,8 +66,15 @@ class _Group(click.Group):
             sys.exit(1)
 
 
-def _one_line(text: str) -> str:
-    return " ".join(str(text).split())
+# click >= 8.2 raises it for a group run without its command; older versions print the help and exit 0
+_NO_ARGS_IS_HELP = getattr(click.exceptions, "NoArgsIsHelpError", ())
+
+def _os_error(e: OSError) -> str:
+    """An operating-system failure as '<cause>: <path>; <what to do>'."""
+    from ._io import os_hint
+
+    where = "".join(f": {name}" for name in (e.filename, e.filename2) if name is not None)
+    return f"{e.strerror or e}{where}; {os_hint(e)}"
 
 
 @click.group(cls=_Group, context_settings=CONTEXT)
@@ -197,8 +211,9 @@ def _train_options(kw: dict) -> dict:
 def compress(model, data_name, data_dir, out, arch, trust, val_fraction, resume, force, **kw):
     """Retrain MODEL with discrete weights and write OUT/model.tern, OUT/model.onnx and a report.
 
-    MODEL is a torch.save'd module, a state_dict (with --arch) or a TorchScript file. It is
-    loaded safely: pickled code never runs unless you pass --trust.
+    MODEL is a torch.save'd module or a state_dict (with --arch); a TorchScript file cannot be
+    retrained, give the original module. It is loaded safely: pickled code never runs unless you
+    pass --trust.
 
     Example: ternarize compress model.pt --data mnist --epochs 5 --out out
     """
@@ -230,6 +245,7 @@ def demo(out, force, epochs, no_progress):
 
 def _print_report(rep) -> None:
     from rich.console import Console
+    from rich.text import Text
 
     console = Console()
     if not console.is_terminal:  # piped or captured: no terminal width to respect
@@ -237,19 +253,22 @@ def _print_report(rep) -> None:
     layers, totals = rep.rich_tables()
     console.print(layers)
     console.print(totals)
-    console.print(rep.summary())
+    console.print(Text(rep.summary()))
 
 
 # ---------------------------------------------------------------------- .tern files
 
 
-def _existing_file(path: str) -> str:
+def _existing_file(path: str, what: str) -> str:
+    """``path`` if it is an existing regular file; ``what`` (".tern file") names what it should be."""
     from .errors import ConfigError
 
     if not os.path.exists(path):
-        raise ConfigError(f"{path} does not exist")
+        raise ConfigError(f"{path} does not exist; check the path")
     if os.path.isdir(path):
-        raise ConfigError(f"{path} is a folder; give a .tern file")
+        raise ConfigError(f"{path} is a folder; give a {what}")
+    if not os.path.isfile(path):
+        raise ConfigError(f"{path} is not a regular file (a device, FIFO or socket); give a {what}")
     return path
 
 
@@ -262,25 +281,31 @@ def inspect(file):
     """
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
     from . import tern
 
-    tf = tern.load(_existing_file(file))
+    tf = tern.load(_existing_file(file, ".tern file"))
     g = tf.header["graph"]
     console = Console()
-    console.print(f"{file}: .tern v{tf.version}, {tf.size:,} bytes (header {tf.data_start:,}), "
-                  f"producer {tf.metadata.get('producer', '?')}")
+
+    def say(line: str) -> None:  # names come from the file: Text is never read as markup
+        console.print(Text(_printable(line)))
+
+    say(f"{file}: .tern v{tf.version}, {tf.size:,} bytes (header {tf.data_start:,}), "
+        f"producer {tf.metadata.get('producer', '?')}")
     inputs = ", ".join(f"{v['name']} {v['shape']}" for v in g["inputs"])
-    console.print(f"graph: {len(g['nodes'])} nodes; inputs {inputs}; outputs {', '.join(g['outputs'])}")
+    say(f"graph: {len(g['nodes'])} nodes; inputs {inputs}; outputs {', '.join(g['outputs'])}")
     keys = sorted(k for k in tf.metadata if k != "producer")
     if keys:
-        console.print("metadata: " + ", ".join(keys))
+        say("metadata: " + ", ".join(keys))
     table = Table()
     for col in ("tensor", "kind", "encoding", "shape", "bytes", "bits/weight", "crc32"):
         table.add_column(col, justify="right" if col in ("bytes", "bits/weight") else "left")
     for e in tf.tensors:
-        table.add_row(e.name, e.kind, e.encoding, "x".join(map(str, e.shape)), f"{e.nbytes:,}",
-                      f"{e.bits_per_weight:.3f}", f"{e.crc32:08x}")
+        table.add_row(*(Text(_printable(cell)) for cell in (
+            e.name, e.kind, e.encoding, "x".join(map(str, e.shape)), f"{e.nbytes:,}", f"{e.bits_per_weight:.3f}",
+            f"{e.crc32:08x}")))
     console.print(table)
 
 
@@ -293,11 +318,11 @@ def verify(file):
     """
     from . import tern
 
-    results = tern.verify(_existing_file(file))
+    results = tern.verify(_existing_file(file, ".tern file"))
     for name, ok, message in results:
         click.echo(f"{'ok  ' if ok else 'FAIL'} {name}" + (f": {_one_line(message)}" if not ok else ""))
     sound = all(ok for _, ok, _ in results)
-    click.echo(f"{file}: {'sound' if sound else 'NOT sound'}")
+    click.echo(f"{_printable(file)}: {'sound' if sound else 'NOT sound'}")
     sys.exit(0 if sound else 1)
 
 
@@ -306,7 +331,8 @@ def verify(file):
 @click.option("--input", "input_path", type=click.Path(), default=None, help="A .npy file of inputs (N, ...).")
 @click.option("--data", "data_name", default=None, help="A dataset: report accuracy on its test set.")
 @data_dir_option
-@click.option("--output", type=click.Path(), default=None, help="Save the raw outputs of --input to this .npy file.")
+@click.option("--output", type=click.Path(), default=None,
+              help="Save the raw outputs of --input to this .npy file (the first output if there are several).")
 @click.option("--sparse", type=click.Choice(["auto", "stream", "gaps", "indices"]), default="auto", show_default=True,
               help="How sparse (ts) weights are held: auto = re-encoded as bytes within 1.2x the file's "
                    "weight bytes; stream = as stored (least memory); gaps = all re-encoded; indices = "
@@ -317,12 +343,22 @@ def run(file, input_path, data_name, data_dir, output, sparse):
 
     Example: ternarize run out/model.tern --data mnist
     """
+    import numpy as np
+
     from . import runtime as rt
+    from ._io import check_output
     from .errors import ConfigError
 
     if (input_path is None) == (data_name is None):
         raise ConfigError("give exactly one of --input x.npy or --data NAME")
-    model = rt.Runtime.load(_existing_file(file), sparse=sparse)
+    if output is not None and input_path is None:
+        raise ConfigError("--output saves the outputs of --input; give --input x.npy, or leave out --output")
+    _existing_file(file, ".tern file")
+    if input_path is not None:
+        _existing_file(input_path, ".npy file")
+    if output is not None:
+        check_output(output, inputs=[file, input_path])
+    model = rt.Runtime.load(file, sparse=sparse)
     if data_name is not None:
         from .data import load_dataset
 
@@ -330,25 +366,50 @@ def run(file, input_path, data_name, data_dir, output, sparse):
         acc = model.accuracy(ds.x_test, ds.y_test)
         click.echo(f"{file} on {ds.name}: test accuracy {100 * acc:.2f}% ({len(ds.y_test)} examples)")
         return
-    y = model.run(_load_npy(_existing_file(input_path)))
-    if output:
+    x = _load_npy(input_path)
+    with np.errstate(all="ignore"):  # huge inputs overflow to inf: one warning line below, not numpy's
+        y = model.run(x)
+    y = y[0] if isinstance(y, tuple) else y
+    bad = y.size - np.count_nonzero(np.isfinite(y))
+    if bad:
+        click.echo(f"ternarize: warning: {bad} outputs are not finite (inputs too large?)", err=True)
+    if output is not None:
         _save_npy(output, y)
     for label in y.argmax(axis=1):
         click.echo(int(label))
 
 
+_NPY_MAGIC = b"\x93NUMPY"
+
+
 def _load_npy(path: str):
+    """The array of the .npy file ``path`` as float32: numeric, finite, within float32's range."""
     import numpy as np
 
     from .errors import ConfigError
 
     try:
+        with open(path, "rb") as f:
+            if f.read(len(_NPY_MAGIC)) != _NPY_MAGIC:
+                raise ConfigError(f"{path} is not a .npy file (it does not start with the .npy magic); "
+                                  "save the inputs with numpy.save")
+            f.seek(0)
+            version = np.lib.format.read_magic(f)
+            header = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
+                np.lib.format.read_array_header_2_0  # 3.0 differs only in the header's text encoding
+            dtype = header(f)[2]
+            if dtype.kind not in "iuf":  # checked before loading: numpy would advise allow_pickle for objects
+                raise ConfigError(f"{path} holds {dtype}; the inputs must be a numeric array (integers or floats)")
         x = np.load(path, allow_pickle=False)
     except (ValueError, OSError, EOFError) as e:
         raise ConfigError(f"{path} is not a readable .npy file of numbers ({_one_line(str(e))[:120]})") from None
-    if not isinstance(x, np.ndarray) or x.dtype.kind not in "iuf":
-        raise ConfigError(f"{path} must hold one numeric array (a .npy file), not {type(x).__name__}")
-    return x.astype(np.float32, copy=False)
+    if x.dtype.kind == "f" and not np.isfinite(x).all():
+        raise ConfigError(f"{path} contains NaN or infinite values; give finite inputs")
+    with np.errstate(over="ignore"):
+        x = x.astype(np.float32, copy=False)
+    if not np.isfinite(x).all():
+        raise ConfigError(f"{path} holds values beyond the float32 range (about 3.4e38); scale the inputs down")
+    return x
 
 
 def _save_npy(path: str, y) -> None:
@@ -373,8 +434,10 @@ def export(file, onnx_path, compat, compact):
     """
     from . import onnx as onnx_export
     from . import tern
+    from ._io import check_output
 
-    graph = tern.read(_existing_file(file))
+    check_output(onnx_path, inputs=[_existing_file(file, ".tern file")])
+    graph = tern.read(file)
     info = onnx_export.export(graph, onnx_path, compat=compat, compact=compact)
     click.echo(f"wrote {onnx_path} ({info.size:,} bytes, opset {info.opset})")
 
@@ -384,7 +447,8 @@ def export(file, onnx_path, compat, compact):
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("--out", type=click.Path(file_okay=False), default=None,
               help="Also write report.json, report.md and plots to this folder.")
-def report(path, as_json, out):
+@click.option("--force", is_flag=True, help="Overwrite the report files in an existing OUT folder.")
+def report(path, as_json, out, force):
     """Report size, sparsity and cost of a .tern file, or of a folder made by compress.
 
     Example: ternarize report out
@@ -392,9 +456,16 @@ def report(path, as_json, out):
     import json
 
     from . import report as reporting
+    from .errors import ConfigError
 
+    if out == "":
+        raise ConfigError("--out is empty; give a folder for the report files")
     rep = reporting.load(path)
-    if out:
+    if out is not None:
+        there = [n for n in rep.file_names() if os.path.lexists(os.path.join(out, n))]
+        if there and not force:
+            raise ConfigError(f"the folder {out} already holds {', '.join(there)}; "
+                              f"pass --force to overwrite {'it' if len(there) == 1 else 'them'}")
         rep.write(out)
     if as_json:
         click.echo(json.dumps(rep.to_json(), indent=2, sort_keys=True))

@@ -15,17 +15,20 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import numbers
 import os
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from . import pack, tern
-from ._io import atomic_path, atomic_write
+from ._io import atomic_path, atomic_write, describe
+from ._text import printable
 from ._version import __version__
-from .errors import ConfigError
+from .errors import ConfigError, OutputError
 from .graph import ConstSpec, Graph
 
 SCHEMA = "ternarize-report/1"
@@ -69,19 +72,21 @@ class Report:
 
     # -- terminal
     def rich_tables(self):
-        """(layers table, totals table) as rich Tables."""
+        """(layers table, totals table) as rich Tables. Cells are Text (names come from the file: never
+        read as markup) with control characters escaped."""
         from rich.table import Table
+        from rich.text import Text
 
         layers = Table(title="layers", show_lines=False)
         for header, _ in _LAYER_COLUMNS:
             layers.add_column(header, justify="left" if header in ("layer", "shape", "kind", "encoding") else "right")
         for row in self.layers:
-            layers.add_row(*(fmt(row) for _, fmt in _LAYER_COLUMNS))
+            layers.add_row(*(Text(printable(fmt(row))) for _, fmt in _LAYER_COLUMNS))
         totals = Table(title="totals", show_header=False)
         totals.add_column("what")
         totals.add_column("value", justify="right")
         for label, value in _total_rows(self.totals, self.accuracy):
-            totals.add_row(label, value)
+            totals.add_row(Text(label), Text(value))
         return layers, totals
 
     def summary(self) -> str:
@@ -97,17 +102,37 @@ class Report:
         return text
 
     # -- files
+    def file_names(self, float_weights: dict | None = None) -> list[str]:
+        """The names of the files :meth:`write` writes into its folder."""
+        plots = [name for name, drawn in (("layers.png", self.layers), ("training.png", self.training.get("history")),
+                                          ("weights.png", float_weights)) if drawn]
+        return plots + ["report.json", "report.md"]
+
     def write(self, folder: str, float_weights: dict | None = None) -> list[str]:
-        """Write report.json, report.md and the plots into ``folder``; return the paths."""
-        os.makedirs(folder, exist_ok=True)
-        self.plots = plot(self, folder, float_weights)
-        paths = [os.path.join(folder, p) for p in self.plots]
-        for name, text in (("report.json", json.dumps(self.to_json(), indent=2, sort_keys=True) + "\n"),
-                           ("report.md", self.to_markdown())):
-            path = os.path.join(folder, name)
-            atomic_write(path, text)
-            paths.append(path)
-        return paths
+        """Write report.json, report.md and the plots into ``folder``; return the paths. When one
+        cannot be written, the files this call wrote (and the folder, if it made it) are removed and
+        the error is raised."""
+        created = not os.path.isdir(folder)
+        try:
+            os.makedirs(folder, exist_ok=True)
+        except OSError as e:
+            raise OutputError(describe(e, folder)) from e
+        written: list[str] = []
+        try:
+            self.plots = plot(self, folder, float_weights, written)
+            for name, text in (("report.json", json.dumps(self.to_json(), indent=2, sort_keys=True) + "\n"),
+                               ("report.md", self.to_markdown())):
+                atomic_write(os.path.join(folder, name), text)
+                written.append(name)
+        except BaseException:
+            for name in written:
+                with contextlib.suppress(OSError):
+                    os.unlink(os.path.join(folder, name))
+            if created:
+                with contextlib.suppress(OSError):
+                    os.rmdir(folder)
+            raise
+        return [os.path.join(folder, name) for name in written]
 
 
 def build(tern_path: str, onnx_path: str | None = None, runtime=None, training: dict | None = None) -> Report:
@@ -126,11 +151,15 @@ def build(tern_path: str, onnx_path: str | None = None, runtime=None, training: 
     meta = tf.metadata
     model = {k: meta[k] for k in ("name", "dataset", "mode", "method", "source", "source_sha256") if k in meta}
     model["file"] = os.path.basename(tern_path)
-    return Report(layers, totals, dict(meta.get("accuracy", {})), dict(training or meta.get("training", {})), model)
+    accuracy = meta.get("accuracy")
+    accuracy = {k: v for k, v in accuracy.items() if _number(v)} if isinstance(accuracy, dict) else {}
+    return Report(layers, totals, accuracy, _usable_training(training or meta.get("training")), model)
 
 
 def load(path: str) -> Report:
-    """A report for ``path``: a .tern file, or a folder holding model.tern (and model.onnx)."""
+    """A report for ``path``: a .tern file, or a folder holding model.tern. A model.tern (given or
+    found) takes the model.onnx and the training history of the report.json beside it, which compress
+    wrote with it; a .tern file of another name is reported alone."""
     if os.path.isdir(path):
         tern_path = os.path.join(path, "model.tern")
         if not os.path.isfile(tern_path):
@@ -138,22 +167,47 @@ def load(path: str) -> Report:
     else:
         tern_path = path
     if not os.path.exists(tern_path):
-        raise ConfigError(f"{tern_path} does not exist")
+        raise ConfigError(f"{tern_path} does not exist; check the path")
+    if os.path.basename(tern_path) != "model.tern":
+        return build(tern_path)
     folder = os.path.dirname(os.path.abspath(tern_path))
     onnx_path = os.path.join(folder, "model.onnx")
     return build(tern_path, onnx_path if os.path.isfile(onnx_path) else None, training=_saved_training(folder))
 
 
 def _saved_training(folder: str) -> dict | None:
-    """The training history from a report.json that compress left beside the .tern file, if any."""
+    """The training settings and history from a report.json that compress left beside the .tern
+    file, if there is one with a usable history (see :func:`_usable_training`)."""
     path = os.path.join(folder, "report.json")
     try:
         with open(path, encoding="utf-8") as f:
             saved = json.load(f)
-        training = saved.get("training") if saved.get("schema") == SCHEMA else None
-        return training if isinstance(training, dict) and isinstance(training.get("history"), list) else None
+        training = _usable_training(saved.get("training") if saved.get("schema") == SCHEMA else None)
+        return training if training.get("history") else None
     except (OSError, ValueError, AttributeError):
         return None
+
+
+_EPOCH_NUMBERS = ("epoch", "train_loss", "test_loss", "test_acc")  # what the plots and Markdown need
+_EPOCH_OPTIONAL = ("nonzero", "seconds")
+
+
+def _usable_training(training) -> dict:
+    """``training`` as a dict whose history, if any, the plots and Markdown can draw: a history that is
+    not a list of objects with numeric epoch, train_loss, test_loss and test_acc (and numeric nonzero
+    and seconds where present) is dropped, as if absent."""
+    if not isinstance(training, dict):
+        return {}
+    hist = training.get("history")
+    if hist is None or (isinstance(hist, list) and all(
+            isinstance(h, dict) and all(_number(h.get(k)) for k in _EPOCH_NUMBERS)
+            and all(_number(h[k]) for k in _EPOCH_OPTIONAL if k in h) for h in hist)):
+        return dict(training)
+    return {k: v for k, v in training.items() if k != "history"}
+
+
+def _number(v) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
 
 
 # ---------------------------------------------------------------------- rows
@@ -277,19 +331,21 @@ def _total_rows(t: dict, acc: dict) -> list[tuple[str, str]]:
 # ---------------------------------------------------------------------- plots
 
 
-def plot(report: Report, folder: str, float_weights: dict | None = None) -> list[str]:
-    """Draw the PNG plots into ``folder``; return their file names (relative to ``folder``)."""
+def plot(report: Report, folder: str, float_weights: dict | None = None, written: list | None = None) -> list[str]:
+    """Draw the PNG plots into ``folder``; return their file names (relative to ``folder``).
+    ``written``, a list, receives each name as soon as its file is written."""
     import matplotlib
 
     matplotlib.use("Agg")
-    names = []
+    written = [] if written is None else written
+    start = len(written)
     if report.layers:
-        names.append(_plot_layers(report, folder))
+        written.append(_plot_layers(report, folder))
     if report.training.get("history"):
-        names.append(_plot_training(report, folder))
+        written.append(_plot_training(report, folder))
     if float_weights:
-        names.append(_plot_weights(report, folder, float_weights))
-    return names
+        written.append(_plot_weights(report, folder, float_weights))
+    return written[start:]
 
 
 def _save(fig, folder: str, name: str) -> str:

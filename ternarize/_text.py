@@ -1,0 +1,20 @@
+"""Text from files and paths made safe to print (standard library only).
+
+Names, metadata and paths come from files a user may not have made: printed as they are, an ESC
+character would reach the terminal. ``printable`` shows every non-printable character as its
+escape; ``one_line`` also joins lines (for one-line error messages).
+
+Example: ``printable("a\\x1b[31m") == "a\\\\x1b[31m"``.
+"""
+
+from __future__ import annotations
+
+
+def printable(text) -> str:
+    """``text`` with every non-printable character (ESC, newline, ...) shown as its escape, e.g. \\x1b."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text))
+
+
+def one_line(text) -> str:
+    """``text`` on one line (runs of whitespace become one space), control characters escaped."""
+    return printable(" ".join(str(text).split()))

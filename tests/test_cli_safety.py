@@ -1,0 +1,290 @@
+"""The command line on mistaken and hostile input: one line, exit code 2, no traceback, nothing
+half-written; text from a file printed as it is, never as rich markup or terminal control codes."""
+
+import errno
+import json
+import os
+import re
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from ternarize import report as reporting
+from ternarize import tern
+from ternarize.cli import cli
+from ternarize.errors import OutputError
+from ternarize.graph import Const, Graph, Node, Value
+
+EVIL = "[/bold] evil\x1b[31m"  # closes a markup tag that is not open, and colours a terminal red
+WIDE = {"COLUMNS": "400", "FORCE_COLOR": None, "TTY_COMPATIBLE": None}  # rich: no wrapping, no styles
+HISTORY = [{"epoch": 1, "train_loss": 0.9, "test_loss": 0.8, "test_acc": 0.7, "seconds": 1.5, "nonzero": 0.4},
+           {"epoch": 2, "train_loss": 0.6, "test_loss": 0.5, "test_acc": 0.8, "seconds": 1.4, "nonzero": 0.3}]
+
+
+def invoke(*args, env=None):
+    return CliRunner().invoke(cli, [str(a) for a in args], env=env, catch_exceptions=False)
+
+
+def one_line_error(result, pattern: str = "") -> str:
+    assert result.exit_code == 2, result.output
+    err = result.stderr.strip()
+    assert err.count("\n") == 0 and err.startswith("ternarize: "), err
+    assert "Traceback" not in result.output
+    assert re.search(pattern, err), err
+    return err
+
+
+def graph(first: str = "l1", x: str = "x", y: str = "y", metadata: dict | None = None) -> Graph:
+    """20 → 16 (ternary, ReLU) → 8 (binary); the names of the first layer, input and output can be chosen."""
+    rng = np.random.default_rng(0)
+    consts = {"l1.w": Const("ternary", rng.choice(np.array([-1, 0, 1]), (16, 20))),
+              "l1.s": Const("float32", rng.random(16)),
+              "l2.w": Const("binary", rng.choice(np.array([-1, 1]), (8, 16))), "l2.s": Const("float32", rng.random(8))}
+    nodes = [Node("linear", first, [x, "l1.w", "l1.s"], ["h"]), Node("relu", "r", ["h"], ["a"]),
+             Node("linear", "l2", ["a", "l2.w", "l2.s"], [y])]
+    return Graph([Value(x, (None, 20))], [y], nodes, consts, dict(metadata or {}))
+
+
+@pytest.fixture
+def model(tmp_path):
+    path = tmp_path / "m.tern"
+    tern.write(graph(), path)
+    return path
+
+
+@pytest.fixture
+def inputs(tmp_path):
+    path = tmp_path / "x.npy"
+    np.save(path, np.random.default_rng(1).standard_normal((3, 20)).astype(np.float32))
+    return path
+
+
+# ---------------------------------------------------------------------- the group
+
+
+def test_os_error_is_one_line_with_the_path(model, tmp_path, monkeypatch):
+    locked = tmp_path / "locked"
+
+    def refuse(path):
+        raise PermissionError(errno.EACCES, "Permission denied", str(locked))
+
+    monkeypatch.setattr(reporting, "load", refuse)
+    err = one_line_error(invoke("report", model))
+    assert err == f"ternarize: Permission denied: {locked}; check the permissions or choose another path"
+    result = invoke("--debug", "report", model)
+    assert result.exit_code == 2 and "Traceback" in result.stderr and err in result.stderr
+
+
+def test_report_out_under_a_file_is_one_line(model, tmp_path):
+    one_line_error(invoke("report", model, "--out", model / "sub"), r"cannot write .*m\.tern.*folder")
+
+
+def test_usage_error_has_no_traceback_even_with_debug(model):
+    err = one_line_error(invoke("inspect", model, "--debug"), r"No such option '--debug'")
+    assert "put --debug before the command" in err
+    one_line_error(invoke("--debug", "inspect", model, "--bogus"), r"--bogus.*see '\w+ inspect --help'")
+    one_line_error(invoke("--debug", "run", model, "--sparse", "nope"), r"nope")
+
+
+@pytest.mark.parametrize("args", [[], ["data"]])
+def test_group_without_command_prints_its_help(args):
+    result = invoke(*args)
+    assert result.exit_code == 2
+    assert result.stdout.startswith("Usage:") and "Commands:" in result.stdout and result.stdout.count("\n") > 5
+    assert result.stderr == ""
+
+
+# ---------------------------------------------------------------------- run
+
+
+def test_run_output_needs_input(model, tmp_path):
+    for output in (tmp_path / "y.npy", ""):
+        one_line_error(invoke("run", model, "--data", "digits", "--output", output),
+                       r"--output saves the outputs of --input; give --input")
+    assert not (tmp_path / "y.npy").exists()
+
+
+@pytest.mark.parametrize("target, message", [
+    ("input", r"is the input file"), ("model", r"is the input file"), ("folder", r"is a folder"),
+    ("fifo", r"not a regular file"), ("missing", r"does not exist"), ("empty", r"output path is empty"),
+])
+def test_run_refuses_an_unwritable_output_before_running(model, inputs, tmp_path, target, message):
+    output = {"input": inputs, "model": model, "folder": tmp_path, "fifo": tmp_path / "fifo",
+              "missing": tmp_path / "no" / "y.npy", "empty": ""}[target]
+    if target == "fifo":
+        if not hasattr(os, "mkfifo"):
+            pytest.skip("no FIFOs here")
+        os.mkfifo(output)
+    before = {p: p.read_bytes() for p in (model, inputs)}
+    names = sorted(os.listdir(tmp_path))
+    result = invoke("run", model, "--input", inputs, "--output", output)
+    one_line_error(result, message)
+    assert result.stdout == ""  # refused before running
+    assert {p: p.read_bytes() for p in (model, inputs)} == before
+    assert sorted(os.listdir(tmp_path)) == names
+
+
+def test_run_saves_the_outputs_and_prints_predictions(model, inputs, tmp_path):
+    result = invoke("run", model, "--input", inputs, "--output", tmp_path / "y.npy")
+    assert result.exit_code == 0, result.output
+    y = np.load(tmp_path / "y.npy")
+    assert y.shape == (3, 8) and result.stdout.split() == [str(i) for i in y.argmax(axis=1)]
+
+
+def test_run_names_the_kind_of_file_it_wants(model, tmp_path):
+    one_line_error(invoke("run", model, "--input", tmp_path), r"is a folder; give a \.npy file$")
+    one_line_error(invoke("run", tmp_path, "--data", "digits"), r"is a folder; give a \.tern file$")
+    one_line_error(invoke("export", tmp_path, "--onnx", tmp_path / "m.onnx"), r"is a folder; give a \.tern file$")
+
+
+def _npy(array, **kw):
+    return lambda path: np.save(path, array, **kw)
+
+
+def _truncated(path):
+    np.save(path, np.ones((100, 20), np.float32))
+    path.write_bytes(path.read_bytes()[:300])
+
+
+BAD_NPY = [
+    ("noise", lambda p: p.write_bytes(bytes(range(256)) * 4), r"is not a \.npy file \(it does not start with the "
+     r"\.npy magic\); save the inputs with numpy\.save$"),
+    ("npz", lambda p: np.savez(open(p, "wb"), x=np.ones((2, 20))), r"is not a \.npy file"),
+    ("truncated", _truncated, r"is not a readable \.npy file of numbers"),
+    ("bool", _npy(np.ones((2, 20), bool)), r"holds bool; the inputs must be a numeric array \(integers or floats\)$"),
+    ("complex", _npy(np.ones((2, 20), complex)), r"holds complex128; the inputs must be a numeric array"),
+    ("str", _npy(np.full((2, 20), "a")), r"holds <U1; the inputs must be a numeric array"),
+    ("structured", _npy(np.zeros(2, [("a", "f4"), ("b", "i4")])), r"holds .*; the inputs must be a numeric array"),
+    ("object", _npy(np.full((2, 20), None, object), allow_pickle=True), r"holds object; the inputs must be a numeric"),
+    ("nan", _npy(np.full((2, 20), np.nan, np.float32)), r"contains NaN or infinite values"),
+    ("inf", _npy(np.full((2, 20), -np.inf)), r"contains NaN or infinite values"),
+    ("beyond float32", _npy(np.full((2, 20), 1e300)), r"beyond the float32 range"),
+]
+
+
+@pytest.mark.parametrize("name, make, message", BAD_NPY, ids=[b[0] for b in BAD_NPY])
+def test_run_rejects_bad_inputs(model, tmp_path, name, make, message):
+    path = tmp_path / "x.npy"
+    make(path)
+    err = one_line_error(invoke("run", model, "--input", path), message)
+    assert "allow_pickle" not in err
+
+
+@pytest.mark.filterwarnings("error")  # numpy's overflow RuntimeWarnings would fail the command
+def test_run_warns_once_when_the_outputs_overflow(model, tmp_path):
+    path = tmp_path / "x.npy"
+    np.save(path, np.full((3, 20), 3e38, np.float32))
+    result = invoke("run", model, "--input", path)
+    assert result.exit_code == 0, result.output
+    assert re.fullmatch(r"ternarize: warning: \d+ outputs are not finite \(inputs too large\?\)\n", result.stderr)
+    assert len(result.stdout.split()) == 3
+
+
+# ---------------------------------------------------------------------- export
+
+
+def test_export_refuses_to_overwrite_its_input(model, tmp_path):
+    before = model.read_bytes()
+    one_line_error(invoke("export", model, "--onnx", model), r"is the input file")
+    assert model.read_bytes() == before
+    one_line_error(invoke("export", model, "--onnx", tmp_path), r"is a folder")
+    one_line_error(invoke("export", model, "--onnx", tmp_path / "no" / "m.onnx"), r"does not exist")
+    assert sorted(os.listdir(tmp_path)) == ["m.tern"]
+
+
+# ---------------------------------------------------------------------- text from the file
+
+
+def test_inspect_and_report_print_file_text_literally(tmp_path):
+    folder = tmp_path / "["
+    folder.mkdir()
+    path = folder / "b].tern"  # the path reads [/b].tern: a closing tag
+    link = "[link=https://example.com]y[/link]"
+    meta = {EVIL: 1, "note": "[x]", "accuracy": {"runtime": "high"}, "training": {"history": [1, 2]}}
+    tern.write(graph(first=EVIL, x="x\x1b", y=link, metadata=meta), path, producer=EVIL)
+    shown = EVIL.replace("\x1b", "\\x1b")
+    for args in (["inspect", path], ["report", path]):
+        result = invoke(*args, env=WIDE)
+        assert result.exit_code == 0, result.output
+        assert "\x1b" not in result.output and shown in result.output
+    out = invoke("inspect", path, env=WIDE).stdout
+    assert f"{path}: .tern v1" in out and "inputs x\\x1b [None, 20]" in out and f"outputs {link}" in out
+    assert f"metadata: {shown}, accuracy, note, training" in out
+    tern.write(graph(), tmp_path / "[x].tern")
+    assert f"{tmp_path / '[x].tern'}: .tern" in invoke("inspect", tmp_path / "[x].tern", env=WIDE).stdout
+
+
+# ---------------------------------------------------------------------- report
+
+
+def _compress_folder(tmp_path, history) -> str:
+    run = tmp_path / "run"
+    run.mkdir()
+    tern.write(graph(), run / "model.tern")
+    (run / "report.json").write_text(json.dumps({"schema": reporting.SCHEMA, "training": {"history": history}}))
+    return run
+
+
+@pytest.mark.parametrize("history", [[1, 2, 3], [{}], [{"epoch": "a", "loss": "x", "test_acc": None}], "nope",
+                                     [dict(HISTORY[0], nonzero=None)], [dict(HISTORY[0], test_acc=True)]])
+def test_report_ignores_a_malformed_training_history(tmp_path, history):
+    out = tmp_path / "out"
+    result = invoke("report", _compress_folder(tmp_path, history), "--out", out)
+    assert result.exit_code == 0, result.output
+    assert sorted(os.listdir(out)) == ["layers.png", "report.json", "report.md"]
+    assert "history" not in json.loads((out / "report.json").read_text())["training"]
+
+
+def test_report_draws_a_sound_training_history(tmp_path):
+    out = tmp_path / "out"
+    assert invoke("report", _compress_folder(tmp_path, HISTORY), "--out", out).exit_code == 0
+    assert sorted(os.listdir(out)) == ["layers.png", "report.json", "report.md", "training.png"]
+    assert "## Training" in (out / "report.md").read_text()
+
+
+def test_report_write_leaves_nothing_when_a_file_fails(model, tmp_path, monkeypatch):
+    real = reporting.atomic_write
+
+    def failing(path, text):
+        if os.path.basename(path) == "report.md":
+            raise OutputError(f"cannot write {path}: No space left on device; free some disk space")
+        real(path, text)
+
+    monkeypatch.setattr(reporting, "atomic_write", failing)
+    one_line_error(invoke("report", model, "--out", tmp_path / "new"), r"No space left")
+    assert not (tmp_path / "new").exists()
+    (tmp_path / "old").mkdir()
+    rep = reporting.load(str(model))
+    with pytest.raises(OutputError):
+        rep.write(str(tmp_path / "old"))
+    assert os.listdir(tmp_path / "old") == []
+
+
+def test_report_out_refuses_to_overwrite_without_force(model, tmp_path):
+    out = tmp_path / "out"
+    assert invoke("report", model, "--out", out).exit_code == 0
+    (out / "report.md").write_text("mine")
+    one_line_error(invoke("report", model, "--out", out),
+                   r"the folder .*out already holds layers.png, report.json, report.md; "
+                   r"pass --force to overwrite them$")
+    assert (out / "report.md").read_text() == "mine"
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "report.json").write_text("{}")
+    one_line_error(invoke("report", model, "--out", other), r"already holds report.json; pass --force to overwrite it$")
+    assert sorted(os.listdir(other)) == ["report.json"]
+    assert invoke("report", model, "--out", out, "--force").exit_code == 0
+    assert (out / "report.md").read_text() != "mine"
+    one_line_error(invoke("report", model, "--out", ""), r"--out is empty")
+
+
+def test_report_takes_the_neighbours_only_of_model_tern(tmp_path):
+    run = _compress_folder(tmp_path, HISTORY)
+    tern.write(graph(), run / "other.tern")
+    (run / "model.onnx").write_bytes(b"x" * 1234)
+    alone = json.loads(invoke("report", run / "other.tern", "--json").stdout)
+    assert alone["totals"]["onnx_bytes"] is None and "history" not in alone["training"]
+    for path in (run, run / "model.tern"):
+        got = json.loads(invoke("report", path, "--json").stdout)
+        assert got["totals"]["onnx_bytes"] == 1234 and got["training"]["history"] == HISTORY
