@@ -375,6 +375,10 @@ def run(file, input_path, data_name, data_dir, output, sparse):
         click.echo(f"ternarize: warning: {bad} outputs are not finite (inputs too large?)", err=True)
     if output is not None:
         _save_npy(output, y)
+    if y.ndim != 2:  # not (N, classes): nothing to take an argmax over
+        click.echo(f"the outputs have shape {y.shape}, not (N, classes): no class predictions; "
+                   + (f"they are in {output}" if output is not None else "save them with --output"))
+        return
     for label in y.argmax(axis=1):
         click.echo(int(label))
 

@@ -132,6 +132,15 @@ def test_run_saves_the_outputs_and_prints_predictions(model, inputs, tmp_path):
     assert y.shape == (3, 8) and result.stdout.split() == [str(i) for i in y.argmax(axis=1)]
 
 
+def test_run_without_class_scores_saves_but_predicts_nothing(tmp_path):
+    path = tmp_path / "r.tern"
+    tern.write(Graph([Value("x", (None, 3, 4))], ["y"], [Node("relu", "r", ["x"], ["y"])], {}), path)
+    np.save(tmp_path / "x.npy", -np.ones((2, 3, 4), np.float32))
+    result = invoke("run", path, "--input", tmp_path / "x.npy", "--output", tmp_path / "y.npy")
+    assert result.exit_code == 0 and "shape (2, 3, 4), not (N, classes)" in result.stdout, result.output
+    assert np.array_equal(np.load(tmp_path / "y.npy"), np.zeros((2, 3, 4), np.float32))
+
+
 def test_run_names_the_kind_of_file_it_wants(model, tmp_path):
     one_line_error(invoke("run", model, "--input", tmp_path), r"is a folder; give a \.npy file$")
     one_line_error(invoke("run", tmp_path, "--data", "digits"), r"is a folder; give a \.tern file$")
