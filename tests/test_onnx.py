@@ -16,7 +16,7 @@ from onnx import TensorProto
 from ternarize import graph as graph_mod
 from ternarize import lower, zoo
 from ternarize import onnx as tonnx
-from ternarize.errors import ExportError
+from ternarize.errors import ExportError, OutputError
 from ternarize.graph import Const, Graph, Node, Value
 
 TOL = 1e-5  # of max |reference|
@@ -293,7 +293,7 @@ def test_write_is_atomic(tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr("os.replace", broken)
-    with pytest.raises(OSError):
+    with pytest.raises(OutputError, match="m.onnx: disk full"):
         tonnx.export(linear_graph(theta), target)
     assert target.read_bytes() == b"old" and sorted(os.listdir(tmp_path)) == ["m.onnx"]
     monkeypatch.undo()
