@@ -383,30 +383,18 @@ def run(file, input_path, data_name, data_dir, output, sparse):
         click.echo(int(label))
 
 
-_NPY_MAGIC = b"\x93NUMPY"
-
-
 def _load_npy(path: str):
-    """The array of the .npy file ``path`` as float32: numeric, finite, within float32's range."""
+    """The array of the .npy file ``path`` as float32: numeric, finite, within float32's range
+    (read by :func:`ternarize.data.read_npy`: no pickles, sizes checked before allocating)."""
     import numpy as np
 
+    from .data import read_npy
     from .errors import ConfigError
 
-    try:
-        with open(path, "rb") as f:
-            if f.read(len(_NPY_MAGIC)) != _NPY_MAGIC:
-                raise ConfigError(f"{path} is not a .npy file (it does not start with the .npy magic); "
-                                  "save the inputs with numpy.save")
-            f.seek(0)
-            version = np.lib.format.read_magic(f)
-            header = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
-                np.lib.format.read_array_header_2_0  # 3.0 differs only in the header's text encoding
-            dtype = header(f)[2]
-            if dtype.kind not in "iuf":  # checked before loading: numpy would advise allow_pickle for objects
-                raise ConfigError(f"{path} holds {dtype}; the inputs must be a numeric array (integers or floats)")
-        x = np.load(path, allow_pickle=False)
-    except (ValueError, OSError, EOFError) as e:
-        raise ConfigError(f"{path} is not a readable .npy file of numbers ({_one_line(str(e))[:120]})") from None
+    with open(path, "rb") as f:
+        x = read_npy(f, path, os.fstat(f.fileno()).st_size)
+    if x.dtype.kind not in "iuf":
+        raise ConfigError(f"{path} holds {x.dtype}; the inputs must be a numeric array (integers or floats)")
     if x.dtype.kind == "f" and not np.isfinite(x).all():
         raise ConfigError(f"{path} contains NaN or infinite values; give finite inputs")
     with np.errstate(over="ignore"):

@@ -40,6 +40,7 @@ Example::
 
 from __future__ import annotations
 
+import ast
 import codecs
 import contextlib
 import gzip
@@ -561,29 +562,77 @@ def _from_arrays(name: str, train: tuple, test: tuple | None, origin: str) -> Da
 def load_npz(path: str | os.PathLike) -> Dataset:
     """A dataset from an ``.npz`` file with arrays ``x``, ``y`` and optionally ``x_test``, ``y_test``.
 
-    Loaded with ``allow_pickle=False``. Images follow :func:`_as_images` (channels first: transpose
-    channels-last data before saving). Labels are integer class indices; ``num_classes`` is
-    max label + 1. Without test arrays, a fixed stratified 80/20 split of ``x``/``y`` (the one
-    ``digits`` uses) becomes train/test. Example: ``np.savez("d.npz", x=x, y=y); load_npz("d.npz")``.
+    Each array is read by :func:`read_npy` (no pickles; sizes checked before anything is
+    allocated). Images follow :func:`_as_images` (channels first: transpose channels-last data
+    before saving). Labels are integer class indices; ``num_classes`` is max label + 1. Without
+    test arrays, a fixed stratified 80/20 split of ``x``/``y`` (the one ``digits`` uses) becomes
+    train/test. Example: ``np.savez("d.npz", x=x, y=y); load_npz("d.npz")``.
     """
     path = Path(path)
     if not path.is_file():
         raise DataError(f"dataset file {path} does not exist")
+    with open(path, "rb") as f:
+        if f.read(4) != b"PK\x03\x04":
+            raise DataError(f"{path} is not an .npz archive (it does not start as a zip file); save the "
+                            "arrays with numpy.savez(path, x=..., y=...)")
+    arrays = {}
     try:
-        archive = np.load(path, allow_pickle=False)
-        if not isinstance(archive, np.lib.npyio.NpzFile):
-            raise DataError(f"{path}: expected an .npz archive (np.savez), found a single array")
-        with archive:
-            arrays = {k: archive[k] for k in archive.files}
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as e:
-        # ValueError is also what numpy raises for object arrays when pickles are not allowed
-        raise DataError(f"{path}: not a readable .npz file without pickled objects ({e})") from e
+        with zipfile.ZipFile(path) as archive:
+            for info in archive.infolist():
+                if info.filename.endswith(".npy"):
+                    with archive.open(info) as member:
+                        arrays[info.filename[:-4]] = read_npy(member, f"{path}: {info.filename}", info.file_size)
+    except (OSError, EOFError, zipfile.BadZipFile, zlib.error, NotImplementedError) as e:
+        raise DataError(f"{path}: not a readable .npz archive ({type(e).__name__}: {e})") from e
     missing = [k for k in ("x", "y") if k not in arrays]
     if missing or (("x_test" in arrays) != ("y_test" in arrays)):
         raise DataError(f"{path}: needs arrays x and y, and x_test with y_test or neither; found "
                         f"{sorted(arrays)}")
     test = (arrays["x_test"], arrays["y_test"]) if "x_test" in arrays else None
     return _from_arrays(str(path), (arrays["x"], arrays["y"]), test, str(path))
+
+
+NPY_MAGIC = b"\x93NUMPY"
+NPY_HEADER_LIMIT = 1 << 16  # numpy writes headers of a few hundred bytes
+
+
+def read_npy(f: BinaryIO, name: str, size: int) -> np.ndarray:
+    """The array of a ``.npy`` stream ``f`` of ``size`` bytes, read without pickles: the header is
+    parsed first, its dtype must be a number or bool type, and its shape × item size must be
+    exactly the bytes that follow, before any of them is allocated. ``name`` names the stream in
+    the one-line :class:`DataError` for anything else. Example::
+
+        with open("x.npy", "rb") as f:
+            x = read_npy(f, "x.npy", os.path.getsize("x.npy"))
+    """
+    if f.read(len(NPY_MAGIC)) != NPY_MAGIC:
+        raise DataError(f"{name} is not a .npy array (it does not start with the .npy magic); save it with numpy.save")
+    try:
+        major, minor = f.read(2)
+        width = 2 if major == 1 else 4
+        length = int.from_bytes(f.read(width), "little")
+        if major not in (1, 2, 3) or length > NPY_HEADER_LIMIT:
+            raise ValueError(f"version {major}.{minor}, header of {length} bytes")
+        text = f.read(length).decode("latin1" if major < 3 else "utf8")
+        header = ast.literal_eval(text)  # literals only: never code
+        dtype = np.dtype(header["descr"])
+        shape, fortran = tuple(int(n) for n in header["shape"]), bool(header["fortran_order"])
+        if any(n < 0 for n in shape):
+            raise ValueError(f"negative dimension in {shape}")
+    except Exception as e:  # any malformed header: bad literal, missing key, odd dtype
+        raise DataError(f"{name}: the .npy header cannot be read ({type(e).__name__}: {str(e)[:80]}); "
+                        "the file is damaged or not written by numpy.save") from None
+    if dtype.hasobject or dtype.kind not in "biuf" or dtype.fields is not None:
+        raise DataError(f"{name} holds {dtype}; only arrays of integers, floats or bools are read")
+    count = math.prod(shape)
+    expected, left = count * dtype.itemsize, size - len(NPY_MAGIC) - 2 - width - length
+    if expected != left:
+        raise DataError(f"{name}: the header promises shape {shape} of {dtype} ({expected:,} bytes) but "
+                        f"{max(left, 0):,} bytes follow; the file is truncated or damaged")
+    buf = bytearray(expected)
+    if f.readinto(memoryview(buf)) != expected:
+        raise DataError(f"{name}: the file ended before its {expected:,} bytes of data; it is truncated")
+    return np.frombuffer(buf, dtype).reshape(shape, order="F" if fortran else "C")
 
 
 def load_entry_point(spec: str) -> Dataset:
@@ -996,6 +1045,7 @@ __all__ = [
     "data_root",
     "load_dataset",
     "load_npz",
+    "read_npy",
     "load_entry_point",
     "read_idx",
     "read_cifar_batch",

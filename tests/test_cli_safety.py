@@ -151,21 +151,37 @@ def _npy(array, **kw):
     return lambda path: np.save(path, array, **kw)
 
 
+HUGE = "{'descr': '<f4', 'fortran_order': False, 'shape': (99999999999, 64)}"  # 25 TB promised, none there
+
+
+def _header(text: str) -> bytes:
+    """A .npy version 1.0 prelude around a hand-written header (no data after it)."""
+    body = text.encode("latin1")
+    return b"\x93NUMPY\x01\x00" + len(body).to_bytes(2, "little") + body
+
+
 def _truncated(path):
     np.save(path, np.ones((100, 20), np.float32))
     path.write_bytes(path.read_bytes()[:300])
 
 
 BAD_NPY = [
-    ("noise", lambda p: p.write_bytes(bytes(range(256)) * 4), r"is not a \.npy file \(it does not start with the "
-     r"\.npy magic\); save the inputs with numpy\.save$"),
-    ("npz", lambda p: np.savez(open(p, "wb"), x=np.ones((2, 20))), r"is not a \.npy file"),
-    ("truncated", _truncated, r"is not a readable \.npy file of numbers"),
+    ("noise", lambda p: p.write_bytes(bytes(range(256)) * 4), r"is not a \.npy array \(it does not start with the "
+     r"\.npy magic\); save it with numpy\.save$"),
+    ("npz", lambda p: np.savez(open(p, "wb"), x=np.ones((2, 20))), r"is not a \.npy array"),
+    ("truncated", _truncated, r"promises shape \(100, 20\) of float32 \(8,000 bytes\) but 172 bytes follow; the "
+     r"file is truncated or damaged$"),
+    ("huge header", lambda p: p.write_bytes(_header(HUGE)), r"promises shape \(99999999999, 64\) of float32 .* but 0 "
+     r"bytes follow"),
+    ("junk header", lambda p: p.write_bytes(_header("{'descr': '<f4', 'shape': (")),
+     r"the \.npy header cannot be read"),
+    ("code in header", lambda p: p.write_bytes(_header("__import__('os').system('false')")),
+     r"the \.npy header cannot be read"),
     ("bool", _npy(np.ones((2, 20), bool)), r"holds bool; the inputs must be a numeric array \(integers or floats\)$"),
-    ("complex", _npy(np.ones((2, 20), complex)), r"holds complex128; the inputs must be a numeric array"),
-    ("str", _npy(np.full((2, 20), "a")), r"holds <U1; the inputs must be a numeric array"),
-    ("structured", _npy(np.zeros(2, [("a", "f4"), ("b", "i4")])), r"holds .*; the inputs must be a numeric array"),
-    ("object", _npy(np.full((2, 20), None, object), allow_pickle=True), r"holds object; the inputs must be a numeric"),
+    ("complex", _npy(np.ones((2, 20), complex)), r"holds complex128; only arrays of integers, floats or bools"),
+    ("str", _npy(np.full((2, 20), "a")), r"holds <U1; only arrays of integers, floats or bools"),
+    ("structured", _npy(np.zeros(2, [("a", "f4"), ("b", "i4")])), r"holds .*; only arrays of integers"),
+    ("object", _npy(np.full((2, 20), None, object), allow_pickle=True), r"holds object; only arrays of integers"),
     ("nan", _npy(np.full((2, 20), np.nan, np.float32)), r"contains NaN or infinite values"),
     ("inf", _npy(np.full((2, 20), -np.inf)), r"contains NaN or infinite values"),
     ("beyond float32", _npy(np.full((2, 20), 1e300)), r"beyond the float32 range"),

@@ -14,6 +14,7 @@ import pickle
 import subprocess
 import sys
 import tarfile
+import zipfile
 from dataclasses import replace
 from pathlib import Path
 
@@ -357,14 +358,23 @@ def test_bad_npz(tmp_path, arrays, pattern):
 
 def test_npz_object_arrays_and_non_npz_are_refused(tmp_path):
     np.savez(tmp_path / "obj.npz", x=np.array([{"a": 1}] * 3, dtype=object), y=np.zeros(3, int))
-    with pytest.raises(DataError, match="without pickled objects"):
+    with pytest.raises(DataError, match=r"obj.npz: x.npy holds object; only arrays of integers, floats or bools"):
         data.load_npz(tmp_path / "obj.npz")
     (tmp_path / "junk.npz").write_bytes(b"PK\3\4 nonsense")
     with pytest.raises(DataError, match="not a readable .npz"):
         data.load_npz(tmp_path / "junk.npz")
     np.save(tmp_path / "single.npy", np.zeros(3))
-    with pytest.raises(DataError, match="found a single array"):
+    with pytest.raises(DataError, match="is not an .npz archive .*numpy.savez"):
         data.load_npz(tmp_path / "single.npy")
+    (tmp_path / "noise.npz").write_bytes(bytes(range(256)))
+    with pytest.raises(DataError, match="is not an .npz archive") as e:
+        data.load_npz(tmp_path / "noise.npz")
+    assert "allow_pickle" not in str(e.value)
+    header = b"{'descr': '<f4', 'fortran_order': False, 'shape': (99999999999, 64)}"
+    with zipfile.ZipFile(tmp_path / "huge.npz", "w") as z:  # a header promising 25 TB: refused before allocating
+        z.writestr("x.npy", b"\x93NUMPY\x01\x00" + len(header).to_bytes(2, "little") + header)
+    with pytest.raises(DataError, match=r"huge.npz: x.npy: the header promises shape \(99999999999, 64\)"):
+        data.load_npz(tmp_path / "huge.npz")
     with pytest.raises(DataError, match="does not exist"):
         data.load_dataset(str(tmp_path / "missing.npz"))
 
