@@ -1,9 +1,10 @@
 """Atomic file output: a reader sees the old file or the complete new one, never a half-written one.
 
 Standard library only, so the numpy-only modules can use it. A target that exists but is not a
-regular file (a folder, a FIFO, a device) or that is one of the job's input files is refused, and
-a failure of the operating system (missing or read-only folder, full disk) becomes one
-:class:`~ternarize.errors.OutputError` line naming the path; the temp file is removed either way.
+regular file (a folder, a FIFO, a device) or that is one of the job's input files is refused; a
+link is written through to the file it points to. A failure of the operating system (missing or
+read-only folder, full disk) becomes one :class:`~ternarize.errors.OutputError` line naming the
+path; the temp file is removed either way.
 
 Example::
 
@@ -39,13 +40,13 @@ def is_temp_of(name: str, bases) -> bool:
 
 
 def check_output(path, inputs=()) -> str:
-    """Refuse, before any work, an output ``path`` that cannot be written: an empty path, one that
-    exists and is not a regular file, one that is the same file as one of ``inputs``, or one whose
-    folder is missing or not a folder. Returns the path."""
+    """Refuse, before any work, an output ``path`` that cannot be written: an empty path or one
+    ending in a separator, one that exists and is not a regular file (or a link to one), one that
+    is the same file as one of ``inputs``, or one whose folder is missing or not a folder. Returns
+    the path."""
     text = os.fspath(path)
-    if not text:
-        raise OutputError("the output path is empty; give a file name")
-    _check_target(text)
+    _check_name(text)
+    check_target(text)
     for source in inputs:
         if source and os.path.exists(source) and os.path.exists(text) and os.path.samefile(source, text):
             raise OutputError(f"the output {text} is the input file {os.fspath(source)}; choose another output path")
@@ -56,7 +57,16 @@ def check_output(path, inputs=()) -> str:
     return text
 
 
-def _check_target(path: str) -> None:
+def _check_name(path: str) -> None:
+    if not path:
+        raise OutputError("the output path is empty; give a file name")
+    if path.endswith(("/", os.sep)):
+        raise OutputError(f"the output path {path} ends with a folder separator; give a file name")
+
+
+def check_target(path: str) -> None:
+    """Refuse ``path`` as an output file when something other than a regular file is there: a
+    folder, a device, a FIFO or a socket (a link counts as what it points to)."""
     try:
         mode = os.stat(path).st_mode
     except OSError:
@@ -66,6 +76,7 @@ def _check_target(path: str) -> None:
     if not stat.S_ISREG(mode):
         raise OutputError(f"{path} exists and is not a regular file (a device, FIFO or socket); "
                           "choose another output path")
+
 
 
 _HINTS = {errno.ENOSPC: "free some disk space or write elsewhere",
@@ -93,20 +104,23 @@ def atomic_path(path, suffix: str = ""):
     """Yield a fresh temp path beside ``path``; on success fsync it and rename it over ``path``,
     on any failure remove it. ``suffix`` keeps an extension some writers insist on (".npy").
 
-    Raises :class:`OutputError` when ``path`` is a folder or another non-regular file, and when
-    the operating system refuses a step (the writer's own OSError included)."""
+    Raises :class:`OutputError` when ``path`` is empty, ends in a separator or is a folder or
+    another non-regular file, and when the operating system refuses a step (the writer's own
+    OSError included). A link to a regular file is written through: the file it points to is
+    replaced and the link stays."""
     shown = os.fspath(path)
-    if not shown:
-        raise OutputError("the output path is empty; give a file name")
-    path = os.path.abspath(shown)
-    _check_target(path)
+    _check_name(shown)
+    check_target(shown)
+    # a link is written through: its target is replaced, the link stays (and /dev/stdout, a link
+    # to a terminal or pipe, was refused above as not a regular file)
+    path = os.path.realpath(shown)
     directory, base = os.path.split(path)
     tmp = os.path.join(directory, temp_name(base, suffix))
     try:
         yield tmp
         with open(tmp, "rb+") as f:  # the writer may have closed it unsynced
             os.fsync(f.fileno())
-        _check_target(path)  # appeared meanwhile?
+        check_target(path)  # appeared meanwhile?
         os.replace(tmp, path)
     except BaseException as e:
         with contextlib.suppress(OSError):

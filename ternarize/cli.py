@@ -178,7 +178,8 @@ def _training_options(f):
         click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N."),
         click.option("--precision", type=click.Choice(["fp32", "tf32", "bf16"]), default="fp32", show_default=True,
                      help="Arithmetic of the forward and backward passes (tf32: CUDA only; bf16: autocast)."),
-        click.option("--seed", type=int, default=0, show_default=True),
+        click.option("--seed", type=click.IntRange(0, (1 << 32) - 1), default=0, show_default=True,
+                     help="Seed of the codes' initialisation and the batch order."),
         click.option("--no-progress", is_flag=True, help="No progress bar (epoch lines only)."),
     ]
     for opt in reversed(opts):
@@ -448,12 +449,17 @@ def report(path, as_json, out, force):
     import json
 
     from . import report as reporting
+    from ._io import check_target
     from .errors import ConfigError
 
     if out == "":
         raise ConfigError("--out is empty; give a folder for the report files")
+    if force and out is None:
+        raise ConfigError("--force replaces the report files in --out; give --out DIR, or leave out --force")
     rep = reporting.load(path)
     if out is not None:
+        for name in rep.file_names():
+            check_target(os.path.join(out, name))  # a folder where a file goes: refused before writing
         there = [n for n in rep.file_names() if os.path.lexists(os.path.join(out, n))]
         if there and not force:
             raise ConfigError(f"the folder {out} already holds {', '.join(there)}; "

@@ -43,6 +43,7 @@ import contextlib
 import functools
 import importlib
 import inspect
+import io
 import os
 import pickle
 import re
@@ -57,7 +58,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import zoo
-from ._io import atomic_path
+from ._io import atomic_write
 from .errors import Error, ModelLoadError, UnsafeModelError
 
 __all__ = ["load_model", "parse_arch"]
@@ -130,8 +131,9 @@ def save_model(model: nn.Module, path) -> None:
 
         save_model(zoo.create("mlp", width=256), "model.pt")
     """
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:  # an OSError of ours, not torch's RuntimeError
-        torch.save(model, f)
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    atomic_write(path, buf.getvalue())  # torch would turn a full disk into a RuntimeError
 
 
 def parse_arch(spec: str) -> Callable[[], nn.Module]:

@@ -139,6 +139,11 @@ def check_out(out: str, force: bool, resume: bool) -> None:
     if os.path.exists(out) and not os.path.isdir(out):
         raise ConfigError(f"--out {out} exists and is not a folder; choose another path")
     present = [f for f in os.listdir(out) if not _own_temp(f)] if os.path.isdir(out) else []
+    for name in OUTPUTS + (CHECKPOINT,):
+        path = os.path.join(out, name)
+        if name in present and not os.path.isfile(path):
+            raise ConfigError(f"{path} is not a regular file, so the run could not write it; remove it or "
+                              "choose another --out")
     if resume:
         if CHECKPOINT not in present:
             raise ConfigError(f"there is no {CHECKPOINT} in {out} to resume from; run without --resume")
@@ -161,7 +166,8 @@ class OutputFolder:
     run made it), its stale temp files and (with ``force``) the previous outputs are removed, and a
     probe file shows that it can be written (a read-only folder or file system fails here, before
     training). On a failure inside, the outputs written so far are removed (a complete checkpoint
-    stays for ``--resume``) and a folder this run made is removed again if it is left empty.
+    stays for ``--resume``, and an OutputError says so) and a folder this run made is removed again
+    if it is left empty.
     ``active`` False (a torchrun rank other than 0) does nothing.
     """
 
@@ -203,6 +209,10 @@ class OutputFolder:
                 with contextlib.suppress(OSError):
                     os.remove(path)
             self._tidy()
+            kept = os.path.join(self.out, CHECKPOINT)
+            if isinstance(error, OutputError) and os.path.isfile(kept) and "--resume" not in str(error):
+                raise OutputError(f"{error}; the training is kept in {kept}: rerun with --resume once the "
+                                  "outputs can be written") from error
 
     def _tidy(self) -> None:
         if self.made:

@@ -302,6 +302,12 @@ def test_report_out_refuses_to_overwrite_without_force(model, tmp_path):
     assert invoke("report", model, "--out", out, "--force").exit_code == 0
     assert (out / "report.md").read_text() != "mine"
     one_line_error(invoke("report", model, "--out", ""), r"--out is empty")
+    one_line_error(invoke("report", model, "--force"), r"--force replaces the report files in --out")
+    mixed = tmp_path / "mixed"  # old report files and a folder where report.md goes
+    (mixed / "report.md").mkdir(parents=True)
+    (mixed / "report.json").write_text("old")
+    one_line_error(invoke("report", model, "--out", mixed, "--force"), r"report.md is a folder")
+    assert (mixed / "report.json").read_text() == "old"
 
 
 def test_report_takes_the_neighbours_only_of_model_tern(tmp_path):

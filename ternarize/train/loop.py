@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import io
 import math
 import os
 import time
@@ -34,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._io import atomic_path
+from .._io import atomic_write
 from .._version import __version__
 from ..errors import ConfigError, TrainingError
 from . import policy
@@ -90,8 +91,8 @@ class TrainConfig:
             _require(value is None or (isinstance(value, (int, float)) and not isinstance(value, bool)
                                        and math.isfinite(value)),
                      f"{name} must be a finite number, got {value!r}")
-        _require(isinstance(self.seed, int) and not isinstance(self.seed, bool) and 0 <= self.seed < 1 << 63,
-                 f"seed must be an integer from 0 to 2**63 - 1, got {self.seed!r}")
+        _require(isinstance(self.seed, int) and not isinstance(self.seed, bool) and 0 <= self.seed < 1 << 32,
+                 f"seed must be an integer from 0 to 2**32 - 1, got {self.seed!r}")
         _require(self.rho is None or self.rho > 0, f"rho must be positive, got {self.rho}")
         _require(self.lam >= 0, f"lam must be >= 0, got {self.lam}")
         _require(0 <= self.ema_decay < 1, f"ema_decay must be in [0, 1), got {self.ema_decay}")
@@ -510,8 +511,15 @@ def _save_checkpoint(config, model, discrete_opt, adam, result, epoch) -> None:
     }
     path = config.checkpoint
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:  # an OSError of ours, not torch's RuntimeError
-        torch.save(state, f)
+    atomic_write(path, _saved(state))
+
+
+def _saved(state) -> bytes:
+    """``torch.save`` into memory: writing the bytes is ours, so a full disk is an OutputError
+    (torch reports it as a RuntimeError)."""
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    return buf.getvalue()
 
 
 def _load_checkpoint(config) -> dict:
