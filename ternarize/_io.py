@@ -1,17 +1,19 @@
 """Atomic file output: a reader sees the old file or the complete new one, never a half-written one.
 
 Standard library only, so the numpy-only modules can use it. A target that exists but is not a
-regular file (a folder, a FIFO, a device) or that is one of the job's input files is refused; a
-link is written through to the file it points to. A failure of the operating system (missing or
-read-only folder, full disk) becomes one :class:`~ternarize.errors.OutputError` line naming the
-path; the temp file is removed either way.
+regular file (a folder, a FIFO, a device, a link loop) is refused; a link is written through to
+the file it points to. A failure of the operating system (missing or read-only folder, full disk)
+becomes one :class:`~ternarize.errors.OutputError` line naming the path; the temp file is removed
+either way. :func:`check_output`, for the command line before any work, also refuses an output
+that is one of the job's input files, whose folder is missing or not writable, or whose name is
+too long.
 
 Example::
 
     with atomic_path("out/model.onnx") as tmp:   # a temp name in the same folder
         save_somehow(tmp)                        # renamed over the target only if this succeeds
     atomic_write("out/model.tern", data)
-    check_output("preds.npy", inputs=["x.npy"])  # before any work: OutputError if it cannot be written
+    check_output("preds.npy", inputs=["x.npy"])  # before any work: OutputError for the cases above
 """
 
 from __future__ import annotations
@@ -28,9 +30,14 @@ from .errors import OutputError
 _TEMP = re.compile(r"\.(?P<base>.+)\.tmp\.[0-9a-f]{12}(?:\.[A-Za-z0-9]+)?")
 
 
+NAME_MAX = 255  # bytes in a file name on common file systems
+
+
 def temp_name(base: str, suffix: str = "") -> str:
-    """The name of a temp file for the final name ``base`` (see :func:`is_temp_of`)."""
-    return f".{base}.tmp.{secrets.token_hex(6)}{suffix}"
+    """The name of a temp file for the final name ``base`` (see :func:`is_temp_of`); a generic one
+    when ``base`` is too long to carry along."""
+    name = f".{base}.tmp.{secrets.token_hex(6)}{suffix}"
+    return name if len(os.fsencode(name)) <= NAME_MAX else f".ternarize.tmp.{secrets.token_hex(6)}{suffix}"
 
 
 def is_temp_of(name: str, bases) -> bool:
@@ -54,14 +61,23 @@ def check_output(path, inputs=()) -> str:
     if not os.path.isdir(directory):
         what = "is not a folder" if os.path.exists(directory) else "does not exist"
         raise OutputError(f"cannot write {text}: the folder {directory} {what}; create it or choose another path")
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise OutputError(f"cannot write {text}: the folder {directory} is not writable; choose another path")
+    if len(os.fsencode(os.path.basename(text))) > NAME_MAX:
+        raise OutputError(f"cannot write {text}: the file name is longer than {NAME_MAX} bytes; choose a shorter one")
     return text
 
 
 def _check_name(path: str) -> None:
     if not path:
         raise OutputError("the output path is empty; give a file name")
+    if "\0" in path:
+        raise OutputError(f"the output path {path!r} holds a NUL character; give a file name")
     if path.endswith(("/", os.sep)):
         raise OutputError(f"the output path {path} ends with a folder separator; give a file name")
+    if os.path.islink(path) and os.path.islink(os.path.realpath(path)):
+        raise OutputError(f"the output {path} is a link that leads to no file (a loop); remove it or choose "
+                          "another path")
 
 
 def check_target(path: str) -> None:

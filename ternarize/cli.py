@@ -386,7 +386,7 @@ def run(file, input_path, data_name, data_dir, output, sparse):
 
 def _load_npy(path: str):
     """The array of the .npy file ``path`` as float32: numeric, finite, within float32's range
-    (read by :func:`ternarize.data.read_npy`: no pickles, sizes checked before allocating)."""
+    (read by :func:`ternarize.data.read_npy`: no pickles, the header checked before the data)."""
     import numpy as np
 
     from .data import read_npy

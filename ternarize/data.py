@@ -562,27 +562,29 @@ def _from_arrays(name: str, train: tuple, test: tuple | None, origin: str) -> Da
 def load_npz(path: str | os.PathLike) -> Dataset:
     """A dataset from an ``.npz`` file with arrays ``x``, ``y`` and optionally ``x_test``, ``y_test``.
 
-    Each array is read by :func:`read_npy` (no pickles; sizes checked before anything is
-    allocated). Images follow :func:`_as_images` (channels first: transpose channels-last data
-    before saving). Labels are integer class indices; ``num_classes`` is max label + 1. Without
-    test arrays, a fixed stratified 80/20 split of ``x``/``y`` (the one ``digits`` uses) becomes
-    train/test. Example: ``np.savez("d.npz", x=x, y=y); load_npz("d.npz")``.
+    Each array is read by :func:`read_npy` (no pickles; the header checked before any data is
+    read, memory bounded by the data that really arrives). Images follow :func:`_as_images`
+    (channels first: transpose channels-last data before saving). Labels are integer class
+    indices; ``num_classes`` is max label + 1. Without test arrays, a fixed stratified 80/20 split
+    of ``x``/``y`` (the one ``digits`` uses) becomes train/test.
+    Example: ``np.savez("d.npz", x=x, y=y); load_npz("d.npz")``.
     """
     path = Path(path)
     if not path.is_file():
         raise DataError(f"dataset file {path} does not exist")
-    with open(path, "rb") as f:
-        if f.read(4) != b"PK\x03\x04":
-            raise DataError(f"{path} is not an .npz archive (it does not start as a zip file); save the "
-                            "arrays with numpy.savez(path, x=..., y=...)")
     arrays = {}
     try:
+        with open(path, "rb") as f:
+            if f.read(4) != b"PK\x03\x04":
+                raise DataError(f"{path} is not an .npz archive (it does not start as a zip file); save the "
+                                "arrays with numpy.savez(path, x=..., y=...)")
         with zipfile.ZipFile(path) as archive:
             for info in archive.infolist():
                 if info.filename.endswith(".npy"):
                     with archive.open(info) as member:
                         arrays[info.filename[:-4]] = read_npy(member, f"{path}: {info.filename}", info.file_size)
-    except (OSError, EOFError, zipfile.BadZipFile, zlib.error, NotImplementedError) as e:
+    except (OSError, EOFError, zipfile.BadZipFile, zlib.error, NotImplementedError, RuntimeError) as e:
+        # RuntimeError: an encrypted member
         raise DataError(f"{path}: not a readable .npz archive ({type(e).__name__}: {e})") from e
     missing = [k for k in ("x", "y") if k not in arrays]
     if missing or (("x_test" in arrays) != ("y_test" in arrays)):
@@ -597,10 +599,14 @@ NPY_HEADER_LIMIT = 1 << 16  # numpy writes headers of a few hundred bytes
 
 
 def read_npy(f: BinaryIO, name: str, size: int) -> np.ndarray:
-    """The array of a ``.npy`` stream ``f`` of ``size`` bytes, read without pickles: the header is
-    parsed first, its dtype must be a number or bool type, and its shape × item size must be
-    exactly the bytes that follow, before any of them is allocated. ``name`` names the stream in
-    the one-line :class:`DataError` for anything else. Example::
+    """The array of a ``.npy`` stream ``f`` said to hold ``size`` bytes, read without pickles.
+
+    The header is parsed as literals first and checked: ``descr`` a dtype of integers, floats or
+    bools, ``fortran_order`` a bool, ``shape`` a tuple of non-negative ints whose byte count is
+    exactly what ``size`` leaves after the header. The data is then read in pieces of at most
+    16 MiB, so memory follows the bytes that really arrive, not a declared size (a zip member's
+    size is whatever its archive says). ``name`` names the stream in the one-line
+    :class:`DataError` for anything else. Example::
 
         with open("x.npy", "rb") as f:
             x = read_npy(f, "x.npy", os.path.getsize("x.npy"))
@@ -615,23 +621,32 @@ def read_npy(f: BinaryIO, name: str, size: int) -> np.ndarray:
             raise ValueError(f"version {major}.{minor}, header of {length} bytes")
         text = f.read(length).decode("latin1" if major < 3 else "utf8")
         header = ast.literal_eval(text)  # literals only: never code
+        if not isinstance(header, dict) or sorted(header) != ["descr", "fortran_order", "shape"]:
+            raise ValueError("the header must be a dict of descr, fortran_order and shape")
+        shape, fortran = header["shape"], header["fortran_order"]
+        if not isinstance(fortran, bool) or not isinstance(shape, tuple) or \
+                not all(type(n) is int and n >= 0 for n in shape):
+            raise ValueError(f"fortran_order {fortran!r}, shape {shape!r}")
         dtype = np.dtype(header["descr"])
-        shape, fortran = tuple(int(n) for n in header["shape"]), bool(header["fortran_order"])
-        if any(n < 0 for n in shape):
-            raise ValueError(f"negative dimension in {shape}")
     except Exception as e:  # any malformed header: bad literal, missing key, odd dtype
         raise DataError(f"{name}: the .npy header cannot be read ({type(e).__name__}: {str(e)[:80]}); "
                         "the file is damaged or not written by numpy.save") from None
     if dtype.hasobject or dtype.kind not in "biuf" or dtype.fields is not None:
         raise DataError(f"{name} holds {dtype}; only arrays of integers, floats or bools are read")
-    count = math.prod(shape)
-    expected, left = count * dtype.itemsize, size - len(NPY_MAGIC) - 2 - width - length
-    if expected != left:
+    expected, left = math.prod(shape) * dtype.itemsize, size - len(NPY_MAGIC) - 2 - width - length
+    if expected < left:
+        raise DataError(f"{name}: {left - expected:,} bytes follow the {expected:,} of its shape {shape} of {dtype}; "
+                        "save one array per file")
+    if expected > left:
         raise DataError(f"{name}: the header promises shape {shape} of {dtype} ({expected:,} bytes) but "
                         f"{max(left, 0):,} bytes follow; the file is truncated or damaged")
-    buf = bytearray(expected)
-    if f.readinto(memoryview(buf)) != expected:
-        raise DataError(f"{name}: the file ended before its {expected:,} bytes of data; it is truncated")
+    buf = bytearray()
+    while len(buf) < expected:
+        piece = f.read(min(expected - len(buf), 1 << 24))
+        if not piece:
+            raise DataError(f"{name}: the data ended after {len(buf):,} of its {expected:,} bytes; the file is "
+                            "truncated or damaged")
+        buf += piece
     return np.frombuffer(buf, dtype).reshape(shape, order="F" if fortran else "C")
 
 

@@ -32,7 +32,8 @@ def run(out: str = "demo", force: bool = False, epochs: int | None = None, progr
     """Train the float MLP on digits, save it, compress it into ``out``; return the result."""
     check_out(out, force=force, resume=False)
     data = load_dataset("digits")
-    with OutputFolder(out, force=force, resume=False) as folder:  # a failure removes what this run wrote
+    # a failure removes what this run wrote, the checkpoint too: the demo has no --resume
+    with OutputFolder(out, force=force, resume=False, resumable=False) as folder:
         torch.manual_seed(0)
         model = zoo.create("mlp", in_shape=data.in_shape, num_classes=data.num_classes, width=256, depth=2)
         log("training the float model: MLP 64-256-256-10 on the 8x8 digits")
@@ -44,4 +45,4 @@ def run(out: str = "demo", force: bool = False, epochs: int | None = None, progr
         if epochs is not None:
             settings["epochs"] = epochs
         log(f"compressing {path} (ternary E-MSA, {settings['epochs']} epochs)")
-        return compress(path, data, out=out, force=True, log=log, **settings)
+        return compress(path, data, out=out, force=True, log=log, resumable=False, **settings)

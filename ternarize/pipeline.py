@@ -58,11 +58,12 @@ class CompressResult:
 
 def compress(model, data, out: str = "out", *, arch: str | None = None, trust: bool = False,
              data_dir: str | None = None, val_fraction: float = 0.0, force: bool = False, log=print,
-             **options) -> CompressResult | None:
+             resumable: bool = True, **options) -> CompressResult | None:
     """Compress ``model`` (an nn.Module or a model file path) on ``data`` (a Dataset or a name).
 
     ``val_fraction`` holds out that share of the training set (the same split for the same seed)
-    and reports accuracy on it after every epoch.
+    and reports accuracy on it after every epoch. ``resumable`` False removes the checkpoint too
+    when the run fails (for callers that cannot resume).
 
     ``options`` are :class:`ternarize.TrainConfig` fields (mode, method, epochs, rho, lam,
     keep_float, distill, device, seed, resume, ...). Returns None on ranks other than 0 under torchrun.
@@ -71,19 +72,22 @@ def compress(model, data, out: str = "out", *, arch: str | None = None, trust: b
     if _rank() != 0:
         log = _quiet  # under torchrun, rank 0 alone speaks
     source = _source_info(model)
-    if isinstance(model, (str, os.PathLike)):
-        model = load_model(model, arch=arch, trust=trust)
+    model_path = model if isinstance(model, (str, os.PathLike)) else None
+    if model_path is not None:
+        model = load_model(model_path, arch=arch, trust=trust)
     dataset = data if isinstance(data, Dataset) else load_dataset(data, data_dir=data_dir)
     if val_fraction:
         dataset = dataset.split_validation(val_fraction, seed=config.seed)
     writer = _rank() == 0  # the other ranks of a torchrun job only train
+    inputs = [p for p in (model_path, data) if isinstance(p, (str, os.PathLike))]
     if writer:
-        check_out(out, force=force, resume=config.resume)
+        check_out(out, force=force, resume=config.resume, inputs=inputs)
     example = torch.from_numpy(dataset.x_test[:2])
     _check_fits(model, dataset, example)
     policy.discrete_layers(model, config.keep_float, config.scale)  # a --keep-float that matches nothing
     lower(model, example)  # an unsupported op fails here, before any training
-    with OutputFolder(out, force=force, resume=config.resume, active=writer) as folder:
+    with OutputFolder(out, force=force, resume=config.resume, active=writer, resumable=resumable,
+                      inputs=inputs) as folder:
         float_acc = _accuracy(model, dataset)
         log(f"float model: test accuracy {100 * float_acc:.2f}%")
         float_weights = {name: p.detach().cpu().numpy().copy() for name, p in model.named_parameters()}
@@ -130,20 +134,28 @@ def _own_temp(name: str) -> bool:
     return is_temp_of(name, OUTPUTS + (CHECKPOINT, FLOAT_MODEL)) or name.startswith(PROBE)
 
 
-def check_out(out: str, force: bool, resume: bool) -> None:
+def check_out(out: str, force: bool, resume: bool, inputs=()) -> None:
     """Refuse an output folder that cannot be used, before any work and without touching it: a
-    path that is not a folder, a folder holding other files without ``force`` (or no checkpoint
-    with ``resume``), a parent folder that does not exist or cannot be written."""
+    path that is not a folder or cannot be listed, a folder holding other files without ``force``
+    (or no checkpoint with ``resume``), an output name taken by a folder or by one of ``inputs``
+    (the model or data file: ``--force`` would remove it), a parent folder that is a file."""
     if not out:
         raise ConfigError("--out is empty; give an output folder")
     if os.path.exists(out) and not os.path.isdir(out):
         raise ConfigError(f"--out {out} exists and is not a folder; choose another path")
-    present = [f for f in os.listdir(out) if not _own_temp(f)] if os.path.isdir(out) else []
+    try:
+        present = [f for f in os.listdir(out) if not _own_temp(f)] if os.path.isdir(out) else []
+    except OSError as e:
+        raise OutputError(f"cannot list the output folder {out}: {e.strerror or e}; choose another --out") from e
     for name in OUTPUTS + (CHECKPOINT,):
         path = os.path.join(out, name)
-        if name in present and not os.path.isfile(path):
+        if name not in present:
+            continue
+        if not os.path.isfile(path):
             raise ConfigError(f"{path} is not a regular file, so the run could not write it; remove it or "
                               "choose another --out")
+        if any(_same_file(source, path) for source in inputs):
+            raise ConfigError(f"the input {path} has the name of an output in {out}; move it or choose another --out")
     if resume:
         if CHECKPOINT not in present:
             raise ConfigError(f"there is no {CHECKPOINT} in {out} to resume from; run without --resume")
@@ -159,32 +171,44 @@ def check_out(out: str, force: bool, resume: bool) -> None:
                           "choose another --out")
 
 
+def _same_file(source, path: str) -> bool:
+    if not isinstance(source, (str, os.PathLike)):
+        return False
+    with contextlib.suppress(OSError, ValueError):
+        return os.path.samefile(source, path)
+    return False
+
+
 class OutputFolder:
     """The output folder of one run, from just before training to the written report.
 
-    On entry: :func:`check_out` again, the folder is created if missing (remembering that this
-    run made it), its stale temp files and (with ``force``) the previous outputs are removed, and a
-    probe file shows that it can be written (a read-only folder or file system fails here, before
-    training). On a failure inside, the outputs written so far are removed (a complete checkpoint
-    stays for ``--resume``, and an OutputError says so) and a folder this run made is removed again
-    if it is left empty.
-    ``active`` False (a torchrun rank other than 0) does nothing.
+    On entry: :func:`check_out` again, the folder is created if missing (remembering which folders
+    this run made), its stale temp files and (with ``force``) the previous outputs are removed, and
+    a probe file shows that it can be written (a read-only folder or file system fails here, before
+    training). On a failure inside, the outputs written so far are removed and the folders this
+    run made are removed again if they are left empty. A complete checkpoint stays for
+    ``--resume`` (and an OutputError says so) when ``resumable``; otherwise (the demo, which has no
+    ``--resume``) it goes too. ``active`` False (a torchrun rank other than 0) does nothing.
     """
 
-    def __init__(self, out: str, force: bool, resume: bool, active: bool = True):
+    def __init__(self, out: str, force: bool, resume: bool, active: bool = True, resumable: bool = True,
+                 inputs=()):
         self.out, self.force, self.resume, self.active = out, force, resume, active
-        self.made = False
+        self.resumable, self.inputs = resumable, inputs
+        self.made: list[str] = []  # folders this run created, deepest first
         self.written: list[str] = []  # outputs of this run, removed on failure
 
     def __enter__(self) -> OutputFolder:
         if not self.active:
             return self
         out = self.out
-        check_out(out, self.force, self.resume)
+        check_out(out, self.force, self.resume, self.inputs)
         try:
-            if not os.path.isdir(out):
-                os.makedirs(out)
-                self.made = True
+            path = os.path.abspath(out)
+            while not os.path.exists(path):
+                self.made.append(path)
+                path = os.path.dirname(path)
+            os.makedirs(out, exist_ok=True)
             for name in os.listdir(out):
                 path = os.path.join(out, name)
                 if os.path.isfile(path) and (_own_temp(name) or (self.force and not self.resume and
@@ -204,20 +228,21 @@ class OutputFolder:
         self.written.extend(paths)
 
     def __exit__(self, kind, error, tb) -> None:
-        if self.active and kind is not None:
-            for path in self.written:
-                with contextlib.suppress(OSError):
-                    os.remove(path)
-            self._tidy()
-            kept = os.path.join(self.out, CHECKPOINT)
-            if isinstance(error, OutputError) and os.path.isfile(kept) and "--resume" not in str(error):
-                raise OutputError(f"{error}; the training is kept in {kept}: rerun with --resume once the "
-                                  "outputs can be written") from error
+        if not self.active or kind is None:
+            return
+        kept = os.path.join(self.out, CHECKPOINT)
+        for path in self.written + ([] if self.resumable else [kept]):
+            with contextlib.suppress(OSError):
+                os.remove(path)
+        self._tidy()
+        if self.resumable and isinstance(error, OutputError) and os.path.isfile(kept) and "--resume" not in str(error):
+            raise OutputError(f"{error}; the training is kept in {kept}: rerun with --resume once the "
+                              "outputs can be written") from error
 
     def _tidy(self) -> None:
-        if self.made:
+        for path in self.made:  # only while empty
             with contextlib.suppress(OSError):
-                os.rmdir(self.out)  # only if empty
+                os.rmdir(path)
 
 
 def _check_fits(model, dataset: Dataset, example: torch.Tensor) -> None:

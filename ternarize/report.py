@@ -110,9 +110,12 @@ class Report:
 
     def write(self, folder: str, float_weights: dict | None = None) -> list[str]:
         """Write report.json, report.md and the plots into ``folder``; return the paths. When one
-        cannot be written, the files this call wrote (and the folder, if it made it) are removed and
-        the error is raised."""
-        created = not os.path.isdir(folder)
+        cannot be written, the files this call wrote (and the folders it made) are removed and the
+        error is raised."""
+        created, path = [], os.path.abspath(folder)
+        while not os.path.exists(path):  # the folders makedirs makes, deepest first
+            created.append(path)
+            path = os.path.dirname(path)
         try:
             os.makedirs(folder, exist_ok=True)
         except OSError as e:
@@ -128,9 +131,9 @@ class Report:
             for name in written:
                 with contextlib.suppress(OSError):
                     os.unlink(os.path.join(folder, name))
-            if created:
+            for path in created:
                 with contextlib.suppress(OSError):
-                    os.rmdir(folder)
+                    os.rmdir(path)
             raise
         return [os.path.join(folder, name) for name in written]
 
@@ -184,7 +187,7 @@ def _saved_training(folder: str) -> dict | None:
             saved = json.load(f)
         training = _usable_training(saved.get("training") if saved.get("schema") == SCHEMA else None)
         return training if training.get("history") else None
-    except (OSError, ValueError, AttributeError):
+    except (OSError, ValueError, AttributeError, RecursionError):  # RecursionError: absurdly deep JSON
         return None
 
 
@@ -207,7 +210,13 @@ def _usable_training(training) -> dict:
 
 
 def _number(v) -> bool:
-    return isinstance(v, numbers.Real) and not isinstance(v, bool)
+    """A finite real number (not a bool; an int beyond float's range is not)."""
+    if not isinstance(v, numbers.Real) or isinstance(v, bool):
+        return False
+    try:
+        return math.isfinite(v)
+    except OverflowError:
+        return False
 
 
 # ---------------------------------------------------------------------- rows
@@ -351,10 +360,11 @@ def plot(report: Report, folder: str, float_weights: dict | None = None, written
 def _save(fig, folder: str, name: str) -> str:
     import matplotlib.pyplot as plt
 
-    with atomic_path(os.path.join(folder, name), suffix=".png") as tmp:
-        fig.savefig(tmp, dpi=110, bbox_inches="tight")
-
-    plt.close(fig)
+    try:
+        with atomic_path(os.path.join(folder, name), suffix=".png") as tmp:
+            fig.savefig(tmp, dpi=110, bbox_inches="tight")
+    finally:
+        plt.close(fig)
     return name
 
 

@@ -252,13 +252,22 @@ def _compress_folder(tmp_path, history) -> str:
 
 
 @pytest.mark.parametrize("history", [[1, 2, 3], [{}], [{"epoch": "a", "loss": "x", "test_acc": None}], "nope",
-                                     [dict(HISTORY[0], nonzero=None)], [dict(HISTORY[0], test_acc=True)]])
+                                     [dict(HISTORY[0], nonzero=None)], [dict(HISTORY[0], test_acc=True)],
+                                     [dict(HISTORY[0], train_loss=10 ** 400)]])
 def test_report_ignores_a_malformed_training_history(tmp_path, history):
     out = tmp_path / "out"
     result = invoke("report", _compress_folder(tmp_path, history), "--out", out)
     assert result.exit_code == 0, result.output
     assert sorted(os.listdir(out)) == ["layers.png", "report.json", "report.md"]
     assert "history" not in json.loads((out / "report.json").read_text())["training"]
+
+
+def test_report_survives_an_absurdly_deep_report_json(tmp_path):
+    run = _compress_folder(tmp_path, HISTORY)
+    (run / "report.json").write_text("[" * 100000)
+    out = tmp_path / "out"
+    result = invoke("report", run, "--out", out)
+    assert result.exit_code == 0 and "training.png" not in os.listdir(out), result.output
 
 
 def test_report_draws_a_sound_training_history(tmp_path):

@@ -370,6 +370,11 @@ def test_npz_object_arrays_and_non_npz_are_refused(tmp_path):
     with pytest.raises(DataError, match="is not an .npz archive") as e:
         data.load_npz(tmp_path / "noise.npz")
     assert "allow_pickle" not in str(e.value)
+    (tmp_path / "locked.npz").write_bytes(b"PK\3\4")
+    os.chmod(tmp_path / "locked.npz", 0)
+    if not os.access(tmp_path / "locked.npz", os.R_OK):  # root reads it anyway
+        with pytest.raises(DataError, match="not a readable .npz archive"):
+            data.load_npz(tmp_path / "locked.npz")
     header = b"{'descr': '<f4', 'fortran_order': False, 'shape': (99999999999, 64)}"
     with zipfile.ZipFile(tmp_path / "huge.npz", "w") as z:  # a header promising 25 TB: refused before allocating
         z.writestr("x.npy", b"\x93NUMPY\x01\x00" + len(header).to_bytes(2, "little") + header)
@@ -742,3 +747,41 @@ def test_fetch_cifar10_download_route(tmp_path, monkeypatch, http_server):
     assert out == tmp_path / "root" / "cifar10" / "cifar-10-batches-py"
     assert sorted(os.listdir(out)) == sorted(md5)
     assert data.load_dataset("cifar10", data_dir=tmp_path / "root").x_train.shape == (20, 3, 32, 32)
+
+
+def _npy_bytes(header: str, data: bytes = b"") -> bytes:
+    body = header.encode("latin1")
+    return b"\x93NUMPY\x01\x00" + len(body).to_bytes(2, "little") + body + data
+
+
+def test_read_npy_memory_follows_the_bytes_that_arrive():
+    # a zip member's size is what its archive says: 16 TB declared, 10 bytes there
+    raw = _npy_bytes("{'descr': '|u1', 'fortran_order': False, 'shape': (17592186044416,)}", b"\0" * 10)
+    with pytest.raises(DataError, match=r"the data ended after 10 of its 17,592,186,044,416 bytes"):
+        data.read_npy(io.BytesIO(raw), "y.npy", len(raw) - 10 + (1 << 44))
+
+
+@pytest.mark.parametrize("header, message", [
+    ("{'descr': '<f4', 'fortran_order': 'False', 'shape': (2,)}", "header cannot be read"),
+    ("{'descr': '<f4', 'fortran_order': False, 'shape': [2]}", "header cannot be read"),
+    ("{'descr': '<f4', 'fortran_order': False, 'shape': (2.0,)}", "header cannot be read"),
+    ("{'descr': '<f4', 'fortran_order': False, 'shape': (-2,)}", "header cannot be read"),
+    ("{'descr': '<f4', 'fortran_order': False, 'shape': (2,), 'x': 1}", "header cannot be read"),
+    ("0", "header cannot be read"),
+])
+def test_read_npy_refuses_malformed_headers(header, message):
+    raw = _npy_bytes(header, b"\0" * 8)
+    with pytest.raises(DataError, match=message):
+        data.read_npy(io.BytesIO(raw), "x.npy", len(raw))
+
+
+def test_read_npy_matches_numpy_and_refuses_trailing_arrays():
+    for a in (np.arange(12, dtype=">i8").reshape(3, 4), np.asfortranarray(np.ones((2, 3), np.float16)),
+              np.float32(3.5), np.zeros((0, 5), bool)):
+        buf = io.BytesIO()
+        np.save(buf, a)
+        raw = buf.getvalue()
+        got = data.read_npy(io.BytesIO(raw), "a.npy", len(raw))
+        assert got.dtype == a.dtype and got.shape == np.shape(a) and np.array_equal(got, a)
+        with pytest.raises(DataError, match="bytes follow the .* save one array per file"):
+            data.read_npy(io.BytesIO(raw + raw), "a.npy", 2 * len(raw))

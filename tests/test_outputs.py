@@ -98,6 +98,25 @@ def test_a_link_is_written_through_and_a_link_to_a_fifo_refused(tmp_path):
         assert os.path.islink(tmp_path / "to-pipe")
 
 
+def test_link_loops_long_names_and_unwritable_folders(tmp_path):
+    if hasattr(os, "symlink"):
+        os.symlink(tmp_path / "l2", tmp_path / "l1")
+        os.symlink(tmp_path / "l1", tmp_path / "l2")
+        with pytest.raises(OutputError, match="a link that leads to no file"):
+            atomic_write(tmp_path / "l1", b"x")
+        assert os.path.islink(tmp_path / "l1")
+    long = tmp_path / ("a" * 245)  # fits a file name, but not with the temp name's additions
+    atomic_write(long, b"x")
+    assert long.read_bytes() == b"x" and not [n for n in os.listdir(tmp_path) if ".tmp." in n]
+    with pytest.raises(OutputError, match="longer than 255 bytes"):
+        check_output(tmp_path / ("a" * 300))
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o555)
+    if not os.access(locked, os.W_OK):  # root writes anyway
+        with pytest.raises(OutputError, match="is not writable"):
+            check_output(locked / "o.npy")
+
+
 def test_a_full_disk_while_saving_a_model_is_an_output_error(tmp_path, monkeypatch):
     def full(fd):
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -130,6 +149,25 @@ def test_stale_temp_files_of_a_killed_run_are_removed_and_do_not_block(tiny, tmp
     result = ternarize.compress(str(tiny), "digits", out=str(out), **QUIET)
     assert result.accuracy > 0 and not stale.exists()
     assert not [n for n in os.listdir(out) if n.startswith(".")]
+
+
+def test_an_input_named_like_an_output_is_never_removed(tiny, tmp_path, no_training):
+    out = tmp_path / "out"
+    out.mkdir()
+    model = out / "checkpoint.pt"
+    model.write_bytes(tiny.read_bytes())
+    with pytest.raises(ConfigError, match="has the name of an output"):
+        ternarize.compress(str(model), "digits", out=str(out), force=True, **QUIET)
+    assert model.read_bytes() == tiny.read_bytes()
+
+
+def test_the_folders_a_failed_run_made_are_all_removed(tiny, tmp_path, monkeypatch):
+    def diverge(*args, **kwargs):
+        raise TrainingError("the training loss became nan in epoch 1")
+    monkeypatch.setattr(pipeline, "fit", diverge)
+    with pytest.raises(TrainingError):
+        ternarize.compress(str(tiny), "digits", out=str(tmp_path / "p1" / "p2" / "p3"), **QUIET)
+    assert sorted(os.listdir(tmp_path)) == ["tiny.pt"]
 
 
 def test_a_folder_where_an_output_goes_is_refused_before_training(tiny, tmp_path, no_training):
@@ -180,8 +218,9 @@ def test_a_failed_training_leaves_no_empty_folder(tiny, tmp_path, monkeypatch):
 def test_a_failed_demo_removes_its_float_model_and_folder(tmp_path, monkeypatch):
     monkeypatch.setattr(demo, "fit_float", lambda *args, **kwargs: None)
 
-    def fail(path, *args, **kwargs):
-        assert os.path.isfile(path)
+    def fail(path, *args, resumable=True, **kwargs):
+        assert os.path.isfile(path) and not resumable  # the demo has no --resume: no checkpoint kept
+        (tmp_path / "demo" / "checkpoint.pt").write_bytes(b"state")
         raise TrainingError("the training loss became nan in epoch 1")
     monkeypatch.setattr(demo, "compress", fail)
     out = tmp_path / "demo"
@@ -202,6 +241,15 @@ def test_resume_from_another_models_checkpoint_is_refused(tmp_path):
 
 
 # ---------------------------------------------------------------------- options
+
+
+def test_numpy_scalars_are_options_too():
+    import numpy as np
+
+    TrainConfig(seed=np.int64(3), lr=np.float32(1e-3), lam=np.float64(0)).validate()
+    for kw in ({"lam": None}, {"device": None}, {"lr": 10 ** 400}):
+        with pytest.raises(ConfigError, match=next(iter(kw))):
+            TrainConfig(**kw).validate()
 
 
 @pytest.mark.parametrize("field, value", [("lam", math.inf), ("rho", math.inf), ("lr", math.inf), ("lr", math.nan),

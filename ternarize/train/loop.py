@@ -26,6 +26,7 @@ import contextlib
 import copy
 import io
 import math
+import numbers
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -88,11 +89,11 @@ class TrainConfig:
         for name in ("rho", "lam", "ema_decay", "ema_anneal", "lr", "distill_temperature", "distill_weight",
                      "time_budget"):
             value = getattr(self, name)
-            _require(value is None or (isinstance(value, (int, float)) and not isinstance(value, bool)
-                                       and math.isfinite(value)),
+            _require((value is None and name in ("rho", "time_budget")) or _finite(value),
                      f"{name} must be a finite number, got {value!r}")
-        _require(isinstance(self.seed, int) and not isinstance(self.seed, bool) and 0 <= self.seed < 1 << 32,
-                 f"seed must be an integer from 0 to 2**32 - 1, got {self.seed!r}")
+        _require(isinstance(self.seed, numbers.Integral) and not isinstance(self.seed, bool)
+                 and 0 <= self.seed < 1 << 32, f"seed must be an integer from 0 to 2**32 - 1, got {self.seed!r}")
+        _require(isinstance(self.device, str), f"device must be a name such as 'cpu' or 'cuda:0', got {self.device!r}")
         _require(self.rho is None or self.rho > 0, f"rho must be positive, got {self.rho}")
         _require(self.lam >= 0, f"lam must be >= 0, got {self.lam}")
         _require(0 <= self.ema_decay < 1, f"ema_decay must be in [0, 1), got {self.ema_decay}")
@@ -218,6 +219,16 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 10
 
 
 # ---------------------------------------------------------------------- pieces
+
+
+def _finite(value) -> bool:
+    """A finite real number (numpy scalars included, bools not)."""
+    if not isinstance(value, numbers.Real) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int beyond float's range
+        return False
 
 
 def _one_of(name, value, allowed) -> None:
