@@ -536,7 +536,13 @@ def _as_labels(y: object, n: int, what: str, origin: str) -> np.ndarray:
             raise DataError(f"{origin}: {what} must hold integer class indices, found dtype {y.dtype}")
     if len(y) and y.min() < 0:
         raise DataError(f"{origin}: {what} contains the negative label {int(y.min())}")
+    if len(y) and y.max() >= MAX_CLASSES:  # num_classes is max label + 1: one stray label sizes the model
+        raise DataError(f"{origin}: {what} contains the label {int(y.max())}; labels are class indices "
+                        f"0..{MAX_CLASSES - 1} (number the classes from 0)")
     return y.astype(np.int64)
+
+
+MAX_CLASSES = 100_000  # labels at or above are refused: num_classes is max label + 1
 
 
 def _from_arrays(name: str, train: tuple, test: tuple | None, origin: str) -> Dataset:

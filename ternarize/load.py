@@ -112,6 +112,8 @@ def load_model(path, arch: str | None = None, trust: bool = False) -> nn.Module:
     module. Raises :class:`ModelLoadError` (or its subclass :class:`UnsafeModelError`) with a
     one-line message.
     """
+    if not isinstance(trust, bool):  # a string such as "false" is truthy: only True may run code
+        raise ModelLoadError(f"trust must be True or False, got {trust!r}")
     path = _check_path(path)
     if _sniff(path) == "torchscript":
         model = _guarded(path, lambda: _load_torchscript(path))

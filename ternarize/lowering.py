@@ -44,6 +44,17 @@ def lower(model: nn.Module, example_input: torch.Tensor, discrete: dict[str, str
     if isinstance(model, torch.jit.ScriptModule):
         raise LoweringError("TorchScript models cannot be lowered: load the original nn.Module "
                             "(torch.save(model) or a state_dict with --arch) instead")
+    if not isinstance(model, torch.nn.Module):
+        raise LoweringError(f"lower needs a torch nn.Module, got {type(model).__name__}")
+    if discrete is not None:
+        if not isinstance(discrete, dict):
+            raise LoweringError(f"discrete must map parameter names to 'ternary' or 'binary', got "
+                                f"{type(discrete).__name__}")
+        names = dict(model.named_parameters())
+        unknown = sorted(set(discrete) - set(names))
+        if unknown:
+            raise LoweringError(f"discrete names {unknown[0]!r}, which is not a parameter of the model "
+                                f"(parameters: {', '.join(list(names)[:4])}{' ...' if len(names) > 4 else ''})")
     traced = _trace(model)
     sample = torch.as_tensor(example_input, dtype=torch.float32).cpu()
     sample = sample[:1].expand(2, *sample.shape[1:]).contiguous()  # batch 2: a reshape that mixes batch shows

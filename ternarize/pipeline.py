@@ -27,13 +27,13 @@ import numpy as np
 import torch
 
 from . import tern
-from ._io import is_temp_of
+from ._io import check_target, is_temp_of
 from .data import Dataset, load_dataset
 from .errors import ConfigError, OutputError, VerificationError
 from .load import load_model
 from .lowering import lower
 from .train import policy
-from .train.loop import TrainConfig, TrainResult, evaluate, fit
+from .train.loop import TrainConfig, TrainResult, check_fits, evaluate, fit
 
 OUTPUTS = ("model.tern", "model.onnx", "report.json", "report.md", "layers.png", "training.png", "weights.png")
 CHECKPOINT = "checkpoint.pt"
@@ -75,6 +75,8 @@ def compress(model, data, out: str = "out", *, arch: str | None = None, trust: b
     model_path = model if isinstance(model, (str, os.PathLike)) else None
     if model_path is not None:
         model = load_model(model_path, arch=arch, trust=trust)
+    elif not isinstance(model, torch.nn.Module):
+        raise ConfigError(f"model must be a torch nn.Module or the path of a model file, got {type(model).__name__}")
     dataset = data if isinstance(data, Dataset) else load_dataset(data, data_dir=data_dir)
     if val_fraction:
         dataset = dataset.split_validation(val_fraction, seed=config.seed)
@@ -82,8 +84,12 @@ def compress(model, data, out: str = "out", *, arch: str | None = None, trust: b
     inputs = [p for p in (model_path, data) if isinstance(p, (str, os.PathLike))]
     if writer:
         check_out(out, force=force, resume=config.resume, inputs=inputs)
+        if "checkpoint" in options:  # a path of the caller's: never one of the inputs, a folder or a device
+            check_target(config.checkpoint)
+            if any(_same_file(source, config.checkpoint) for source in inputs):
+                raise ConfigError(f"the checkpoint {config.checkpoint} is one of the inputs; choose another path")
     example = torch.from_numpy(dataset.x_test[:2])
-    _check_fits(model, dataset, example)
+    check_fits(model, dataset)
     policy.discrete_layers(model, config.keep_float, config.scale)  # a --keep-float that matches nothing
     lower(model, example)  # an unsupported op fails here, before any training
     with OutputFolder(out, force=force, resume=config.resume, active=writer, resumable=resumable,
@@ -112,7 +118,6 @@ def _config(options: dict, out: str) -> TrainConfig:
         raise ConfigError(f"unknown option {unknown[0]!r}; options are TrainConfig fields: {', '.join(sorted(names))}")
     options = dict(options)
     options.setdefault("checkpoint", os.path.join(out, CHECKPOINT))
-    options["keep_float"] = tuple(options.get("keep_float", ()))
     config = TrainConfig(**options)
     config.validate()
     return config
@@ -243,22 +248,6 @@ class OutputFolder:
         for path in self.made:  # only while empty
             with contextlib.suppress(OSError):
                 os.rmdir(path)
-
-
-def _check_fits(model, dataset: Dataset, example: torch.Tensor) -> None:
-    model.eval()
-    try:
-        with torch.no_grad():
-            y = model(example)
-    except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ConfigError(f"the model does not accept the data's inputs of shape {list(dataset.in_shape)} "
-                          f"(batch excluded): {first}") from e
-    if not isinstance(y, torch.Tensor) or y.dim() != 2:
-        raise ConfigError(f"the model must return class scores of shape (batch, classes); it returned "
-                          f"{tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__}")
-    if y.shape[1] < dataset.num_classes:
-        raise ConfigError(f"the model has {y.shape[1]} outputs but the data has {dataset.num_classes} classes")
 
 
 def _accuracy(model, dataset: Dataset) -> float:

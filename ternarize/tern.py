@@ -517,12 +517,25 @@ def parse(buf: bytes, source: str = "<bytes>") -> TernFile:
 
 
 def _read_file(path) -> bytes:
-    """The whole file, read once; a FIFO or device could block or stream forever: regular files only."""
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+    """The whole file, read once; a FIFO or device could block or stream forever: regular files only.
+    A path that cannot be opened is a TernFormatError too (``verify`` reports it as its read check)."""
+    if not isinstance(path, (str, bytes, os.PathLike)):
+        raise TernFormatError(f"the path of a .tern file must be a file name, not {type(path).__name__}")
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+    except (OSError, ValueError) as e:  # ValueError: a NUL in the name
+        raise TernFormatError(f"{os.fsdecode(path)}: cannot be opened ({getattr(e, 'strerror', None) or e}); "
+                              "check the path") from None
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        what = "is a folder; give a .tern file" if stat.S_ISDIR(mode) else "is not a regular file"
+        raise TernFormatError(f"{os.fsdecode(path)} {what}")
     with os.fdopen(fd, "rb") as f:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise TernFormatError(f"{path} is not a regular file")
-        return f.read()
+        try:
+            return f.read()
+        except OSError as e:
+            raise TernFormatError(f"{os.fsdecode(path)}: cannot be read ({e.strerror or e})") from None
 
 
 def load(path) -> TernFile:

@@ -75,7 +75,17 @@ class TrainConfig:
     resume: bool = False
     progress: bool = True
 
+    def __post_init__(self) -> None:
+        if isinstance(self.keep_float, str):  # one pattern, not its characters
+            self.keep_float = (self.keep_float,)
+        elif self.keep_float is None:
+            self.keep_float = ()
+        elif isinstance(self.keep_float, (list, tuple, set, frozenset)):
+            self.keep_float = tuple(self.keep_float)
+
     def validate(self) -> None:
+        _require(isinstance(self.keep_float, tuple) and all(isinstance(k, str) for k in self.keep_float),
+                 f"keep_float must be glob strings (or 'first' / 'last'), got {self.keep_float!r}")
         _one_of("method", self.method, ("msa", "ste"))
         _one_of("mode", self.mode, ("ternary", "binary"))
         _one_of("init", self.init, ("random", "twn"))
@@ -135,8 +145,11 @@ def fit(model: nn.Module, data, config: TrainConfig | None = None, teacher: nn.M
     ``data`` is a :class:`ternarize.data.Dataset`. ``teacher`` (for ``distill``) defaults to a copy
     of the float model taken before any weight becomes discrete.
     """
-    config = config or TrainConfig()
+    config = TrainConfig() if config is None else config
+    if not isinstance(config, TrainConfig):
+        raise ConfigError(f"config must be a TrainConfig, got {type(config).__name__}")
     config.validate()
+    check_fits(model, data, teacher)
     dist = _Distributed.setup(config.device)
     if config.distill and teacher is None:
         teacher = copy.deepcopy(model)
@@ -310,6 +323,46 @@ class _Distributed:
             tdist.all_reduce(t)
             t /= self.world
         return t
+
+
+def check_fits(model, data, teacher=None) -> None:
+    """Refuse, before any training, a model that is not an nn.Module or does not fit ``data`` (a
+    :class:`~ternarize.data.Dataset`): it must accept two of its inputs and return scores of shape
+    (batch, classes) with at least the data's classes; a ``teacher`` must return the same shape."""
+    from ..data import Dataset
+
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"the model must be a torch nn.Module, got {type(model).__name__}")
+    if not isinstance(data, Dataset):
+        raise ConfigError(f"the data must be a ternarize Dataset (ternarize.load_dataset(name)), got "
+                          f"{type(data).__name__}")
+    y = _scores(model, data, "the model")
+    if y.shape[1] < data.num_classes:
+        raise ConfigError(f"the model has {y.shape[1]} outputs but the data has {data.num_classes} classes")
+    if teacher is not None and tuple(_scores(teacher, data, "the teacher").shape) != tuple(y.shape):
+        raise ConfigError(f"the teacher's outputs do not have the model's shape {tuple(y.shape)}")
+
+
+def _scores(model, data, who: str) -> torch.Tensor:
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"{who} must be a torch nn.Module, got {type(model).__name__}")
+    param = next(model.parameters(), None)
+    example = torch.from_numpy(data.x_test[:2]).to(param.device if param is not None else "cpu")
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            y = model(example)
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"{who} does not accept the data's inputs of shape {list(data.in_shape)} "
+                          f"(batch excluded): {first}") from e
+    finally:
+        model.train(was_training)
+    if not isinstance(y, torch.Tensor) or y.dim() != 2:
+        raise ConfigError(f"{who} must return class scores of shape (batch, classes); it returned "
+                          f"{tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__}")
+    return y
 
 
 def _device(name: str) -> torch.device:
