@@ -156,6 +156,9 @@ def export(graph: Graph, path, compat: bool = False, *, binary: str = "bits", co
     smallest of its dense code, base-3 (1.6 bits) and the sparse stream (≈ 8 bits per non-zero).
     Raises :class:`ExportError` when a node cannot be expressed, GraphError when the graph is malformed.
     """
+    if not isinstance(graph, Graph):
+        raise ExportError(f"export needs a Graph (ternarize.lower(model, x) or tern.read(path)), got "
+                          f"{type(graph).__name__}")
     if binary not in ("bits", "dense"):
         raise ExportError(f"binary={binary!r} is not an encoding; use 'bits' or 'dense'")
     shapes = graph.validate()

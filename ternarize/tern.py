@@ -595,6 +595,10 @@ def dumps(graph: Graph, encodings: dict[str, str] | None = None, allow_lossy: bo
     encoding; f16 for floats only with ``allow_lossy``). ``producer`` overrides "ternarize <version>"
     (the golden files pin it so that their bytes do not change with the version).
     """
+    if not isinstance(graph, Graph):
+        raise GraphError(f"a .tern file holds a Graph (ternarize.lower(model, x)), got {type(graph).__name__}")
+    if encodings is not None and not isinstance(encodings, dict):
+        raise ConfigError(f"encodings must map constant names to encodings, got {type(encodings).__name__}")
     graph.validate()
     encodings = dict(encodings or {})
     unknown = sorted(set(encodings) - set(graph.consts))

@@ -105,3 +105,17 @@ def test_keep_float_takes_one_pattern_as_a_string():
     assert TrainConfig(keep_float=["a*", "last"]).keep_float == ("a*", "last")
     with pytest.raises(ConfigError, match="keep_float must be glob strings"):
         TrainConfig(keep_float=5).validate()
+
+
+def test_writers_need_a_graph(tmp_path):
+    from ternarize import onnx as tonnx
+    from ternarize.errors import ExportError, GraphError
+
+    with pytest.raises(GraphError, match="holds a Graph .*got Sequential"):
+        tern.write(_tiny(), tmp_path / "m.tern")
+    with pytest.raises(ExportError, match="export needs a Graph .*got dict"):
+        tonnx.export({}, tmp_path / "m.onnx")
+    graph = ternarize.lower(_tiny(), torch.zeros(1, 1, 8, 8))
+    with pytest.raises(ConfigError, match="encodings must map constant names"):
+        tern.write(graph, tmp_path / "m.tern", encodings=["t2"])
+    assert list(tmp_path.iterdir()) == []
