@@ -15,10 +15,11 @@ Example::
 
     python bench/allocator.py                     # MLP and VGG, batch 1 and 64: about two minutes
     python bench/allocator.py --rounds 5 --json out.json
+
+Options and the ``--json`` path are checked before the timing; a problem is one line on stderr and
+exit code 2.
 """
 
-import argparse
-import json
 import statistics
 import subprocess
 import sys
@@ -27,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from ternarize import lower, tern
+from ternarize import _scripts, lower, tern
 from ternarize.testing import project, synthetic
 
 CHILD = """
@@ -65,27 +66,23 @@ def child(path: Path, mode: str, batch: int, runs: int) -> tuple[float, float]:
     return 1e3 * float(ms), float(faults)
 
 
-def positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
-
-
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--width", type=float, default=2048, help="MLP hidden width (paper: 2048)")
-    ap.add_argument("--vgg-width", type=float, default=0.5, help="VGG width multiplier")
-    ap.add_argument("--rounds", type=positive, default=3, help="fresh processes per side and case")
-    ap.add_argument("--runs", type=positive, default=40, help="timed runs per process at batch 1 (batch 64: runs/10)")
+def main(argv=None) -> None:
+    ap = _scripts.parser(__file__, __doc__)
+    ap.add_argument("--width", type=_scripts.units, default=2048, help="MLP hidden width (paper: 2048)")
+    ap.add_argument("--vgg-width", type=_scripts.width, default=0.5, help="VGG width multiplier")
+    ap.add_argument("--rounds", type=_scripts.positive_int, default=3, help="fresh processes per side and case")
+    ap.add_argument("--runs", type=_scripts.positive_int, default=40,
+                    help="timed runs per process at batch 1 (batch 64: runs/10)")
     ap.add_argument("--json", help="write the results here")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
+    _scripts.check_output(args.json)
     rows = []
     print(f"{'model':6s} {'batch':>5s} {'settled ms':>10s} {'unsettled ms':>12s} {'x':>5s} "
           f"{'faults/run settled':>18s} {'unsettled':>9s}")
     with tempfile.TemporaryDirectory() as tmp:
         for name, width in (("mlp", args.width), ("vgg", args.vgg_width)):
-            path = build(name, width, Path(tmp))
+            with _scripts.out_of_memory("choose a smaller --width or --vgg-width"):
+                path = build(name, width, Path(tmp))
             for batch in (1, 64):
                 runs = args.runs if batch == 1 else max(2, args.runs // 10)
                 got = {"settled": [], "unsettled": []}
@@ -100,8 +97,8 @@ def main() -> None:
                 print(f"{name:6s} {batch:5d} {ms['settled']:10.2f} {ms['unsettled']:12.2f} {row['x']:5.2f} "
                       f"{faults['settled']:18.0f} {faults['unsettled']:9.0f}", flush=True)
     if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
+        _scripts.write_json(args.json, rows)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(_scripts.main(main))

@@ -14,6 +14,9 @@ Example::
 
     python bench/onnx.py                              # the full-size models
     python bench/onnx.py --width 256 --vgg-width 0.25 --runs 50 --json out.json
+
+Options and the ``--json`` path are checked before the timing; a problem is one line on stderr and
+exit code 2.
 """
 
 import os
@@ -23,8 +26,6 @@ import sys
 _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
 
-import argparse  # noqa: E402
-import json  # noqa: E402
 import statistics  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
@@ -34,7 +35,7 @@ import numpy as np  # noqa: E402
 import onnxruntime as ort  # noqa: E402
 import torch  # noqa: E402
 
-from ternarize import lower  # noqa: E402
+from ternarize import _scripts, lower  # noqa: E402
 from ternarize import onnx as tonnx  # noqa: E402
 from ternarize.testing import project, synthetic  # noqa: E402
 
@@ -148,27 +149,30 @@ def bench_model(name: str, width: float, args, folder: Path) -> list[dict]:
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--width", type=int, default=2048, help="MLP hidden width (paper: 2048)")
-    ap.add_argument("--vgg-width", type=float, default=0.5, help="VGG width multiplier")
-    ap.add_argument("--models", default="mlp,vgg", help="comma-separated: mlp, vgg")
-    ap.add_argument("--runs", type=int, default=200, help="timed runs per session at batch 1 (batch 64: runs/5)")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--json", type=Path, help="write the results here")
+    ap = _scripts.parser(__file__, __doc__)
+    ap.add_argument("--width", type=_scripts.units, default=2048, help="MLP hidden width (paper: 2048)")
+    ap.add_argument("--vgg-width", type=_scripts.width, default=0.5, help="VGG width multiplier")
+    ap.add_argument("--models", type=_scripts.models(["mlp", "vgg"]), default="mlp,vgg",
+                    help="comma-separated: mlp, vgg")
+    ap.add_argument("--runs", type=_scripts.positive_int, default=200,
+                    help="timed runs per session at batch 1 (batch 64: runs/5)")
+    ap.add_argument("--threads", type=_scripts.positive_int, default=2)
+    ap.add_argument("--json", help="write the results here")
     args = ap.parse_args(argv)
+    _scripts.check_output(args.json)
     results = []
     with tempfile.TemporaryDirectory() as tmp:
-        for name in args.models.split(","):
-            rows = bench_model(name, args.width if name == "mlp" else args.vgg_width, args, Path(tmp))
+        for name in args.models:
+            with _scripts.out_of_memory("choose a smaller --width or --vgg-width"):
+                rows = bench_model(name, args.width if name == "mlp" else args.vgg_width, args, Path(tmp))
             width = f"width {args.width}" if name == "mlp" else f"width {args.vgg_width}"
             print(f"\n{name} ({width}), onnxruntime {ort.__version__}, {args.threads} threads; "
                   "ratios vs the float export, 'dflt' = default onnxruntime session")
             print(table(rows))
             results += [{k: v for k, v in r.items() if k != "path"} for r in rows]
     if args.json:
-        args.json.write_text(json.dumps({"onnxruntime": ort.__version__, "threads": args.threads,
-                                         "rows": results}, indent=2))
+        _scripts.write_json(args.json, {"onnxruntime": ort.__version__, "threads": args.threads, "rows": results})
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(_scripts.main(main))

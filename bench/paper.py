@@ -10,6 +10,8 @@
 Data comes from a data root holding mnist/ and fashion-mnist/ IDX files (raw or .gz), as
 `ternarize data fetch` lays them out; nothing is downloaded. Writes OUT/paper.json and
 OUT/paper.md. ``--tiny`` shrinks everything so the whole script runs on a CPU in a few minutes.
+Device, precision, both datasets and OUT are checked before (a); a problem is one line on stderr
+and exit code 2, and a run that fails before writing removes the OUT folder it made.
 
     python bench/paper.py --data-dir ~/.cache/ternarize/data --out bench-out            # GPU
     python bench/paper.py --data-dir ~/.cache/ternarize/data --out bench-out --tiny     # CPU check
@@ -17,8 +19,6 @@ OUT/paper.md. ``--tiny`` shrinks everything so the whole script runs on a CPU in
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import platform
 import sys
@@ -33,7 +33,7 @@ sys.path[:0] = [os.path.dirname(HERE), HERE, os.path.join(os.path.dirname(HERE),
 import paper_mnist  # noqa: E402  (examples/paper_mnist.py)
 import train_step  # noqa: E402  (bench/train_step.py)
 
-from ternarize import zoo  # noqa: E402
+from ternarize import _io, _scripts, zoo  # noqa: E402
 from ternarize.data import load_dataset  # noqa: E402
 from ternarize.train.loop import TrainConfig, fit  # noqa: E402
 
@@ -58,19 +58,18 @@ def step_ratios(cfg, device, precisions, log):
     return rows
 
 
-def mnist_schedule(cfg, args, log):
+def mnist_schedule(cfg, args, log, data):
     out = {}
     for mode in ("ternary", "binary"):
         log(f"(b) MNIST MLP {cfg['mlp_width']} {mode}, budget {cfg['mlp_budget']:g}s")
         out[mode] = paper_mnist.run(width=cfg["mlp_width"], epochs=cfg["epochs"], mode=mode, device=args.device,
                                     precision=args.precision, data_dir=args.data_dir, time_budget=cfg["mlp_budget"],
-                                    train_limit=cfg["train_limit"], progress=False, log=log)
+                                    train_limit=cfg["train_limit"], progress=False, log=log, data=data)
     return out
 
 
-def fashion_vgg(cfg, args, log):
+def fashion_vgg(cfg, args, log, data):
     log(f"(c) VGG width {cfg['vgg_width']} on Fashion-MNIST, ternary, budget {cfg['vgg_budget']:g}s")
-    data = load_dataset("fashion-mnist", data_dir=args.data_dir)
     if cfg["train_limit"]:
         data.x_train, data.y_train = data.x_train[:cfg["train_limit"]], data.y_train[:cfg["train_limit"]]
     torch.manual_seed(0)
@@ -113,19 +112,28 @@ def markdown(report) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = _scripts.parser(__file__, __doc__)
     p.add_argument("--data-dir", required=True, help="data root with mnist/ and fashion-mnist/ IDX files")
     p.add_argument("--out", default="bench-out")
     p.add_argument("--device", default="auto")
-    p.add_argument("--precision", default=None, help="for (b) and (c); default tf32 on CUDA, fp32 on CPU")
+    p.add_argument("--precision", choices=["fp32", "tf32", "bf16"], default=None,
+                   help="for (b) and (c); default tf32 on CUDA, fp32 on CPU")
     p.add_argument("--tiny", action="store_true", help="a few-minute CPU configuration")
     args = p.parse_args(argv)
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if args.device == "auto" else args.device)
+    device = _scripts.device(args.device, args.precision or "fp32")
     args.device = str(device)
     args.precision = args.precision or ("tf32" if device.type == "cuda" else "fp32")
     cfg = TINY if args.tiny else FULL
-    os.makedirs(args.out, exist_ok=True)
+    mnist = load_dataset("mnist", data_dir=args.data_dir)  # both now, not minutes into the run
+    fashion = load_dataset("fashion-mnist", data_dir=args.data_dir)
+    with _scripts.output_folder(args.out, ["paper.json", "paper.md"]):
+        text = run(cfg, args, device, mnist, fashion)
+    print(text)
+    return 0
+
+
+def run(cfg, args, device, mnist, fashion) -> str:
+    """Steps (a) to (c); writes OUT/paper.json and OUT/paper.md and returns the markdown."""
     log = lambda s: print(s, flush=True)  # noqa: E731
     env = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
            "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "tiny": args.tiny,
@@ -133,16 +141,13 @@ def main(argv=None) -> int:
     log(f"(a) step time on {env['device']}")
     report = {"env": env, "config": cfg,
               "steps": step_ratios(cfg, device, ["fp32", "tf32"] if device.type == "cuda" else ["fp32"], log)}
-    report["mnist"] = mnist_schedule(cfg, args, log)
-    report["fashion"] = fashion_vgg(cfg, args, log)
-    with open(os.path.join(args.out, "paper.json"), "w") as f:
-        json.dump(report, f, indent=2)
+    report["mnist"] = mnist_schedule(cfg, args, log, mnist)
+    report["fashion"] = fashion_vgg(cfg, args, log, fashion)
+    _scripts.write_json(os.path.join(args.out, "paper.json"), report)
     text = markdown(report)
-    with open(os.path.join(args.out, "paper.md"), "w") as f:
-        f.write(text)
-    print(text)
-    return 0
+    _io.atomic_write(os.path.join(args.out, "paper.md"), text)
+    return text
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(_scripts.main(main))

@@ -10,7 +10,10 @@ another name (the runtime's own imports are relative), writes the models of
 ``--block`` timed runs of one, then of the other, the order swapped every round. It prints per
 model and batch the median ms of both, the median over rounds of the paired ratio (working tree ÷
 REV: below 1 the working tree is faster), the ratio of the fastest runs and the largest
-difference between their outputs.
+difference between their outputs. REV is resolved to a commit before anything else (a REV that
+starts with '-' is refused) and a revision whose runtime cannot be imported, load the files or run
+them is one line on stderr with exit code 2, as is any bad option; ``--json`` is checked before the
+timing.
 
 Example::
 
@@ -28,7 +31,6 @@ sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
 import argparse  # noqa: E402
 import importlib.util  # noqa: E402
 import io  # noqa: E402
-import json  # noqa: E402
 import statistics  # noqa: E402
 import subprocess  # noqa: E402
 import tarfile  # noqa: E402
@@ -39,22 +41,43 @@ from pathlib import Path  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from ternarize import lower, tern  # noqa: E402
+from ternarize import _scripts, lower, tern  # noqa: E402
+from ternarize._text import one_line  # noqa: E402
+from ternarize.errors import ConfigError  # noqa: E402
 from ternarize.runtime import Runtime  # noqa: E402
 from ternarize.testing import project, synthetic  # noqa: E402
 
 BASE = "ternarize_base"  # the name REV's package is imported under
+ROOT = Path(_HERE).parent  # the git repository REV is looked up in
+
+
+def resolve(rev: str) -> str:
+    """The commit SHA that ``rev`` names in ROOT (ConfigError when it names none). A ``rev``
+    starting with '-' is refused, so that git never reads it as an option."""
+    if not rev or rev.startswith("-"):
+        raise ConfigError(f"{rev!r} is not a git revision; give a commit, branch or tag (see git log)")
+    got = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--verify", "--quiet", "--end-of-options",
+                          f"{rev}^{{commit}}"], capture_output=True, text=True)
+    if got.returncode:
+        raise ConfigError(f"{rev!r} names no commit of the repository at {ROOT}; give a commit, branch or tag "
+                          "(see git log)")
+    return got.stdout.strip()
+
+
+def _failed(rev: str, what: str, e: BaseException) -> ConfigError:
+    return ConfigError(f"the runtime at {rev!r} cannot {what} ({type(e).__name__}: {one_line(e)}); "
+                       "pick a newer revision")
 
 
 def base_runtime(rev: str, folder: Path):
-    """``Runtime`` of ``ternarize/`` at ``rev``, extracted into ``folder``; exits with 2 on a bad rev."""
-    root = Path(_HERE).parent
-    got = subprocess.run(["git", "-C", str(root), "archive", "--format=tar", rev, "ternarize"],
+    """``Runtime`` of ``ternarize/`` at ``rev``, extracted into ``folder``; ConfigError when ``rev``
+    names no commit or its runtime cannot be imported."""
+    sha = resolve(rev)
+    got = subprocess.run(["git", "-C", str(ROOT), "archive", "--format=tar", sha, "ternarize"],
                          capture_output=True)
     if got.returncode:
         message = got.stderr.decode(errors="replace").strip().splitlines() or ["git archive failed"]
-        print(f"revisions.py: cannot read ternarize/ at {rev!r}: {message[-1]}", file=sys.stderr)
-        raise SystemExit(2)
+        raise ConfigError(f"cannot read ternarize/ at {rev!r}: {one_line(message[-1])}; pick a revision that has it")
     with tarfile.open(fileobj=io.BytesIO(got.stdout)) as tar:
         try:
             tar.extractall(folder, filter="data")
@@ -63,14 +86,15 @@ def base_runtime(rev: str, folder: Path):
     package = folder / "ternarize"
     spec = importlib.util.spec_from_file_location(BASE, package / "__init__.py",
                                                   submodule_search_locations=[str(package)])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[BASE] = module
+    for name in [n for n in sys.modules if n == BASE or n.startswith(BASE + ".")]:
+        del sys.modules[name]  # left by an earlier call in this process
     try:
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[BASE] = module
         spec.loader.exec_module(module)
         return importlib.import_module(f"{BASE}.runtime").Runtime
-    except (ImportError, AttributeError) as e:
-        print(f"revisions.py: the runtime at {rev!r} cannot be imported ({e}); pick a newer revision", file=sys.stderr)
-        raise SystemExit(2) from None
+    except Exception as e:  # any failure of old code: a syntax error, an exception at import, no Runtime
+        raise _failed(rev, "be imported", e) from e
 
 
 def model_file(name: str, width: float, density: float, folder: Path) -> Path:
@@ -81,10 +105,16 @@ def model_file(name: str, width: float, density: float, folder: Path) -> Path:
     return path
 
 
-def compare(head, base, batch: int, rounds: int, block: int) -> dict:
-    """Alternating rounds of ``head.run`` and ``base.run`` on one random batch."""
+def compare(head, base, batch: int, rounds: int, block: int, rev: str = "REV") -> dict:
+    """Alternating rounds of ``head.run`` and ``base.run`` on one random batch (ConfigError when
+    ``base`` fails on it)."""
     x = np.random.default_rng(3).standard_normal((batch, *head.input_shape)).astype(np.float32)
-    diff = float(np.abs(head.run(x) - base.run(x)).max())
+    ours = head.run(x)
+    try:
+        theirs = base.run(x)
+    except Exception as e:  # an older runtime may fail on what the working tree writes
+        raise _failed(rev, f"run batch {batch}", e) from e
+    diff = float(np.abs(ours - theirs).max())
     times = {"head": [], "base": []}
     for k in range(rounds):
         for side in (("head", "base") if k % 2 == 0 else ("base", "head")):
@@ -104,15 +134,6 @@ def compare(head, base, batch: int, rounds: int, block: int) -> dict:
             "min_x": min(flat["head"]) / min(flat["base"]), "max_diff": diff}
 
 
-def positive(kind):
-    def parse(text: str):
-        value = kind(text)
-        if not value > 0:
-            raise argparse.ArgumentTypeError(f"must be positive, got {text}")
-        return value
-    return parse
-
-
 def batches(text: str) -> list[int]:
     try:
         values = [int(v) for v in text.split(",")]
@@ -123,42 +144,33 @@ def batches(text: str) -> list[int]:
     return values
 
 
-def models(text: str) -> list[str]:
-    names = text.split(",")
-    unknown = [n for n in names if n not in ("mlp", "vgg")]
-    if unknown:
-        raise argparse.ArgumentTypeError(f"unknown model {unknown[0]!r}; choose from mlp, vgg")
-    return names
-
-
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = _scripts.parser(__file__, __doc__)
     ap.add_argument("rev", help="the git revision to compare with (a commit, branch or tag)")
-    ap.add_argument("--models", type=models, default=["mlp", "vgg"], help="comma-separated: mlp, vgg")
-    ap.add_argument("--width", type=positive(int), default=2048, help="MLP hidden width (paper: 2048)")
-    ap.add_argument("--vgg-width", type=positive(float), default=0.5, help="VGG width multiplier")
-    ap.add_argument("--density", type=positive(float), default=0.05, help="non-zero fraction of the weights")
+    ap.add_argument("--models", type=_scripts.models(["mlp", "vgg"]), default="mlp,vgg",
+                    help="comma-separated: mlp, vgg")
+    ap.add_argument("--width", type=_scripts.units, default=2048, help="MLP hidden width (paper: 2048)")
+    ap.add_argument("--vgg-width", type=_scripts.width, default=0.5, help="VGG width multiplier")
+    ap.add_argument("--density", type=_scripts.fraction, default=0.05, help="non-zero fraction of the weights")
     ap.add_argument("--batch", type=batches, default=[1], help="comma-separated batch sizes (default 1)")
-    ap.add_argument("--rounds", type=positive(int), default=40, help="alternating rounds per model and batch")
-    ap.add_argument("--block", type=positive(int), default=5, help="timed runs per side and round")
-    ap.add_argument("--json", type=Path, help="write the results here")
+    ap.add_argument("--rounds", type=_scripts.positive_int, default=40, help="alternating rounds per model and batch")
+    ap.add_argument("--block", type=_scripts.positive_int, default=5, help="timed runs per side and round")
+    ap.add_argument("--json", help="write the results here")
     args = ap.parse_args(argv)
-    if args.density > 1:
-        ap.error(f"--density must be at most 1, got {args.density}")
+    _scripts.check_output(args.json)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         base_cls = base_runtime(args.rev, Path(tmp) / "base")
         for name in args.models:
-            path = model_file(name, args.width if name == "mlp" else args.vgg_width, args.density, Path(tmp))
+            with _scripts.out_of_memory("choose a smaller --width or --vgg-width"):
+                path = model_file(name, args.width if name == "mlp" else args.vgg_width, args.density, Path(tmp))
             head = Runtime.load(path)
             try:
                 base = base_cls.load(path)
             except Exception as e:  # an older reader may refuse what the working tree writes
-                print(f"revisions.py: the runtime at {args.rev!r} cannot load the {name} file "
-                      f"({type(e).__name__}: {e})", file=sys.stderr)
-                raise SystemExit(2) from None
+                raise _failed(args.rev, f"load the {name} file", e) from e
             for batch in args.batch:
-                rows.append({"model": name, **compare(head, base, batch, args.rounds, args.block)})
+                rows.append({"model": name, **compare(head, base, batch, args.rounds, args.block, args.rev)})
     print(f"working tree vs {args.rev} (numpy {np.__version__}; ternary {100 * args.density:g} % non-zero, "
           f"{args.rounds} rounds of {args.block} runs each); x = working tree / {args.rev}")
     head = f"{'model':6} {'batch':>5} {'tree ms':>9} {'rev ms':>9} {'x':>6} {'min x':>6} {'max |diff|':>10}"
@@ -168,8 +180,8 @@ def main(argv=None) -> None:
         print(f"{r['model']:6} {r['batch']:>5} {r['head_ms']:>9.3f} {r['base_ms']:>9.3f} {r['x']:>6.3f} "
               f"{r['min_x']:>6.3f} {r['max_diff']:>10.1e}")
     if args.json:
-        args.json.write_text(json.dumps({"rev": args.rev, "numpy": np.__version__, "rows": rows}, indent=2))
+        _scripts.write_json(args.json, {"rev": args.rev, "numpy": np.__version__, "rows": rows})
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(_scripts.main(main))

@@ -29,6 +29,9 @@ Example::
     python bench/runtime.py                                  # full size: takes a few minutes
     python bench/runtime.py --width 256 --vgg-width 0.25 --runs 50 --json out.json
     python bench/runtime.py --models mlp --profile           # where the sparse MLP spends batch 1
+
+Options and the ``--json`` path are checked before the timing; a problem is one line on stderr and
+exit code 2.
 """
 
 import os
@@ -38,10 +41,8 @@ import sys
 _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
 
-import argparse  # noqa: E402
 import cProfile  # noqa: E402
 import gc  # noqa: E402
-import json  # noqa: E402
 import pstats  # noqa: E402
 import statistics  # noqa: E402
 import tempfile  # noqa: E402
@@ -53,7 +54,7 @@ import numpy as np  # noqa: E402
 import onnxruntime as ort  # noqa: E402
 import torch  # noqa: E402
 
-from ternarize import lower, pack, tern  # noqa: E402
+from ternarize import _scripts, lower, pack, tern  # noqa: E402
 from ternarize.runtime import Runtime  # noqa: E402
 from ternarize.testing import project, synthetic  # noqa: E402
 
@@ -202,20 +203,24 @@ def bench_model(name: str, width: float, args, folder: Path) -> tuple[list[dict]
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--width", type=int, default=2048, help="MLP hidden width (paper: 2048)")
-    ap.add_argument("--vgg-width", type=float, default=0.5, help="VGG width multiplier")
-    ap.add_argument("--models", default="mlp,vgg", help="comma-separated: mlp, vgg")
-    ap.add_argument("--runs", type=int, default=100, help="timed runs at batch 1 (batch 4: runs/4, 64: runs/10)")
-    ap.add_argument("--threads", type=int, default=2, help="onnxruntime intra-op threads")
+    ap = _scripts.parser(__file__, __doc__)
+    ap.add_argument("--width", type=_scripts.units, default=2048, help="MLP hidden width (paper: 2048)")
+    ap.add_argument("--vgg-width", type=_scripts.width, default=0.5, help="VGG width multiplier")
+    ap.add_argument("--models", type=_scripts.models(["mlp", "vgg"]), default="mlp,vgg",
+                    help="comma-separated: mlp, vgg")
+    ap.add_argument("--runs", type=_scripts.positive_int, default=100,
+                    help="timed runs at batch 1 (batch 4: runs/4, 64: runs/10)")
+    ap.add_argument("--threads", type=_scripts.positive_int, default=2, help="onnxruntime intra-op threads")
     ap.add_argument("--profile", action="store_true", help="cProfile the sparse model at batch 1")
-    ap.add_argument("--json", type=Path, help="write the results here")
+    ap.add_argument("--json", help="write the results here")
     args = ap.parse_args(argv)
+    _scripts.check_output(args.json)
     results = []
     with tempfile.TemporaryDirectory() as tmp:
-        for name in args.models.split(","):
+        for name in args.models:
             width = args.width if name == "mlp" else args.vgg_width
-            rows, ref = bench_model(name, width, args, Path(tmp))
+            with _scripts.out_of_memory("choose a smaller --width or --vgg-width"):
+                rows, ref = bench_model(name, width, args, Path(tmp))
             print(f"\n{name} (width {width}): runtime (numpy {np.__version__}; sparse paths 1 thread, dense codes "
                   f"through BLAS) vs onnxruntime "
                   f"{ort.__version__} float ({args.threads} threads, export: {ref['how']}); "
@@ -224,9 +229,9 @@ def main(argv=None) -> None:
             print(table(rows, ref))
             results += [{k: v for k, v in r.items() if k != "runtime"} for r in rows]
     if args.json:
-        args.json.write_text(json.dumps({"onnxruntime": ort.__version__, "numpy": np.__version__,
-                                         "threads": args.threads, "rows": results}, indent=2))
+        _scripts.write_json(args.json, {"onnxruntime": ort.__version__, "numpy": np.__version__,
+                                        "threads": args.threads, "rows": results})
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(_scripts.main(main))

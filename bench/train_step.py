@@ -8,22 +8,22 @@ variant alike; the table reports median step times and their ratio to float Adam
     python bench/train_step.py                      # CPU: paper MLP 784-2048x3-10, VGG at width 0.25
     python bench/train_step.py --device cuda --vgg-width 1 --json step.json
 
-Targets (issue): E-MSA / float ≤ 1.10 on CPU and ≤ 1.05 on GPU.
+Targets (issue): E-MSA / float ≤ 1.10 on CPU and ≤ 1.05 on GPU. Options, device and the
+``--json`` path are checked before the timing; a problem is one line on stderr and exit code 2.
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
-import json
 import platform
 import statistics
+import sys
 import time
 
 import torch
 import torch.nn.functional as F
 
-from ternarize import zoo
+from ternarize import _scripts, zoo
 from ternarize.train import policy
 from ternarize.train.msa import MSA
 from ternarize.train.ste import STE
@@ -98,23 +98,26 @@ def measure(name, args, device):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--models", default="mlp,vgg")
-    p.add_argument("--mlp-width", type=int, default=2048)
-    p.add_argument("--vgg-width", type=float, default=None, help="default: 1.0 on cuda, 0.25 on cpu")
-    p.add_argument("--batch", type=int, default=100)
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--warmup", type=int, default=3)
+    p = _scripts.parser(__file__, __doc__)
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
+    p.add_argument("--models", type=_scripts.models(["mlp", "vgg"]), default="mlp,vgg",
+                   help="comma-separated: mlp, vgg")
+    p.add_argument("--mlp-width", type=_scripts.units, default=2048)
+    p.add_argument("--vgg-width", type=_scripts.width, default=None, help="default: 1.0 on cuda, 0.25 on cpu")
+    p.add_argument("--batch", type=_scripts.integer(2), default=100, help="at least 2 (BatchNorm)")
+    p.add_argument("--steps", type=_scripts.positive_int, default=20)
+    p.add_argument("--warmup", type=_scripts.non_negative_int, default=3)
     p.add_argument("--no-compile", action="store_true", help="skip the fused (torch.compile) variants")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
-    device = torch.device(args.device)
+    device = _scripts.device(args.device)
+    _scripts.check_output(args.json)
     if args.vgg_width is None:
         args.vgg_width = 1.0 if device.type == "cuda" else 0.25
     rows = []
-    for name in args.models.split(","):
-        rows += measure(name.strip(), args, device)
+    with _scripts.out_of_memory("choose a smaller --mlp-width, --vgg-width or --batch"):
+        for name in args.models:
+            rows += measure(name, args, device)
     env = {"device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
            "torch": torch.__version__, "threads": torch.get_num_threads(), "batch": args.batch,
            "steps": args.steps, "mlp_width": args.mlp_width, "vgg_width": args.vgg_width}
@@ -124,9 +127,8 @@ def main(argv=None):
     for r in rows:
         print(f"{r['model']:<5} {r['variant']:<20} {r['median_ms']:>10.2f} {r['min_ms']:>9.2f} {r['ratio']:>7.3f}")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"env": env, "rows": rows}, f, indent=2)
+        _scripts.write_json(args.json, {"env": env, "rows": rows})
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(_scripts.main(main))

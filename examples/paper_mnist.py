@@ -10,18 +10,18 @@ Prints test accuracy and the non-zero fraction after every epoch, and the traini
     ternarize data fetch mnist
     python examples/paper_mnist.py --width 512 --epochs 5          # what a laptop affords
     python examples/paper_mnist.py --device cuda --epochs 250       # the paper's schedule
+
+Options, device, precision and the ``--json`` path are checked before the data is loaded; a
+problem is one line on stderr and exit code 2.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 
 import torch
 
-import ternarize
-from ternarize import zoo
+from ternarize import _scripts, zoo
 from ternarize.data import load_dataset
 from ternarize.train.loop import TrainConfig, fit
 
@@ -29,9 +29,10 @@ TARGETS = (0.985, 0.988)
 
 
 def run(width=2048, epochs=250, mode="ternary", method="msa", device="auto", precision="fp32", data_dir=None,
-        seed=0, time_budget=None, train_limit=None, progress=True, log=print) -> dict:
-    """Train and return {"history": [...], "time_to": {target: seconds}, ...}."""
-    data = load_dataset("mnist", data_dir=data_dir).split_validation(5000 / 60000, seed=seed)
+        seed=0, time_budget=None, train_limit=None, progress=True, log=print, data=None) -> dict:
+    """Train and return {"history": [...], "time_to": {target: seconds}, ...}. ``data`` is MNIST
+    already loaded (left unchanged); None loads it from ``data_dir``."""
+    data = (data or load_dataset("mnist", data_dir=data_dir)).split_validation(5000 / 60000, seed=seed)
     if train_limit:
         data.x_train, data.y_train = data.x_train[:train_limit], data.y_train[:train_limit]
     torch.manual_seed(seed)
@@ -59,31 +60,29 @@ def summarize(history, **info) -> dict:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--width", type=int, default=2048)
-    p.add_argument("--epochs", type=int, default=250)
+    p = _scripts.parser(__file__, __doc__)
+    p.add_argument("--width", type=_scripts.units, default=2048)
+    p.add_argument("--epochs", type=_scripts.positive_int, default=250)
     p.add_argument("--mode", choices=["ternary", "binary"], default="ternary")
     p.add_argument("--method", choices=["msa", "ste"], default="msa")
     p.add_argument("--device", default="auto")
     p.add_argument("--precision", choices=["fp32", "tf32", "bf16"], default="fp32")
     p.add_argument("--data-dir", default=None)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_scripts.seed, default=0)
     p.add_argument("--json", default=None, help="write the summary and per-epoch history here")
     args = p.parse_args(argv)
-    try:
-        summary = run(args.width, args.epochs, args.mode, args.method, args.device, args.precision, args.data_dir,
-                      args.seed)
-    except ternarize.Error as e:
-        print(f"paper_mnist: {e}", file=sys.stderr)
-        return 2
+    _scripts.device(args.device, args.precision)
+    _scripts.check_output(args.json)  # before training: the history is written only at the end
+    with _scripts.out_of_memory("choose a smaller --width"):
+        summary = run(args.width, args.epochs, args.mode, args.method, args.device, args.precision,
+                      args.data_dir, args.seed)
     print(f"{args.mode} {args.method}, width {args.width}: final test accuracy {100 * summary['final_test_acc']:.2f}%, "
           f"non-zero {100 * summary['final_nonzero']:.2f}%, {summary['seconds_per_epoch']:.2f} s/epoch, "
           f"time to 98.5%/98.8%: {summary['time_to'].get('0.985')} / {summary['time_to'].get('0.988')}")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(summary, f, indent=2)
+        _scripts.write_json(args.json, summary)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(_scripts.main(main))

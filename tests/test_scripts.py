@@ -1,0 +1,392 @@
+"""The scripts under examples/ and bench/ refuse bad input in one line, exit code 2, before the
+long work, and leave nothing behind (ternarize._scripts). The scripts run in this process through
+``_scripts.main`` (as ``python SCRIPT`` does) with the long work replaced by a failing stub, so a
+test that passes shows the check came first; bench/gpu.sh runs as a subprocess."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import ternarize
+from ternarize import _scripts
+from ternarize.errors import ConfigError, OutputError
+
+ROOT = Path(__file__).resolve().parents[1]
+NO_GPU = "cuda:99"  # refused with or without a GPU
+
+
+def load(rel: str):
+    """The script ROOT/rel as a module named script_<stem>; sys.path is left as it was."""
+    name = "script_" + Path(rel).stem
+    if name not in sys.modules:
+        saved = sys.path[:]
+        spec = importlib.util.spec_from_file_location(name, ROOT / rel)
+        module = importlib.util.module_from_spec(spec)
+        try:
+            spec.loader.exec_module(module)
+        finally:
+            sys.path[:] = saved
+        sys.modules[name] = module
+    return sys.modules[name]
+
+
+def never(*args, **kwargs):
+    raise AssertionError("the long work started before the input was checked")
+
+
+def call(capsys, module, *argv) -> tuple[int, str, str]:
+    """Run the script's main as ``python SCRIPT ARGV`` would: (exit code, stdout, stderr)."""
+    try:
+        code = _scripts.main(module.main, [str(a) for a in argv])
+    except SystemExit as e:  # argparse
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def refused(capsys, module, *argv, says: str = "") -> str:
+    code, out, err = call(capsys, module, *argv)
+    prog = os.path.basename(module.__file__)
+    assert code == 2, (code, out, err)
+    assert err.count("\n") == 1 and err.startswith(f"{prog}: ") and "Traceback" not in err, err
+    assert says in err, err
+    return err
+
+
+def md5(path) -> str:
+    return hashlib.md5(Path(path).read_bytes()).hexdigest()
+
+
+# ---------------------------------------------------------------------- ternarize._scripts
+
+
+@pytest.mark.parametrize(("kind", "text"), [
+    (_scripts.positive_int, "0"), (_scripts.positive_int, "-5"), (_scripts.positive_int, "1.5"),
+    (_scripts.positive_int, "x"), (_scripts.non_negative_int, "-1"), (_scripts.seed, "-1"),
+    (_scripts.seed, str(2**32)), (_scripts.seed, "99999999999999999999"), (_scripts.positive_float, "0"),
+    (_scripts.positive_float, "-1"), (_scripts.positive_float, "nan"), (_scripts.positive_float, "inf"),
+    (_scripts.width, "0"), (_scripts.width, "-0.5"), (_scripts.width, "nan"), (_scripts.fraction, "0"),
+    (_scripts.fraction, "1.5"), (_scripts.models(["mlp", "vgg"]), "nope"), (_scripts.models(["mlp"]), ""),
+    (_scripts.models(["mlp", "vgg"]), "mlp,"),
+])
+def test_types_refuse_bad_values(kind, text):
+    with pytest.raises(argparse.ArgumentTypeError, match="got|unknown model"):
+        kind(text)
+
+
+def test_types_accept_good_values():
+    assert _scripts.seed(str(2**32 - 1)) == 2**32 - 1 and _scripts.non_negative_int("0") == 0
+    assert _scripts.fraction("1") == 1.0 and _scripts.width("0.125") == 0.125
+    assert _scripts.models(["mlp", "vgg"])(" vgg , mlp") == ["vgg", "mlp"]
+
+
+def test_main_turns_errors_into_one_line(capsys, monkeypatch):
+    def fails(error):
+        def main(argv):
+            raise error
+        return main
+
+    assert _scripts.main(fails(ConfigError("x is wrong; do y"))) == 2
+    assert _scripts.main(fails(FileNotFoundError(2, "No such file or directory", "a.txt"))) == 2
+    assert _scripts.main(fails(KeyboardInterrupt())) == 130
+    assert capsys.readouterr().err.splitlines() == [
+        "test_scripts.py: x is wrong; do y",
+        "test_scripts.py: No such file or directory: a.txt; check the path; create a missing folder first",
+        "test_scripts.py: interrupted"]
+    monkeypatch.setenv("TERNARIZE_DEBUG", "1")
+    with pytest.raises(ConfigError):
+        _scripts.main(fails(ConfigError("x")))
+
+
+def test_out_of_memory_is_one_line_other_errors_pass():
+    torch_says = "DefaultCPUAllocator: can't allocate memory: you tried to allocate 4000000000000 bytes."
+    with pytest.raises(ConfigError, match=r"^out of memory \(an allocation of 3,725.3 GiB failed\); use less$"):
+        with _scripts.out_of_memory("use less"):
+            raise RuntimeError(torch_says)
+    with pytest.raises(ConfigError, match="^out of memory; use less$"), _scripts.out_of_memory("use less"):
+        raise MemoryError()
+    with pytest.raises(RuntimeError, match="a bug"), _scripts.out_of_memory("use less"):
+        raise RuntimeError("a bug")
+
+
+def test_output_folder_is_checked_first_and_removed_on_failure(tmp_path):
+    (tmp_path / "file").write_text("keep")
+    for bad in (tmp_path / "file", tmp_path / "file" / "sub"):
+        with pytest.raises(OutputError, match="not a folder"), _scripts.output_folder(bad):
+            never()
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "paper.json").mkdir()
+    with pytest.raises(OutputError, match="is a folder"), _scripts.output_folder(tmp_path / "out", ["paper.json"]):
+        never()
+    with pytest.raises(ConfigError), _scripts.output_folder(tmp_path / "a" / "b"):
+        assert (tmp_path / "a" / "b").is_dir()
+        raise ConfigError("late failure")
+    assert not (tmp_path / "a").exists()
+    with _scripts.output_folder(tmp_path / "a" / "b"):
+        pass
+    assert (tmp_path / "a" / "b").is_dir()
+
+
+# ---------------------------------------------------------------------- examples/
+
+
+@pytest.fixture
+def train_float(monkeypatch):
+    module = load("examples/train_float.py")
+    monkeypatch.setattr(module, "load_dataset", never)
+    return module
+
+
+@pytest.mark.parametrize(("argv", "says"), [
+    (["--width", "0"], "--width"), (["--width", "-3"], "--width"), (["--width", "nan"], "--width"),
+    (["--model", "vgg", "--width", "0"], "--width"), (["--model", "vgg", "--width", "-1"], "--width"),
+    (["--model", "lenet", "--width", "3"], "does not apply to lenet"),
+    (["--model", "mlp", "--width", "4.5"], "whole number"), (["--model", "resnet", "--width", "4.5"], "whole number"),
+    (["--model", "mlp", "--width", "1e12"], "too large"), (["--model", "vgg", "--width", "2000"], "too large"),
+    (["--lr", "-1"], "--lr"), (["--lr", "nan"], "--lr"), (["--lr", "0"], "--lr"),
+    (["--seed", "99999999999999999999"], "--seed"), (["--seed", "-1"], "--seed"),
+    (["--epochs", "0"], "--epochs"), (["--batch-size", "1"], "--batch-size"),
+    (["--device", "bogus"], "bogus"), (["--device", NO_GPU], NO_GPU),
+])
+def test_train_float_refuses_bad_options_before_loading_data(capsys, train_float, argv, says):
+    refused(capsys, train_float, *argv, says=says)
+
+
+def test_train_float_never_writes_over_its_dataset(capsys, tmp_path, monkeypatch):
+    module = load("examples/train_float.py")
+    monkeypatch.setattr(module, "fit_float", never)
+    data = tmp_path / "victim.npz"
+    np.savez(data, x=np.zeros((4, 1, 8, 8), np.float32), y=np.array([0, 1, 0, 1]))
+    before = md5(data)
+    refused(capsys, module, "--data", data, "--out", data, says="is the input file")
+    assert md5(data) == before
+
+
+@pytest.mark.parametrize("where", ["missing/model.pt", ".", "model.pt/"])
+def test_train_float_checks_out_before_training(capsys, tmp_path, train_float, where):
+    refused(capsys, train_float, "--out", f"{tmp_path}/{where}")
+    assert sorted(tmp_path.iterdir()) == []
+
+
+def test_train_float_resnet_width_is_base_channels(capsys, tmp_path):
+    out = tmp_path / "m.pt"
+    code, stdout, err = call(capsys, load("examples/train_float.py"), "--model", "resnet", "--width", "2",
+                             "--epochs", "1", "--device", "cpu", "--out", out)
+    assert code == 0, err
+    assert f"saved {out}" in stdout
+    assert ternarize.load_model(out).stem[0].out_channels == 2
+
+
+@pytest.fixture
+def paper_mnist(monkeypatch):
+    module = load("examples/paper_mnist.py")
+    monkeypatch.setattr(module, "run", never)
+    return module
+
+
+@pytest.mark.parametrize(("argv", "says"), [
+    (["--width", "-2"], "--width"), (["--width", "0"], "--width"), (["--epochs", "0"], "--epochs"),
+    (["--seed", str(2**64)], "--seed"), (["--seed", "-1"], "--seed"), (["--device", NO_GPU], NO_GPU),
+    (["--device", "bogus"], "bogus"), (["--mode", "quaternary"], "--mode"),
+])
+def test_paper_mnist_refuses_bad_options_before_training(capsys, paper_mnist, argv, says):
+    refused(capsys, paper_mnist, *argv, says=says)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="tf32 is fine on a GPU")
+def test_paper_mnist_refuses_tf32_on_a_cpu(capsys, paper_mnist):
+    refused(capsys, paper_mnist, "--precision", "tf32", "--device", "cpu", says="tf32")
+
+
+@pytest.mark.parametrize("where", ["missing/s.json", ".", "s.json/"])
+def test_paper_mnist_checks_json_before_training(capsys, tmp_path, paper_mnist, where):
+    refused(capsys, paper_mnist, "--json", f"{tmp_path}/{where}")
+    assert sorted(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------------- bench/paper.py and gpu.sh
+
+
+@pytest.fixture
+def paper(monkeypatch):
+    module = load("bench/paper.py")
+    monkeypatch.setattr(module, "step_ratios", never)
+    return module
+
+
+def test_paper_finds_missing_fashion_mnist_before_step_a(capsys, tmp_path, paper):
+    data = tmp_path / "data"
+    data.mkdir()
+    real = ternarize.data.data_root() / "mnist"
+    if real.is_dir():
+        (data / "mnist").symlink_to(real)  # MNIST present, Fashion-MNIST missing
+    refused(capsys, paper, "--data-dir", data, "--out", tmp_path / "out", "--tiny",
+            says="fashion-mnist" if real.is_dir() else "mnist")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(("argv", "says"), [
+    (["--precision", "fp64"], "--precision"), (["--device", "bogus"], "bogus"), (["--device", NO_GPU], NO_GPU),
+    (["--data-dir", "/nonexistent/data"], "/nonexistent/data"),
+])
+def test_paper_refuses_bad_options_before_step_a(capsys, tmp_path, paper, argv, says):
+    refused(capsys, paper, "--data-dir", tmp_path, "--out", tmp_path / "out", *argv, says=says)
+    assert not (tmp_path / "out").exists()
+
+
+def test_paper_refuses_a_file_as_out_and_removes_the_folder_it_made(capsys, tmp_path, paper, monkeypatch):
+    monkeypatch.setattr(paper, "load_dataset", lambda name, data_dir=None: name)
+    (tmp_path / "README.md").write_text("keep")
+    refused(capsys, paper, "--data-dir", tmp_path, "--out", tmp_path / "README.md", says="not a folder")
+    assert (tmp_path / "README.md").read_text() == "keep"
+
+    def fails(*args):
+        raise ConfigError("failed in step (b); do something")
+
+    monkeypatch.setattr(paper, "run", fails)
+    refused(capsys, paper, "--data-dir", tmp_path, "--out", tmp_path / "a" / "b", says="step (b)")
+    assert not (tmp_path / "a").exists()
+
+
+def test_gpu_sh_takes_relative_paths_from_the_caller_and_options_after_data(tmp_path):
+    (tmp_path / "data").mkdir()
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    made_in_repo = (ROOT / "bench-out").exists()
+    proc = subprocess.run([str(ROOT / "bench" / "gpu.sh"), "data", "--tiny"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    text = proc.stdout + proc.stderr  # paper.py's line goes through tee
+    assert f"not in {tmp_path}/data/mnist" in text and "Traceback" not in text and "mkdir" not in text, text
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]  # no bench-out left
+    assert (ROOT / "bench-out").exists() == made_in_repo
+    proc = subprocess.run([str(ROOT / "bench" / "gpu.sh"), "nodata", "out"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and proc.stderr == (f"gpu.sh: DATA_ROOT {tmp_path}/nodata is not a folder; give "
+                                                    "the folder that holds mnist/ and fashion-mnist/\n")
+    assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------------- the other bench scripts
+
+
+@pytest.mark.parametrize(("argv", "says"), [
+    (["--models", "nope"], "unknown model 'nope'"), (["--models", ""], "unknown model ''"),
+    (["--steps", "0"], "--steps"), (["--steps", "-1"], "--steps"), (["--batch", "0"], "--batch"),
+    (["--batch", "1"], "--batch"), (["--mlp-width", "0"], "--mlp-width"), (["--vgg-width", "-1"], "--vgg-width"),
+    (["--warmup", "-1"], "--warmup"), (["--device", "bogus"], "bogus"), (["--device", NO_GPU], NO_GPU),
+])
+def test_train_step_refuses_bad_options(capsys, monkeypatch, argv, says):
+    module = load("bench/train_step.py")
+    monkeypatch.setattr(module, "measure", never)
+    refused(capsys, module, *argv, says=says)
+
+
+@pytest.mark.parametrize("script", ["bench/runtime.py", "bench/onnx.py"])
+@pytest.mark.parametrize(("argv", "says"), [
+    (["--models", "nope"], "unknown model 'nope'"), (["--models", "lenet"], "unknown model 'lenet'"),
+    (["--width", "0"], "--width"), (["--width", "1e9"], "--width"), (["--vgg-width", "0"], "--vgg-width"),
+    (["--vgg-width", "1e300"], "--vgg-width"), (["--runs", "0"], "--runs"),
+    (["--runs", "-5"], "--runs"), (["--threads", "-1"], "--threads"), (["--threads", "0"], "--threads"),
+])
+def test_runtime_and_onnx_refuse_bad_options(capsys, monkeypatch, script, argv, says):
+    module = load(script)
+    monkeypatch.setattr(module, "bench_model", never)
+    refused(capsys, module, *argv, says=says)
+
+
+@pytest.mark.parametrize(("argv", "says"), [
+    (["--width", "0"], "--width"), (["--width", "0.5"], "--width"), (["--vgg-width", "-1"], "--vgg-width"),
+    (["--vgg-width", "0"], "--vgg-width"), (["--rounds", "0"], "--rounds"),
+])
+def test_allocator_refuses_bad_options(capsys, monkeypatch, argv, says):
+    module = load("bench/allocator.py")
+    monkeypatch.setattr(module, "build", never)
+    refused(capsys, module, *argv, says=says)
+
+
+@pytest.mark.parametrize(("script", "work", "argv"), [
+    ("bench/train_step.py", "measure", []), ("bench/runtime.py", "bench_model", []),
+    ("bench/onnx.py", "bench_model", []), ("bench/allocator.py", "build", []),
+    ("bench/revisions.py", "base_runtime", ["HEAD"]), ("examples/paper_mnist.py", "run", []),
+])
+@pytest.mark.parametrize("where", ["missing/x.json", ".", "x.json/"])
+def test_json_is_checked_before_the_benchmark(capsys, tmp_path, monkeypatch, script, work, argv, where):
+    module = load(script)
+    monkeypatch.setattr(module, work, never)
+    refused(capsys, module, *argv, "--json", f"{tmp_path}/{where}")
+    assert sorted(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------------- bench/revisions.py
+
+
+def test_revisions_never_passes_an_option_to_git(capsys, tmp_path):
+    scratch = tmp_path / "precious.txt"
+    scratch.write_text("precious\n")
+    module = load("bench/revisions.py")
+    for rev in (f"--output={scratch}", f"-o{scratch}", "--remote=https://example.invalid/x.git", ""):
+        refused(capsys, module, "--models", "mlp", "--", rev, says="not a git revision")
+    for rev in ("no-such-branch", "HEAD:README.md", "HEAD~1..HEAD"):
+        refused(capsys, module, "--models", "mlp", rev, says="names no commit")
+    assert scratch.read_text() == "precious\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["precious.txt"]
+
+
+RUNTIMES = {  # tag -> ternarize/ files of a revision whose runtime fails
+    "raising": {"__init__.py": "raise RuntimeError('boom at import')\n", "runtime/__init__.py": ""},
+    "syntax": {"__init__.py": "", "runtime/__init__.py": "def broken(:\n"},
+    "no-runtime-class": {"__init__.py": "", "runtime/__init__.py": "X = 1\n"},
+    "run-fails": {"__init__.py": "", "runtime/__init__.py": (
+        "class Runtime:\n"
+        "    @classmethod\n"
+        "    def load(cls, path):\n"
+        "        return cls()\n"
+        "    def run(self, x):\n"
+        "        raise ValueError('cannot run this')\n")},
+}
+
+
+@pytest.fixture(scope="module")
+def broken_repo(tmp_path_factory):
+    repo = tmp_path_factory.mktemp("repo")
+    git = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@example.invalid"]
+    subprocess.run([*git, "init", "-q"], check=True)
+    for tag, files in RUNTIMES.items():
+        for name, text in files.items():
+            (repo / "ternarize" / name).parent.mkdir(parents=True, exist_ok=True)
+            (repo / "ternarize" / name).write_text(text)
+        subprocess.run([*git, "add", "-A"], check=True)
+        subprocess.run([*git, "commit", "-q", "-m", tag], check=True)
+        subprocess.run([*git, "tag", tag], check=True)
+    return repo
+
+
+@pytest.mark.parametrize(("tag", "says"), [
+    ("raising", "cannot be imported (RuntimeError: boom at import)"),
+    ("syntax", "cannot be imported (SyntaxError"),
+    ("no-runtime-class", "cannot be imported (AttributeError"),
+    ("run-fails", "cannot run batch 1 (ValueError: cannot run this)"),
+])
+def test_revisions_reports_a_broken_old_runtime_in_one_line(capsys, monkeypatch, broken_repo, tag, says):
+    module = load("bench/revisions.py")
+    monkeypatch.setattr(module, "ROOT", broken_repo)
+    refused(capsys, module, tag, "--models", "mlp", "--width", "8", "--rounds", "1", "--block", "1", says=says)
+
+
+def test_revisions_against_head_writes_json(capsys, tmp_path):
+    out = tmp_path / "r.json"
+    code, stdout, err = call(capsys, load("bench/revisions.py"), "HEAD", "--models", "mlp", "--width", "8",
+                             "--rounds", "1", "--block", "1", "--json", out)
+    assert code == 0, err
+    assert "working tree vs HEAD" in stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json"] and '"rows"' in out.read_text()
