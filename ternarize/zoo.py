@@ -15,6 +15,7 @@ Example::
 from __future__ import annotations
 
 import math
+import numbers
 
 from torch import nn
 
@@ -139,12 +140,33 @@ def create(name: str, **kwargs) -> nn.Module:
         cls = _MODELS[name]
     except KeyError:
         raise ConfigError(f"unknown zoo model {name!r}; choose one of {', '.join(names())}") from None
+    _check_sizes(name, kwargs)
     try:
         model = cls(**kwargs)
     except TypeError as e:
         raise ConfigError(f"zoo model {name!r}: {e}") from None
     model.zoo_name = name
     return model
+
+
+# per size argument: (whole number?, largest value): vgg's width is a multiplier, the others count
+_SIZES = {"width": (True, 1 << 20), "depth": (True, 64), "fc": (True, 1 << 20), "blocks": (True, 64)}
+_VGG_WIDTH_MAX = 1024.0
+
+
+def _check_sizes(name: str, kwargs: dict) -> None:
+    """Refuse a size argument that is not a positive (finite, whole where it counts) number in range."""
+    for key, value in kwargs.items():
+        if key not in _SIZES:
+            continue
+        whole, top = (False, _VGG_WIDTH_MAX) if (name, key) == ("vgg", "width") else _SIZES[key]
+        ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value) \
+            and 0 < value <= top and (not whole or float(value).is_integer())
+        if not ok:
+            kind, most = ("a whole number", f"{top:,}") if whole else ("a number", f"{top:g}")
+            raise ConfigError(f"zoo model {name!r}: {key} must be {kind} above 0 and at most {most}, got {value!r}")
+        if whole:
+            kwargs[key] = int(value)
 
 
 def classes() -> tuple[type, ...]:

@@ -119,3 +119,28 @@ def test_writers_need_a_graph(tmp_path):
     with pytest.raises(ConfigError, match="encodings must map constant names"):
         tern.write(graph, tmp_path / "m.tern", encodings=["t2"])
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("name, kwargs, message", [
+    ("mlp", {"width": 0}, "width must be a whole number above 0 and at most 1,048,576, got 0"),
+    ("mlp", {"width": 4.5}, "width must be a whole number"),
+    ("mlp", {"depth": float("nan")}, "depth must be a whole number"),
+    ("vgg", {"width": -1}, "width must be a number above 0 and at most 1024, got -1"),
+    ("resnet", {"blocks": True}, "blocks must be a whole number"),
+])
+def test_zoo_sizes_are_checked(name, kwargs, message):
+    with pytest.raises(ConfigError, match=message):
+        ternarize.zoo.create(name, **kwargs)
+    assert ternarize.zoo.create("mlp", in_shape=(1, 8, 8), width=16.0, depth=1)[1].out_features == 16
+
+
+def test_fit_float_checks_its_settings_before_training():
+    from ternarize.train.loop import fit_float
+
+    data = ternarize.load_dataset("digits")
+    for kwargs, message in (({"lr": float("nan")}, "lr must be a finite number"), ({"seed": -1}, "seed must be"),
+                            ({"epochs": 0}, "epochs must be >= 1"), ({"device": "tpu"}, "device 'tpu'")):
+        with pytest.raises(ConfigError, match=message):
+            fit_float(_tiny(), data, progress=False, log=lambda s: None, **kwargs)
+    with pytest.raises(ConfigError, match="does not accept the data's inputs"):
+        fit_float(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(5, 10)), data, progress=False)

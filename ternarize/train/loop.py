@@ -200,15 +200,17 @@ def _tf32(enabled: bool):
 
 def fit_float(model: nn.Module, data, epochs: int = 5, lr: float = 1e-3, batch_size: int = 100,
               device: str = "auto", seed: int = 0, progress: bool = True, log=print) -> list[dict]:
-    """Plain float training with Adam and cross-entropy (for making a float model to compress)."""
-    _require(isinstance(epochs, int) and epochs >= 1, f"epochs must be >= 1, got {epochs}")
-    _require(batch_size >= 2, f"batch size must be >= 2, got {batch_size}")
+    """Plain float training with Adam and cross-entropy (for making a float model to compress).
+    The settings are checked as :class:`TrainConfig` fields, and the model against the data
+    (:func:`check_fits`), before any training."""
+    config = TrainConfig(epochs=epochs, batch_size=batch_size, seed=seed, progress=progress, lr=lr, device=device)
+    config.validate()
+    check_fits(model, data)
     dist = _Distributed.setup(device)
     torch.manual_seed(seed)
     model.to(dist.device)
     tensors = _Tensors.from_dataset(data, dist.device)
     adam = torch.optim.Adam(model.parameters(), lr=lr)
-    config = TrainConfig(epochs=epochs, batch_size=batch_size, seed=seed, progress=progress, lr=lr)
     run = _Run(dist.wrap(model), model, None, adam, tensors, None, config, dist, log)
     history = [run.epoch(e) for e in range(epochs)]
     dist.close()
