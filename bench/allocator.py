@@ -68,8 +68,7 @@ def child(path: Path, mode: str, batch: int, runs: int) -> tuple[float, float]:
 
 def main(argv=None) -> None:
     ap = _scripts.parser(__file__, __doc__)
-    ap.add_argument("--width", type=_scripts.units, default=2048, help="MLP hidden width (paper: 2048)")
-    ap.add_argument("--vgg-width", type=_scripts.width, default=0.5, help="VGG width multiplier")
+    _scripts.model_options(ap, with_models=False)
     ap.add_argument("--rounds", type=_scripts.positive_int, default=3, help="fresh processes per side and case")
     ap.add_argument("--runs", type=_scripts.positive_int, default=40,
                     help="timed runs per process at batch 1 (batch 64: runs/10)")

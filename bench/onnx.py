@@ -150,10 +150,7 @@ def bench_model(name: str, width: float, args, folder: Path) -> list[dict]:
 
 def main(argv=None) -> None:
     ap = _scripts.parser(__file__, __doc__)
-    ap.add_argument("--width", type=_scripts.units, default=2048, help="MLP hidden width (paper: 2048)")
-    ap.add_argument("--vgg-width", type=_scripts.width, default=0.5, help="VGG width multiplier")
-    ap.add_argument("--models", type=_scripts.models(["mlp", "vgg"]), default="mlp,vgg",
-                    help="comma-separated: mlp, vgg")
+    _scripts.model_options(ap)
     ap.add_argument("--runs", type=_scripts.positive_int, default=200,
                     help="timed runs per session at batch 1 (batch 64: runs/5)")
     ap.add_argument("--threads", type=_scripts.positive_int, default=2)

@@ -147,10 +147,7 @@ def batches(text: str) -> list[int]:
 def main(argv=None) -> None:
     ap = _scripts.parser(__file__, __doc__)
     ap.add_argument("rev", help="the git revision to compare with (a commit, branch or tag)")
-    ap.add_argument("--models", type=_scripts.models(["mlp", "vgg"]), default="mlp,vgg",
-                    help="comma-separated: mlp, vgg")
-    ap.add_argument("--width", type=_scripts.units, default=2048, help="MLP hidden width (paper: 2048)")
-    ap.add_argument("--vgg-width", type=_scripts.width, default=0.5, help="VGG width multiplier")
+    _scripts.model_options(ap)
     ap.add_argument("--density", type=_scripts.fraction, default=0.05, help="non-zero fraction of the weights")
     ap.add_argument("--batch", type=batches, default=[1], help="comma-separated batch sizes (default 1)")
     ap.add_argument("--rounds", type=_scripts.positive_int, default=40, help="alternating rounds per model and batch")

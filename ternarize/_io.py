@@ -55,7 +55,7 @@ def check_output(path, inputs=()) -> str:
     _check_name(text)
     check_target(text)
     for source in inputs:
-        if source and os.path.exists(source) and os.path.exists(text) and os.path.samefile(source, text):
+        if same_file(source, text):
             raise OutputError(f"the output {text} is the input file {os.fspath(source)}; choose another output path")
     directory = os.path.dirname(os.path.abspath(text))
     if not os.path.isdir(directory):
@@ -94,6 +94,31 @@ def check_target(path: str) -> None:
                           "choose another output path")
 
 
+def same_file(a, b) -> bool:
+    """Whether paths ``a`` and ``b`` both exist and are the same file (False for anything else)."""
+    if not isinstance(a, (str, bytes, os.PathLike)) or not isinstance(b, (str, bytes, os.PathLike)):
+        return False
+    with contextlib.suppress(OSError, ValueError):
+        return os.path.samefile(a, b)
+    return False
+
+
+def missing_folders(path) -> list[str]:
+    """The folders of ``path`` (itself included) that do not exist yet, deepest first: what
+    ``os.makedirs(path)`` would create, for :func:`remove_empty` to take back after a failure."""
+    missing, here = [], os.path.abspath(os.fspath(path))
+    while not os.path.lexists(here):
+        missing.append(here)
+        here = os.path.dirname(here)
+    return missing
+
+
+def remove_empty(folders) -> None:
+    """Remove each of ``folders`` (deepest first) that is empty; leave the others."""
+    for folder in folders:
+        with contextlib.suppress(OSError):
+            os.rmdir(folder)
+
 
 _HINTS = {errno.ENOSPC: "free some disk space or write elsewhere",
           getattr(errno, "EDQUOT", errno.ENOSPC): "free some disk space or write elsewhere",
@@ -108,6 +133,12 @@ _HINTS = {errno.ENOSPC: "free some disk space or write elsewhere",
 def os_hint(e: OSError) -> str:
     """What to do about an operating-system failure, by its errno."""
     return _HINTS.get(e.errno, "check the path and try again")
+
+
+def os_error_line(e: OSError) -> str:
+    """Any operating-system failure as one line: '<cause>: <path>; <what to do>'."""
+    where = "".join(f": {name}" for name in (e.filename, e.filename2) if name is not None)
+    return f"{e.strerror or e}{where}; {os_hint(e)}"
 
 
 def describe(e: OSError, path) -> str:

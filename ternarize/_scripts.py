@@ -121,6 +121,16 @@ def models(allowed):
     return parse
 
 
+def model_options(ap, with_models: bool = True) -> None:
+    """The benchmark models' options: ``--width`` (MLP units), ``--vgg-width`` (VGG multiplier)
+    and, with ``with_models``, ``--models`` (a comma-separated list of mlp, vgg)."""
+    ap.add_argument("--width", type=units, default=2048, help="MLP hidden width (paper: 2048)")
+    ap.add_argument("--vgg-width", type=width, default=0.5, help="VGG width multiplier")
+    if with_models:
+        ap.add_argument("--models", type=models(["mlp", "vgg"]), default="mlp,vgg",
+                        help="comma-separated: mlp, vgg")
+
+
 # ---------------------------------------------------------------------- checks before the work
 
 
@@ -138,10 +148,8 @@ def output_folder(path, files=()):
     text = os.fspath(path)
     if not text or "\0" in text:
         raise OutputError(f"the output folder {text!r} is not a usable name; give a folder name")
-    missing, existing = [], os.path.abspath(text)
-    while not os.path.lexists(existing):
-        missing.append(existing)
-        existing = os.path.dirname(existing)
+    missing = _io.missing_folders(text)
+    existing = os.path.dirname(missing[-1]) if missing else os.path.abspath(text)
     if not os.path.isdir(existing):
         where = f"{text} is" if not missing else f"{existing} (in the path of {text}) is"
         raise OutputError(f"{where} not a folder; choose another folder for the outputs")
@@ -150,16 +158,12 @@ def output_folder(path, files=()):
     if not missing:
         for name in files:
             _io.check_target(os.path.join(text, name))
-    made = []
     try:
         for folder in reversed(missing):
             os.mkdir(folder)
-            made.append(folder)
         yield text
     except BaseException:
-        for folder in reversed(made):
-            with contextlib.suppress(OSError):
-                os.rmdir(folder)
+        _io.remove_empty(missing)
         raise
 
 
@@ -200,11 +204,6 @@ def write_json(path, obj) -> None:
 # ---------------------------------------------------------------------- running a script
 
 
-def _os_error(e: OSError) -> str:
-    where = "".join(f": {name}" for name in (e.filename, e.filename2) if name is not None)
-    return f"{e.strerror or e}{where}; {_io.os_hint(e)}"
-
-
 def main(fn, argv=None) -> int:
     """Run ``fn(argv)`` (a script's main) and return its exit code (None counts as 0). A
     :class:`ternarize.Error` or an ``OSError`` becomes one line on stderr and code 2, Ctrl-C the
@@ -217,7 +216,7 @@ def main(fn, argv=None) -> int:
     except (Error, OSError) as e:
         if debug:
             raise
-        message = one_line(e) if isinstance(e, Error) else one_line(_os_error(e))
+        message = one_line(e) if isinstance(e, Error) else one_line(_io.os_error_line(e))
         print(f"{prog}: {message}", file=sys.stderr, flush=True)
         return 2
     except KeyboardInterrupt:

@@ -50,7 +50,9 @@ class _Group(click.Group):
             if debug:
                 traceback.print_exc()
             if isinstance(e, OSError):
-                message = _os_error(e)
+                from ._io import os_error_line
+
+                message = os_error_line(e)
             else:
                 message = e.format_message() if isinstance(e, click.ClickException) else str(e)
             click.echo(f"ternarize: {_one_line(message)}", err=True)
@@ -68,13 +70,6 @@ class _Group(click.Group):
 
 # click >= 8.2 raises it for a group run without its command; older versions print the help and exit 0
 _NO_ARGS_IS_HELP = getattr(click.exceptions, "NoArgsIsHelpError", ())
-
-def _os_error(e: OSError) -> str:
-    """An operating-system failure as '<cause>: <path>; <what to do>'."""
-    from ._io import os_hint
-
-    where = "".join(f": {name}" for name in (e.filename, e.filename2) if name is not None)
-    return f"{e.strerror or e}{where}; {os_hint(e)}"
 
 
 @click.group(cls=_Group, context_settings=CONTEXT)

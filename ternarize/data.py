@@ -65,7 +65,7 @@ from typing import BinaryIO
 
 import numpy as np
 
-from ._io import atomic_path
+from ._io import atomic_path, missing_folders, remove_empty
 from .errors import ConfigError, DataError, OutputError
 
 # ----------------------------------------------------------------------------------------------
@@ -1030,7 +1030,7 @@ def fetch(name: str, data_dir: str | os.PathLike | None = None, download: bool =
         verify_checksums(spec.name, data_dir)
         log(f"{spec.name}: already present and verified in {folder}")
         return folder
-    made = [p for p in (folder, *folder.parents) if not p.exists()]  # deepest first
+    made = missing_folders(folder)
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -1043,9 +1043,7 @@ def fetch(name: str, data_dir: str | os.PathLike | None = None, download: bool =
         _FETCHERS[spec.name](spec, folder, download, log)
         verify_checksums(spec.name, data_dir)
     except BaseException:
-        for path in made:  # the folders this call made, if nothing landed in them
-            with contextlib.suppress(OSError):
-                path.rmdir()
+        remove_empty(made)  # the folders this call made, if nothing landed in them
         raise
     log(f"{spec.name}: ready in {folder}")
     return folder

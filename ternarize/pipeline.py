@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from . import tern
-from ._io import check_target, is_temp_of
+from ._io import check_target, is_temp_of, missing_folders, remove_empty, same_file
 from .data import Dataset, load_dataset
 from .errors import ConfigError, OutputError, VerificationError
 from .load import load_model
@@ -86,7 +86,7 @@ def compress(model, data, out: str = "out", *, arch: str | None = None, trust: b
         check_out(out, force=force, resume=config.resume, inputs=inputs)
         if "checkpoint" in options:  # a path of the caller's: never one of the inputs, a folder or a device
             check_target(config.checkpoint)
-            if any(_same_file(source, config.checkpoint) for source in inputs):
+            if any(same_file(source, config.checkpoint) for source in inputs):
                 raise ConfigError(f"the checkpoint {config.checkpoint} is one of the inputs; choose another path")
     example = torch.from_numpy(dataset.x_test[:2])
     check_fits(model, dataset)
@@ -159,7 +159,7 @@ def check_out(out: str, force: bool, resume: bool, inputs=()) -> None:
         if not os.path.isfile(path):
             raise ConfigError(f"{path} is not a regular file, so the run could not write it; remove it or "
                               "choose another --out")
-        if any(_same_file(source, path) for source in inputs):
+        if any(same_file(source, path) for source in inputs):
             raise ConfigError(f"the input {path} has the name of an output in {out}; move it or choose another --out")
     if resume:
         if CHECKPOINT not in present:
@@ -174,14 +174,6 @@ def check_out(out: str, force: bool, resume: bool, inputs=()) -> None:
     if not os.path.isdir(parent):
         raise ConfigError(f"cannot create the output folder {out}: {parent} is a file, not a folder; "
                           "choose another --out")
-
-
-def _same_file(source, path: str) -> bool:
-    if not isinstance(source, (str, os.PathLike)):
-        return False
-    with contextlib.suppress(OSError, ValueError):
-        return os.path.samefile(source, path)
-    return False
 
 
 class OutputFolder:
@@ -209,10 +201,7 @@ class OutputFolder:
         out = self.out
         check_out(out, self.force, self.resume, self.inputs)
         try:
-            path = os.path.abspath(out)
-            while not os.path.exists(path):
-                self.made.append(path)
-                path = os.path.dirname(path)
+            self.made = missing_folders(out)
             os.makedirs(out, exist_ok=True)
             for name in os.listdir(out):
                 path = os.path.join(out, name)
@@ -245,9 +234,7 @@ class OutputFolder:
                               "outputs can be written") from error
 
     def _tidy(self) -> None:
-        for path in self.made:  # only while empty
-            with contextlib.suppress(OSError):
-                os.rmdir(path)
+        remove_empty(self.made)
 
 
 def _accuracy(model, dataset: Dataset) -> float:

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import pack, tern
-from ._io import atomic_path, atomic_write, describe
+from ._io import atomic_path, atomic_write, describe, missing_folders, remove_empty
 from ._text import printable
 from ._version import __version__
 from .errors import ConfigError, OutputError
@@ -112,10 +112,7 @@ class Report:
         """Write report.json, report.md and the plots into ``folder``; return the paths. When one
         cannot be written, the files this call wrote (and the folders it made) are removed and the
         error is raised."""
-        created, path = [], os.path.abspath(folder)
-        while not os.path.exists(path):  # the folders makedirs makes, deepest first
-            created.append(path)
-            path = os.path.dirname(path)
+        created = missing_folders(folder)
         try:
             os.makedirs(folder, exist_ok=True)
         except OSError as e:
@@ -131,9 +128,7 @@ class Report:
             for name in written:
                 with contextlib.suppress(OSError):
                     os.unlink(os.path.join(folder, name))
-            for path in created:
-                with contextlib.suppress(OSError):
-                    os.rmdir(path)
+            remove_empty(created)
             raise
         return [os.path.join(folder, name) for name in written]
 
