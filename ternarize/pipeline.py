@@ -256,7 +256,8 @@ def _metadata(source, dataset, config, result, float_acc, acc) -> dict:
     settings = {k: v for k, v in config.to_json().items() if k not in ("checkpoint", "resume", "progress")}
     return {**source, "name": source.get("source", "model"), "dataset": dataset.name, "mode": config.mode,
             "method": config.method, "training": {"settings": settings, "epochs": len(result.history),
-                                                  "seconds": round(result.seconds, 3)},
+                                                  "seconds": round(result.seconds, 3),
+                                                  **({"resumed": result.resumed} if result.resumed else {})},
             "accuracy": {"float": float_acc, "trained": acc}}
 
 

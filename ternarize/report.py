@@ -26,7 +26,7 @@ import numpy as np
 
 from . import pack, tern
 from ._io import atomic_path, atomic_write, describe, missing_folders, remove_empty
-from ._text import printable
+from ._text import one_line, printable
 from ._version import __version__
 from .errors import ConfigError, OutputError
 from .graph import ConstSpec, Graph
@@ -68,6 +68,10 @@ class Report:
                       "|---|---|---|---|---|"]
             lines += [f"| {h['epoch']} | {h['train_loss']:.4f} | {_pct(h.get('test_acc'))} | "
                       f"{_pct(h.get('nonzero'))} | {h.get('seconds', 0):.1f} |" for h in hist]
+        changed = _resume_changes(self.training)
+        if changed:
+            lines += ["", f"Resumed after epoch {changed[0]} with changed settings (the epochs before used "
+                      f"the old values): {changed[1]}."]
         return "\n".join(lines) + "\n"
 
     # -- terminal
@@ -188,6 +192,21 @@ def _saved_training(folder: str) -> dict | None:
 
 _EPOCH_NUMBERS = ("epoch", "train_loss", "test_loss", "test_acc")  # what the plots and Markdown need
 _EPOCH_OPTIONAL = ("nonzero", "seconds")
+
+
+def _resume_changes(training: dict):
+    """(epoch, "lam 1e-07 → 1e-06, …") when a resumed run changed settings that steer the updates
+    (``training["resumed"]``, see ``TrainResult.resumed``); None otherwise or when malformed."""
+    resumed = training.get("resumed")
+    if not isinstance(resumed, dict) or not isinstance(resumed.get("changed"), dict) or not resumed["changed"]:
+        return None
+    epoch = resumed.get("after_epoch")
+    scalar = (str, int, float, type(None))
+    pairs = [(k, v) for k, v in resumed["changed"].items()
+             if isinstance(v, list) and len(v) == 2 and all(isinstance(x, scalar) for x in v)]
+    if not isinstance(epoch, int) or isinstance(epoch, bool) or not pairs:
+        return None
+    return epoch, ", ".join(one_line(f"{k} {json.dumps(old)} → {json.dumps(new)}") for k, (old, new) in pairs)
 
 
 def _usable_training(training) -> dict:

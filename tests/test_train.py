@@ -108,6 +108,25 @@ def test_resume_refuses_other_settings_and_missing_checkpoint(float_mlp, digits,
                                                           resume=True, **QUIET), log=_silent)
 
 
+def test_resume_with_changed_settings_warns_and_records_them(float_mlp, digits, tmp_path):
+    ck = str(tmp_path / "c.pt")
+    fit(copy.deepcopy(float_mlp), digits, TrainConfig(epochs=1, checkpoint=ck, **QUIET), log=_silent)
+    lines = []
+    result = fit(copy.deepcopy(float_mlp), digits, TrainConfig(epochs=2, lam=1e-6, lr=2e-3, checkpoint=ck,
+                                                               resume=True, **QUIET), log=lines.append)
+    assert result.resumed == {"after_epoch": 1, "changed": {"lam": [1e-7, 1e-6], "lr": [1e-3, 2e-3]}}
+    warning = [line for line in lines if line.startswith("warning:")]
+    assert warning == ["warning: settings changed since the checkpoint: lam 1e-07 -> 1e-06, lr 0.001 -> 0.002; "
+                       "epochs 1-1 used the old values (recorded in the report as training.resumed)"]
+    same = fit(copy.deepcopy(float_mlp), digits, TrainConfig(epochs=3, lam=1e-6, lr=2e-3, checkpoint=ck, resume=True,
+                                                             **QUIET), log=lines.append)
+    assert same.resumed == {"after_epoch": 2, "changed": {}}  # more epochs, same settings: nothing to say
+    assert len([line for line in lines if line.startswith("warning:")]) == 1
+    with pytest.raises(ConfigError, match="scale='auto'"):  # the model's parameters depend on it
+        fit(copy.deepcopy(float_mlp), digits, TrainConfig(epochs=4, scale="learned", checkpoint=ck, resume=True,
+                                                          **QUIET), log=_silent)
+
+
 def test_sparsity_falls_over_epochs_under_the_anneal(float_mlp, digits):
     # a faster schedule than the paper's (α = 0.99, λ = 1e-5) so the trend shows in a few epochs
     result = fit(copy.deepcopy(float_mlp), digits, TrainConfig(epochs=6, batch_size=50, ema_decay=0.99, lam=1e-5,

@@ -133,6 +133,7 @@ class TrainResult:
     scales: dict = field(default_factory=dict)     # parameter name -> "fixed" | "learned"
     config: TrainConfig | None = None
     seconds: float = 0.0
+    resumed: dict | None = None  # after a resume: {"after_epoch": n, "changed": {setting: [old, new]}}
 
 
 # ---------------------------------------------------------------------- public entry points
@@ -565,7 +566,9 @@ class _Progress:
 # ---------------------------------------------------------------------- checkpoints
 
 
-_CHECKPOINT_KEYS = ("method", "mode", "batch_size", "seed", "init", "loss", "keep_float", "distill")
+_CHECKPOINT_KEYS = ("method", "mode", "batch_size", "seed", "init", "loss", "keep_float", "distill", "scale")
+# settings a resumed run may change; those that steer the updates are logged and recorded
+_TUNED_KEYS = ("rho", "lam", "ema_decay", "ema_anneal", "lr", "distill_temperature", "distill_weight", "precision")
 
 
 def _save_checkpoint(config, model, discrete_opt, adam, result, epoch) -> None:
@@ -624,7 +627,14 @@ def _restore(state, discrete_opt, adam, result, config, log, dist) -> int:
     torch.set_rng_state(state["rng"])
     result.history = list(state["history"])
     epoch = int(state["epoch"]) + 1
+    saved, mine = state["config"], config.to_json()
+    changed = {k: [saved.get(k), mine.get(k)] for k in _TUNED_KEYS if saved.get(k) != mine.get(k)}
+    result.resumed = {"after_epoch": epoch, "changed": changed}
     if dist.rank == 0:
         log(f"resuming after epoch {epoch} of {config.epochs} from {config.checkpoint}")
+        if changed:
+            what = ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changed.items())
+            log(f"warning: settings changed since the checkpoint: {what}; epochs 1-{epoch} used the old "
+                "values (recorded in the report as training.resumed)")
     return epoch
 
