@@ -444,7 +444,7 @@ def report(path, as_json, out, force):
     import json
 
     from . import report as reporting
-    from ._io import check_target
+    from ._io import check_target, same_file
     from .errors import ConfigError
 
     if out == "":
@@ -453,6 +453,11 @@ def report(path, as_json, out, force):
         raise ConfigError("--force replaces the report files in --out; give --out DIR, or leave out --force")
     rep = reporting.load(path)
     if out is not None:
+        theirs = os.path.join(out, "model.tern")  # a compress folder's report belongs to its own model
+        if os.path.lexists(theirs) and not same_file(theirs, os.path.join(path, "model.tern")
+                                                     if os.path.isdir(path) else path):
+            raise ConfigError(f"the folder {out} holds a model.tern that is not {path}; a report there would "
+                              "sit beside another model; choose another --out")
         for name in rep.file_names():
             check_target(os.path.join(out, name))  # a folder where a file goes: refused before writing
         there = [n for n in rep.file_names() if os.path.lexists(os.path.join(out, n))]

@@ -277,6 +277,26 @@ def test_report_draws_a_sound_training_history(tmp_path):
     assert "## Training" in (out / "report.md").read_text()
 
 
+@pytest.mark.parametrize("resumed, says", [
+    ({"after_epoch": 3, "changed": {"lam": [1e-7, 1e-6]}},
+     "Resumed after epoch 3 with changed settings (the epochs before used the old values): lam 1e-07 → 1e-06."),
+    ({"after_epoch": 3, "changed": {}}, None),
+    ({"after_epoch": "3", "changed": {"lam": [1, 2]}}, None),
+    ({"after_epoch": 3, "changed": {"lam": [[[1]], 2], "x\n[/b]": ["a\x1b", None]}},
+     "Resumed after epoch 3 with changed settings (the epochs before used the old values): "
+     'x [/b] "a\\u001b" → null.'),
+    ("nope", None),
+])
+def test_report_says_when_a_resumed_run_changed_settings(tmp_path, resumed, says):
+    run = _compress_folder(tmp_path, HISTORY)
+    (run / "report.json").write_text(json.dumps({"schema": reporting.SCHEMA,
+                                                 "training": {"history": HISTORY, "resumed": resumed}}))
+    out = tmp_path / "out"
+    assert invoke("report", run, "--out", out).exit_code == 0
+    lines = [line for line in (out / "report.md").read_text().splitlines() if line.startswith("Resumed")]
+    assert lines == ([says] if says else [])
+
+
 def test_report_write_leaves_nothing_when_a_file_fails(model, tmp_path, monkeypatch):
     real = reporting.atomic_write
 
@@ -317,6 +337,19 @@ def test_report_out_refuses_to_overwrite_without_force(model, tmp_path):
     (mixed / "report.json").write_text("old")
     one_line_error(invoke("report", model, "--out", mixed, "--force"), r"report.md is a folder")
     assert (mixed / "report.json").read_text() == "old"
+
+
+def test_report_out_refuses_another_models_compress_folder(model, tmp_path):
+    run = _compress_folder(tmp_path, HISTORY)
+    before = sorted(os.listdir(run))
+    for force in ([], ["--force"]):
+        one_line_error(invoke("report", model, "--out", run, *force),
+                       r"the folder .*run holds a model.tern that is not .*; a report there would sit beside another "
+                       r"model; choose another --out$")
+    assert sorted(os.listdir(run)) == before
+    for same in (run, run / "model.tern"):  # the folder's own model: its report may be rewritten
+        assert invoke("report", same, "--out", run, "--force").exit_code == 0
+    assert "report.md" in os.listdir(run)
 
 
 def test_report_takes_the_neighbours_only_of_model_tern(tmp_path):
