@@ -36,7 +36,10 @@ cd "$(dirname "$0")/.."
 # the package runs from the checkout: torch and numpy are all these scripts need
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 rc=0
-python3 bench/paper.py --data-dir "$data" --out "$out" "$@" 2>&1 | tee "$out/paper.log" || rc=$?
+# paper.log gets both streams; the terminal gets each on its own (errors stay on stderr)
+: > "$out/paper.log"
+{ python3 bench/paper.py --data-dir "$data" --out "$out" "$@" 2>&1 1>&3 3>&- \
+    | tee -a "$out/paper.log" >&2; } 3>&1 | tee -a "$out/paper.log" || rc=$?
 if [ "$rc" -ne 0 ] && [ ${#made[@]} -gt 0 ]; then
   rm -f -- "$out/paper.log"
   for d in "${made[@]}"; do rmdir -- "$d" 2>/dev/null || break; done
