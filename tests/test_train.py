@@ -127,6 +127,13 @@ def test_resume_with_changed_settings_warns_and_records_them(float_mlp, digits, 
                                                           **QUIET), log=_silent)
 
 
+def test_progress_bar_stays_off_redirected_output(float_mlp, digits, capsys):
+    fit(copy.deepcopy(float_mlp), digits, TrainConfig(epochs=2, progress=True), log=print)
+    out, err = capsys.readouterr()
+    assert out.splitlines() == [line for line in out.splitlines() if line.startswith("epoch ")]  # no blank lines
+    assert len(out.splitlines()) == 2 and err == ""  # the bar goes to stderr, and only to a terminal
+
+
 def test_sparsity_falls_over_epochs_under_the_anneal(float_mlp, digits):
     # a faster schedule than the paper's (α = 0.99, λ = 1e-5) so the trend shows in a few epochs
     result = fit(copy.deepcopy(float_mlp), digits, TrainConfig(epochs=6, batch_size=50, ema_decay=0.99, lam=1e-5,

@@ -527,7 +527,9 @@ def _describe(rec: dict, epochs: int) -> str:
 
 class _Progress:
     """A rich progress bar over an epoch's samples, refreshed a few times a second (each refresh
-    reads the running loss, which syncs with the device; the steps in between do not)."""
+    reads the running loss, which syncs with the device; the steps in between do not). It goes to
+    stderr, beside the log lines, and only to a terminal: a redirected run's output gets no blank
+    lines from it."""
 
     def __init__(self, config, dist, epoch, n):
         self.enabled = config.progress and dist.rank == 0
@@ -536,11 +538,13 @@ class _Progress:
 
     def __enter__(self):
         if self.enabled:
+            from rich.console import Console
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+            console = Console(stderr=True)
             self.bar = Progress(TextColumn(f"epoch {self.epoch + 1}/{self.epochs}"), BarColumn(),
                                 MofNCompleteColumn(), TextColumn("{task.fields[info]}"), TimeRemainingColumn(),
-                                transient=True)
+                                console=console, transient=True, disable=not console.is_terminal)
             self.bar.__enter__()
             self.task = self.bar.add_task("train", total=self.n, info="")
         return self
