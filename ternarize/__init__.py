@@ -47,6 +47,8 @@ _LAZY = {
     "lower": ("ternarize.lowering", "lower"),
     "Runtime": ("ternarize.runtime", "Runtime"),
     "compress": ("ternarize.pipeline", "compress"),
+    "onnx": ("ternarize.onnx", None),
+    "demo": ("ternarize.demo", None),
 }
 
 __all__ = [

@@ -35,7 +35,7 @@ Example::
 
     from ternarize import data
     ds = data.load_dataset("digits", val_fraction=0.1)
-    ds.x_train.shape, ds.in_shape, ds.num_classes   # (1293, 1, 8, 8), (1, 8, 8), 10
+    ds.x_train.shape, ds.in_shape, ds.num_classes   # (1294, 1, 8, 8), (1, 8, 8), 10
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Nothing is downloaded. The float model is trained for a few seconds and saved as
 ``OUT/float_model.pt``; then it goes through exactly what ``ternarize compress`` does. The
-schedule is faster than the paper's (batch 50, α = 0.995, λ = 1e-5, 60 epochs of 28 steps) so that
+schedule is faster than the paper's (batch 50, α = 0.995, λ = 1e-5, 60 epochs of 29 steps) so that
 sparsity emerges in under two thousand steps instead of tens of thousands; the paper's defaults
 stay the defaults of ``compress``.
 

@@ -10,7 +10,8 @@ Example::
 
     rep = build("out/model.tern", onnx_path="out/model.onnx")
     print(rep.to_markdown())
-    rep.write("out")          # report.json, report.md, layers.png, training.png
+    rep.write("out")          # report.json, report.md, layers.png (and training.png when the
+                              # history is known: build(training=...) or load("out"))
 """
 
 from __future__ import annotations

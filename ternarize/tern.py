@@ -1,7 +1,8 @@
 """The .tern file: write, load, read and verify (numpy only; never imports torch).
 
-This module mirrors formats/TERN.md section by section: 1 prelude, 2 header, 3 tensor table,
-4 data section, 5 encodings (in :mod:`ternarize.pack`), 6 graph. Layout::
+This module mirrors formats/TERN.md section by section: §2 prelude, §3 header (§3.2 tensor table,
+§3.4 graph), §4 data section, §5 encodings (in :mod:`ternarize.pack`) and the reader's checks of
+§6. Layout::
 
     prelude (20 bytes) | header: header_len bytes of canonical JSON | zero padding to a multiple of 64
     | tensor 0 | zero padding to 64 | tensor 1 | ... | tensor n-1 (the file ends here)
@@ -95,7 +96,7 @@ class WriteInfo:
     tensors: list[TensorEntry]
 
 
-# ====================================================================== 1. prelude
+# ====================================================================== §2 prelude
 
 
 def _read_prelude(buf: bytes) -> int:
@@ -117,7 +118,7 @@ def _read_prelude(buf: bytes) -> int:
     return header_len
 
 
-# ====================================================================== 2. header
+# ====================================================================== §3 header
 
 
 def canonical_json(obj: Any) -> bytes:
@@ -223,7 +224,7 @@ def _short(value) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
-# ====================================================================== 3. tensor table
+# ====================================================================== §3.2 tensor table
 
 
 def _read_entry(i: int, obj) -> TensorEntry:
@@ -310,7 +311,7 @@ def _read_table(tensors: list) -> list[TensorEntry]:
     return entries
 
 
-# ====================================================================== 4. data section
+# ====================================================================== §4 data section
 
 
 def _check_layout(buf: bytes, header_end: int, entries: list[TensorEntry]) -> int:
@@ -348,7 +349,7 @@ def _check_crc(i: int, e: TensorEntry, data: memoryview) -> None:
                               f"computed 0x{actual:08x}")
 
 
-# ====================================================================== 5. encodings (see pack.py)
+# ====================================================================== §5 encodings (see pack.py)
 
 
 def _check_data(i: int, e: TensorEntry, data: memoryview) -> None:
@@ -358,7 +359,7 @@ def _check_data(i: int, e: TensorEntry, data: memoryview) -> None:
         raise TernFormatError(f"tensors[{i}] ({e.name!r}, {e.encoding}): {err}") from None
 
 
-# ====================================================================== 6. graph
+# ====================================================================== §3.4 graph
 
 
 def _check_graph(graph_obj: dict, metadata: dict, entries: list[TensorEntry]) -> None:

@@ -17,3 +17,12 @@ def test_functions_stay_callable_after_their_modules_are_imported():
     for name in ("compress", "lower", "load_model", "fit", "load_dataset"):
         assert callable(getattr(ternarize, name)), name
     assert isinstance(ternarize.Runtime, type) and isinstance(ternarize.MSA, type)
+
+
+def test_submodules_named_in_the_docs_resolve_after_a_plain_import():
+    import subprocess
+    import sys
+
+    code = "import ternarize; print(callable(ternarize.onnx.session), callable(ternarize.demo.run))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["True", "True"]
