@@ -315,8 +315,11 @@ def _vector(graph, name, n, where, role) -> None:
             raise GraphError(f"{where}: {role} {name!r} has shape {list(c.shape)}, expected [{n}]")
 
 
-def _window(size, k, s, p, d, ceil_mode, where) -> int:
-    if 2 * p > k and d == 1:
+def _window(size, k, s, p, d, ceil_mode, where, pool: bool = False) -> int:
+    """Output size along one axis, by torch's rules: a pool's padding is at most half its kernel (a
+    convolution's may be larger: it pads with zeros), ``ceil_mode`` drops a last window that
+    starts in the right padding."""
+    if pool and 2 * p > k:
         raise GraphError(f"{where}: padding {p} is more than half the kernel {k}")
     span = size + 2 * p - d * (k - 1) - 1
     if span < 0:
@@ -370,7 +373,8 @@ def _infer_pool(g, node, shapes, where):
     (kh, kw), (sh, sw), (ph, pw) = node.attrs["kernel"], node.attrs["strides"], node.attrs["pads"]
     dh, dw = node.attrs.get("dilations", [1, 1])
     ceil_mode = node.attrs["ceil_mode"]
-    return (None, c, _window(h, kh, sh, ph, dh, ceil_mode, where), _window(w, kw, sw, pw, dw, ceil_mode, where))
+    return (None, c, _window(h, kh, sh, ph, dh, ceil_mode, where, pool=True),
+            _window(w, kw, sw, pw, dw, ceil_mode, where, pool=True))
 
 
 def _infer_affine(g, node, shapes, where):

@@ -23,10 +23,13 @@ def randomize_batchnorm(model: nn.Module, seed: int = 0) -> nn.Module:
         for m in model.modules():
             if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
                 n = m.num_features
-                m.running_mean.copy_(torch.randn(n, generator=g))
-                m.running_var.copy_(torch.rand(n, generator=g) * 1.5 + 0.5)
-                m.weight.copy_(torch.randn(n, generator=g))
-                m.bias.copy_(torch.randn(n, generator=g))
+                mean, var = torch.randn(n, generator=g), torch.rand(n, generator=g) * 1.5 + 0.5
+                if m.track_running_stats:
+                    m.running_mean.copy_(mean)
+                    m.running_var.copy_(var)
+                if m.affine:
+                    m.weight.copy_(torch.randn(n, generator=g))
+                    m.bias.copy_(torch.randn(n, generator=g))
     return model
 
 
