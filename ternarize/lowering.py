@@ -55,14 +55,14 @@ def lower(model: nn.Module, example_input: torch.Tensor, discrete: dict[str, str
         if unknown:
             raise LoweringError(f"discrete names {unknown[0]!r}, which is not a parameter of the model "
                                 f"(parameters: {', '.join(list(names)[:4])}{' ...' if len(names) > 4 else ''})")
-    traced = _trace(model)
     sample = torch.as_tensor(example_input, dtype=torch.float32).cpu()
     sample = sample[:1].expand(2, *sample.shape[1:]).contiguous()  # batch 2: a reshape that mixes batch shows
     was_training = model.training
-    model.eval()
+    model.eval()  # before tracing: fx bakes `if self.training:` branches into the graph
     try:
+        traced = _trace(model)
         with torch.no_grad():
-            _propagate(traced, sample)
+            _check_trace(model, _propagate(traced, sample.clone()), sample.clone())
         builder = _Builder(traced, dict(traced.named_modules()), discrete)
         graph = builder.build()
     finally:
@@ -85,8 +85,8 @@ def _trace(model: nn.Module) -> fx.GraphModule:
                             "models with data-dependent control flow are not supported") from e
 
 
-def _propagate(gm: fx.GraphModule, sample: torch.Tensor) -> None:
-    """Run the traced model once, recording each node's output in node.meta['value']."""
+def _propagate(gm: fx.GraphModule, sample: torch.Tensor):
+    """Run the traced model once, recording each node's output in node.meta['value']; return its output."""
 
     class _Recorder(fx.Interpreter):
         def run_node(self, n):
@@ -95,11 +95,24 @@ def _propagate(gm: fx.GraphModule, sample: torch.Tensor) -> None:
             return out
 
     try:
-        _Recorder(gm).run(sample)
+        return _Recorder(gm).run(sample)
     except Exception as e:
         raise LoweringError(f"the model fails on an input of shape {list(sample.shape[1:])} "
                             f"(batch excluded): {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
                             ) from e
+
+
+def _check_trace(model: nn.Module, traced_out, sample: torch.Tensor) -> None:
+    """Refuse a trace that computes something else than the model: fx records ``y += x`` as
+    ``y + x``, so a tensor that an in-place update overwrote would be read unchanged."""
+    eager = model(sample)
+    pairs = zip(*(o if isinstance(o, (tuple, list)) else (o,) for o in (traced_out, eager)))
+    for t, e in pairs:
+        if isinstance(t, torch.Tensor) and isinstance(e, torch.Tensor) and (
+                t.shape != e.shape or not torch.allclose(t, e, rtol=1e-5, atol=1e-6, equal_nan=True)):
+            raise LoweringError(f"{type(model).__name__}: the graph torch.fx traces computes other values than the "
+                                "model: fx skips the model's own forward hooks, and traces an in-place `y += x` as "
+                                "`y + x` (a tensor it overwrote is then read unchanged; write `y = y + x`)")
 
 
 # ---------------------------------------------------------------------- building
@@ -116,13 +129,17 @@ class _BN:
 _FUNCTIONS = {
     F.relu: "relu", torch.relu: "relu", F.leaky_relu: "leaky_relu", F.hardtanh: "hardtanh",
     F.relu6: "relu6", torch.flatten: "flatten", operator.add: "add", torch.add: "add",
-    operator.iadd: "add", torch.cat: "concat", torch.concat: "concat", F.softmax: "softmax",
+    operator.iadd: "add", torch.cat: "concat", torch.concat: "concat", torch.concatenate: "concat",
+    torch.reshape: "reshape", torch.relu_: "relu", F.softmax: "softmax",
     torch.softmax: "softmax", F.log_softmax: "log_softmax", torch.log_softmax: "log_softmax",
     F.max_pool2d: "maxpool2d", F.avg_pool2d: "avgpool2d", F.adaptive_avg_pool2d: "adaptive_avgpool",
     F.dropout: "identity", F.linear: "linear_fn", F.conv2d: "conv2d_fn",
 }
-_METHODS = {"view": "reshape", "reshape": "reshape", "flatten": "flatten", "relu": "relu",
-            "softmax": "softmax", "log_softmax": "log_softmax", "contiguous": "identity"}
+_METHODS = {"view": "reshape", "reshape": "reshape", "flatten": "flatten", "relu": "relu", "relu_": "relu",
+            "add": "add", "add_": "add", "softmax": "softmax", "log_softmax": "log_softmax", "contiguous": "identity"}
+# in-place calls: later reads of the tensor they overwrite must see their result
+_INPLACE_FUNCTIONS = {torch.relu_: None, operator.iadd: None, F.relu: 1, F.relu6: 1, F.leaky_relu: 2, F.hardtanh: 3}
+_INPLACE_METHODS = ("relu_", "add_")
 _NOOP_MODULES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.AlphaDropout, nn.Identity)
 
 
@@ -163,6 +180,21 @@ class _Builder:
             self._lower_call(n, _METHODS.get(n.target), f".{n.target}()")
         else:  # pragma: no cover - fx has no other node kinds
             raise LoweringError(f"unexpected fx node {n.op} {n.name}")
+        if self._inplace(n) and isinstance(n.args[0], fx.Node) and n.name in self.alias:
+            # torch overwrote the tensor: later reads of it (and of its aliases) see the result
+            old, new = self.alias[n.args[0].name], self.alias[n.name]
+            self.alias = {k: (new if v == old else v) for k, v in self.alias.items()}
+
+    def _inplace(self, n: fx.Node) -> bool:
+        if n.op == "call_module":
+            m = self.modules[n.target]
+            return isinstance(m, (nn.ReLU, nn.LeakyReLU, nn.Hardtanh)) and bool(m.inplace)
+        if n.op == "call_method":
+            return n.target in _INPLACE_METHODS
+        if n.op == "call_function" and n.target in _INPLACE_FUNCTIONS:
+            i = _INPLACE_FUNCTIONS[n.target]
+            return i is None or bool(_arg(n, i, "inplace", False))
+        return False
 
     def _lower_output(self, n: fx.Node) -> None:
         outs = n.args[0]
@@ -171,6 +203,9 @@ class _Builder:
             if not isinstance(o, fx.Node) or not isinstance(o.meta.get("value"), torch.Tensor):
                 raise LoweringError("the model must return a tensor or a tuple of tensors")
             name = "output" if len(outs) == 1 else f"output_{i}"
+            if self.alias[o.name] in self.outputs:
+                raise LoweringError(f"the model returns the same tensor twice (outputs "
+                                    f"{self.outputs.index(self.alias[o.name])} and {i}); return it once")
             self._rename(self.alias[o.name], name)
             self.outputs.append(name)
 
@@ -208,6 +243,9 @@ class _Builder:
     def _lower_module(self, n: fx.Node, m: nn.Module) -> None:
         path = n.target
         x = lambda: self._x(n.args[0])  # noqa: E731 - read lazily: some modules take no tensor
+        if m._forward_hooks:
+            raise LoweringError(f"{type(m).__name__} at {path!r} has a forward hook, which is not lowered; "
+                                "remove it (or move what it computes into forward)")
         if isinstance(m, _NOOP_MODULES):
             self.alias[n.name] = x()
         elif isinstance(m, nn.Linear):
@@ -243,8 +281,8 @@ class _Builder:
                                 "Conv2d, BatchNorm1d/2d, ReLU, ReLU6, LeakyReLU, Hardtanh, MaxPool2d, AvgPool2d, "
                                 "AdaptiveAvgPool2d(1), Flatten, Dropout, Identity, Softmax, LogSoftmax")
 
-    def _weighted(self, n, op, path, weight, bias, x, attrs) -> None:
-        pname = f"{path}.weight" if path else "weight"
+    def _weighted(self, n, op, path, weight, bias, x, attrs, pname=None, bname=None) -> None:
+        pname = pname or (f"{path}.weight" if path else "weight")
         kind = self._kind(pname, weight)
         w = weight.detach().cpu().to(torch.float32).numpy()
         inputs = [x]
@@ -254,7 +292,7 @@ class _Builder:
             theta, scale = split_discrete(w, kind, pname)
             inputs += [self._const(pname, kind, theta), self._const(f"{path}.scale", "float32", scale)]
         if bias is not None:
-            inputs.append(self._const(f"{path}.bias", "float32", bias.detach().cpu().float().numpy()))
+            inputs.append(self._const(bname or f"{path}.bias", "float32", bias.detach().cpu().float().numpy()))
         else:
             inputs.append("")
         self._emit(n, op, inputs, attrs, name=path)
@@ -292,9 +330,11 @@ class _Builder:
         self._emit(n, op, [x], attrs, name=path)
 
     def _adaptive(self, n, path, x, size) -> None:
-        if _pair(size) != [1, 1]:
-            shape = self._shape(n.args[0])
-            if len(shape) == 4 and _pair(size) == [shape[2], shape[3]]:
+        shape = self._shape(n.args[0])
+        pair = list(size) * (2 // len(size)) if isinstance(size, (tuple, list)) else [size, size]
+        pair = [d if s is None else int(s) for s, d in zip(pair, shape[-2:])]  # None keeps the input's size
+        if pair != [1, 1]:
+            if len(shape) == 4 and pair == [shape[2], shape[3]]:
                 self.alias[n.name] = x  # adaptive pool to the input size is the identity
                 return
             raise LoweringError(f"AdaptiveAvgPool2d at {path!r} has output size {size}; only 1 is supported")
@@ -325,7 +365,7 @@ class _Builder:
     def _lower_call(self, n: fx.Node, kind: str | None, what: str) -> None:
         path = n.name
         if kind is None:
-            raise LoweringError(f"unsupported operation {what} at {n.name!r}")
+            raise LoweringError(f"unsupported operation {what} at {n.name!r}{_in_module(n)}")
         x = self._x(n.args[0]) if kind not in ("concat",) else None
         if kind == "identity":
             self.alias[n.name] = x
@@ -365,8 +405,8 @@ class _Builder:
     def _add(self, n, what) -> None:
         a, b = n.args[0], n.args[1]
         if not all(isinstance(v, fx.Node) and v.name in self.alias for v in (a, b)) or n.kwargs.get("alpha", 1) != 1:
-            raise LoweringError(f"unsupported operation {what} at {n.name!r}: only the sum of two tensors "
-                                "computed from the input is supported")
+            raise LoweringError(f"unsupported operation {what} at {n.name!r}{_in_module(n)}: only the sum of "
+                                "two tensors computed from the input is supported")
         if self._shape(a) != self._shape(b):
             raise LoweringError(f"unsupported broadcasting add at {n.name!r}: shapes {list(self._shape(a))} "
                                 f"and {list(self._shape(b))}")
@@ -384,24 +424,45 @@ class _Builder:
     def _functional_weighted(self, n, kind, x) -> None:
         wnode = _arg(n, 1, "weight", None)
         bnode = _arg(n, 2, "bias", None)
-        if not isinstance(wnode, fx.Node) or wnode.op != "get_attr":
-            raise LoweringError(f"{n.name}: the weight of a functional linear/conv must be a module parameter")
-        path = wnode.target.rsplit(".", 1)[0] if "." in wnode.target else wnode.target
-        weight = self.gm.get_parameter(wnode.target) if wnode.target else None
-        bias = self.gm.get_parameter(bnode.target) if isinstance(bnode, fx.Node) else None
+        for role, v in (("weight", wnode), ("bias", bnode)):
+            if (v is not None or role == "weight") and (not isinstance(v, fx.Node) or v.op != "get_attr"):
+                raise LoweringError(f"{n.name}{_in_module(n)}: the {role} of a functional linear/conv must be "
+                                    "a module parameter or buffer")
+        # constants are named after the parameters (``layer.w1``; ``fc.weight`` keeps the path ``fc``)
+        pname = wnode.target
+        path = pname[:-len(".weight")] if pname.endswith(".weight") else pname
+        weight = self._attr(wnode.target)
+        bias = self._attr(bnode.target) if bnode is not None else None
+        names = {"pname": pname, "bname": bnode.target if bnode is not None else None}
         if kind == "linear_fn":
-            self._weighted(n, "linear", path, weight, bias, x, {})
+            self._weighted(n, "linear", path, weight, bias, x, {}, **names)
             return
         stride, padding = _arg(n, 3, "stride", 1), _arg(n, 4, "padding", 0)
         dilation, groups = _arg(n, 5, "dilation", 1), _arg(n, 6, "groups", 1)
         if isinstance(padding, str):
             raise LoweringError(f"{n.name}: string padding in F.conv2d is not supported; use numbers")
         attrs = {"strides": _pair(stride), "pads": _pair(padding), "dilations": _pair(dilation), "groups": int(groups)}
-        self._weighted(n, "conv2d", path, weight, bias, x, attrs)
+        self._weighted(n, "conv2d", path, weight, bias, x, attrs, **names)
+
+    def _attr(self, target: str) -> torch.Tensor:
+        obj = self.gm
+        for part in target.split("."):
+            obj = getattr(obj, part)
+        return obj
 
 
 def _fn_name(fn) -> str:
-    return getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None) or repr(fn)
+    name, module = getattr(fn, "__name__", None), getattr(fn, "__module__", None)
+    if name and module in ("torch", "torch.functional", "torch.nn.functional", "torch._C._nn", "_operator"):
+        return {"torch": "torch.", "torch.functional": "torch.", "_operator": "operator."}.get(module, "F.") + name
+    return getattr(fn, "__qualname__", None) or name or repr(fn)
+
+
+def _in_module(n: fx.Node) -> str:
+    """" in module 'block.0'": where a traced call sits (fx's nn_module_stack), or "" at the top."""
+    stack = list((n.meta.get("nn_module_stack") or {}).values())
+    path = stack[-1][0] if stack and isinstance(stack[-1], tuple) else ""
+    return f" in module {path!r}" if path else ""
 
 
 def _arg(n: fx.Node, i: int, name: str, default):
@@ -484,6 +545,8 @@ def _fold_batchnorms(graph: Graph) -> None:
             producer = graph.producer().get(x)
         if producer is None or producer.op not in ("linear", "conv2d") or not _single_use(graph, x):
             continue
+        if any(c and len(graph.consumers(c)) > 1 for c in producer.inputs[1:]):
+            continue  # a layer called twice shares its weight: folding would change its other calls
         if through_pool is not None and np.any(bn.mult < 0):
             continue
         _fold_into(graph, producer, bn, allow_flip=through_pool is None)
