@@ -69,10 +69,9 @@ class Report:
                       "|---|---|---|---|---|"]
             lines += [f"| {h['epoch']} | {h['train_loss']:.4f} | {_pct(h.get('test_acc'))} | "
                       f"{_pct(h.get('nonzero'))} | {h.get('seconds', 0):.1f} |" for h in hist]
-        changed = _resume_changes(self.training)
-        if changed:
-            lines += ["", f"Resumed after epoch {changed[0]} with changed settings (the epochs before used "
-                      f"the old values): {changed[1]}."]
+        for epoch, what in _resume_changes(self.training):
+            lines += ["", f"Resumed after epoch {epoch} with changed settings (the epochs before used "
+                      f"the old values): {what}."]
         return "\n".join(lines) + "\n"
 
     # -- terminal
@@ -195,19 +194,22 @@ _EPOCH_NUMBERS = ("epoch", "train_loss", "test_loss", "test_acc")  # what the pl
 _EPOCH_OPTIONAL = ("nonzero", "seconds")
 
 
-def _resume_changes(training: dict):
-    """(epoch, "lam 1e-07 → 1e-06, …") when a resumed run changed settings that steer the updates
-    (``training["resumed"]``, see ``TrainResult.resumed``); None otherwise or when malformed."""
-    resumed = training.get("resumed")
-    if not isinstance(resumed, dict) or not isinstance(resumed.get("changed"), dict) or not resumed["changed"]:
-        return None
-    epoch = resumed.get("after_epoch")
-    scalar = (str, int, float, type(None))
-    pairs = [(k, v) for k, v in resumed["changed"].items()
-             if isinstance(v, list) and len(v) == 2 and all(isinstance(x, scalar) for x in v)]
-    if not isinstance(epoch, int) or isinstance(epoch, bool) or not pairs:
-        return None
-    return epoch, ", ".join(one_line(f"{k} {json.dumps(old)} → {json.dumps(new)}") for k, (old, new) in pairs)
+def _resume_changes(training: dict) -> list:
+    """[(epoch, "lam 1e-07 → 1e-06, …"), …]: each resume that changed settings steering the updates
+    (``training["resumed"]``, see ``TrainResult.resumed``); malformed entries are left out."""
+    events = training.get("resumed")
+    out = []
+    for event in events if isinstance(events, list) else []:
+        if not isinstance(event, dict) or not isinstance(event.get("changed"), dict):
+            continue
+        epoch = event.get("after_epoch")
+        scalar = (str, int, float, type(None))
+        pairs = [(k, v) for k, v in event["changed"].items()
+                 if isinstance(v, list) and len(v) == 2 and all(isinstance(x, scalar) for x in v)]
+        if isinstance(epoch, int) and not isinstance(epoch, bool) and pairs:
+            out.append((epoch, ", ".join(one_line(f"{k} {json.dumps(old)} → {json.dumps(new)}")
+                                         for k, (old, new) in pairs)))
+    return out
 
 
 def _usable_training(training) -> dict:

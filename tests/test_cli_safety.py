@@ -278,14 +278,17 @@ def test_report_draws_a_sound_training_history(tmp_path):
 
 
 @pytest.mark.parametrize("resumed, says", [
-    ({"after_epoch": 3, "changed": {"lam": [1e-7, 1e-6]}},
-     "Resumed after epoch 3 with changed settings (the epochs before used the old values): lam 1e-07 → 1e-06."),
-    ({"after_epoch": 3, "changed": {}}, None),
-    ({"after_epoch": "3", "changed": {"lam": [1, 2]}}, None),
-    ({"after_epoch": 3, "changed": {"lam": [[[1]], 2], "x\n[/b]": ["a\x1b", None]}},
-     "Resumed after epoch 3 with changed settings (the epochs before used the old values): "
-     'x [/b] "a\\u001b" → null.'),
-    ("nope", None),
+    ([{"after_epoch": 3, "changed": {"lam": [1e-7, 1e-6]}}],
+     ["Resumed after epoch 3 with changed settings (the epochs before used the old values): lam 1e-07 → 1e-06."]),
+    ([{"after_epoch": 3, "changed": {"lam": [1e-7, 1e-6]}}, {"after_epoch": 5, "changed": {"lr": [0.1, None]}}],
+     ["Resumed after epoch 3 with changed settings (the epochs before used the old values): lam 1e-07 → 1e-06.",
+      "Resumed after epoch 5 with changed settings (the epochs before used the old values): lr 0.1 → null."]),
+    ([{"after_epoch": 3, "changed": {}}], []),
+    ([{"after_epoch": "3", "changed": {"lam": [1, 2]}}, 7, None], []),
+    ([{"after_epoch": 3, "changed": {"lam": [[[1]], 2], "x\n[/b]": ["a\x1b", None]}}],
+     ["Resumed after epoch 3 with changed settings (the epochs before used the old values): "
+      'x [/b] "a\\u001b" → null.']),
+    ("nope", []), ({"after_epoch": 3, "changed": {"lam": [1, 2]}}, []),
 ])
 def test_report_says_when_a_resumed_run_changed_settings(tmp_path, resumed, says):
     run = _compress_folder(tmp_path, HISTORY)
@@ -294,7 +297,7 @@ def test_report_says_when_a_resumed_run_changed_settings(tmp_path, resumed, says
     out = tmp_path / "out"
     assert invoke("report", run, "--out", out).exit_code == 0
     lines = [line for line in (out / "report.md").read_text().splitlines() if line.startswith("Resumed")]
-    assert lines == ([says] if says else [])
+    assert lines == says
 
 
 def test_report_write_leaves_nothing_when_a_file_fails(model, tmp_path, monkeypatch):

@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import types
 
 import numpy as np
 import pytest
@@ -12,7 +13,7 @@ import torch
 
 from ternarize import ConfigError, TrainingError, zoo
 from ternarize.data import Dataset, load_dataset
-from ternarize.train import policy
+from ternarize.train import loop, policy
 from ternarize.train.loop import TrainConfig, fit, fit_float
 
 QUIET = dict(progress=False)
@@ -108,23 +109,40 @@ def test_resume_refuses_other_settings_and_missing_checkpoint(float_mlp, digits,
                                                           resume=True, **QUIET), log=_silent)
 
 
-def test_resume_with_changed_settings_warns_and_records_them(float_mlp, digits, tmp_path):
+def test_resume_with_changed_settings_applies_warns_and_records_them(float_mlp, digits, tmp_path, monkeypatch):
     ck = str(tmp_path / "c.pt")
     fit(copy.deepcopy(float_mlp), digits, TrainConfig(epochs=1, checkpoint=ck, **QUIET), log=_silent)
+    used = []  # the optimizers' settings in each epoch actually trained
+    real_epoch = loop._Run.epoch
+
+    def spy(run, epoch):
+        used.append((epoch, dict((k, run.opt.param_groups[0][k]) for k in ("rho", "lam", "scale_lr")),
+                     run.adam.param_groups[0]["lr"]))
+        return real_epoch(run, epoch)
+
+    monkeypatch.setattr(loop._Run, "epoch", spy)
     lines = []
-    result = fit(copy.deepcopy(float_mlp), digits, TrainConfig(epochs=2, lam=1e-6, lr=2e-3, checkpoint=ck,
+    result = fit(copy.deepcopy(float_mlp), digits, TrainConfig(epochs=2, lam=1e-6, lr=2e-3, rho=0.3, checkpoint=ck,
                                                                resume=True, **QUIET), log=lines.append)
-    assert result.resumed == {"after_epoch": 1, "changed": {"lam": [1e-7, 1e-6], "lr": [1e-3, 2e-3]}}
+    assert used == [(1, {"rho": 0.3, "lam": 1e-6, "scale_lr": 2e-3}, 2e-3)]  # the new values, not the checkpoint's
+    assert result.resumed == [{"after_epoch": 1, "changed": {"rho": [None, 0.3], "lam": [1e-7, 1e-6],
+                                                             "lr": [1e-3, 2e-3]}}]
     warning = [line for line in lines if line.startswith("warning:")]
-    assert warning == ["warning: settings changed since the checkpoint: lam 1e-07 -> 1e-06, lr 0.001 -> 0.002; "
-                       "epochs 1-1 used the old values (recorded in the report as training.resumed)"]
-    same = fit(copy.deepcopy(float_mlp), digits, TrainConfig(epochs=3, lam=1e-6, lr=2e-3, checkpoint=ck, resume=True,
-                                                             **QUIET), log=lines.append)
-    assert same.resumed == {"after_epoch": 2, "changed": {}}  # more epochs, same settings: nothing to say
-    assert len([line for line in lines if line.startswith("warning:")]) == 1
-    with pytest.raises(ConfigError, match="scale='auto'"):  # the model's parameters depend on it
-        fit(copy.deepcopy(float_mlp), digits, TrainConfig(epochs=4, scale="learned", checkpoint=ck, resume=True,
-                                                          **QUIET), log=_silent)
+    assert warning == ["warning: settings changed since the checkpoint: rho None -> 0.3, lam 1e-07 -> 1e-06, "
+                       "lr 0.001 -> 0.002; epoch 1 used the old values, the rest use the new ones (recorded in the "
+                       "report as training.resumed)"]
+    again = fit(copy.deepcopy(float_mlp), digits, TrainConfig(epochs=3, lam=1e-5, lr=2e-3, rho=0.3, checkpoint=ck,
+                                                              resume=True, **QUIET), log=lines.append)
+    assert again.resumed == [result.resumed[0], {"after_epoch": 2, "changed": {"lam": [1e-6, 1e-5]}}]  # both kept
+    assert "epochs 1-2 used the old values" in [line for line in lines if line.startswith("warning:")][-1]
+    same = fit(copy.deepcopy(float_mlp), digits, TrainConfig(epochs=4, lam=1e-5, lr=2e-3, rho=0.3, checkpoint=ck,
+                                                             resume=True, **QUIET), log=lines.append)
+    assert same.resumed == again.resumed  # more epochs, same settings: nothing new to say
+    assert len([line for line in lines if line.startswith("warning:")]) == 2
+    for key, value in (("scale", "learned"), ("ema_decay", 0.99), ("ema_anneal", 0.9)):  # these must match
+        with pytest.raises(ConfigError, match=f"made with {key}="):
+            fit(copy.deepcopy(float_mlp), digits, TrainConfig(epochs=5, checkpoint=ck, resume=True,
+                                                              **{key: value}, **QUIET), log=_silent)
 
 
 def test_progress_bar_stays_off_redirected_output(float_mlp, digits, capsys):
@@ -132,6 +150,8 @@ def test_progress_bar_stays_off_redirected_output(float_mlp, digits, capsys):
     out, err = capsys.readouterr()
     assert out.splitlines() == [line for line in out.splitlines() if line.startswith("epoch ")]  # no blank lines
     assert len(out.splitlines()) == 2 and err == ""  # the bar goes to stderr, and only to a terminal
+    with loop._Progress(TrainConfig(progress=True), types.SimpleNamespace(rank=0), 0, 100) as bar:
+        assert not bar.enabled  # no terminal: no refreshes either (each reads the loss from the device)
 
 
 def test_sparsity_falls_over_epochs_under_the_anneal(float_mlp, digits):

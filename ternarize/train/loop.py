@@ -133,7 +133,8 @@ class TrainResult:
     scales: dict = field(default_factory=dict)     # parameter name -> "fixed" | "learned"
     config: TrainConfig | None = None
     seconds: float = 0.0
-    resumed: dict | None = None  # after a resume: {"after_epoch": n, "changed": {setting: [old, new]}}
+    # one {"after_epoch": n, "changed": {setting: [old, new]}} per resume that changed a setting
+    resumed: list = field(default_factory=list)
 
 
 # ---------------------------------------------------------------------- public entry points
@@ -542,9 +543,11 @@ class _Progress:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
             console = Console(stderr=True)
+            self.enabled = console.is_terminal  # nor, then, the refreshes (each syncs with the device)
+        if self.enabled:
             self.bar = Progress(TextColumn(f"epoch {self.epoch + 1}/{self.epochs}"), BarColumn(),
                                 MofNCompleteColumn(), TextColumn("{task.fields[info]}"), TimeRemainingColumn(),
-                                console=console, transient=True, disable=not console.is_terminal)
+                                console=console, transient=True)
             self.bar.__enter__()
             self.task = self.bar.add_task("train", total=self.n, info="")
         return self
@@ -570,9 +573,13 @@ class _Progress:
 # ---------------------------------------------------------------------- checkpoints
 
 
-_CHECKPOINT_KEYS = ("method", "mode", "batch_size", "seed", "init", "loss", "keep_float", "distill", "scale")
-# settings a resumed run may change; those that steer the updates are logged and recorded
-_TUNED_KEYS = ("rho", "lam", "ema_decay", "ema_anneal", "lr", "distill_temperature", "distill_weight", "precision")
+# settings a resumed run must share with its checkpoint (α and η: the optimizer holds the annealed α)
+_CHECKPOINT_KEYS = ("method", "mode", "batch_size", "seed", "init", "loss", "keep_float", "distill", "scale",
+                    "ema_decay", "ema_anneal")
+# settings a resumed run may change that steer the updates: they take effect, and are logged and recorded
+_TUNED_KEYS = ("rho", "lam", "lr", "distill_temperature", "distill_weight", "precision")
+# the optimizers' group entries that follow them (load_state_dict would restore the checkpoint's)
+_GROUP_KEYS = ("rho", "lam", "scale_lr", "lr")
 
 
 def _save_checkpoint(config, model, discrete_opt, adam, result, epoch) -> None:
@@ -580,7 +587,7 @@ def _save_checkpoint(config, model, discrete_opt, adam, result, epoch) -> None:
         "format": "ternarize-checkpoint", "version": __version__, "epoch": epoch,
         "config": config.to_json(), "model": model.state_dict(),
         "discrete_opt": discrete_opt.state_dict(), "adam": adam.state_dict() if adam is not None else None,
-        "history": result.history, "rng": torch.get_rng_state(),
+        "history": result.history, "rng": torch.get_rng_state(), "resumed": result.resumed,
     }
     path = config.checkpoint
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -625,20 +632,30 @@ def _load_state(target, state, path) -> None:
 
 
 def _restore(state, discrete_opt, adam, result, config, log, dist) -> int:
-    _load_state(discrete_opt, state["discrete_opt"], config.checkpoint)
-    if adam is not None and state["adam"] is not None:
-        _load_state(adam, state["adam"], config.checkpoint)
+    """The optimizers' state, the RNG and the history from a checkpoint; this run's rho, lam and lr
+    replace the checkpoint's in the optimizers, and a change is logged and added to
+    ``result.resumed`` (kept in the checkpoint, so a later resume adds to it). Returns the epoch to start."""
+    for opt, saved_opt in ((discrete_opt, state["discrete_opt"]), (adam, state["adam"])):
+        if opt is None or saved_opt is None:
+            continue
+        mine = [{k: g[k] for k in _GROUP_KEYS if k in g} for g in opt.param_groups]
+        _load_state(opt, saved_opt, config.checkpoint)
+        for group, values in zip(opt.param_groups, mine):
+            group.update(values)
     torch.set_rng_state(state["rng"])
     result.history = list(state["history"])
     epoch = int(state["epoch"]) + 1
     saved, mine = state["config"], config.to_json()
     changed = {k: [saved.get(k), mine.get(k)] for k in _TUNED_KEYS if saved.get(k) != mine.get(k)}
-    result.resumed = {"after_epoch": epoch, "changed": changed}
+    result.resumed = list(state.get("resumed") or [])
+    if changed:
+        result.resumed.append({"after_epoch": epoch, "changed": changed})
     if dist.rank == 0:
         log(f"resuming after epoch {epoch} of {config.epochs} from {config.checkpoint}")
         if changed:
             what = ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changed.items())
-            log(f"warning: settings changed since the checkpoint: {what}; epochs 1-{epoch} used the old "
-                "values (recorded in the report as training.resumed)")
+            before = "epoch 1" if epoch == 1 else f"epochs 1-{epoch}"
+            log(f"warning: settings changed since the checkpoint: {what}; {before} used the old values, the "
+                "rest use the new ones (recorded in the report as training.resumed)")
     return epoch
 
