@@ -71,7 +71,10 @@ def threshold(M: torch.Tensor, theta: torch.Tensor, rho, mode: str) -> torch.Ten
     if mode == "ternary":
         wrong = theta * M <= 0  # θ = 0 is always wrong; so is M = 0
     else:
-        wrong = torch.where(M >= 0, 1.0, -1.0) != theta
+        # sign(M) ≠ θ with sign(0) := +1; an M = 0 adds nothing to the max, so θM < 0 is the same set
+        # in effect, and a NaN in M (a NaN gradient) counts as wrong in neither mode: it would make
+        # ρ_k NaN and freeze every weight of the tensor, for good
+        wrong = theta * M < 0
     return rho * torch.where(wrong, M.abs(), torch.zeros((), dtype=M.dtype, device=M.device)).amax()
 
 
@@ -87,13 +90,15 @@ def binary_rule(M: torch.Tensor, theta: torch.Tensor, rho_k) -> torch.Tensor:
     return torch.where(M.abs() > rho_k, torch.where(M >= 0, 1.0, -1.0).to(M.dtype), theta)
 
 
-def _msa_update(w, grad, M, scale, new_scale, alpha, rho, lam, mode: str):
+def _msa_update(w, grad, M, scale, new_scale, one_minus_alpha, rho, lam, mode: str):
     """One E-MSA step on (rows, cols) views, in place.
 
     ``scale`` is s during the forward pass (∂L/∂θ = s·∂L/∂W); ``new_scale`` is s for the new W.
+    ``one_minus_alpha`` is 1 − α itself, not α: α anneals towards 1, where float32 cannot tell it
+    from 1 (1 − α below 3e-8, after ~200 epochs at η = 0.95), while 1 − α keeps full precision.
     """
     theta = torch.sign(w)  # s > 0, so sign(W) = θ
-    M.lerp_(-grad * scale.unsqueeze(1), 1 - alpha)  # M ← αM + (1 − α)(−∂L/∂θ)
+    M.lerp_(-grad * scale.unsqueeze(1), one_minus_alpha)  # M ← αM + (1 − α)(−∂L/∂θ)
     rho_k = threshold(M, theta, rho, mode)
     new = ternary_rule(M, theta, rho_k, lam) if mode == "ternary" else binary_rule(M, theta, rho_k)
     w.copy_(new * new_scale.unsqueeze(1))
@@ -196,21 +201,23 @@ class MSA(torch.optim.Optimizer):
             new_scale = scale.clone()
             _adam_positive(new_scale, _scale_grad(w, grad), state, group["scale_lr"])
         update = self._update_fn(p)
-        alpha = self._alpha(group, p)
-        update(w, grad, M, scale, new_scale, alpha, group["rho"], group["lam"], group["mode"])
+        one_minus_alpha = self._one_minus_alpha(group, p)
+        update(w, grad, M, scale, new_scale, one_minus_alpha, group["rho"], group["lam"], group["mode"])
         if new_scale is not scale:
             scale.copy_(new_scale)
         if w.data_ptr() != p.data_ptr():  # _rows had to copy (non-contiguous parameter)
             p.copy_(w.reshape(p.shape))
             state["M"].copy_(M.reshape(p.shape))
 
-    def _alpha(self, group: dict, p: torch.Tensor) -> torch.Tensor:
-        """α as a tensor on the parameter's device, made again only when it changes (once an epoch):
-        copying a Python float to a GPU every step would make the host wait for the device."""
+    def _one_minus_alpha(self, group: dict, p: torch.Tensor) -> torch.Tensor:
+        """1 − α as a tensor on the parameter's device, made again only when α changes (once an
+        epoch): copying a Python float to a GPU every step would make the host wait for the device.
+        The subtraction is done in Python (float64), before the cast to the parameter's dtype."""
         key = (id(group), p.device, p.dtype)
         cached = self._alphas.get(key)
         if cached is None or cached[0] != group["ema_decay"]:
-            cached = (group["ema_decay"], torch.tensor(group["ema_decay"], dtype=p.dtype, device=p.device))
+            weight = torch.tensor(1.0 - group["ema_decay"], dtype=p.dtype, device=p.device)
+            cached = (group["ema_decay"], weight)
             self._alphas[key] = cached
         return cached[1]
 
