@@ -23,6 +23,7 @@ Example::
 from __future__ import annotations
 
 import operator
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -62,9 +63,10 @@ def lower(model: nn.Module, example_input: torch.Tensor, discrete: dict[str, str
     try:
         traced = _trace(model)
         with torch.no_grad():
-            _check_trace(model, _propagate(traced, sample.clone()), sample.clone())
-        builder = _Builder(traced, dict(traced.named_modules()), discrete)
-        graph = builder.build()
+            traced_out = _propagate(traced, sample.clone())
+            builder = _Builder(traced, dict(traced.named_modules()), discrete)
+            graph = builder.build()  # an unsupported operation is named first
+            _check_trace(model, traced_out, sample)
     finally:
         model.train(was_training)
     _fold_batchnorms(graph)
@@ -90,8 +92,19 @@ def _propagate(gm: fx.GraphModule, sample: torch.Tensor):
 
     class _Recorder(fx.Interpreter):
         def run_node(self, n):
+            plain = None
+            if n.op == "call_module":  # hooks run here but are not lowered: do they change the result?
+                m = self.fetch_attr(n.target)
+                if m._forward_hooks or m._forward_pre_hooks:
+                    args, kwargs = self.fetch_args_kwargs_from_env(n)
+                    clone = lambda v: v.clone() if isinstance(v, torch.Tensor) else v  # noqa: E731
+                    plain = m.forward(*map(clone, args), **{k: clone(v) for k, v in kwargs.items()})
             out = super().run_node(n)
             n.meta["value"] = out
+            if isinstance(out, torch.Tensor):
+                n.meta["storage"] = out.untyped_storage().data_ptr()
+            if plain is not None and not _same(plain, out):
+                n.meta["hooked"] = True
             return out
 
     try:
@@ -104,15 +117,26 @@ def _propagate(gm: fx.GraphModule, sample: torch.Tensor):
 
 def _check_trace(model: nn.Module, traced_out, sample: torch.Tensor) -> None:
     """Refuse a trace that computes something else than the model: fx records ``y += x`` as
-    ``y + x``, so a tensor that an in-place update overwrote would be read unchanged."""
-    eager = model(sample)
-    pairs = zip(*(o if isinstance(o, (tuple, list)) else (o,) for o in (traced_out, eager)))
-    for t, e in pairs:
-        if isinstance(t, torch.Tensor) and isinstance(e, torch.Tensor) and (
-                t.shape != e.shape or not torch.allclose(t, e, rtol=1e-5, atol=1e-6, equal_nan=True)):
-            raise LoweringError(f"{type(model).__name__}: the graph torch.fx traces computes other values than the "
-                                "model: fx skips the model's own forward hooks, and traces an in-place `y += x` as "
-                                "`y + x` (a tensor it overwrote is then read unchanged; write `y = y + x`)")
+    ``y + x``, so a tensor that an in-place update overwrote would be read unchanged; and it skips
+    the model's own forward hooks. A model whose eval outputs are random is refused as such."""
+    eager = model(sample.clone())
+    if not _same(eager, model(sample.clone())):
+        raise LoweringError(f"{type(model).__name__} gives different outputs for the same input in eval mode "
+                            "(a random operation such as F.dropout without training=self.training, or "
+                            "torch.randn); make its eval forward deterministic")
+    if not _same(traced_out, eager):
+        raise LoweringError(f"{type(model).__name__}: the graph torch.fx traces computes other values than the "
+                            "model: fx skips the model's own forward hooks, and traces an in-place `y += x` as "
+                            "`y + x` (a tensor it overwrote is then read unchanged; write `y = y + x`)")
+
+
+def _same(a, b) -> bool:
+    """Whether two outputs (tensors, or tuples/lists of them) agree; other values are not compared."""
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        return a.shape == b.shape and bool(torch.allclose(a, b, rtol=1e-5, atol=1e-6, equal_nan=True))
+    return True
 
 
 # ---------------------------------------------------------------------- building
@@ -181,9 +205,28 @@ class _Builder:
         else:  # pragma: no cover - fx has no other node kinds
             raise LoweringError(f"unexpected fx node {n.op} {n.name}")
         if self._inplace(n) and isinstance(n.args[0], fx.Node) and n.name in self.alias:
-            # torch overwrote the tensor: later reads of it (and of its aliases) see the result
-            old, new = self.alias[n.args[0].name], self.alias[n.name]
-            self.alias = {k: (new if v == old else v) for k, v in self.alias.items()}
+            self._overwrite(n, n.args[0])
+
+    def _overwrite(self, n: fx.Node, target: fx.Node) -> None:
+        """``n`` overwrote ``target`` in place: later reads of it, and of what shares its storage as
+        the same value, see the result. A view of it under another shape, or a copy that the lowering
+        took for the same value (an adaptive pool to the input size), read later is refused."""
+        old, new, storage = self.alias[target.name], self.alias[n.name], target.meta.get("storage")
+        order = {v: i for i, v in enumerate(self.gm.graph.nodes)}
+        for v in self.gm.graph.nodes:
+            if order[v] >= order[n]:
+                break
+            if v.name not in self.alias or v is target:
+                continue
+            same_value, shares = self.alias[v.name] == old, storage is not None and v.meta.get("storage") == storage
+            if same_value and shares:
+                self.alias[v.name] = new
+            elif same_value != shares and any(order[u] > order[n] for u in v.users):
+                what = "a view of it" if shares else "a copy of it"
+                raise LoweringError(f"{_fn_name(n.target) if n.op == 'call_function' else n.target} at {n.name!r}"
+                                    f"{_in_module(n)} overwrites {target.name!r} in place, and {what} ({v.name!r}) "
+                                    "is read later; use the out-of-place form (inplace=False, relu, add)")
+        self.alias[target.name] = new
 
     def _inplace(self, n: fx.Node) -> bool:
         if n.op == "call_module":
@@ -232,6 +275,8 @@ class _Builder:
         self.alias[n.name] = out
 
     def _const(self, name: str, kind: str, data) -> str:
+        if name == "input" or re.fullmatch(r"output(_\d+)?", name):  # the graph's own names (a parameter's)
+            name += ".param"
         self.consts[name] = Const(kind, np.asarray(data))
         return name
 
@@ -243,9 +288,9 @@ class _Builder:
     def _lower_module(self, n: fx.Node, m: nn.Module) -> None:
         path = n.target
         x = lambda: self._x(n.args[0])  # noqa: E731 - read lazily: some modules take no tensor
-        if m._forward_hooks:
-            raise LoweringError(f"{type(m).__name__} at {path!r} has a forward hook, which is not lowered; "
-                                "remove it (or move what it computes into forward)")
+        if n.meta.get("hooked"):
+            raise LoweringError(f"{type(m).__name__} at {path!r} has a forward hook or pre-hook that changes what "
+                                "it computes, which is not lowered; remove it (or move it into forward)")
         if isinstance(m, _NOOP_MODULES):
             self.alias[n.name] = x()
         elif isinstance(m, nn.Linear):
@@ -330,14 +375,14 @@ class _Builder:
         self._emit(n, op, [x], attrs, name=path)
 
     def _adaptive(self, n, path, x, size) -> None:
-        shape = self._shape(n.args[0])
-        pair = list(size) * (2 // len(size)) if isinstance(size, (tuple, list)) else [size, size]
-        pair = [d if s is None else int(s) for s, d in zip(pair, shape[-2:])]  # None keeps the input's size
-        if pair != [1, 1]:
-            if len(shape) == 4 and pair == [shape[2], shape[3]]:
-                self.alias[n.name] = x  # adaptive pool to the input size is the identity
-                return
-            raise LoweringError(f"AdaptiveAvgPool2d at {path!r} has output size {size}; only 1 is supported")
+        """From the traced shapes (``size`` may be an int, a pair with None, or a traced shape)."""
+        src, dst = self._shape(n.args[0]), self._shape(n)
+        if len(src) == 4 and dst[2:] == src[2:]:
+            self.alias[n.name] = x  # adaptive pool to the input size is the identity
+            return
+        if len(src) != 4 or dst[2:] != (1, 1):
+            raise LoweringError(f"AdaptiveAvgPool2d at {path!r} has output size {list(dst[2:])}; only 1 (or the "
+                                "input's size) is supported")
         self._emit(n, "global_avgpool", [x], name=path)
 
     def _reshape(self, n, x, path) -> None:

@@ -2,6 +2,8 @@
 layers, odd pools and convolutions. Each lowers, and the .tern file (numpy runtime) and the .onnx
 file (onnxruntime) agree with the torch model; what cannot be lowered fails with a LoweringError."""
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -101,6 +103,90 @@ def test_forward_hooks_are_refused():
         lower(model, torch.zeros(1, 4))
 
 
+def test_hooks_that_change_nothing_are_fine_and_pre_hooks_that_do_are_refused(tmp_path):
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    seen = []
+    model[0].register_forward_hook(lambda module, inputs, output: seen.append(output.shape))  # observes only
+    _agree(tmp_path, model, (4,))
+    assert seen
+    model[2].register_forward_pre_hook(lambda module, inputs: (inputs[0] * 2,))
+    with pytest.raises(LoweringError, match="Linear at '2' has a forward hook or pre-hook that changes what it "
+                                            "computes"):
+        lower(model, torch.zeros(1, 4))
+
+
+def _view_then_relu_(s, x):
+    h = s.fc1(x)
+    v = h.view(-1, 4, 4)
+    h.relu_()
+    return s.fc2(v.flatten(1))  # in torch, v sees the relu; a reshape of the old h would not
+
+
+def _flatten_relu_then_return_both(s, x):
+    h = s.conv(x)
+    out = F.relu(h.flatten(1), inplace=True)  # overwrites h's storage too
+    return s.fc(torch.cat([out, h.flatten(1)], 1))
+
+
+def _adaptive_copy_then_relu_(s, x):
+    h = s.conv(x)
+    p = s.pool(h)  # to h's size: torch copies, the graph reads h itself
+    p.relu_()
+    return s.fc((h + p).flatten(1))
+
+
+@pytest.mark.parametrize("fn, layers, shape, says", [
+    (_view_then_relu_, dict(fc1=nn.Linear(16, 16), fc2=nn.Linear(16, 10)), (16,), "a view of it ('view')"),
+    (_flatten_relu_then_return_both, dict(conv=nn.Conv2d(1, 2, 3, padding=1), fc=nn.Linear(64, 3)), (1, 4, 4),
+     "a view of it ('conv')"),
+    (_adaptive_copy_then_relu_, dict(conv=nn.Conv2d(1, 2, 3, padding=1), pool=nn.AdaptiveAvgPool2d((4, 4)),
+                                     fc=nn.Linear(32, 3)), (1, 4, 4), "a copy of it ('conv')"),
+])
+def test_an_inplace_op_whose_view_or_copy_is_read_later_is_refused(fn, layers, shape, says):
+    with pytest.raises(LoweringError, match=r"overwrites '\w+' in place, and " + re.escape(says) + " is read later"):
+        lower(_Fn(fn, **layers), torch.zeros(1, *shape))
+
+
+def test_an_inplace_op_whose_view_is_not_read_again_lowers(tmp_path):
+    def fn(s, x):
+        h = s.fc1(x).view(x.shape[0], -1)
+        h.relu_()
+        return s.fc2(h)
+
+    _agree(tmp_path, _Fn(fn, fc1=nn.Linear(8, 8), fc2=nn.Linear(8, 3)), (8,), density=1.0)
+
+
+def test_a_model_random_in_eval_mode_is_refused_as_such():
+    def fn(s, x):
+        return s.fc(F.dropout(x, 0.2))  # training=True by default: random even in eval mode
+
+    with pytest.raises(LoweringError, match="different outputs for the same input in eval mode"):
+        lower(_Fn(fn, fc=nn.Linear(4, 2)), torch.ones(1, 4))
+    with pytest.raises(LoweringError, match="unsupported operation torch.randn_like"):  # named before any check
+        lower(_Fn(lambda s, x: s.fc(x + torch.randn_like(x)), fc=nn.Linear(4, 2)), torch.zeros(1, 4))
+
+
+def test_parameters_named_like_the_graphs_inputs_and_outputs(tmp_path):
+    class Named(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.input, self.output = nn.Parameter(torch.randn(6, 4)), nn.Parameter(torch.randn(3, 6))
+
+        def forward(self, x):
+            return F.linear(F.relu(F.linear(x, self.input)), self.output)
+
+    graph = _agree(tmp_path, Named(), (4,), discrete={})
+    assert {"input.param", "output.param"} <= set(graph.consts)
+
+
+def test_adaptive_pool_to_a_traced_size(tmp_path):
+    def fn(s, x):
+        h = s.conv(x)
+        return s.fc(F.adaptive_avg_pool2d(h, h.shape[2:]).flatten(1))
+
+    _agree(tmp_path, _Fn(fn, conv=nn.Conv2d(1, 2, 3, padding=1), fc=nn.Linear(2 * 5 * 4, 3)), (1, 5, 4))
+
+
 def test_a_model_in_training_mode_is_traced_in_eval_mode(tmp_path):
     class Branchy(nn.Module):
         def __init__(self):
@@ -143,7 +229,7 @@ def test_functional_weights_keep_their_parameter_names(tmp_path):
 def test_adaptive_pool_with_a_none_size(tmp_path):
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d((None, 1)), nn.Flatten(), nn.Linear(4, 2))
     _agree(tmp_path, model, (3, 3, 6))
-    with pytest.raises(LoweringError, match=r"AdaptiveAvgPool2d at '1' has output size \(None, 1\)"):
+    with pytest.raises(LoweringError, match=r"AdaptiveAvgPool2d at '1' has output size \[4, 1\]; only 1"):
         lower(nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d((None, 1))), torch.zeros(1, 3, 6, 6))
 
 
