@@ -162,6 +162,10 @@ def fit(model: nn.Module, data, config: TrainConfig | None = None, teacher: nn.M
         _load_state(model, resume_state["model"], config.checkpoint)
     torch.manual_seed(config.seed)
     discrete_opt, adam = _optimizers(model, layers, config)
+    if resume_state is not None:
+        # again: the optimizers' initialisation rewrote the discrete weights, and a tensor it cannot
+        # recognise as discrete (a layer whose weights are all 0) got fresh random codes
+        _load_state(model, resume_state["model"], config.checkpoint)
     tensors = _Tensors.from_dataset(data, dist.device)
     teacher_logits = _teacher_logits(teacher, tensors, dist.device) if config.distill else None
     result = TrainResult(model, [], {lay.param: config.mode for lay in layers},
@@ -359,8 +363,12 @@ def _scores(model, data, who: str) -> torch.Tensor:
             y = model(example)
     except Exception as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        other = sorted({str(p.dtype).replace("torch.", "") for p in model.parameters()
+                        if p.is_floating_point() and p.dtype != torch.float32})
+        hint = (f"; its parameters are {', '.join(other)} and the data is float32: convert it with model.float()"
+                if other else "")
         raise ConfigError(f"{who} does not accept the data's inputs of shape {list(data.in_shape)} "
-                          f"(batch excluded): {first}") from e
+                          f"(batch excluded): {first}{hint}") from e
     finally:
         model.train(was_training)
     if not isinstance(y, torch.Tensor) or y.dim() != 2:

@@ -9,6 +9,12 @@ A discrete layer whose output feeds a BatchNorm (directly, or through max-pool /
 identity) keeps a fixed scale: the BatchNorm supplies it, as in the paper. Every other discrete
 layer learns a per-output-channel scale. When the model cannot be traced with torch.fx, every
 layer learns its scale (always correct, only slightly more work).
+
+A weight shared by several layers (tied) is one discrete tensor, named as ``named_parameters()``
+names it; it stays float if any of its layers is kept float, and learns its scale unless every
+one of its layers is followed by a BatchNorm. A frozen weight (``requires_grad=False``) or one that
+is not a parameter (a parametrization such as weight_norm) is refused unless its layer is kept
+float: nothing would train it, so it would keep its initial discrete values.
 """
 
 from __future__ import annotations
@@ -54,12 +60,31 @@ def discrete_layers(model: nn.Module, keep_float=(), scale: str = "auto") -> lis
         raise ConfigError("the model has no Linear or Conv layer to make discrete")
     keep = _kept(layers, keep_float)
     followed = _followed_by_batchnorm(model) if scale == "auto" else set()
-    out = []
-    for path, _ in layers:
-        if path in keep:
+    names = {}  # each parameter's name in named_parameters(), which lists a shared (tied) one once
+    for name, p in model.named_parameters():
+        names.setdefault(id(p), name)
+    kept = {id(m.weight) for path, m in layers if path in keep}  # a weight tied to a kept layer stays float
+    out, index = [], {}
+    for path, m in layers:
+        w = m.weight
+        if id(w) in kept:
             continue
+        name = names.get(id(w))
+        if name is None:
+            raise ConfigError(f"the weight of layer {path!r} is not a parameter of the model (a parametrization "
+                              "such as weight_norm, or a plain tensor); remove the parametrization, or keep the "
+                              f"layer float with --keep-float {path}")
+        if not w.requires_grad:
+            raise ConfigError(f"the weight of layer {path!r} is frozen (requires_grad=False) and would stay at its "
+                              f"initial discrete values; unfreeze it, or keep the layer float with --keep-float {path}")
         s = scale if scale != "auto" else ("fixed" if path in followed else "learned")
-        out.append(DiscreteLayer(path, f"{path}.weight" if path else "weight", s))
+        if id(w) in index:  # the same tensor in several layers: one discrete weight, learned scale unless all fixed
+            first = out[index[id(w)]]
+            if s == "learned" and first.scale != "learned":
+                out[index[id(w)]] = DiscreteLayer(first.module, first.param, "learned")
+            continue
+        index[id(w)] = len(out)
+        out.append(DiscreteLayer(path, name, s))
     if not out:
         raise ConfigError(f"--keep-float {' '.join(keep_float)} keeps every layer float; nothing would be compressed")
     return out
