@@ -64,7 +64,7 @@ def lower(model: nn.Module, example_input: torch.Tensor, discrete: dict[str, str
         traced = _trace(model)
         with torch.no_grad():
             traced_out = _propagate(traced, sample.clone())
-            builder = _Builder(traced, dict(traced.named_modules()), discrete)
+            builder = _Builder(traced, dict(traced.named_modules()), discrete, model)
             graph = builder.build()  # an unsupported operation is named first
             _check_trace(model, traced_out, sample)
     finally:
@@ -168,8 +168,12 @@ _NOOP_MODULES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.AlphaDropout, nn.Ide
 
 
 class _Builder:
-    def __init__(self, gm: fx.GraphModule, modules: dict[str, nn.Module], discrete):
+    def __init__(self, gm: fx.GraphModule, modules: dict[str, nn.Module], discrete, model: nn.Module | None = None):
         self.gm, self.modules, self.discrete = gm, modules, discrete
+        # each parameter's name in the model's named_parameters(), which names a tied one once
+        self.param_names: dict[int, str] = {}
+        for name, p in (model or gm).named_parameters():
+            self.param_names.setdefault(id(p), name)
         self.alias: dict[str, str] = {}   # fx node name -> IR value name
         self.nodes: list[Node] = []
         self.consts: dict[str, Const] = {}
@@ -327,7 +331,7 @@ class _Builder:
                                 "AdaptiveAvgPool2d(1), Flatten, Dropout, Identity, Softmax, LogSoftmax")
 
     def _weighted(self, n, op, path, weight, bias, x, attrs, pname=None, bname=None) -> None:
-        pname = pname or (f"{path}.weight" if path else "weight")
+        pname = pname or self.param_names.get(id(weight)) or (f"{path}.weight" if path else "weight")
         kind = self._kind(pname, weight)
         w = weight.detach().cpu().to(torch.float32).numpy()
         inputs = [x]

@@ -218,3 +218,18 @@ def test_a_checkpoint_without_the_carry_still_steps():
     p.grad = torch.randn(3, 4)
     fresh.step()
     assert torch.equal(fresh.state[p]["M_err"].abs() < 1e-6, torch.ones(3, 4, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_a_bfloat16_average_keeps_increments_below_its_ulp(fused):
+    # bf16 has 8 bits: each increment 1e-3·(2 − M) is below half a unit in the last place of M ≈ 1.
+    # A compiled kernel computes bf16 chains in float32 and rounds only when it stores, so the
+    # compensation must form the average in float32 itself (the fused path had M stay at 1.0)
+    p = torch.nn.Parameter(torch.ones(16, 8, dtype=torch.bfloat16))
+    opt = MSA([p], mode="ternary", ema_decay=0.999, fused=fused)
+    opt.state[p]["M"].fill_(1.0)
+    for _ in range(2000):
+        p.grad = torch.full_like(p, -2.0)  # −∂L/∂θ = 2 (the scale is 1)
+        opt.step()
+    average = opt.state[p]["M"].float() + opt.state[p]["M_err"].float()
+    assert torch.allclose(average, torch.full_like(average, 2 - 0.999 ** 2000), atol=2e-3), average[0, 0].item()

@@ -82,3 +82,27 @@ def test_resume_with_an_all_zero_layer_reaches_the_same_weights(tmp_path):
 def test_float64_model_is_told_to_convert():
     with pytest.raises(ConfigError, match=r"parameters are float64 .*model\.float\(\)"):
         fit(_mlp().double(), _data(), TrainConfig(epochs=1, **QUIET), log=_silent)
+
+
+def test_a_kept_parametrized_layer_is_skipped_before_its_weight_is_read():
+    model = _mlp()
+    for i in (1, 3):  # a parametrized weight is a new tensor on every access: no stable id
+        model[i] = nn.utils.parametrizations.weight_norm(model[i])
+    with pytest.raises(ConfigError, match="layer '3' is not a parameter"):
+        policy.discrete_layers(model, keep_float=("1",))
+    with pytest.raises(ConfigError, match="keeps every layer float"):
+        policy.discrete_layers(model, keep_float=("1", "3"))
+
+
+def test_a_tied_weight_is_lowered_as_one_discrete_tensor(tmp_path):
+    import ternarize
+
+    model = _Tied()
+    with torch.no_grad():
+        for layer in (model.a, model.b):
+            layer.weight.copy_(torch.sign(torch.randn_like(layer.weight)) * torch.rand(layer.weight.shape[0], 1))
+    graph = ternarize.lower(model.eval(), torch.zeros(1, *_data().in_shape),
+                            discrete={"a.weight": "ternary", "b.weight": "ternary"})
+    kinds = {n.name: graph.consts[n.inputs[1]].kind for n in graph.nodes if n.op == "linear"}
+    assert kinds == {"a": "ternary", "c": "ternary", "b": "ternary"}  # c shares a's weight: was float32
+    assert {n.inputs[1] for n in graph.nodes if n.name in ("a", "c")} == {"a.weight"}

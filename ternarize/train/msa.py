@@ -105,10 +105,22 @@ def _msa_update(w, grad, M, M_err, scale, new_scale, one_minus_alpha, rho, lam, 
     into the next one (Kahan), so M follows the exact average to within one rounding.
     """
     theta = torch.sign(w)  # s > 0, so sign(W) = θ
-    # in place, three temporaries (the eager fallback's cost is its passes over memory)
     target = grad * scale.unsqueeze(1)
     target.neg_()  # −∂L/∂θ
-    moved = torch.lerp(M, target, one_minus_alpha)  # M ← αM + (1 − α)(−∂L/∂θ) (exact at α = 0)
+    if M.dtype in (torch.float16, torch.bfloat16):
+        _average_wide(M, M_err, target, one_minus_alpha)
+    else:
+        _average(M, M_err, target, one_minus_alpha)
+    rho_k = threshold(M, theta, rho, mode)
+    new = ternary_rule(M, theta, rho_k, lam) if mode == "ternary" else binary_rule(M, theta, rho_k)
+    w.copy_(new * new_scale.unsqueeze(1))
+
+
+def _average(M, M_err, target, one_minus_alpha) -> None:
+    """M ← αM + (1 − α)·target on the exact average M + M_err, in place, compensated (see
+    :func:`_msa_update`); three temporaries (the eager fallback's cost is its passes over memory).
+    ``target`` is overwritten."""
+    moved = torch.lerp(M, target, one_minus_alpha)  # exact at α = 0
     target.sub_(M).mul_(one_minus_alpha)  # the increment
     step = moved - M
     target.sub_(step)  # what rounding dropped of the increment
@@ -117,9 +129,17 @@ def _msa_update(w, grad, M, M_err, scale, new_scale, one_minus_alpha, rho, lam, 
     moved.sub_(step)  # −(new M − moved), exactly
     M_err.add_(moved)  # what M could not take in (Kahan)
     M.copy_(step)
-    rho_k = threshold(M, theta, rho, mode)
-    new = ternary_rule(M, theta, rho_k, lam) if mode == "ternary" else binary_rule(M, theta, rho_k)
-    w.copy_(new * new_scale.unsqueeze(1))
+
+
+def _average_wide(M, M_err, target, one_minus_alpha) -> None:
+    """:func:`_average` for 16-bit M: the average M + M_err is formed and moved in float32, then
+    split into the nearest 16-bit M and the rest as the carry. Never compiled (``_use_compile``):
+    a kernel computes 16-bit chains in float32 and drops the round trip through 16 bits, so the
+    carry would come out 0."""
+    exact = M.float() + M_err.float()
+    exact = torch.lerp(exact, target.float(), one_minus_alpha.float())
+    M.copy_(exact)
+    M_err.copy_(exact - M.float())
 
 
 def _scale_grad(w, grad):
@@ -145,7 +165,8 @@ class MSA(torch.optim.Optimizer):
         scale_lr: Adam learning rate for learned scales.
         init: ``"random"`` (paper) or ``"twn"``; tensors already discrete are kept either way.
         seed: seeds the random initial θ and M.
-        fused: ``"auto"``, True or False: fuse the update with torch.compile.
+        fused: ``"auto"``, True or False: fuse the update with torch.compile (16-bit parameters always
+            run eager: see ``_average_wide``).
     """
 
     def __init__(self, params, mode="ternary", rho=None, lam=1e-7, ema_decay=0.999, ema_anneal=0.95,
@@ -255,6 +276,8 @@ class MSA(torch.optim.Optimizer):
     def _use_compile(self, p: torch.Tensor) -> bool:
         setting = self._fused_setting
         if setting is False or not hasattr(torch, "compile"):
+            return False
+        if p.dtype in (torch.float16, torch.bfloat16):  # see _average_wide: a kernel would skip its rounding
             return False
         if setting is True:
             return True

@@ -63,9 +63,13 @@ def discrete_layers(model: nn.Module, keep_float=(), scale: str = "auto") -> lis
     names = {}  # each parameter's name in named_parameters(), which lists a shared (tied) one once
     for name, p in model.named_parameters():
         names.setdefault(id(p), name)
-    kept = {id(m.weight) for path, m in layers if path in keep}  # a weight tied to a kept layer stays float
+    # a weight tied to a kept layer stays float (ids of real parameters only: a parametrization makes
+    # a new tensor on every access)
+    kept = {id(m.weight) for path, m in layers if path in keep and id(m.weight) in names}
     out, index = [], {}
     for path, m in layers:
+        if path in keep:
+            continue
         w = m.weight
         if id(w) in kept:
             continue
