@@ -182,6 +182,7 @@ class _Builder:
         self.node_names: set[str] = set()
 
     def build(self) -> Graph:
+        self.order = {n: i for i, n in enumerate(self.gm.graph.nodes)}  # for _overwrite
         for n in self.gm.graph.nodes:
             self._lower_node(n)
         return Graph(self.inputs, self.outputs, self.nodes, self.consts)
@@ -216,7 +217,7 @@ class _Builder:
         the same value, see the result. A view of it under another shape, or a copy that the lowering
         took for the same value (an adaptive pool to the input size), read later is refused."""
         old, new, storage = self.alias[target.name], self.alias[n.name], target.meta.get("storage")
-        order = {v: i for i, v in enumerate(self.gm.graph.nodes)}
+        order = self.order
         for v in self.gm.graph.nodes:
             if order[v] >= order[n]:
                 break

@@ -44,6 +44,13 @@ def never(*args, **kwargs):
     raise AssertionError("the long work started before the input was checked")
 
 
+def stubbed(monkeypatch, rel: str, work: str):
+    """The script ``rel`` (see :func:`load`) whose long ``work`` fails the test if it ever starts."""
+    module = load(rel)
+    monkeypatch.setattr(module, work, never)
+    return module
+
+
 def call(capsys, module, *argv) -> tuple[int, str, str]:
     """Run the script's main as ``python SCRIPT ARGV`` would: (exit code, stdout, stderr)."""
     try:
@@ -142,9 +149,7 @@ def test_output_folder_is_checked_first_and_removed_on_failure(tmp_path):
 
 @pytest.fixture
 def train_float(monkeypatch):
-    module = load("examples/train_float.py")
-    monkeypatch.setattr(module, "load_dataset", never)
-    return module
+    return stubbed(monkeypatch, "examples/train_float.py", "load_dataset")
 
 
 @pytest.mark.parametrize(("argv", "says"), [
@@ -163,8 +168,7 @@ def test_train_float_refuses_bad_options_before_loading_data(capsys, train_float
 
 
 def test_train_float_never_writes_over_its_dataset(capsys, tmp_path, monkeypatch):
-    module = load("examples/train_float.py")
-    monkeypatch.setattr(module, "fit_float", never)
+    module = stubbed(monkeypatch, "examples/train_float.py", "fit_float")
     data = tmp_path / "victim.npz"
     np.savez(data, x=np.zeros((4, 1, 8, 8), np.float32), y=np.array([0, 1, 0, 1]))
     before = md5(data)
@@ -189,9 +193,7 @@ def test_train_float_resnet_width_is_base_channels(capsys, tmp_path):
 
 @pytest.fixture
 def paper_mnist(monkeypatch):
-    module = load("examples/paper_mnist.py")
-    monkeypatch.setattr(module, "run", never)
-    return module
+    return stubbed(monkeypatch, "examples/paper_mnist.py", "run")
 
 
 @pytest.mark.parametrize(("argv", "says"), [
@@ -219,9 +221,7 @@ def test_paper_mnist_checks_json_before_training(capsys, tmp_path, paper_mnist, 
 
 @pytest.fixture
 def paper(monkeypatch):
-    module = load("bench/paper.py")
-    monkeypatch.setattr(module, "step_ratios", never)
-    return module
+    return stubbed(monkeypatch, "bench/paper.py", "step_ratios")
 
 
 def test_paper_finds_missing_fashion_mnist_before_step_a(capsys, tmp_path, paper):
@@ -287,8 +287,7 @@ def test_gpu_sh_takes_relative_paths_from_the_caller_and_options_after_data(tmp_
     (["--warmup", "-1"], "--warmup"), (["--device", "bogus"], "bogus"), (["--device", NO_GPU], NO_GPU),
 ])
 def test_train_step_refuses_bad_options(capsys, monkeypatch, argv, says):
-    module = load("bench/train_step.py")
-    monkeypatch.setattr(module, "measure", never)
+    module = stubbed(monkeypatch, "bench/train_step.py", "measure")
     refused(capsys, module, *argv, says=says)
 
 
@@ -300,8 +299,7 @@ def test_train_step_refuses_bad_options(capsys, monkeypatch, argv, says):
     (["--runs", "-5"], "--runs"), (["--threads", "-1"], "--threads"), (["--threads", "0"], "--threads"),
 ])
 def test_runtime_and_onnx_refuse_bad_options(capsys, monkeypatch, script, argv, says):
-    module = load(script)
-    monkeypatch.setattr(module, "bench_model", never)
+    module = stubbed(monkeypatch, script, "bench_model")
     refused(capsys, module, *argv, says=says)
 
 
@@ -310,8 +308,7 @@ def test_runtime_and_onnx_refuse_bad_options(capsys, monkeypatch, script, argv, 
     (["--vgg-width", "0"], "--vgg-width"), (["--rounds", "0"], "--rounds"),
 ])
 def test_allocator_refuses_bad_options(capsys, monkeypatch, argv, says):
-    module = load("bench/allocator.py")
-    monkeypatch.setattr(module, "build", never)
+    module = stubbed(monkeypatch, "bench/allocator.py", "build")
     refused(capsys, module, *argv, says=says)
 
 

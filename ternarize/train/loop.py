@@ -646,9 +646,9 @@ def _restore(state, discrete_opt, adam, result, config, log, dist) -> int:
     for opt, saved_opt in ((discrete_opt, state["discrete_opt"]), (adam, state["adam"])):
         if opt is None or saved_opt is None:
             continue
-        mine = [{k: g[k] for k in _GROUP_KEYS if k in g} for g in opt.param_groups]
+        ours = [{k: g[k] for k in _GROUP_KEYS if k in g} for g in opt.param_groups]
         _load_state(opt, saved_opt, config.checkpoint)
-        for group, values in zip(opt.param_groups, mine):
+        for group, values in zip(opt.param_groups, ours):
             group.update(values)
     torch.set_rng_state(state["rng"])
     result.history = list(state["history"])

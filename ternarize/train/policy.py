@@ -65,7 +65,7 @@ def discrete_layers(model: nn.Module, keep_float=(), scale: str = "auto") -> lis
         names.setdefault(id(p), name)
     # a weight tied to a kept layer stays float (ids of real parameters only: a parametrization makes
     # a new tensor on every access)
-    kept = {id(m.weight) for path, m in layers if path in keep and id(m.weight) in names}
+    kept = {i for path, m in layers if path in keep for i in [id(m.weight)] if i in names}
     out, index = [], {}
     for path, m in layers:
         if path in keep:
