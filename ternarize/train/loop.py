@@ -40,6 +40,7 @@ from .._io import atomic_write
 from .._version import __version__
 from ..errors import ConfigError, TrainingError
 from . import policy
+from .graphs import GraphedStep
 from .msa import MSA
 from .ste import STE
 
@@ -69,6 +70,7 @@ class TrainConfig:
     device: str = "auto"           # auto | cpu | cuda | cuda:N
     seed: int = 0
     compile: str = "auto"          # fuse the MSA update with torch.compile: auto | on | off
+    cuda_graphs: str = "auto"      # replay each step from a CUDA graph: auto (on CUDA, one process) | on | off
     precision: str = "fp32"        # fp32 | tf32 (CUDA matmuls and convs in TF32) | bf16 (autocast)
     time_budget: float | None = None  # seconds of training; stops after the epoch that exceeds it
     checkpoint: str | None = None  # path of the per-epoch checkpoint
@@ -92,6 +94,7 @@ class TrainConfig:
         _one_of("scale", self.scale, ("auto", "fixed", "learned"))
         _one_of("loss", self.loss, LOSSES)
         _one_of("compile", self.compile, ("auto", "on", "off"))
+        _one_of("cuda_graphs", self.cuda_graphs, ("auto", "on", "off"))
         _one_of("precision", self.precision, ("fp32", "tf32", "bf16"))
         _require(isinstance(self.epochs, int) and self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}")
         _require(isinstance(self.batch_size, int) and self.batch_size >= 2,
@@ -118,6 +121,11 @@ class TrainConfig:
             device = _device(self.device)
             _require(self.precision != "tf32" or device.type == "cuda",
                      f"precision tf32 needs a CUDA GPU and this run is on {device.type}; use fp32 or bf16")
+            _require(self.cuda_graphs != "on" or device.type == "cuda",
+                     f"cuda_graphs 'on' needs a CUDA GPU and this run is on {device.type}; use 'auto' or 'off'")
+        else:
+            _require(self.cuda_graphs != "on", "cuda_graphs 'on' is not supported under torchrun (the steps "
+                                               "all-reduce gradients); use 'auto' or 'off'")
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -135,6 +143,9 @@ class TrainResult:
     seconds: float = 0.0
     # one {"after_epoch": n, "changed": {setting: [old, new]}} per resume that changed a setting
     resumed: list = field(default_factory=list)
+    # "on": the steps were replayed from a CUDA graph; "off": not asked for or not possible (CPU,
+    # torchrun, too few full batches); "failed: <reason>": the capture failed and the steps ran eagerly
+    cuda_graphs: str = "off"
 
 
 # ---------------------------------------------------------------------- public entry points
@@ -161,7 +172,8 @@ def fit(model: nn.Module, data, config: TrainConfig | None = None, teacher: nn.M
     if resume_state is not None:
         _load_state(model, resume_state["model"], config.checkpoint)
     torch.manual_seed(config.seed)
-    discrete_opt, adam = _optimizers(model, layers, config)
+    graphs = _use_graphs(config, dist)
+    discrete_opt, adam = _optimizers(model, layers, config, capturable=graphs and dist.device.type == "cuda")
     if resume_state is not None:
         # again: the optimizers' initialisation rewrote the discrete weights, and a tensor it cannot
         # recognise as discrete (a layer whose weights are all 0) got fresh random codes
@@ -174,7 +186,7 @@ def fit(model: nn.Module, data, config: TrainConfig | None = None, teacher: nn.M
     if resume_state is not None:
         start_epoch = _restore(resume_state, discrete_opt, adam, result, config, log, dist)
     net = dist.wrap(model)
-    run = _Run(net, model, discrete_opt, adam, tensors, teacher_logits, config, dist, log)
+    run = _Run(net, model, discrete_opt, adam, tensors, teacher_logits, config, dist, log, graphs)
     t0 = time.perf_counter()
     with _tf32(config.precision == "tf32"):
         for epoch in range(start_epoch, config.epochs):
@@ -189,7 +201,13 @@ def fit(model: nn.Module, data, config: TrainConfig | None = None, teacher: nn.M
                 break
     dist.close()
     result.seconds = time.perf_counter() - t0
+    result.cuda_graphs = run.graph_state()
     return result
+
+
+def _use_graphs(config, dist) -> bool:
+    """Whether the steps are captured in a CUDA graph: asked for (or ``auto``), on CUDA, one process."""
+    return config.cuda_graphs != "off" and dist.device.type == "cuda" and dist.world == 1
 
 
 @contextlib.contextmanager
@@ -216,8 +234,9 @@ def fit_float(model: nn.Module, data, epochs: int = 5, lr: float = 1e-3, batch_s
     torch.manual_seed(seed)
     model.to(dist.device)
     tensors = _Tensors.from_dataset(data, dist.device)
-    adam = torch.optim.Adam(model.parameters(), lr=lr)
-    run = _Run(dist.wrap(model), model, None, adam, tensors, None, config, dist, log)
+    graphs = _use_graphs(config, dist)
+    adam = torch.optim.Adam(model.parameters(), lr=lr, capturable=graphs and dist.device.type == "cuda")
+    run = _Run(dist.wrap(model), model, None, adam, tensors, None, config, dist, log, graphs)
     history = [run.epoch(e) for e in range(epochs)]
     dist.close()
     return history
@@ -413,11 +432,12 @@ class _Tensors:
                    t(getattr(data, "y_val", None), torch.long))
 
 
-def _optimizers(model, layers, config):
+def _optimizers(model, layers, config, capturable=False):
     params = dict(model.named_parameters())
     discrete_ids = {id(params[lay.param]) for lay in layers}
     continuous = [p for p in model.parameters() if id(p) not in discrete_ids and p.requires_grad]
-    adam = torch.optim.Adam(continuous, lr=config.lr) if continuous else None
+    # capturable: Adam's step count and bias corrections live on the device (for CUDA graphs)
+    adam = torch.optim.Adam(continuous, lr=config.lr, capturable=capturable) if continuous else None
     groups = [{"params": [params[lay.param]], "scale": lay.scale} for lay in layers]
     if config.method == "msa":
         fused = {"auto": "auto", "on": True, "off": False}[config.compile]
@@ -436,7 +456,8 @@ def _teacher_logits(teacher: nn.Module, tensors: _Tensors, device) -> torch.Tens
 
 def _loss(out, y, config, teacher_out=None) -> torch.Tensor:
     if config.loss == "squared_hinge":
-        target = F.one_hot(y, out.shape[1]).to(out.dtype) * 2 - 1
+        # ±1 targets; a comparison, not F.one_hot, which may check the labels on the host (a sync)
+        target = (y.unsqueeze(1) == torch.arange(out.shape[1], device=y.device)).to(out.dtype) * 2 - 1
         base = F.relu(1 - target * out).pow(2).mean()
     else:
         base = F.cross_entropy(out, y)
@@ -449,11 +470,35 @@ def _loss(out, y, config, teacher_out=None) -> torch.Tensor:
 
 
 class _Run:
-    """One training run's epochs: batches, steps, evaluation and progress."""
+    """One training run's epochs: batches, steps, evaluation and progress.
 
-    def __init__(self, net, model, discrete_opt, adam, tensors, teacher_logits, config, dist, log):
+    With ``graphs`` every full batch's step is replayed from a CUDA graph (:mod:`.graphs`): the
+    batch's indices are copied into a tensor that stays in place, and the step adds its loss to
+    ``self.total`` on the device. A short last batch runs eagerly."""
+
+    def __init__(self, net, model, discrete_opt, adam, tensors, teacher_logits, config, dist, log, graphs=False):
         self.net, self.model, self.opt, self.adam = net, model, discrete_opt, adam
         self.t, self.teacher, self.config, self.dist, self.log = tensors, teacher_logits, config, dist, log
+        device = tensors.x.device
+        self.total = torch.zeros((), device=device)  # the epoch's summed training loss
+        self.graphed = None
+        if graphs:
+            self.static_idx = torch.zeros(config.batch_size, dtype=torch.long, device=device)
+            self.graphed = GraphedStep(self._static_step, device, on_fail=self._graph_failed)
+
+    def _static_step(self) -> None:
+        self.total += self.step(self.static_idx).detach()
+
+    def _graph_failed(self, reason: str) -> None:
+        if self.dist.rank == 0:
+            self.log(f"warning: the training step could not be captured in a CUDA graph ({reason}); "
+                     "training goes on without graphs (slower; cuda_graphs='off' skips the attempt)")
+
+    def graph_state(self) -> str:
+        """TrainResult.cuda_graphs: "on", "off" or "failed: <reason>"."""
+        if self.graphed is None or self.graphed.state == "warming":
+            return "off"
+        return "on" if self.graphed.state == "graphed" else f"failed: {self.graphed.reason}"
 
     def batches(self, epoch: int):
         """Index tensors of this rank's share of each batch; the order depends on (seed, epoch) only."""
@@ -467,12 +512,16 @@ class _Run:
     def epoch(self, epoch: int) -> dict:
         t0 = time.perf_counter()
         self.net.train()
-        total = torch.zeros((), device=self.t.x.device)
+        total = self.total
+        total.zero_()
         steps = 0
         with _Progress(self.config, self.dist, epoch, len(self.t.x)) as bar:
             for idx in self.batches(epoch):
-                loss = self.step(idx)
-                total += loss.detach()
+                if self.graphed is not None and len(idx) == len(self.static_idx):
+                    self.static_idx.copy_(idx)
+                    self.graphed()
+                else:
+                    total += self.step(idx).detach()
                 steps += 1
                 bar.advance(steps, total, self.opt)
         mean_loss = float(self.dist.all_reduce_mean(total)) / max(1, steps)
@@ -490,7 +539,9 @@ class _Run:
         return record
 
     def step(self, idx) -> torch.Tensor:
-        with torch.autocast(self.t.x.device.type, dtype=torch.bfloat16, enabled=self.config.precision == "bf16"):
+        # autocast's cache of cast weights would be frozen into a CUDA graph: off when graphed
+        with torch.autocast(self.t.x.device.type, dtype=torch.bfloat16, enabled=self.config.precision == "bf16",
+                            cache_enabled=self.graphed is None):
             out = self.net(self.t.x[idx])
         teacher = self.teacher[idx] if self.teacher is not None else None
         loss = _loss(out.float(), self.t.y[idx], self.config, teacher)

@@ -218,6 +218,8 @@ class MSA(torch.optim.Optimizer):
         """Anneal the moving average: (1 − α) ← η·(1 − α)."""
         for group in self.param_groups:
             group["ema_decay"] = 1.0 - group["ema_anneal"] * (1.0 - group["ema_decay"])
+            for p in group["params"]:  # now, in place: a step replayed from a CUDA graph reads them there
+                self._one_minus_alpha(group, p)
 
     # -- the step
     @torch.no_grad()
@@ -253,15 +255,18 @@ class MSA(torch.optim.Optimizer):
             state["M_err"].copy_(M_err.reshape(p.shape))
 
     def _one_minus_alpha(self, group: dict, p: torch.Tensor) -> torch.Tensor:
-        """1 − α as a tensor on the parameter's device, made again only when α changes (once an
-        epoch): copying a Python float to a GPU every step would make the host wait for the device.
+        """1 − α as a tensor on the parameter's device, refilled in place when α changes (once an
+        epoch). One tensor for good: copying a Python float to a GPU every step would make the host
+        wait for the device, and a step captured in a CUDA graph keeps reading the tensor it saw.
         The subtraction is done in Python (float64), before the cast to the parameter's dtype."""
         key = (id(group), p.device, p.dtype)
         cached = self._alphas.get(key)
-        if cached is None or cached[0] != group["ema_decay"]:
-            weight = torch.tensor(1.0 - group["ema_decay"], dtype=p.dtype, device=p.device)
-            cached = (group["ema_decay"], weight)
+        if cached is None:
+            cached = [group["ema_decay"], torch.tensor(1.0 - group["ema_decay"], dtype=p.dtype, device=p.device)]
             self._alphas[key] = cached
+        elif cached[0] != group["ema_decay"]:
+            cached[1].fill_(1.0 - group["ema_decay"])
+            cached[0] = group["ema_decay"]
         return cached[1]
 
     def _update_fn(self, p: torch.Tensor):
