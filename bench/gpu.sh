@@ -6,7 +6,8 @@
 # paper.log. Relative paths are taken from the current folder. The first argument that starts
 # with '-' and all after it go to bench/paper.py; --tiny runs a small configuration that finishes
 # on a CPU in a few minutes. A bad argument is one line on stderr and exit code 2; a run that fails
-# removes the OUT folder it made.
+# before its first result removes the OUT folder it made, and one in which a step failed keeps the
+# others' results (exit code 1).
 set -euo pipefail
 usage="usage: bench/gpu.sh DATA_ROOT [OUT] [--tiny]"
 fail() { echo "gpu.sh: $1" >&2; exit 2; }
@@ -40,7 +41,8 @@ rc=0
 : > "$out/paper.log"
 { python3 bench/paper.py --data-dir "$data" --out "$out" "$@" 2>&1 1>&3 3>&- \
     | tee -a "$out/paper.log" >&2; } 3>&1 | tee -a "$out/paper.log" || rc=$?
-if [ "$rc" -ne 0 ] && [ ${#made[@]} -gt 0 ]; then
+# a run that failed before any result: nothing stays; one whose step failed keeps what it measured
+if [ "$rc" -ne 0 ] && [ ${#made[@]} -gt 0 ] && [ ! -e "$out/paper.json" ]; then
   rm -f -- "$out/paper.log"
   for d in "${made[@]}"; do rmdir -- "$d" 2>/dev/null || break; done
 fi

@@ -7,8 +7,9 @@ variant alike; the table reports median step times and their ratio to float Adam
 
     python bench/train_step.py                      # CPU: paper MLP 784-2048x3-10, VGG at width 0.25
     python bench/train_step.py --device cuda --vgg-width 1 --json step.json
+    python bench/train_step.py --device cuda --graphs        # every step replayed from a CUDA graph
 
-Targets (issue): E-MSA / float ≤ 1.10 on CPU and ≤ 1.05 on GPU. Options, device and the
+Targets: E-MSA / float ≤ 1.10 on CPU and ≤ 1.05 on GPU. Options, device and the
 ``--json`` path are checked before the timing; a problem is one line on stderr and exit code 2.
 """
 
@@ -25,6 +26,7 @@ import torch.nn.functional as F
 
 from ternarize import _scripts, zoo
 from ternarize.train import policy
+from ternarize.train.graphs import WARMUP, GraphedStep
 from ternarize.train.msa import MSA
 from ternarize.train.ste import STE
 
@@ -43,57 +45,69 @@ def build(name: str, args, device):
 
 
 class Variant:
-    def __init__(self, label, model, make_opt):
-        self.label, self.model = label, model
+    """One way of training the model; ``graphed`` replays its step from a CUDA graph."""
+
+    def __init__(self, label, model, make_opt, x, y, graphed=False):
+        self.label, self.model, self.x, self.y = label, model, x, y
         names = {lay.param for lay in policy.discrete_layers(model)}
         params = dict(model.named_parameters())
         self.discrete = [params[n] for n in names]
         rest = [p for n, p in params.items() if n not in names]
         self.opts = make_opt(self.discrete, rest)
+        self.run = GraphedStep(self.body, x.device) if graphed else self.body
         self.times = []
 
-    def step(self, x, y, sync):
-        t0 = time.perf_counter()
-        loss = F.cross_entropy(self.model(x), y)
+    def body(self):
+        loss = F.cross_entropy(self.model(self.x), self.y)
         for o in self.opts:
             o.zero_grad(set_to_none=True)
         loss.backward()
         for o in self.opts:
             o.step()
+
+    def step(self, sync):
+        t0 = time.perf_counter()
+        self.run()
         sync()
         self.times.append(time.perf_counter() - t0)
 
 
-def variants(model, fused_ok: bool):
-    adam = torch.optim.Adam
-    out = [Variant("float Adam", copy.deepcopy(model), lambda d, r: [adam(d + r, lr=1e-3)])]
+def variants(model, x, y, fused_ok: bool, graphed: bool = False):
+    def adam(params):  # capturable: its step count lives on the device, as a CUDA graph needs
+        return torch.optim.Adam(params, lr=1e-3, capturable=graphed)
+
+    def variant(label, make_opt):
+        return Variant(label, copy.deepcopy(model), make_opt, x, y, graphed)
+
+    out = [variant("float Adam", lambda d, r: [adam(d + r)])]
     for mode in ("ternary", "binary"):
-        out.append(Variant(f"MSA {mode} eager", copy.deepcopy(model),
-                           lambda d, r, m=mode: [MSA(d, mode=m, fused=False), adam(r, lr=1e-3)]))
+        out.append(variant(f"MSA {mode} eager", lambda d, r, m=mode: [MSA(d, mode=m, fused=False), adam(r)]))
         if fused_ok:
-            out.append(Variant(f"MSA {mode} fused", copy.deepcopy(model),
-                               lambda d, r, m=mode: [MSA(d, mode=m, fused=True), adam(r, lr=1e-3)]))
-    out.append(Variant("STE TWN", copy.deepcopy(model), lambda d, r: [STE(d, mode="ternary"), adam(r, lr=1e-3)]))
+            out.append(variant(f"MSA {mode} fused", lambda d, r, m=mode: [MSA(d, mode=m, fused=True), adam(r)]))
+    out.append(variant("STE TWN", lambda d, r: [STE(d, mode="ternary"), adam(r)]))
     return out
 
 
-def measure(name, args, device):
+def measure(name, args, device, graphed=False):
+    """Median step times of every variant on model ``name`` (``graphed``: CUDA graph replays)."""
     model, x, y = build(name, args, device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    vs = variants(model, fused_ok=not args.no_compile)
-    for v in vs:  # warm-up (and compilation) outside the timed rounds
-        for _ in range(args.warmup):
-            v.step(x, y, sync)
+    vs = variants(model, x, y, fused_ok=not args.no_compile, graphed=graphed)
+    warmup = max(args.warmup, WARMUP + 1) if graphed else args.warmup  # the timed steps are all replays
+    for v in vs:  # warm-up (and compilation, and the capture) outside the timed rounds
+        for _ in range(warmup):
+            v.step(sync)
         v.times.clear()
     for _ in range(args.steps):
         for v in vs:
-            v.step(x, y, sync)
+            v.step(sync)
     base = statistics.median(vs[0].times)
     rows = []
     for v in vs:
         med = statistics.median(v.times)
-        rows.append({"model": name, "variant": v.label, "median_ms": 1e3 * med, "ratio": med / base,
-                     "min_ms": 1e3 * min(v.times), "discrete_weights": sum(p.numel() for p in v.discrete)})
+        rows.append({"model": name, "variant": v.label, "graphs": graphed and v.run.state == "graphed",
+                     "median_ms": 1e3 * med, "ratio": med / base, "min_ms": 1e3 * min(v.times),
+                     "discrete_weights": sum(p.numel() for p in v.discrete)})
     return rows
 
 
@@ -108,24 +122,29 @@ def main(argv=None):
     p.add_argument("--steps", type=_scripts.positive_int, default=20)
     p.add_argument("--warmup", type=_scripts.non_negative_int, default=3)
     p.add_argument("--no-compile", action="store_true", help="skip the fused (torch.compile) variants")
+    p.add_argument("--graphs", action="store_true", help="replay every step from a CUDA graph (CUDA only)")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     device = _scripts.device(args.device)
+    if args.graphs and device.type != "cuda":
+        p.error(f"--graphs needs a CUDA device, not {device.type}")
     _scripts.check_output(args.json)
     if args.vgg_width is None:
         args.vgg_width = 1.0 if device.type == "cuda" else 0.25
     rows = []
     with _scripts.out_of_memory("choose a smaller --mlp-width, --vgg-width or --batch"):
         for name in args.models:
-            rows += measure(name, args, device)
+            rows += measure(name, args, device, graphed=args.graphs)
     env = {"device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
            "torch": torch.__version__, "threads": torch.get_num_threads(), "batch": args.batch,
-           "steps": args.steps, "mlp_width": args.mlp_width, "vgg_width": args.vgg_width}
+           "steps": args.steps, "mlp_width": args.mlp_width, "vgg_width": args.vgg_width, "graphs": args.graphs}
     print(f"# step time vs float Adam ({env['device']}, torch {env['torch']}, {env['threads']} threads, "
-          f"batch {args.batch}, {args.steps} round-robin steps)")
+          f"batch {args.batch}, {args.steps} round-robin steps{', CUDA graphs' if args.graphs else ''})")
     print(f"{'model':<5} {'variant':<20} {'median ms':>10} {'min ms':>9} {'ratio':>7}")
     for r in rows:
-        print(f"{r['model']:<5} {r['variant']:<20} {r['median_ms']:>10.2f} {r['min_ms']:>9.2f} {r['ratio']:>7.3f}")
+        eager = "  (capture failed: eager)" if args.graphs and not r["graphs"] else ""
+        print(f"{r['model']:<5} {r['variant']:<20} {r['median_ms']:>10.2f} {r['min_ms']:>9.2f} {r['ratio']:>7.3f}"
+              f"{eager}")
     if args.json:
         _scripts.write_json(args.json, {"env": env, "rows": rows})
 

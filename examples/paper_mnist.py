@@ -42,6 +42,7 @@ def run(width=2048, epochs=250, mode="ternary", method="msa", device="auto", pre
                          precision=precision, seed=seed, progress=progress, time_budget=time_budget)
     result = fit(model, data, config, log=log)
     return summarize(result.history, width=width, mode=mode, method=method, epochs_asked=epochs,
+                     precision=precision, cuda_graphs=result.cuda_graphs,
                      train_examples=len(data.x_train))
 
 

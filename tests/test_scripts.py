@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -256,6 +257,33 @@ def test_paper_refuses_a_file_as_out_and_removes_the_folder_it_made(capsys, tmp_
     monkeypatch.setattr(paper, "run", fails)
     refused(capsys, paper, "--data-dir", tmp_path, "--out", tmp_path / "a" / "b", says="step (b)")
     assert not (tmp_path / "a").exists()
+
+
+def test_paper_records_a_failed_step_and_runs_the_others(capsys, tmp_path, paper, monkeypatch):
+    monkeypatch.setattr(paper, "load_dataset", lambda name, data_dir=None: name)
+    monkeypatch.setattr(paper, "step_ratios", lambda *a: [{"precision": "fp32", "graphs": False, "model": "mlp",
+                                                           "variant": "float Adam", "median_ms": 2.0, "ratio": 1.0}])
+    done = []
+
+    def schedule(cfg, args, log, data, mode):
+        if mode == "ternary":
+            raise RuntimeError("CUDA error: an illegal memory access was encountered\nmore")
+        done.append(mode)
+        return {"width": 8, "precision": "fp32", "cuda_graphs": "on", "epochs_run": 1, "seconds_per_epoch": 0.5,
+                "time_to": {}, "final_test_acc": 0.9, "final_nonzero": 0.05}
+
+    monkeypatch.setattr(paper, "mnist_schedule", schedule)
+    monkeypatch.setattr(paper, "fashion_vgg", lambda *a: done.append("fashion") or {
+        "width": 1.0, "cuda_graphs": "on", "epochs_run": 2, "train_seconds": 3.0, "test_acc": 0.9, "nonzero": 0.1})
+    code, out, err = call(capsys, paper, "--data-dir", tmp_path, "--out", tmp_path / "out", "--tiny")
+    assert code == 1 and done == ["binary", "fashion"]
+    assert "Traceback" in err and "a step failed" in err.splitlines()[-1]
+    report = json.loads((tmp_path / "out" / "paper.json").read_text())
+    assert report["mnist"]["ternary"] == {"error": "RuntimeError: CUDA error: an illegal memory access was encountered"}
+    assert report["mnist"]["binary"]["epochs_run"] == 1 and report["steps"][0]["ratio"] == 1.0
+    text = (tmp_path / "out" / "paper.md").read_text()
+    assert "| ternary | failed: RuntimeError: CUDA error" in text and "| binary | 8 | fp32 | on | 1 |" in text
+    assert "| 1.0 | on | 2 | 3.0 | 90.00% | 10.00% |" in text
 
 
 def test_gpu_sh_takes_relative_paths_from_the_caller_and_options_after_data(tmp_path):
