@@ -123,23 +123,32 @@ def main(argv=None):
     p.add_argument("--warmup", type=_scripts.non_negative_int, default=3)
     p.add_argument("--no-compile", action="store_true", help="skip the fused (torch.compile) variants")
     p.add_argument("--graphs", action="store_true", help="replay every step from a CUDA graph (CUDA only)")
+    p.add_argument("--precision", choices=["fp32", "tf32"], default="fp32",
+                   help="tf32: CUDA matmuls and convolutions in TF32")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
-    device = _scripts.device(args.device)
+    device = _scripts.device(args.device, args.precision)
     if args.graphs and device.type != "cuda":
         p.error(f"--graphs needs a CUDA device, not {device.type}")
     _scripts.check_output(args.json)
     if args.vgg_width is None:
         args.vgg_width = 1.0 if device.type == "cuda" else 0.25
     rows = []
-    with _scripts.out_of_memory("choose a smaller --mlp-width, --vgg-width or --batch"):
-        for name in args.models:
-            rows += measure(name, args, device, graphed=args.graphs)
+    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.precision == "tf32"
+    try:
+        with _scripts.out_of_memory("choose a smaller --mlp-width, --vgg-width or --batch"):
+            for name in args.models:
+                rows += measure(name, args, device, graphed=args.graphs)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
     env = {"device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
            "torch": torch.__version__, "threads": torch.get_num_threads(), "batch": args.batch,
-           "steps": args.steps, "mlp_width": args.mlp_width, "vgg_width": args.vgg_width, "graphs": args.graphs}
+           "steps": args.steps, "mlp_width": args.mlp_width, "vgg_width": args.vgg_width, "graphs": args.graphs,
+           "precision": args.precision}
+    graphs = ", CUDA graphs" if args.graphs else ""
     print(f"# step time vs float Adam ({env['device']}, torch {env['torch']}, {env['threads']} threads, "
-          f"batch {args.batch}, {args.steps} round-robin steps{', CUDA graphs' if args.graphs else ''})")
+          f"batch {args.batch}, {args.steps} round-robin steps, {args.precision}{graphs})")
     print(f"{'model':<5} {'variant':<20} {'median ms':>10} {'min ms':>9} {'ratio':>7}")
     for r in rows:
         eager = "  (capture failed: eager)" if args.graphs and not r["graphs"] else ""

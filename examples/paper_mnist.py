@@ -29,7 +29,7 @@ TARGETS = (0.985, 0.988)
 
 
 def run(width=2048, epochs=250, mode="ternary", method="msa", device="auto", precision="fp32", data_dir=None,
-        seed=0, time_budget=None, train_limit=None, progress=True, log=print, data=None) -> dict:
+        seed=0, time_budget=None, train_limit=None, progress=True, log=print, data=None, compile="auto") -> dict:
     """Train and return {"history": [...], "time_to": {target: seconds}, ...}. ``data`` is MNIST
     already loaded (left unchanged); None loads it from ``data_dir``."""
     data = (data or load_dataset("mnist", data_dir=data_dir)).split_validation(5000 / 60000, seed=seed)
@@ -39,10 +39,10 @@ def run(width=2048, epochs=250, mode="ternary", method="msa", device="auto", pre
     model = zoo.create("mlp", in_shape=data.in_shape, width=width)
     loss = "cross_entropy" if mode == "ternary" else "squared_hinge"
     config = TrainConfig(method=method, mode=mode, epochs=epochs, batch_size=100, loss=loss, device=device,
-                         precision=precision, seed=seed, progress=progress, time_budget=time_budget)
+                         precision=precision, seed=seed, progress=progress, time_budget=time_budget, compile=compile)
     result = fit(model, data, config, log=log)
     return summarize(result.history, width=width, mode=mode, method=method, epochs_asked=epochs,
-                     precision=precision, cuda_graphs=result.cuda_graphs,
+                     precision=precision, compile=compile, cuda_graphs=result.cuda_graphs,
                      train_examples=len(data.x_train))
 
 
@@ -69,6 +69,10 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="auto")
     p.add_argument("--precision", choices=["fp32", "tf32", "bf16"], default="fp32")
     p.add_argument("--data-dir", default=None)
+    p.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
+                   help="fuse the E-MSA update with torch.compile (auto: on CUDA, and on CPU for large models)")
+    p.add_argument("--time-budget", type=_scripts.positive_float, default=None,
+                   help="seconds of training; stops after the epoch that exceeds it")
     p.add_argument("--seed", type=_scripts.seed, default=0)
     p.add_argument("--json", default=None, help="write the summary and per-epoch history here")
     args = p.parse_args(argv)
@@ -76,7 +80,7 @@ def main(argv=None) -> int:
     _scripts.check_output(args.json)  # before training: the history is written only at the end
     with _scripts.out_of_memory("choose a smaller --width"):
         summary = run(args.width, args.epochs, args.mode, args.method, args.device, args.precision,
-                      args.data_dir, args.seed)
+                      args.data_dir, args.seed, time_budget=args.time_budget, compile=args.compile)
     print(f"{args.mode} {args.method}, width {args.width}: final test accuracy {100 * summary['final_test_acc']:.2f}%, "
           f"non-zero {100 * summary['final_nonzero']:.2f}%, {summary['seconds_per_epoch']:.2f} s/epoch, "
           f"time to 98.5%/98.8%: {summary['time_to'].get('0.985')} / {summary['time_to'].get('0.988')}")

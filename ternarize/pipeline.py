@@ -257,7 +257,9 @@ def _metadata(source, dataset, config, result, float_acc, acc) -> dict:
     return {**source, "name": source.get("source", "model"), "dataset": dataset.name, "mode": config.mode,
             "method": config.method, "training": {"settings": settings, "epochs": len(result.history),
                                                   "seconds": round(result.seconds, 3),
-                                                  **({"resumed": result.resumed} if result.resumed else {})},
+                                                  **({"resumed": result.resumed} if result.resumed else {}),
+                                                  **({"cuda_graphs": result.cuda_graphs}
+                                                     if result.cuda_graphs != "off" else {})},
             "accuracy": {"float": float_acc, "trained": acc}}
 
 

@@ -145,20 +145,22 @@ def test_cpu_runs_never_use_graphs():
 
 @CUDA
 @pytest.mark.parametrize("extra", [dict(mode="ternary"), dict(mode="binary", loss="squared_hinge"),
-                                   dict(method="ste"), dict(scale="learned", precision="tf32")])
+                                   dict(method="ste"), dict(scale="learned"), dict(precision="tf32")])
 def test_cuda_graphed_training_matches_eager(extra):  # pragma: no cover - GPU machines only
     base = dict(epochs=3, batch_size=32, progress=False, device="cuda", **extra)
     eager_model, eager = _fit(TrainConfig(cuda_graphs="off", **base))
     model, result = _fit(TrainConfig(cuda_graphs="on", **base))
     assert result.cuda_graphs == "on", result.cuda_graphs
-    # the same kernels, but capturable Adam forms its bias corrections on the device: allow rounding
+    # the same steps, with rounding apart: capturable Adam forms its bias corrections on the device,
+    # and in TF32 (10-bit mantissas) a captured matmul may take another cuBLAS kernel than eager
+    rtol, atol = (1e-2, 1e-3) if extra.get("precision") == "tf32" else (1e-3, 1e-4)
     for h, e in zip(result.history, eager.history):
-        assert h["train_loss"] == pytest.approx(e["train_loss"], rel=1e-3, abs=1e-6)
+        assert h["train_loss"] == pytest.approx(e["train_loss"], rel=rtol, abs=1e-6)
     for (name, p), q in zip(model.state_dict().items(), eager_model.state_dict().values()):
         if name in result.discrete:
             assert (torch.sign(p) == torch.sign(q)).float().mean() >= 0.99, name
         elif p.is_floating_point():
-            assert torch.allclose(p, q, rtol=1e-3, atol=1e-4), name
+            assert torch.allclose(p, q, rtol=rtol, atol=atol), name
 
 
 @CUDA
@@ -182,3 +184,19 @@ def test_cuda_graph_reads_alpha_after_anneal():  # pragma: no cover - GPU machin
     torch.cuda.synchronize()
     expected = before + 0.25 * (-grad * opt.state[w]["scale"].unsqueeze(1) - before)
     assert torch.allclose(M, expected, atol=1e-6)
+
+
+def test_file_metadata_says_whether_steps_were_graphed():
+    from types import SimpleNamespace
+
+    from ternarize import pipeline
+
+    def training(state):
+        result = SimpleNamespace(history=[{}], seconds=1.0, resumed=[], cuda_graphs=state)
+        meta = pipeline._metadata({}, SimpleNamespace(name="mnist"), TrainConfig(), result, 0.9, 0.9)
+        return meta["training"]
+
+    assert "cuda_graphs" not in training("off")
+    assert training("on")["cuda_graphs"] == "on"
+    assert training("failed: RuntimeError: x")["cuda_graphs"] == "failed: RuntimeError: x"
+    assert training("on")["settings"]["cuda_graphs"] == "auto"

@@ -200,7 +200,8 @@ def paper_mnist(monkeypatch):
 @pytest.mark.parametrize(("argv", "says"), [
     (["--width", "-2"], "--width"), (["--width", "0"], "--width"), (["--epochs", "0"], "--epochs"),
     (["--seed", str(2**64)], "--seed"), (["--seed", "-1"], "--seed"), (["--device", NO_GPU], NO_GPU),
-    (["--device", "bogus"], "bogus"), (["--mode", "quaternary"], "--mode"),
+    (["--device", "bogus"], "bogus"), (["--mode", "quaternary"], "--mode"), (["--compile", "yes"], "--compile"),
+    (["--time-budget", "0"], "--time-budget"), (["--time-budget", "nan"], "--time-budget"),
 ])
 def test_paper_mnist_refuses_bad_options_before_training(capsys, paper_mnist, argv, says):
     refused(capsys, paper_mnist, *argv, says=says)
@@ -313,6 +314,8 @@ def test_gpu_sh_takes_relative_paths_from_the_caller_and_options_after_data(tmp_
     (["--steps", "0"], "--steps"), (["--steps", "-1"], "--steps"), (["--batch", "0"], "--batch"),
     (["--batch", "1"], "--batch"), (["--mlp-width", "0"], "--mlp-width"), (["--vgg-width", "-1"], "--vgg-width"),
     (["--warmup", "-1"], "--warmup"), (["--device", "bogus"], "bogus"), (["--device", NO_GPU], NO_GPU),
+    (["--graphs"], "--graphs needs a CUDA device, not cpu"), (["--precision", "tf32"], "tf32 needs a CUDA GPU"),
+    (["--precision", "bf16"], "--precision"),
 ])
 def test_train_step_refuses_bad_options(capsys, monkeypatch, argv, says):
     module = stubbed(monkeypatch, "bench/train_step.py", "measure")

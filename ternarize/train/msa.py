@@ -38,9 +38,12 @@ paper's magnitudes) and s_c = mean|W_c| when it is learned, and ``"twn"`` thresh
 The moving average is summed with compensation (a second float tensor carries each addition's
 rounding error), so the small increments of a long schedule are not lost.
 
-The update is fused by ``torch.compile`` where it works (per tensor: one reduction for ρ_k, then
-one element-wise pass writing M, its carry and W; the default on CUDA, and on CPU for models large enough to
-repay the compile time), else a few in-place eager passes. It never synchronises with the host.
+The update is fused by ``torch.compile`` where it works (per tensor: a reduction for ρ_k, row by row
+and then over the rows, then one element-wise pass writing M, its carry and W; the default on CUDA,
+and on CPU for models large enough to repay the compile time), else a few in-place eager passes.
+Each mode is compiled as its own function. It never synchronises with the host, and keeps every
+changing value in a tensor, so a step that calls it can be captured in a CUDA graph
+(:mod:`ternarize.train.graphs`).
 
 Example::
 
@@ -78,7 +81,10 @@ def threshold(M: torch.Tensor, theta: torch.Tensor, rho, mode: str) -> torch.Ten
         # in effect, and a NaN in M (a NaN gradient) counts as wrong in neither mode: it would make
         # ρ_k NaN and freeze every weight of the tensor, for good
         wrong = theta * M < 0
-    return rho * torch.where(wrong, M.abs(), torch.zeros((), dtype=M.dtype, device=M.device)).amax()
+    masked = torch.where(wrong, M.abs(), torch.zeros((), dtype=M.dtype, device=M.device))
+    if masked.dim() >= 2:  # row by row first: compiled for a GPU, one reduction over the whole tensor
+        masked = masked.flatten(1).amax(dim=1)  # made the fused step slower than eager; rows run in parallel
+    return rho * masked.amax()
 
 
 def ternary_rule(M: torch.Tensor, theta: torch.Tensor, rho_k, lam) -> torch.Tensor:
@@ -114,6 +120,20 @@ def _msa_update(w, grad, M, M_err, scale, new_scale, one_minus_alpha, rho, lam, 
     rho_k = threshold(M, theta, rho, mode)
     new = ternary_rule(M, theta, rho_k, lam) if mode == "ternary" else binary_rule(M, theta, rho_k)
     w.copy_(new * new_scale.unsqueeze(1))
+
+
+def _msa_update_ternary(w, grad, M, M_err, scale, new_scale, one_minus_alpha, rho, lam, mode="ternary"):
+    """:func:`_msa_update` in ternary mode: compiled on its own, so that each mode has its own
+    cache of compiled variants (torch.compile keeps a few per function)."""
+    _msa_update(w, grad, M, M_err, scale, new_scale, one_minus_alpha, rho, lam, "ternary")
+
+
+def _msa_update_binary(w, grad, M, M_err, scale, new_scale, one_minus_alpha, rho, lam, mode="binary"):
+    """:func:`_msa_update` in binary mode (see :func:`_msa_update_ternary`)."""
+    _msa_update(w, grad, M, M_err, scale, new_scale, one_minus_alpha, rho, lam, "binary")
+
+
+_BY_MODE = {"ternary": _msa_update_ternary, "binary": _msa_update_binary}
 
 
 def _average(M, M_err, target, one_minus_alpha) -> None:
@@ -244,7 +264,7 @@ class MSA(torch.optim.Optimizer):
         if group["scale"] == "learned":
             new_scale = scale.clone()
             _adam_positive(new_scale, _scale_grad(w, grad), state, group["scale_lr"])
-        update = self._update_fn(p)
+        update = self._update_fn(p, group["mode"])
         one_minus_alpha = self._one_minus_alpha(group, p)
         update(w, grad, M, M_err, scale, new_scale, one_minus_alpha, group["rho"], group["lam"], group["mode"])
         if new_scale is not scale:
@@ -269,12 +289,12 @@ class MSA(torch.optim.Optimizer):
             cached[0] = group["ema_decay"]
         return cached[1]
 
-    def _update_fn(self, p: torch.Tensor):
+    def _update_fn(self, p: torch.Tensor, mode: str):
         if not self._use_compile(p):
             return _msa_update
-        key = p.device.type
+        key = (p.device.type, mode)
         if key not in self._compiled:
-            self._compiled[key] = torch.compile(_msa_update, dynamic=True, fullgraph=True)
+            self._compiled[key] = torch.compile(_BY_MODE[mode], dynamic=True, fullgraph=True)
         fn = self._compiled[key]
         return _guarded(fn, self, key)
 
@@ -303,7 +323,7 @@ class MSA(torch.optim.Optimizer):
         return nz / total
 
 
-def _guarded(fn, opt: MSA, key: str):
+def _guarded(fn, opt: MSA, key: tuple):
     """Call the compiled update; if compilation fails, warn once and fall back to eager."""
 
     def call(*args):
