@@ -173,6 +173,9 @@ def _training_options(f):
         click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N."),
         click.option("--precision", type=click.Choice(["fp32", "tf32", "bf16"]), default="fp32", show_default=True,
                      help="Arithmetic of the forward and backward passes (tf32: CUDA only; bf16: autocast)."),
+        click.option("--cuda-graphs", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
+                     help="Replay each training step from a CUDA graph (auto: on a single GPU). 'off' for a "
+                     "model whose forward makes Python-side choices per call, which a graph would freeze."),
         click.option("--seed", type=click.IntRange(0, (1 << 32) - 1), default=0, show_default=True,
                      help="Seed of the codes' initialisation and the batch order."),
         click.option("--no-progress", is_flag=True, help="No progress bar (epoch lines only)."),
@@ -184,7 +187,7 @@ def _training_options(f):
 
 def _train_options(kw: dict) -> dict:
     out = {k: kw.pop(k) for k in ("mode", "method", "epochs", "batch_size", "rho", "lam", "ema_decay", "init", "lr",
-                                  "distill", "device", "precision", "seed")}
+                                  "distill", "device", "precision", "cuda_graphs", "seed")}
     out["keep_float"] = tuple(kw.pop("keep_float"))
     out["progress"] = not kw.pop("no_progress")
     return out

@@ -268,6 +268,25 @@ def test_cuda_devices_and_tf32_are_refused_without_a_gpu(tiny, tmp_path, no_trai
     res = invoke("compress", tiny, "--data", "digits", "--out", tmp_path / "out", "--device", "tpu")
     assert res.exit_code == 2 and "device 'tpu' is unknown" in res.stderr and "float model" not in res.stderr
     assert not (tmp_path / "out").exists()
+    res = invoke("compress", tiny, "--data", "digits", "--out", tmp_path / "out", "--cuda-graphs", "on",
+                 "--device", "cpu")
+    assert res.exit_code == 2 and "cuda_graphs 'on' needs a CUDA GPU" in res.stderr, res.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_cuda_graphs_option_reaches_training(tiny, tmp_path, monkeypatch):
+    seen = []
+
+    def fit(model, data, config, **kwargs):
+        seen.append(config.cuda_graphs)
+        raise AssertionError("stop here")
+
+    monkeypatch.setattr(pipeline, "fit", fit)
+    for value in ("off", "auto"):
+        invoke("compress", tiny, "--data", "digits", "--out", tmp_path / value, "--cuda-graphs", value)
+    assert seen == ["off", "auto"]
+    res = invoke("compress", tiny, "--data", "digits", "--out", tmp_path / "x", "--cuda-graphs", "maybe")
+    assert res.exit_code == 2 and "--cuda-graphs" in res.stderr
 
 
 def test_options_are_checked_on_the_command_line_before_anything_is_made(tiny, tmp_path, no_training):

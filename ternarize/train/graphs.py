@@ -15,7 +15,10 @@ What ``fn`` must obey, since a replay repeats the captured kernels on the captur
 * read every input from tensors that stay in place (copy each batch into them before the call);
 * keep all changing state in tensors updated in place: a Python number read inside ``fn``, or a
   tensor made anew outside it after the capture, is frozen at its value during the capture;
-* not synchronise with the host (no ``.item()``, no data-dependent shapes).
+* not synchronise with the host (no ``.item()``, no data-dependent shapes): the capture fails;
+* not choose in Python per call (``random.random()``, a counter in a model's forward): the choice
+  made during the capture is replayed for good. Random numbers drawn by torch on the GPU are fine:
+  each replay draws new ones.
 
 The optimizers here obey this: :class:`~ternarize.train.msa.MSA` keeps 1 − α in one tensor that
 ``end_epoch`` fills in place, :class:`~ternarize.train.ste.STE` counts its steps on the device, and
