@@ -22,7 +22,7 @@ import ternarize
 from ternarize import _scripts, zoo
 from ternarize.data import load_dataset
 from ternarize.errors import ConfigError
-from ternarize.train.loop import evaluate, fit_float
+from ternarize.train.loop import TrainConfig, evaluate, fit_float
 
 
 def main(argv=None) -> int:
@@ -38,6 +38,8 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=_scripts.integer(2), default=100)
     p.add_argument("--device", default="auto")
     p.add_argument("--seed", type=_scripts.seed, default=0)
+    p.add_argument("--cuda-graphs", choices=["auto", "on", "off"], default="auto",
+                   help="replay each step from a CUDA graph (auto: on one GPU)")
     p.add_argument("--out", default="model.pt")
     return run(p.parse_args(argv))
 
@@ -62,6 +64,7 @@ def run(args) -> int:
     """Check the options, device and output, then train, evaluate and save."""
     kwargs = model_options(args.model, args.width)
     _scripts.device(args.device)
+    TrainConfig(device=args.device, cuda_graphs=args.cuda_graphs).validate()  # 'on' needs a GPU
     _scripts.check_output(args.out, inputs=[args.data])  # before training; never over the dataset
     data = load_dataset(args.data, data_dir=args.data_dir)
     torch.manual_seed(args.seed)
@@ -69,7 +72,7 @@ def run(args) -> int:
         model = zoo.create(args.model, in_shape=data.in_shape, num_classes=data.num_classes, **kwargs)
         print(f"{args.model} on {args.data}: {sum(p.numel() for p in model.parameters()):,} parameters")
         fit_float(model, data, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, device=args.device,
-                  seed=args.seed)
+                  seed=args.seed, cuda_graphs=args.cuda_graphs)
     model.cpu().eval()
     _, acc = evaluate(model, torch.from_numpy(data.x_test), torch.from_numpy(data.y_test))
     print(f"test accuracy {100 * acc:.2f}%")

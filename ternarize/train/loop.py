@@ -72,7 +72,8 @@ class TrainConfig:
     compile: str = "auto"          # fuse the MSA update with torch.compile: auto | on | off
     cuda_graphs: str = "auto"      # replay each step from a CUDA graph: auto (on CUDA, one process) | on | off
     precision: str = "fp32"        # fp32 | tf32 (CUDA matmuls and convs in TF32) | bf16 (autocast)
-    time_budget: float | None = None  # seconds of training; stops after the epoch that exceeds it
+    time_budget: float | None = None  # seconds of training (a resumed run's earlier epochs count too);
+    #                                   stops after the epoch that exceeds it
     checkpoint: str | None = None  # path of the per-epoch checkpoint
     resume: bool = False
     progress: bool = True
@@ -173,7 +174,7 @@ def fit(model: nn.Module, data, config: TrainConfig | None = None, teacher: nn.M
         _load_state(model, resume_state["model"], config.checkpoint)
     torch.manual_seed(config.seed)
     graphs = _use_graphs(config, dist)
-    discrete_opt, adam = _optimizers(model, layers, config, capturable=graphs and dist.device.type == "cuda")
+    discrete_opt, adam = _optimizers(model, layers, config, capturable=graphs)
     if resume_state is not None:
         # again: the optimizers' initialisation rewrote the discrete weights, and a tensor it cannot
         # recognise as discrete (a layer whose weights are all 0) got fresh random codes
@@ -223,11 +224,14 @@ def _tf32(enabled: bool):
 
 
 def fit_float(model: nn.Module, data, epochs: int = 5, lr: float = 1e-3, batch_size: int = 100,
-              device: str = "auto", seed: int = 0, progress: bool = True, log=print) -> list[dict]:
+              device: str = "auto", seed: int = 0, progress: bool = True, log=print,
+              cuda_graphs: str = "auto") -> list[dict]:
     """Plain float training with Adam and cross-entropy (for making a float model to compress).
     The settings are checked as :class:`TrainConfig` fields, and the model against the data
-    (:func:`check_fits`), before any training."""
-    config = TrainConfig(epochs=epochs, batch_size=batch_size, seed=seed, progress=progress, lr=lr, device=device)
+    (:func:`check_fits`), before any training. On one GPU the steps are replayed from a CUDA graph
+    unless ``cuda_graphs="off"``; a failed capture is logged and the steps run eagerly."""
+    config = TrainConfig(epochs=epochs, batch_size=batch_size, seed=seed, progress=progress, lr=lr, device=device,
+                         cuda_graphs=cuda_graphs)
     config.validate()
     check_fits(model, data)
     dist = _Distributed.setup(device)
@@ -235,7 +239,7 @@ def fit_float(model: nn.Module, data, epochs: int = 5, lr: float = 1e-3, batch_s
     model.to(dist.device)
     tensors = _Tensors.from_dataset(data, dist.device)
     graphs = _use_graphs(config, dist)
-    adam = torch.optim.Adam(model.parameters(), lr=lr, capturable=graphs and dist.device.type == "cuda")
+    adam = torch.optim.Adam(model.parameters(), lr=lr, capturable=graphs)
     run = _Run(dist.wrap(model), model, None, adam, tensors, None, config, dist, log, graphs)
     history = [run.epoch(e) for e in range(epochs)]
     dist.close()
@@ -637,8 +641,9 @@ _CHECKPOINT_KEYS = ("method", "mode", "batch_size", "seed", "init", "loss", "kee
                     "ema_decay", "ema_anneal")
 # settings a resumed run may change that steer the updates: they take effect, and are logged and recorded
 _TUNED_KEYS = ("rho", "lam", "lr", "distill_temperature", "distill_weight", "precision")
-# the optimizers' group entries that follow them (load_state_dict would restore the checkpoint's)
-_GROUP_KEYS = ("rho", "lam", "scale_lr", "lr")
+# the optimizers' group entries that follow them (load_state_dict would restore the checkpoint's),
+# and Adam's capturable, which follows this run's use of CUDA graphs, not the checkpoint's
+_GROUP_KEYS = ("rho", "lam", "scale_lr", "lr", "capturable")
 
 
 def _save_checkpoint(config, model, discrete_opt, adam, result, epoch) -> None:
@@ -690,6 +695,18 @@ def _load_state(target, state, path) -> None:
                           "without --resume or choose another --out") from e
 
 
+def _place_adam_steps(adam: torch.optim.Adam) -> None:
+    """Adam's step counts where its groups now want them: on the parameter's device when capturable
+    (CUDA graphs), else on the CPU. load_state_dict places them as the checkpoint's groups had them,
+    so a checkpoint of a graphed GPU run would not resume on a CPU, nor an eager one in a graph."""
+    for group in adam.param_groups:
+        for p in group["params"]:
+            step = adam.state.get(p, {}).get("step")
+            if isinstance(step, torch.Tensor):
+                where = p.device if group.get("capturable") or group.get("fused") else torch.device("cpu")
+                adam.state[p]["step"] = step.to(device=where, dtype=torch.float32)
+
+
 def _restore(state, discrete_opt, adam, result, config, log, dist) -> int:
     """The optimizers' state, the RNG and the history from a checkpoint; this run's rho, lam and lr
     replace the checkpoint's in the optimizers, and a change is logged and added to
@@ -701,6 +718,8 @@ def _restore(state, discrete_opt, adam, result, config, log, dist) -> int:
         _load_state(opt, saved_opt, config.checkpoint)
         for group, values in zip(opt.param_groups, ours):
             group.update(values)
+        if isinstance(opt, torch.optim.Adam):
+            _place_adam_steps(opt)
     torch.set_rng_state(state["rng"])
     result.history = list(state["history"])
     epoch = int(state["epoch"]) + 1

@@ -80,6 +80,17 @@ class STE(torch.optim.Optimizer):
             w = twn(latent)
         p.copy_(w.reshape(p.shape))
 
+    def load_state_dict(self, state_dict) -> None:
+        """As torch's, but the step counts go to their parameters' devices, where ``step`` counts
+        them (torch leaves a ``step`` where the checkpoint had it: a CPU count would not advance in a
+        CUDA graph)."""
+        super().load_state_dict(state_dict)
+        for group in self.param_groups:
+            for p in group["params"]:
+                state = self.state[p]
+                if isinstance(state.get("step"), torch.Tensor):
+                    state["step"] = state["step"].to(device=p.device, dtype=torch.float32)
+
     def end_epoch(self) -> None:
         """Nothing to anneal (Adam's learning rate is constant); kept for interface parity with MSA."""
 
