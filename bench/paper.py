@@ -57,18 +57,35 @@ def step_ratios(cfg, device, log):
     rows = []
     args = SimpleNamespace(mlp_width=cfg["mlp_width"], vgg_width=cfg["vgg_width"], batch=100, steps=cfg["steps"],
                            warmup=3, no_compile=False)
+    failed = []
     try:
         for precision, graphed in settings:
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = precision == "tf32"
             for name in ("mlp", "vgg"):
-                for r in train_step.measure(name, args, device, graphed=graphed):
+                try:  # one setting's failure leaves the others' rows
+                    measured = train_step.measure(name, args, device, graphed=graphed)
+                except Exception as e:  # noqa: BLE001 - recorded; re-raised after the other settings
+                    traceback.print_exc()
+                    failed.append(f"{precision} {'graphed' if graphed else 'eager'} {name}: {_one_line(e)}")
+                    continue
+                for r in measured:
                     rows.append({**r, "precision": precision})
                     how = "graph" if r["graphs"] else "eager"
                     log(f"  {precision} {how} {name:<4} {r['variant']:<20} {r['median_ms']:8.2f} ms  "
                         f"x{r['ratio']:.3f}")
     finally:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    if failed:
+        raise StepFailed(rows, "; ".join(failed))
     return rows
+
+
+class StepFailed(RuntimeError):
+    """Some settings of (a) failed; ``rows`` holds what the others measured."""
+
+    def __init__(self, rows, message):
+        super().__init__(message)
+        self.rows = rows
 
 
 def mnist_schedule(cfg, args, log, data, mode):
@@ -99,12 +116,13 @@ def markdown(report) -> str:
     lines = [f"# ternarize on {env['device']} (torch {env['torch']}, {env['date']})", ""]
     lines += ["## (a) step time vs float Adam (batch 100)", ""]
     steps = report.get("steps")
-    if isinstance(steps, dict):
-        lines.append(f"failed: {steps['error']}")
-    elif steps is not None:
+    rows = steps.get("rows", []) if isinstance(steps, dict) else steps or []
+    if rows:
         lines += ["| precision | CUDA graph | model | variant | median ms | ratio |", "|---|---|---|---|---|---|"]
         lines += [f"| {r['precision']} | {'yes' if r['graphs'] else 'no'} | {r['model']} | {r['variant']} | "
-                  f"{r['median_ms']:.2f} | {r['ratio']:.3f} |" for r in steps]
+                  f"{r['median_ms']:.2f} | {r['ratio']:.3f} |" for r in rows]
+    if isinstance(steps, dict):
+        lines += ([""] if rows else []) + [f"failed: {steps['error']}"]
     lines += ["", "## (b) MNIST MLP, the paper's schedule (within the time budget)", ""]
     mnist = report.get("mnist") or {}
     if mnist:
@@ -194,14 +212,23 @@ def run(cfg, args, device, mnist, fashion) -> tuple[str, bool]:
 
 
 def _attempt(fn, failures: list):
-    """fn(), or {"error": "Type: first line"} with the traceback on stderr when it raises."""
+    """fn(), or {"error": "Type: first line"} with the traceback on stderr when it raises; for (a),
+    the rows of the settings that ran and the error of those that did not."""
     try:
         return fn()
+    except StepFailed as e:
+        failures.append("steps")
+        return {"rows": e.rows, "error": str(e)}
     except Exception as e:  # noqa: BLE001 - recorded; the run goes on with the next step
         traceback.print_exc()
-        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
         failures.append(type(e).__name__)
-        return {"error": f"{type(e).__name__}: {first}" if first else type(e).__name__}
+        return {"error": _one_line(e)}
+
+
+def _one_line(e: BaseException) -> str:
+    """'Type: first line' of an exception, without '|' (it goes into a Markdown table)."""
+    first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+    return (f"{type(e).__name__}: {first}" if first else type(e).__name__).replace("|", "/")
 
 
 if __name__ == "__main__":

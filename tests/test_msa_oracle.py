@@ -2,6 +2,7 @@
 
 import random
 
+import numpy as np
 import pytest
 import torch
 
@@ -233,3 +234,16 @@ def test_a_bfloat16_average_keeps_increments_below_its_ulp(fused):
         opt.step()
     average = opt.state[p]["M"].float() + opt.state[p]["M_err"].float()
     assert torch.allclose(average, torch.full_like(average, 2 - 0.999 ** 2000), atol=2e-3), average[0, 0].item()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_one_minus_alpha_of_16_bit_weights_stays_float32(dtype):
+    # in the parameter's dtype, 1 - α would be off by up to 0.4 % (bf16), and in fp16 it turns
+    # subnormal after 55 anneals at η = 0.95 and 0 after 204
+    p = torch.nn.Parameter(torch.zeros(4, 4, dtype=dtype))
+    opt = MSA([p], mode="ternary", ema_decay=0.999, ema_anneal=0.95)
+    for _ in range(200):
+        opt.end_epoch()
+    weight = opt._one_minus_alpha(opt.param_groups[0], p)
+    assert weight.dtype == torch.float32
+    assert weight.item() == float(np.float32(1 - opt.param_groups[0]["ema_decay"]))

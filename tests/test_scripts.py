@@ -287,6 +287,25 @@ def test_paper_records_a_failed_step_and_runs_the_others(capsys, tmp_path, paper
     assert "| 1.0 | on | 2 | 3.0 | 90.00% | 10.00% |" in text
 
 
+def test_paper_keeps_the_step_rows_of_settings_that_ran(monkeypatch):
+    paper = load("bench/paper.py")
+
+    def measure(name, args, device, graphed=False):
+        if name == "vgg":
+            raise RuntimeError("out of | memory\nmore")
+        return [{"model": name, "variant": "float Adam", "graphs": False, "median_ms": 1.0, "ratio": 1.0}]
+
+    monkeypatch.setattr(paper.train_step, "measure", measure)
+    cfg = dict(paper.TINY)
+    failures = []
+    steps = paper._attempt(lambda: paper.step_ratios(cfg, torch.device("cpu"), lambda s: None), failures)
+    assert failures == ["steps"] and [r["model"] for r in steps["rows"]] == ["mlp"]
+    assert steps["error"] == "fp32 eager vgg: RuntimeError: out of / memory"
+    text = paper.markdown({"env": {"device": "cpu", "torch": "x", "date": "d"}, "steps": steps})
+    assert "| fp32 | no | mlp | float Adam | 1.00 | 1.000 |" in text
+    assert "failed: fp32 eager vgg: RuntimeError: out of / memory" in text
+
+
 def test_gpu_sh_takes_relative_paths_from_the_caller_and_options_after_data(tmp_path):
     (tmp_path / "data").mkdir()
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}

@@ -279,10 +279,13 @@ class MSA(torch.optim.Optimizer):
         epoch). One tensor for good: copying a Python float to a GPU every step would make the host
         wait for the device, and a step captured in a CUDA graph keeps reading the tensor it saw.
         The subtraction is done in Python (float64), before the cast to the parameter's dtype."""
-        key = (id(group), p.device, p.dtype)
+        # 16-bit parameters average in float32 (_average_wide): 1 − α too, whose 16-bit value would
+        # be off by up to 0.4 % (bf16) or, late in an anneal, a subnormal (fp16)
+        dtype = torch.float32 if p.dtype in (torch.float16, torch.bfloat16) else p.dtype
+        key = (id(group), p.device, dtype)
         cached = self._alphas.get(key)
         if cached is None:
-            cached = [group["ema_decay"], torch.tensor(1.0 - group["ema_decay"], dtype=p.dtype, device=p.device)]
+            cached = [group["ema_decay"], torch.tensor(1.0 - group["ema_decay"], dtype=dtype, device=p.device)]
             self._alphas[key] = cached
         elif cached[0] != group["ema_decay"]:
             cached[1].fill_(1.0 - group["ema_decay"])
