@@ -39,6 +39,7 @@ import train_step  # noqa: E402  (bench/train_step.py)
 
 from ternarize import _io, _scripts, zoo  # noqa: E402
 from ternarize.data import load_dataset  # noqa: E402
+from ternarize.train.graphs import StuckCapture  # noqa: E402
 from ternarize.train.loop import TrainConfig, fit  # noqa: E402
 
 PAPER = {"ternary": {"acc": 0.9883, "nonzero": 0.018}, "binary": {"acc": 0.9879, "nonzero": None}}
@@ -64,6 +65,8 @@ def step_ratios(cfg, device, log):
             for name in ("mlp", "vgg"):
                 try:  # one setting's failure leaves the others' rows
                     measured = train_step.measure(name, args, device, graphed=graphed)
+                except StuckCapture:  # a failed capture this process cannot recover from: stop the run
+                    raise
                 except Exception as e:  # noqa: BLE001 - recorded; re-raised after the other settings
                     traceback.print_exc()
                     failed.append(f"{precision} {'graphed' if graphed else 'eager'} {name}: {_one_line(e)}")
@@ -216,6 +219,8 @@ def _attempt(fn, failures: list):
     the rows of the settings that ran and the error of those that did not."""
     try:
         return fn()
+    except StuckCapture:  # nothing more can run on the GPU in this process
+        raise
     except StepFailed as e:
         failures.append("steps")
         return {"rows": e.rows, "error": str(e)}

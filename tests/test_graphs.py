@@ -97,7 +97,7 @@ class _EmulatedGraph:
                         o.copy_(r)  # into the tensor the later operations read
 
 
-def _emulated_record(graph, fn, device):
+def _emulated_record(graph, fn, device, stream):
     recorder = _Recorder()
     try:
         with recorder:
@@ -107,6 +107,10 @@ def _emulated_record(graph, fn, device):
             for t, saved in reversed(recorder.saved):
                 t.copy_(saved)
     graph.ops = recorder.ops
+
+
+def _eager_warmup(step, check=False):
+    step.fn()  # no host sync seen (an emulated capture fails on one)
 
 
 @pytest.fixture
@@ -124,7 +128,7 @@ def emulated_mixed(monkeypatch):
     _EmulatedGraph.made = []
     monkeypatch.setattr(graphs, "_new_graph", _EmulatedGraph)
     monkeypatch.setattr(graphs, "_record", _emulated_record)
-    monkeypatch.setattr(graphs.GraphedStep, "_on_side_stream", lambda self: self.fn())
+    monkeypatch.setattr(graphs.GraphedStep, "_on_side_stream", _eager_warmup)
     monkeypatch.setattr(loop, "_use_graphs", lambda config, dist: config.cuda_graphs != "off")
     # capturable Adam (its step count and bias corrections on the device) is refused on a CPU
     monkeypatch.setattr(adam_module, "_get_capturable_supported_devices",
@@ -190,32 +194,49 @@ def test_a_step_that_syncs_with_the_host_trains_on_eagerly_and_says_so(emulated)
     _same(model, eager_model)
 
 
-def test_capture_failure_reports_the_step_error_not_the_capture_end(monkeypatch):
-    def record(graph, fn, device):
-        try:
-            raise ValueError("a host sync in forward\nmore")
-        except ValueError:
-            raise RuntimeError("operation failed due to a previous error during capture") from None
+def test_capture_failure_reports_the_step_error_and_trains_on(monkeypatch):
+    def record(graph, fn, device, stream):
+        step_error = ValueError("a host sync in forward\nmore")
+        raise graphs._CaptureFailed(step_error, None) from RuntimeError("operation failed due to a previous error")
 
     monkeypatch.setattr(graphs, "_new_graph", object)
     monkeypatch.setattr(graphs, "_record", record)
-    reasons = []
-    step = graphs.GraphedStep(lambda: None, "cpu", warmup=0, on_fail=reasons.append)
+    reasons, calls = [], []
+    step = graphs.GraphedStep(lambda: calls.append(1), "cpu", warmup=0, on_fail=reasons.append)
     step()
-    assert step.state == "eager" and reasons == ["ValueError: a host sync in forward"]
+    step()
+    assert step.state == "eager" and reasons == ["ValueError: a host sync in forward"] and len(calls) == 2
+
+
+def test_a_step_seen_to_sync_in_the_last_warm_up_is_never_captured(monkeypatch):
+    checks = []
+
+    def warm_up(step, check=False):
+        checks.append(check)
+        step.fn()
+        return "called a synchronizing CUDA operation" if check else None
+
+    monkeypatch.setattr(graphs.GraphedStep, "_on_side_stream", warm_up)
+    captured = []
+    monkeypatch.setattr(graphs, "_record", lambda *args: captured.append(args))
+    reasons, calls = [], []
+    step = graphs.GraphedStep(lambda: calls.append(1), "cpu", warmup=3, on_fail=reasons.append)
+    for _ in range(5):
+        step()
+    assert checks == [False, False, True] and not captured and len(calls) == 5
+    assert step.state == "eager"
+    assert reasons == ["the step synchronises with the host (called a synchronizing CUDA operation)"]
 
 
 def test_a_capture_that_cannot_be_undone_stops_with_the_way_out(monkeypatch):
-    def record(graph, fn, device):
-        try:
-            raise RuntimeError("operation not permitted when stream is capturing")
-        except RuntimeError as e:
-            raise graphs._Stuck("AttributeError: no graphsafe_set_state") from e
+    def record(graph, fn, device, stream):
+        raise graphs._CaptureFailed(RuntimeError("operation not permitted when stream is capturing"),
+                                    "AttributeError: no graphsafe_set_state")
 
     monkeypatch.setattr(graphs, "_new_graph", object)
     monkeypatch.setattr(graphs, "_record", record)
     step = graphs.GraphedStep(lambda: None, "cpu", warmup=0)
-    with pytest.raises(TrainingError, match="run again with --cuda-graphs off"):
+    with pytest.raises(TrainingError, match="operation not permitted .* no graphsafe_set_state.*--cuda-graphs off"):
         step()
 
 
@@ -238,6 +259,29 @@ def test_resume_across_graphed_and_eager_runs(emulated_mixed, monkeypatch, tmp_p
     assert [h["train_loss"] for h in result.history] == pytest.approx([h["train_loss"] for h in whole.history],
                                                                       rel=1e-5)
     _same(model, whole_model, rtol=1e-5)
+
+
+def test_optimizer_step_counts_follow_the_parameters_after_a_resume():
+    # on a GPU: a checkpoint is loaded onto the host; capturable Adam and STE count on the device
+    from ternarize.train.ste import STE
+
+    p = nn.Parameter(torch.zeros(3, 4, device="meta"))
+    adam = torch.optim.Adam([p], capturable=True)
+    adam.state[p]["step"] = torch.tensor(5.0)
+    loop._place_adam_steps(adam)
+    assert adam.state[p]["step"].device.type == "meta"
+    adam.param_groups[0]["capturable"] = False
+    adam.state[p]["step"] = torch.tensor(5.0, dtype=torch.float64)
+    loop._place_adam_steps(adam)
+    assert adam.state[p]["step"].device.type == "cpu" and adam.state[p]["step"].dtype == torch.float32
+
+    w = nn.Parameter(torch.ones(3, 4))
+    saved = STE([w]).state_dict()
+    saved["state"][0]["step"] = torch.tensor(7.0)
+    on_meta = nn.Parameter(torch.ones(3, 4, device="meta"))
+    ste = STE([on_meta])
+    ste.load_state_dict(saved)
+    assert ste.state[on_meta]["step"].device.type == "meta"
 
 
 def test_too_few_full_batches_never_capture(emulated):

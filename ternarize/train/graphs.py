@@ -78,7 +78,9 @@ class GraphedStep:
             return
         if self.calls < self.warmup:
             self.calls += 1
-            self._on_side_stream()
+            synced = self._on_side_stream(check=self.calls == self.warmup)
+            if synced:  # a capture would fail; better never to start one (see _recover)
+                self._give_up(f"the step synchronises with the host ({synced})")
             return
         self._capture()
         if self.graph is not None:
@@ -86,42 +88,78 @@ class GraphedStep:
         else:
             self.fn()
 
-    def _on_side_stream(self) -> None:
+    def _on_side_stream(self, check: bool = False) -> str | None:
+        """One eager call on the side stream. With ``check``, the first host synchronisation the call
+        made (torch's sync debug mode), which a capture cannot contain, or None."""
         current = torch.cuda.current_stream(self.device)
         if self._side is None:
             self._side = torch.cuda.Stream(self.device)
         self._side.wait_stream(current)
-        with torch.cuda.stream(self._side):
+        with torch.cuda.stream(self._side), _sync_warnings(check) as seen:
             self.fn()
         current.wait_stream(self._side)
+        return seen[0] if seen else None
 
     def _capture(self) -> None:
         graph = _new_graph()
         try:
-            _record(graph, self.fn, self.device)
+            _record(graph, self.fn, self.device, self._side)
         except Exception as e:  # an operation that cannot be captured: train on, eagerly
-            stuck = isinstance(e, _Stuck)
-            self.reason = _root_reason(e.__cause__ if stuck else e)
-            if stuck:
-                raise TrainingError(f"the training step could not be captured in a CUDA graph ({self.reason}) and "
-                                    f"cannot run eagerly in this process either ({e}); run again with --cuda-graphs "
-                                    "off (TrainConfig(cuda_graphs='off'))") from e
-            self.state = "eager"
-            self.on_fail(self.reason)
+            failure = e if not isinstance(e, _CaptureFailed) else e.cause
+            reason = _describe(failure)
+            if isinstance(e, _CaptureFailed) and e.stuck:
+                self.reason = reason
+                raise StuckCapture(f"the training step could not be captured in a CUDA graph ({reason}) and "
+                                    f"cannot run eagerly in this process either ({e.stuck}); run again with "
+                                    "--cuda-graphs off (TrainConfig(cuda_graphs='off'))") from e
+            self._give_up(reason)
             return
         self.graph = graph
         self.state = "graphed"
 
+    def _give_up(self, reason: str) -> None:
+        self.reason, self.state = reason, "eager"
+        self.on_fail(reason)
 
-class _Stuck(Exception):
-    """A failed capture left the device in a state that an eager step cannot run in."""
+
+@contextlib.contextmanager
+def _sync_warnings(enabled: bool):
+    """Collect, as one line each, the host synchronisations made in the body (torch's sync debug
+    mode "warn"); yields the list."""
+    seen = []
+    if not enabled:
+        yield seen
+        return
+    before = torch.cuda.get_sync_debug_mode()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            yield seen
+        finally:
+            torch.cuda.set_sync_debug_mode(before)
+    for w in caught:
+        if "synchroniz" in str(w.message):
+            seen.append(str(w.message).strip().splitlines()[0][:160])
+        else:  # not ours: as if never caught
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
 
 
-def _root_reason(e: BaseException) -> str:
-    """'Type: first line' of what failed in the step: the first exception of the chain (the capture's
-    end raises its own, 'operation failed due to a previous error during capture')."""
-    while e.__context__ is not None:
-        e = e.__context__
+class StuckCapture(TrainingError):
+    """A capture failed and left the process unable to run CUDA work reliably: nothing more should
+    run on the GPU in this process."""
+
+
+class _CaptureFailed(Exception):
+    """A capture failed: ``cause`` is what failed in the step (else the capture's own error), and
+    ``stuck`` what the failed capture left behind that could not be undone (None: all undone)."""
+
+    def __init__(self, cause: BaseException, stuck: str | None):
+        super().__init__(str(cause))
+        self.cause, self.stuck = cause, stuck
+
+
+def _describe(e: BaseException) -> str:
     first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
     return f"{type(e).__name__}: {first}" if first else type(e).__name__
 
@@ -130,39 +168,58 @@ def _new_graph():
     return torch.cuda.CUDAGraph()
 
 
-def _record(graph, fn, device: torch.device) -> None:
-    """Capture ``fn()`` into ``graph``: its kernels are recorded, not run. After a failure, what the
-    failed capture left behind is undone (:func:`_recover`) and the error raised again."""
-    stream = torch.cuda.current_stream(device)
-    try:
-        with torch.cuda.graph(graph):
+def _record(graph, fn, device: torch.device, stream) -> None:
+    """Capture ``fn()`` into ``graph`` on ``stream`` (a side stream of ``device``; None: a new one,
+    not torch.cuda.graph's shared default, which belongs to the device it was made on): its kernels are
+    recorded, not run. After a failure, what the failed capture left behind is undone
+    (:func:`_recover`) and :class:`_CaptureFailed` raised with the step's own error, if it raised one
+    (the capture's end then adds "operation failed due to a previous error during capture")."""
+    pool = torch.cuda.graph_pool_handle()
+    current = torch.cuda.current_stream(device)
+    stream = stream if stream is not None else torch.cuda.Stream(device)
+    errors = []
+
+    def step():
+        try:
             fn()
+        except Exception as e:
+            errors.append(e)
+            raise
+
+    try:
+        with torch.cuda.graph(graph, pool=pool, stream=stream):
+            step()
     except Exception as e:
-        problem = _recover(device, stream)
-        if problem:
-            raise _Stuck(problem) from e
-        raise
+        raise _CaptureFailed(errors[0] if errors else e, _recover(device, current, pool)) from e
 
 
-def _recover(device: torch.device, stream) -> str | None:
+def _recover(device: torch.device, stream, pool) -> str | None:
     """Undo what a failed capture leaves behind so that the step can run eagerly; returns what
-    could not be undone, or None. torch.cuda.graph's exit raised before leaving the capture's
-    stream, so that stream is still current; and before the random generator's epilogue, so the
-    device's generator is still in capture mode, where every later random draw (dropout's) fails.
-    The generator gets a fresh state with the same seed and offset."""
+    could not be undone, or None. The capture's end raised before leaving the capture stream, so
+    ``stream`` is made current again; before ending the allocator's capture into ``pool``, so
+    allocations would keep being checked against it and ``empty_cache`` refused: it is ended and
+    the pool released; and (torch 2.11) before the random generator's epilogue, so the device's
+    generator would stay in capture mode, where every later random draw (dropout's) fails: it gets a
+    fresh state with the same seed and offset."""
     try:
         torch.cuda.set_stream(stream)
         torch.cuda.synchronize(device)
         index = device.index if device.index is not None else torch.cuda.current_device()
+        try:
+            torch._C._cuda_endAllocateToPool(index, pool)
+        except RuntimeError:  # the capture's end had ended it
+            pass
+        else:
+            torch._C._cuda_releasePool(index, pool)
         generator = torch.cuda.default_generators[index]
         fresh = torch.Generator(device=device)
         fresh.set_state(generator.get_state())
         generator.graphsafe_set_state(fresh.graphsafe_get_state())
-    except Exception as e:  # e.g. a torch without graph-safe generator states
-        return f"{type(e).__name__}: {str(e).strip().splitlines()[0][:120] if str(e).strip() else ''}"
+    except Exception as e:  # e.g. a torch without these calls
+        return _describe(e)[:160]
     return None
 
 
 def _warn(reason: str) -> None:
     warnings.warn(f"the training step could not be captured in a CUDA graph ({reason}); it runs eagerly",
-                  stacklevel=4)
+                  stacklevel=5)

@@ -239,7 +239,7 @@ def fit_float(model: nn.Module, data, epochs: int = 5, lr: float = 1e-3, batch_s
     model.to(dist.device)
     tensors = _Tensors.from_dataset(data, dist.device)
     graphs = _use_graphs(config, dist)
-    adam = torch.optim.Adam(model.parameters(), lr=lr, capturable=graphs)
+    adam = _adam(model.parameters(), lr, capturable=graphs)
     run = _Run(dist.wrap(model), model, None, adam, tensors, None, config, dist, log, graphs)
     history = [run.epoch(e) for e in range(epochs)]
     dist.close()
@@ -440,8 +440,7 @@ def _optimizers(model, layers, config, capturable=False):
     params = dict(model.named_parameters())
     discrete_ids = {id(params[lay.param]) for lay in layers}
     continuous = [p for p in model.parameters() if id(p) not in discrete_ids and p.requires_grad]
-    # capturable: Adam's step count and bias corrections live on the device (for CUDA graphs)
-    adam = torch.optim.Adam(continuous, lr=config.lr, capturable=capturable) if continuous else None
+    adam = _adam(continuous, config.lr, capturable) if continuous else None
     groups = [{"params": [params[lay.param]], "scale": lay.scale} for lay in layers]
     if config.method == "msa":
         fused = {"auto": "auto", "on": True, "off": False}[config.compile]
@@ -450,6 +449,16 @@ def _optimizers(model, layers, config, capturable=False):
     else:
         opt = STE(groups, mode=config.mode, lr=config.lr)
     return opt, adam
+
+
+def _adam(params, lr: float, capturable: bool) -> torch.optim.Adam:
+    """Adam; ``capturable`` keeps its step count and bias corrections on the device (CUDA graphs).
+    Its warning that a capturable Adam stepping outside a graph is slower is expected here: the
+    warm-up steps and a short last batch run eagerly by design."""
+    adam = torch.optim.Adam(params, lr=lr, capturable=capturable)
+    if capturable:
+        adam._warned_capturable_if_run_uncaptured = True
+    return adam
 
 
 def _teacher_logits(teacher: nn.Module, tensors: _Tensors, device) -> torch.Tensor:
