@@ -38,6 +38,7 @@ import paper_mnist  # noqa: E402  (examples/paper_mnist.py)
 import train_step  # noqa: E402  (bench/train_step.py)
 
 from ternarize import _io, _scripts, zoo  # noqa: E402
+from ternarize._text import error_line  # noqa: E402
 from ternarize.data import load_dataset  # noqa: E402
 from ternarize.train.graphs import StuckCapture  # noqa: E402
 from ternarize.train.loop import TrainConfig, fit  # noqa: E402
@@ -232,8 +233,7 @@ def _attempt(fn, failures: list):
 
 def _one_line(e: BaseException) -> str:
     """'Type: first line' of an exception, without '|' (it goes into a Markdown table)."""
-    first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
-    return (f"{type(e).__name__}: {first}" if first else type(e).__name__).replace("|", "/")
+    return error_line(e, 300).replace("|", "/")
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 
 Names, metadata and paths come from files a user may not have made: printed as they are, an ESC
 character would reach the terminal. ``printable`` shows every non-printable character as its
-escape; ``one_line`` also joins lines (for one-line error messages).
+escape; ``one_line`` also joins lines (for one-line error messages); ``error_line`` names an
+exception in one line.
 
 Example: ``printable("a\\x1b[31m") == "a\\\\x1b[31m"``.
 """
@@ -18,3 +19,9 @@ def printable(text) -> str:
 def one_line(text) -> str:
     """``text`` on one line (runs of whitespace become one space), control characters escaped."""
     return printable(" ".join(str(text).split()))
+
+
+def error_line(e: BaseException, limit: int = 200) -> str:
+    """``"Type: first line of the message"`` (the message cut at ``limit``), or the type alone."""
+    first = str(e).strip().splitlines()[0][:limit] if str(e).strip() else ""
+    return f"{type(e).__name__}: {first}" if first else type(e).__name__

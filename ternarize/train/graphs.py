@@ -22,10 +22,12 @@ What ``fn`` must obey, since a replay repeats the captured kernels on the captur
 
 The optimizers here obey this: :class:`~ternarize.train.msa.MSA` keeps 1 − α in one tensor that
 ``end_epoch`` fills in place, :class:`~ternarize.train.ste.STE` counts its steps on the device, and
-Adam needs ``capturable=True``. If the capture fails, what it left behind is undone (the capture's
-stream, the random generator's capture mode), ``on_fail`` says why (a warning by default) and every
-later call runs ``fn`` eagerly: a step that cannot be captured still trains, only slower. Where that
-cannot be undone, :class:`~ternarize.TrainingError` says to turn graphs off.
+Adam needs ``capturable=True``. The last warm-up call runs under torch's sync debug mode: a step
+that synchronises with the host is never captured. If a capture fails anyway, what it left behind is
+undone (the current stream, the allocator's capture into the graph's pool, the random generator's
+capture mode). Either way ``on_fail`` says why (a warning by default) and every later call runs
+``fn`` eagerly: a step that cannot be captured still trains, only slower. Where a failed capture
+cannot be undone, :class:`StuckCapture` (a :class:`~ternarize.TrainingError`) says to turn graphs off.
 
 Example::
 
@@ -43,6 +45,7 @@ import warnings
 
 import torch
 
+from .._text import error_line
 from ..errors import TrainingError
 
 WARMUP = 3  # eager calls before the capture (PyTorch's documented whole-network example uses 3 and more)
@@ -106,7 +109,7 @@ class GraphedStep:
             _record(graph, self.fn, self.device, self._side)
         except Exception as e:  # an operation that cannot be captured: train on, eagerly
             failure = e if not isinstance(e, _CaptureFailed) else e.cause
-            reason = _describe(failure)
+            reason = error_line(failure)
             if isinstance(e, _CaptureFailed) and e.stuck:
                 self.reason = reason
                 raise StuckCapture(f"the training step could not be captured in a CUDA graph ({reason}) and "
@@ -162,11 +165,6 @@ class _CaptureFailed(Exception):
         self.cause, self.stuck = cause, stuck
 
 
-def _describe(e: BaseException) -> str:
-    first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
-    return f"{type(e).__name__}: {first}" if first else type(e).__name__
-
-
 def _new_graph():
     return torch.cuda.CUDAGraph()
 
@@ -219,7 +217,7 @@ def _recover(device: torch.device, stream, pool) -> str | None:
         fresh.set_state(generator.get_state())
         generator.graphsafe_set_state(fresh.graphsafe_get_state())
     except Exception as e:  # e.g. a torch without these calls
-        return _describe(e)[:160]
+        return error_line(e, 120)
     return None
 
 

@@ -278,10 +278,9 @@ class MSA(torch.optim.Optimizer):
         """1 − α as a tensor on the parameter's device, refilled in place when α changes (once an
         epoch). One tensor for good: copying a Python float to a GPU every step would make the host
         wait for the device, and a step captured in a CUDA graph keeps reading the tensor it saw.
-        The subtraction is done in Python (float64), before the cast to the parameter's dtype
-        (float32 for 16-bit parameters, which average in float32)."""
-        # 16-bit parameters average in float32 (_average_wide): 1 − α too, whose 16-bit value would
-        # be off by up to 0.4 % (bf16) or, late in an anneal, a subnormal (fp16)
+        The subtraction is done in Python (float64), before the cast to the parameter's dtype, or
+        float32 for 16-bit parameters: they average in float32 (_average_wide), and a 16-bit 1 − α
+        would be off by up to 0.4 % (bf16) or, late in an anneal, subnormal (fp16)."""
         dtype = torch.float32 if p.dtype in (torch.float16, torch.bfloat16) else p.dtype
         key = (id(group), p.device, dtype)
         cached = self._alphas.get(key)
