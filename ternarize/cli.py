@@ -155,7 +155,10 @@ def _training_options(f):
                      help="E-MSA (the paper) or a straight-through baseline (TWN / BinaryConnect)."),
         click.option("--epochs", type=click.IntRange(min=1), default=5, show_default=True,
                      help="Training epochs (the paper ran 250 on MNIST)."),
-        click.option("--batch-size", type=click.IntRange(min=2), default=100, show_default=True),
+        click.option("--batch-size", type=click.IntRange(min=2), default=100, show_default=True,
+                     help="Samples per step (the paper's MNIST runs: 100)."),
+        click.option("--loss", type=click.Choice(["cross_entropy", "squared_hinge"]), default="cross_entropy",
+                     show_default=True, help="Training loss (the paper's binary MNIST run: squared_hinge)."),
         click.option("--rho", type=click.FloatRange(min=0, min_open=True), default=None,
                      help="E-MSA ρ (default 0.25 ternary, 0.5 binary)."),
         click.option("--lam", type=click.FloatRange(min=0), default=1e-7, show_default=True,
@@ -186,8 +189,8 @@ def _training_options(f):
 
 
 def _train_options(kw: dict) -> dict:
-    out = {k: kw.pop(k) for k in ("mode", "method", "epochs", "batch_size", "rho", "lam", "ema_decay", "init", "lr",
-                                  "distill", "device", "precision", "cuda_graphs", "seed")}
+    out = {k: kw.pop(k) for k in ("mode", "method", "epochs", "batch_size", "loss", "rho", "lam", "ema_decay", "init",
+                                  "lr", "distill", "device", "precision", "cuda_graphs", "seed")}
     out["keep_float"] = tuple(kw.pop("keep_float"))
     out["progress"] = not kw.pop("no_progress")
     return out

@@ -148,6 +148,17 @@ def _compress_cmd(model, out, epochs):
 
 
 @pytest.mark.slow
+def test_loss_option_reaches_the_training(float_model, tmp_path):
+    out = tmp_path / "out"
+    res = invoke("compress", float_model, "--data", "digits", "--out", out, "--mode", "binary",
+                 "--loss", "squared_hinge", *FAST)
+    assert res.exit_code == 0, res.output
+    settings = json.loads((out / "report.json").read_text())["training"]["settings"]
+    assert (settings["mode"], settings["loss"]) == ("binary", "squared_hinge")
+    res = invoke("compress", float_model, "--data", "digits", "--out", tmp_path / "o2", "--loss", "hinge", *FAST)
+    assert res.exit_code == 2 and "hinge" in res.output and not (tmp_path / "o2").exists()
+
+
 def test_killed_run_resumes_to_the_same_result(float_model, tmp_path):
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     assert subprocess.run(_compress_cmd(float_model, straight, 4), capture_output=True).returncode == 0

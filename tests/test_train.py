@@ -98,6 +98,22 @@ def test_resume_reaches_the_same_weights(float_mlp, digits, tmp_path):
         assert torch.equal(a, b), name
 
 
+@pytest.mark.parametrize("old_checkpoint", [False, True])
+def test_resumed_run_counts_the_earlier_processes_seconds(float_mlp, digits, tmp_path, old_checkpoint):
+    ck = str(tmp_path / "c.pt")
+    config = dict(epochs=3, batch_size=50, checkpoint=ck, **QUIET)
+    first = fit(copy.deepcopy(float_mlp), digits, TrainConfig(**{**config, "epochs": 2}), log=_silent)
+    state = torch.load(ck, weights_only=True)
+    assert 0 < state["seconds"] <= first.seconds
+    if old_checkpoint:  # written before checkpoints kept the time: the epochs' training time counts
+        del state["seconds"]
+        torch.save(state, ck)
+    earlier = state.get("seconds", sum(h["seconds"] for h in state["history"]))
+    result = fit(copy.deepcopy(float_mlp), digits, TrainConfig(resume=True, **config), log=_silent)
+    assert result.seconds >= earlier + result.history[-1]["seconds"]
+    assert result.seconds >= sum(h["seconds"] for h in result.history)
+
+
 def test_resume_refuses_other_settings_and_missing_checkpoint(float_mlp, digits, tmp_path):
     ck = str(tmp_path / "c.pt")
     fit(copy.deepcopy(float_mlp), digits, TrainConfig(epochs=1, checkpoint=ck, **QUIET), log=_silent)

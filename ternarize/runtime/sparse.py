@@ -42,7 +42,7 @@ positions as a byte per non-zero weight: nearly as fast, at about 1.2× the stre
 
 Example::
 
-    w = SparseCodes(buf, shape=(300, 784), params={"block_rows": 84, "k": 4})
+    w = SparseCodes(np.frombuffer(buf, np.uint8), shape=(300, 784), params={"block_rows": 84, "k": 4})
     y = w.matmul(x.T)          # (300, N) = θ @ xᵀ, float32
 """
 
