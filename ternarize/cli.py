@@ -214,8 +214,8 @@ def compress(model, data_name, data_dir, out, arch, trust, val_fraction, resume,
     """Retrain MODEL with discrete weights and write OUT/model.tern, OUT/model.onnx and a report.
 
     MODEL is a torch.save'd module or a state_dict (with --arch); a TorchScript file cannot be
-    retrained, give the original module. It is loaded safely: pickled code never runs unless you
-    pass --trust.
+    retrained, give the original module. It is loaded safely: code in the file (pickled or
+    TorchScript) never runs unless you pass --trust.
 
     Example: ternarize compress model.pt --data mnist --epochs 5 --out out
     """

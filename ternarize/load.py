@@ -6,8 +6,9 @@ the file names, so :func:`load_model` never unpickles anything it has not checke
 1. The path is checked (exists, a regular file, not empty) and the first bytes are sniffed: a zip
    archive (``torch.save`` since 1.6, TorchScript) or a bare pickle (the legacy ``torch.save``
    format). Anything else is refused before torch sees it.
-2. A TorchScript archive loads with ``torch.jit.load``: it holds compiled TorchScript, which torch
-   reads without running Python code from the file.
+2. A TorchScript archive is refused unless ``trust=True``: it holds compiled TorchScript, and
+   methods such as ``__setstate__`` run while ``torch.jit.load`` reads it, so it is code too (and
+   it cannot be retrained: TorchScript cannot be lowered). With ``trust`` it loads as TorchScript.
 3. Everything else loads with ``torch.load(weights_only=True)``. A full module saved with
    ``torch.save(model)`` names the classes it is built from; each name must be on the allowlist
    before anything is unpickled:
@@ -29,7 +30,8 @@ A file may also hold a state_dict (or a checkpoint dict wrapping one under ``sta
 Example::
 
     from ternarize.load import load_model, parse_arch
-    model = load_model("model.pt")                                    # a full module or TorchScript
+    model = load_model("model.pt")                                    # a full module
+    scripted = load_model("scripted.pt", trust=True)                 # TorchScript: its code runs
     model = load_model("weights.pt", arch="mlp(width=256, in_shape=(1, 8, 8))")
     model = load_model("weights.pt", arch="mypackage.models:build(depth=4)")
     build = parse_arch("vgg(width=0.5)")                             # a zero-argument factory
@@ -106,8 +108,9 @@ _HELPERS = {
 def load_model(path, arch: str | None = None, trust: bool = False) -> nn.Module:
     """Load the model in ``path`` on the CPU, in eval mode, without running code from the file.
 
-    ``path`` may hold a TorchScript archive, a full module (``torch.save(model)``: its classes must
-    be torch.nn built-ins or zoo models unless ``trust=True``), or a state_dict, for which ``arch``
+    ``path`` may hold a full module (``torch.save(model)``: its classes must be torch.nn built-ins
+    or zoo models unless ``trust=True``), a TorchScript archive (only with ``trust=True``: loading it
+    runs code stored in it), or a state_dict, for which ``arch``
     (see :func:`parse_arch`) names the architecture. ``arch`` is ignored when the file holds a full
     module. Raises :class:`ModelLoadError` (or its subclass :class:`UnsafeModelError`) with a
     one-line message.
@@ -116,6 +119,10 @@ def load_model(path, arch: str | None = None, trust: bool = False) -> nn.Module:
         raise ModelLoadError(f"trust must be True or False, got {trust!r}")
     path = _check_path(path)
     if _sniff(path) == "torchscript":
+        if not trust:
+            raise UnsafeModelError(
+                f"{path} is a TorchScript archive: loading it runs code stored in it, and TorchScript cannot be "
+                "retrained; give the original module saved with torch.save(model), or a state_dict with --arch")
         model = _guarded(path, lambda: _load_torchscript(path))
     else:
         obj = _guarded(path, lambda: _unpickle(path, trust))

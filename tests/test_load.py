@@ -167,9 +167,20 @@ def test_torchscript_loads(tmp_path, how):
     model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)).eval()
     scripted = torch.jit.script(model) if how == "script" else torch.jit.trace(model, torch.randn(1, 4))
     scripted.save(str(tmp_path / "ts.pt"))
-    loaded = load_model(tmp_path / "ts.pt")
+    loaded = load_model(tmp_path / "ts.pt", trust=True)
     assert isinstance(loaded, torch.jit.ScriptModule) and not loaded.training
     same_outputs(model, loaded, (3, 4))
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit:DeprecationWarning")
+def test_torchscript_is_code_and_needs_trust(tmp_path, monkeypatch):
+    """TorchScript's methods (__setstate__) run while torch.jit.load reads the file: never without trust."""
+    torch.jit.script(nn.Sequential(nn.Linear(2, 2))).save(str(tmp_path / "ts.pt"))
+    calls = []
+    monkeypatch.setattr(torch.jit, "load", lambda *a, **k: calls.append(a))
+    with pytest.raises(UnsafeModelError, match=r"ts\.pt is a TorchScript archive: loading it runs code"):
+        load_model(tmp_path / "ts.pt")
+    assert calls == []
 
 
 def test_returned_model_is_in_eval_mode(tmp_path):
