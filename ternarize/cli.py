@@ -21,6 +21,7 @@ from ._text import printable as _printable
 from .errors import Error
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+RUN_BATCH = 256  # inputs of `run --input` run this many at a time
 
 
 class _Group(click.Group):
@@ -60,6 +61,12 @@ class _Group(click.Group):
         except KeyboardInterrupt:
             click.echo("ternarize: interrupted", err=True)
             sys.exit(130)
+        except MemoryError as e:  # numpy names the allocation that failed
+            if debug:
+                traceback.print_exc()
+            click.echo(f"ternarize: out of memory ({_one_line(str(e)) or 'an allocation failed'}); use smaller "
+                       "inputs or fewer at a time, or a machine with more memory", err=True)
+            sys.exit(2)
         except Exception as e:  # a bug: still one line unless --debug
             if debug:
                 raise
@@ -369,9 +376,14 @@ def run(file, input_path, data_name, data_dir, output, sparse):
         click.echo(f"{file} on {ds.name}: test accuracy {100 * acc:.2f}% ({len(ds.y_test)} examples)")
         return
     x = _load_npy(input_path)
+    if len(x) == 0:
+        raise ConfigError(f"{input_path} holds no inputs (shape {x.shape}); give at least one")
+    parts = []
     with np.errstate(all="ignore"):  # huge inputs overflow to inf: one warning line below, not numpy's
-        y = model.run(x)
-    y = y[0] if isinstance(y, tuple) else y
+        for i in range(0, len(x), RUN_BATCH):  # a batch at a time: the activations stay bounded
+            y = model.run(x[i:i + RUN_BATCH])
+            parts.append(y[0] if isinstance(y, tuple) else y)
+    y = np.concatenate(parts)
     bad = y.size - np.count_nonzero(np.isfinite(y))
     if bad:
         click.echo(f"ternarize: warning: {bad} outputs are not finite (inputs too large?)", err=True)

@@ -27,7 +27,7 @@ import numpy as np
 
 from . import pack, tern
 from ._io import atomic_path, atomic_write, describe, missing_folders, remove_empty
-from ._text import one_line, printable
+from ._text import byte_size, one_line, printable
 from ._version import __version__
 from .errors import ConfigError, OutputError
 from .graph import ConstSpec, Graph
@@ -300,12 +300,7 @@ def _pct(v) -> str:
 
 
 def _size(n) -> str:
-    if n is None:
-        return "-"
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
+    return "-" if n is None else byte_size(n)
 
 
 def _count(n) -> str:

@@ -157,6 +157,44 @@ def test_file_commands_reject_missing_and_malformed_files(tmp_path):
     assert invoke("run", bad).exit_code == 2  # neither --input nor --data
 
 
+GOLDEN = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "formats", "golden")
+
+
+def test_run_input_in_batches_empty_input_and_out_of_memory(tmp_path, monkeypatch):
+    import numpy as np
+
+    from ternarize import cli as cli_module
+    from ternarize.runtime import Runtime
+
+    tiny = os.path.join(GOLDEN, "tiny.tern")
+    x = np.random.default_rng(0).standard_normal((300, 5)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    monkeypatch.setattr(cli_module, "RUN_BATCH", 64)
+    sizes = []
+    run = Runtime.run
+    monkeypatch.setattr(Runtime, "run", lambda self, a: sizes.append(len(a)) or run(self, a))
+    result = invoke("run", tiny, "--input", tmp_path / "x.npy", "--output", tmp_path / "y.npy")
+    assert result.exit_code == 0, result.output
+    assert sizes == [64, 64, 64, 64, 44]
+    np.testing.assert_array_equal(np.load(tmp_path / "y.npy"), run(Runtime.load(tiny), x))
+    assert result.output.split() == [str(int(i)) for i in np.load(tmp_path / "y.npy").argmax(axis=1)]
+
+    np.save(tmp_path / "e.npy", np.zeros((0, 5), np.float32))
+    result = invoke("run", tiny, "--input", tmp_path / "e.npy")
+    assert result.exit_code == 2 and "holds no inputs" in result.stderr
+
+    def no_memory(self, a):
+        raise MemoryError("Unable to allocate 29.8 GiB for an array with shape (5, 1, 40008, 40008)")
+
+    monkeypatch.setattr(Runtime, "run", no_memory)
+    result = invoke("run", tiny, "--input", tmp_path / "x.npy", "--output", tmp_path / "z.npy")
+    assert result.exit_code == 2
+    assert result.stderr.strip().count("\n") == 0
+    assert result.stderr.startswith("ternarize: out of memory (Unable to allocate 29.8 GiB")
+    assert "fewer at a time" in result.stderr
+    assert not (tmp_path / "z.npy").exists()
+
+
 def test_run_sparse_choices_are_the_runtime_forms():
     from ternarize.cli import cli
     from ternarize.runtime import SPARSE_FORMS

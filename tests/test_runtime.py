@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ternarize import data, tern, zoo
+from ternarize import runtime as runtime_module
 from ternarize.errors import ConfigError, DataError, TernFormatError
 from ternarize.graph import Const, Graph, Node, Value
 from ternarize.lowering import lower
@@ -496,6 +497,56 @@ def test_activation_bytes_by_hand(tmp_path):
     assert rt.activation_bytes() == 160
     assert rt.activation_bytes(batch=3) == 480
     assert rt.run(inputs((8,), n=2)).shape == (2, 8)
+
+
+@pytest.mark.parametrize("name,in_shape,kw", ZOO, ids=[f"{z[0]}-{'x'.join(map(str, z[1]))}" for z in ZOO])
+@pytest.mark.parametrize("mode", ["ternary", "sparse"])
+def test_memory_bytes_bounds_what_a_run_allocates(tmp_path, name, in_shape, kw, mode):
+    kind, density, encoding = MODES[mode]
+    model = zoo.create(name, in_shape=in_shape, **kw)
+    discrete = project(model, kind, density=density)
+    rt, _ = compile_model(model, in_shape, discrete, tmp_path / "m.tern",
+                          encodings={n: encoding for n in discrete})
+    for batch in (1, 7, 64):
+        x = inputs(in_shape, n=batch)
+        rt.run(x)
+        tracemalloc.start()
+        try:
+            before = tracemalloc.get_traced_memory()[0]
+            rt.run(x)
+            peak = tracemalloc.get_traced_memory()[1] - before
+        finally:
+            tracemalloc.stop()
+        assert 0 < peak <= rt.memory_bytes(batch), (batch, peak, rt.memory_bytes(batch))
+
+
+def _padded_conv(tmp_path, pad: int) -> Runtime:
+    w = np.zeros((2, 1, 3, 3), np.float32)
+    w[:, 0, 1, 1] = 1
+    g = one_op("conv2d", (1, 8, 8), {"strides": [1, 1], "pads": [pad, pad], "dilations": [1, 1], "groups": 1},
+               {"w": Const("float32", w)}, ["w"])
+    tern.write(g, tmp_path / "c.tern")
+    return Runtime.load(tmp_path / "c.tern")
+
+
+def test_a_run_larger_than_the_free_memory_is_refused(tmp_path, monkeypatch):
+    from ternarize.runtime import plan
+
+    huge = _padded_conv(tmp_path, 15000)  # a file of a few hundred bytes whose one input needs tens of GiB
+    assert huge.memory_bytes(1) > 16 << 30
+    monkeypatch.setattr(plan, "available_bytes", lambda: 8 << 30)
+    with pytest.raises(ConfigError, match=r"needs about .* GiB of memory to run one input, more than the 8\.0 GiB "
+                                          r"free here; its graph is too large"):
+        huge.run(inputs((1, 8, 8), n=1))
+    small = _padded_conv(tmp_path, 1)
+    per = small.memory_bytes(2) - small.memory_bytes(1)
+    monkeypatch.setattr(runtime_module, "CHECK_BYTES", 0)
+    monkeypatch.setattr(plan, "available_bytes", lambda: small.memory_bytes(10) + per // 2)
+    assert small.run(inputs((1, 8, 8), n=10)).shape == (10, 2, 8, 8)
+    with pytest.raises(ConfigError, match=r"running 11 inputs at once needs about .*; run at most 10 at a time"):
+        small.run(inputs((1, 8, 8), n=11))
+    monkeypatch.setattr(plan, "available_bytes", lambda: None)  # not known: run
+    assert small.run(inputs((1, 8, 8), n=11)).shape == (11, 2, 8, 8)
 
 
 # ---------------------------------------------------------------------- interface and errors

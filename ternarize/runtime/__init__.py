@@ -45,6 +45,7 @@ from __future__ import annotations
 import numpy as np
 
 from .. import tern
+from .._text import byte_size as _size
 from ..errors import ConfigError
 from ..graph import ConstSpec, Graph
 from . import kernels, plan
@@ -54,6 +55,8 @@ from .weights import Store, weight_op
 
 SPARSE_FORMS = ("auto", "stream", "gaps", "indices")
 BUDGET = 1.2  # "auto": resident weights at most this × the encoded size
+CHECK_BYTES = 256 << 20  # a run that may need more is checked against the free memory first
+WORK_BYTES = 32 << 20  # the weight ops' working sets (decoded chunks, gathers, unpacked blocks) stay below
 SETTLE_BYTES = 16 << 20  # glibc's dynamic mmap threshold follows freed blocks of up to 32 MiB
 _settled = False
 
@@ -88,6 +91,7 @@ class Runtime:
         self.forms = {name: "gaps" if isinstance(op, GapCodes) else "indices" if op.cache is not None else "stream"
                       for name, op in self._ops.items() if isinstance(op, (GapCodes, SparseCodes))}
         self._steps = [self._step(node) for node in self.graph.nodes]
+        self._memory = {}  # batch -> memory_bytes(batch)
         last = plan.last_uses(self.graph)
         self._free = [[] for _ in self.graph.nodes]
         for i, node in enumerate(self.graph.nodes):
@@ -179,6 +183,7 @@ class Runtime:
     def run(self, x: np.ndarray):
         """The graph output for a float32 batch of shape (N, *input_shape) (a tuple if several)."""
         x = self._check(x)
+        self._check_memory(x.shape[0])
         if x.shape[0] == 0:
             outs = [np.zeros((0, *self.shapes[o][1:]), np.float32) for o in self.graph.outputs]
         else:
@@ -240,6 +245,42 @@ class Runtime:
         if not isinstance(batch, int) or isinstance(batch, bool) or batch < 1:
             raise ConfigError(f"batch must be a positive integer, got {batch!r}")
         return plan.peak_bytes(self.graph, self.shapes, batch)
+
+    def memory_bytes(self, batch: int = 1) -> int:
+        """What ``run`` may allocate for a batch, estimated with room to spare: twice the live
+        activations at their peak (the weight ops copy their inputs and outputs), the largest padded
+        input, the largest chunk of im2col patches with its product, and ``WORK_BYTES`` for the
+        weight ops' bounded working sets. ``run`` refuses a batch this says the free memory cannot
+        hold."""
+        if not isinstance(batch, int) or isinstance(batch, bool) or batch < 0:
+            raise ConfigError(f"batch must be a non-negative integer, got {batch!r}")
+        if batch not in self._memory:
+            if len(self._memory) > 64:
+                self._memory.clear()
+            self._memory[batch] = self._estimate(batch)
+        return self._memory[batch]
+
+    def _estimate(self, batch: int) -> int:
+        return (2 * plan.peak_bytes(self.graph, self.shapes, batch) + WORK_BYTES
+                + plan.temp_bytes(self.graph, self.shapes, batch))
+
+    def _check_memory(self, batch: int) -> None:
+        """Refuse a run the machine's free memory cannot hold (looked up only above CHECK_BYTES)."""
+        need = self.memory_bytes(batch)
+        if need <= CHECK_BYTES:
+            return
+        free = plan.available_bytes()
+        if free is None or need <= free:
+            return
+        if batch <= 1 or self.memory_bytes(1) > free:
+            raise ConfigError(f"{self.source} needs about {_size(self.memory_bytes(1))} of memory to run one input, "
+                              f"more than the {_size(free)} free here; its graph is too large for this machine")
+        lo, hi = 1, batch - 1  # the most inputs that fit: the estimate grows with the batch
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if self._estimate(mid) <= free else (lo, mid - 1)
+        raise ConfigError(f"running {batch} inputs at once needs about {_size(need)} of memory, more than the "
+                          f"{_size(free)} free here; run at most {lo} at a time")
 
     def __repr__(self) -> str:
         return (f"Runtime({self.source!r}, input {list(self.input_shape)}, {len(self.graph.nodes)} nodes, "
