@@ -6,7 +6,8 @@ the file it points to. A failure of the operating system (missing or read-only f
 becomes one :class:`~ternarize.errors.OutputError` line naming the path; the temp file is removed
 either way. :func:`check_output`, for the command line before any work, also refuses an output
 that is one of the job's input files, whose folder is missing or not writable, or whose name is
-too long.
+too long. :func:`free_memory` says how much memory is free, for the checks before large
+allocations.
 
 Example::
 
@@ -197,3 +198,27 @@ def _sync_directory(directory: str) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def free_memory() -> int | None:
+    """Bytes this process can still take: the kernel's MemAvailable, lowered to what a cgroup v2
+    memory limit leaves; None where neither can be read (not Linux)."""
+    found = []
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    found.append(int(line.split()[1]) * 1024)
+                    break
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        with open("/sys/fs/cgroup/memory.max") as f:
+            limit = f.read().strip()
+        with open("/sys/fs/cgroup/memory.current") as f:
+            used = int(f.read().strip())
+        if limit != "max":
+            found.append(max(0, int(limit) - used))
+    except (OSError, ValueError):
+        pass
+    return min(found) if found else None

@@ -65,7 +65,9 @@ from typing import BinaryIO
 
 import numpy as np
 
+from . import _io
 from ._io import atomic_path, missing_folders, remove_empty
+from ._text import byte_size
 from .errors import ConfigError, DataError, OutputError
 
 # ----------------------------------------------------------------------------------------------
@@ -585,6 +587,7 @@ def load_npz(path: str | os.PathLike) -> Dataset:
                 raise DataError(f"{path} is not an .npz archive (it does not start as a zip file); save the "
                                 "arrays with numpy.savez(path, x=..., y=...)")
         with zipfile.ZipFile(path) as archive:
+            _check_unpacked_size(path, sum(i.file_size for i in archive.infolist() if i.filename.endswith(".npy")))
             for info in archive.infolist():
                 if info.filename.endswith(".npy"):
                     with archive.open(info) as member:
@@ -598,6 +601,15 @@ def load_npz(path: str | os.PathLike) -> Dataset:
                         f"{sorted(arrays)}")
     test = (arrays["x_test"], arrays["y_test"]) if "x_test" in arrays else None
     return _from_arrays(str(path), (arrays["x"], arrays["y"]), test, str(path))
+
+
+def _check_unpacked_size(path: Path, size: int) -> None:
+    """Refuse an archive whose arrays, once decompressed (and the images then as float32, up to 4
+    bytes per stored byte), would not fit the free memory: a small file may unpack to gigabytes."""
+    free = _io.free_memory()
+    if free is not None and 5 * size > free:
+        raise DataError(f"{path} unpacks to {byte_size(size)} of arrays, which with their float32 copy is more than "
+                        f"the {byte_size(free)} of memory free here; use a smaller dataset file")
 
 
 NPY_MAGIC = b"\x93NUMPY"

@@ -316,6 +316,20 @@ def test_npz_with_test_arrays_uint8_scaled(tmp_path):
     assert ds.num_classes == 5 and ds.y_test.dtype == np.int64
 
 
+def test_npz_that_unpacks_beyond_the_free_memory_is_refused(tmp_path, monkeypatch):
+    from ternarize import _io
+
+    x = np.zeros((4000, 1, 8, 8), np.uint8)  # 256 000 bytes of zeros: a few hundred bytes compressed
+    np.savez_compressed(tmp_path / "bomb.npz", x=x, y=np.zeros(4000, np.int64))
+    assert (tmp_path / "bomb.npz").stat().st_size < 10_000
+    monkeypatch.setattr(_io, "free_memory", lambda: 1_000_000)
+    with pytest.raises(DataError, match=r"bomb\.npz unpacks to 281\.5 KiB of arrays, which with their float32 copy "
+                                        r"is more than the 976\.6 KiB of memory free here"):
+        data.load_npz(tmp_path / "bomb.npz")
+    monkeypatch.setattr(_io, "free_memory", lambda: None)  # unknown: read it
+    assert data.load_npz(tmp_path / "bomb.npz").x_train.shape[1:] == (1, 8, 8)
+
+
 def test_npz_without_test_arrays_gets_fixed_split(tmp_path):
     x = np.random.default_rng(0).random((100, 2, 4, 4)).astype(np.float64)
     y = np.repeat(np.arange(4), 25)

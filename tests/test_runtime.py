@@ -530,22 +530,22 @@ def _padded_conv(tmp_path, pad: int) -> Runtime:
 
 
 def test_a_run_larger_than_the_free_memory_is_refused(tmp_path, monkeypatch):
-    from ternarize.runtime import plan
+    from ternarize import _io
 
     huge = _padded_conv(tmp_path, 15000)  # a file of a few hundred bytes whose one input needs tens of GiB
     assert huge.memory_bytes(1) > 16 << 30
-    monkeypatch.setattr(plan, "available_bytes", lambda: 8 << 30)
+    monkeypatch.setattr(_io, "free_memory", lambda: 8 << 30)
     with pytest.raises(ConfigError, match=r"needs about .* GiB of memory to run one input, more than the 8\.0 GiB "
                                           r"free here; its graph is too large"):
         huge.run(inputs((1, 8, 8), n=1))
     small = _padded_conv(tmp_path, 1)
     per = small.memory_bytes(2) - small.memory_bytes(1)
     monkeypatch.setattr(runtime_module, "CHECK_BYTES", 0)
-    monkeypatch.setattr(plan, "available_bytes", lambda: small.memory_bytes(10) + per // 2)
+    monkeypatch.setattr(_io, "free_memory", lambda: small.memory_bytes(10) + per // 2)
     assert small.run(inputs((1, 8, 8), n=10)).shape == (10, 2, 8, 8)
     with pytest.raises(ConfigError, match=r"running 11 inputs at once needs about .*; run at most 10 at a time"):
         small.run(inputs((1, 8, 8), n=11))
-    monkeypatch.setattr(plan, "available_bytes", lambda: None)  # not known: run
+    monkeypatch.setattr(_io, "free_memory", lambda: None)  # not known: run
     assert small.run(inputs((1, 8, 8), n=11)).shape == (11, 2, 8, 8)
 
 

@@ -44,7 +44,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .. import tern
+from .. import _io, tern
 from .._text import byte_size as _size
 from ..errors import ConfigError
 from ..graph import ConstSpec, Graph
@@ -269,7 +269,7 @@ class Runtime:
         need = self.memory_bytes(batch)
         if need <= CHECK_BYTES:
             return
-        free = plan.available_bytes()
+        free = _io.free_memory()
         if free is None or need <= free:
             return
         if batch <= 1 or self.memory_bytes(1) > free:

@@ -1,11 +1,11 @@
 """Liveness of activations: when each can be freed, and the peak of what is live (numpy only).
 
 An activation is live from the node that produces it (or from the start, for a graph input) to
-its last use; graph outputs live to the end. :func:`temp_bytes` bounds what a kernel allocates
-beyond its input and output, and :func:`available_bytes` says how much memory there is, so that a
-run too large for the machine is refused before it starts. ``flatten`` and ``reshape`` return views, so their
+its last use; graph outputs live to the end. ``flatten`` and ``reshape`` return views, so their
 output shares the buffer of their input: a buffer is live while any of its names is. The runtime
-frees a name after its last use, and the peak estimate walks the same schedule.
+frees a name after its last use, and the peak estimate walks the same schedule. :func:`temp_bytes`
+bounds what a kernel allocates beyond its input and output, so that ``Runtime.run`` can refuse a
+run too large for the machine before it starts.
 
 Example::
 
@@ -94,27 +94,3 @@ def temp_bytes(graph, shapes: dict, batch: int = 1) -> int:
                     for i, (size, p) in enumerate(((h, pads[0]), (w, pads[1])))]
             most = max(most, batch * FLOAT_BYTES * c * span[0] * span[1])
     return most
-
-
-def available_bytes() -> int | None:
-    """Memory this process can still take: the kernel's MemAvailable, lowered to what a cgroup v2
-    memory limit leaves; None where neither can be read (not Linux)."""
-    found = []
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    found.append(int(line.split()[1]) * 1024)
-                    break
-    except (OSError, ValueError, IndexError):
-        pass
-    try:
-        with open("/sys/fs/cgroup/memory.max") as f:
-            limit = f.read().strip()
-        with open("/sys/fs/cgroup/memory.current") as f:
-            used = int(f.read().strip())
-        if limit != "max":
-            found.append(max(0, int(limit) - used))
-    except (OSError, ValueError):
-        pass
-    return min(found) if found else None
