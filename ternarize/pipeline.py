@@ -102,6 +102,10 @@ def compress(model, data, out: str = "out", *, arch: str | None = None, trust: b
             return None
         model.cpu().eval()
         acc = _accuracy(model, dataset)
+        params = dict(model.named_parameters())
+        if result.discrete and all(not params[n].detach().any() for n in result.discrete):
+            log("warning: every discrete weight ended at 0, so the model ignores its input; lower --lam "
+                "(the price of a non-zero weight) or --rho, or train longer")
         graph = lower(model, example, discrete=result.discrete)
         graph.metadata.update(_metadata(source, dataset, config, result, float_acc, acc))
         return _write_outputs(out, graph, model, dataset, result, float_acc, acc,

@@ -159,6 +159,15 @@ def test_loss_option_reaches_the_training(float_model, tmp_path):
     assert res.exit_code == 2 and "hinge" in res.output and not (tmp_path / "o2").exists()
 
 
+def test_a_model_with_every_discrete_weight_zero_is_warned_about(float_model, tmp_path):
+    res = invoke("compress", float_model, "--data", "digits", "--out", tmp_path / "zero", "--lam", "1e6", *FAST)
+    assert res.exit_code == 0, res.output
+    assert "warning: every discrete weight ended at 0" in res.stderr
+    assert json.loads((tmp_path / "zero" / "report.json").read_text())["totals"]["nonzero_fraction"] == 0
+    res = invoke("compress", float_model, "--data", "digits", "--out", tmp_path / "fine", *FAST)
+    assert res.exit_code == 0 and "ended at 0" not in res.stderr
+
+
 def test_killed_run_resumes_to_the_same_result(float_model, tmp_path):
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     assert subprocess.run(_compress_cmd(float_model, straight, 4), capture_output=True).returncode == 0

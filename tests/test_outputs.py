@@ -259,6 +259,15 @@ def test_non_finite_and_out_of_range_options_are_refused(field, value):
         TrainConfig(**{field: value}).validate()
 
 
+@pytest.mark.parametrize("field, value, message", [("lr", 1e38, "lr must be at most 1000 .*got 1e\\+38"),
+                                                   ("rho", 1e300, "rho must be at most 1000"),
+                                                   ("lam", 1e30, "lam must be at most 1e\\+06")])
+def test_absurd_steering_values_are_refused_before_a_float32_overflow(field, value, message):
+    with pytest.raises(ConfigError, match=message):
+        TrainConfig(**{field: value}).validate()
+    TrainConfig(**{field: value / value * (1000 if field != "lam" else 1e6)}).validate()  # the bound itself is fine
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the machine has a GPU")
 def test_cuda_devices_and_tf32_are_refused_without_a_gpu(tiny, tmp_path, no_training):
     with pytest.raises(ConfigError, match="'cuda:3' was asked for"):

@@ -45,6 +45,7 @@ from .msa import MSA
 from .ste import STE
 
 LOSSES = ("cross_entropy", "squared_hinge")
+MAX_LR, MAX_RHO, MAX_LAM = 1e3, 1e3, 1e6  # upper bounds of the steering settings (validate)
 
 
 @dataclass
@@ -115,6 +116,10 @@ class TrainConfig:
         _require(0 <= self.ema_decay < 1, f"ema_decay must be in [0, 1), got {self.ema_decay}")
         _require(0 < self.ema_anneal <= 1, f"ema_anneal must be in (0, 1], got {self.ema_anneal}")
         _require(self.lr > 0, f"lr must be positive, got {self.lr}")
+        # beyond these a float32 step overflows (Adam divides lr by 1 − β₁ᵗ); they are absurd long before
+        _require(self.lr <= MAX_LR, f"lr must be at most {MAX_LR:g} (Adam's step size), got {self.lr}")
+        _require(self.rho is None or self.rho <= MAX_RHO, f"rho must be at most {MAX_RHO:g}, got {self.rho}")
+        _require(self.lam <= MAX_LAM, f"lam must be at most {MAX_LAM:g}, got {self.lam}")
         _require(self.distill_temperature > 0, "distill temperature must be positive")
         _require(0 <= self.distill_weight <= 1, "distill weight must be in [0, 1]")
         _require(not self.resume or self.checkpoint, "resume needs a checkpoint path")
