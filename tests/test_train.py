@@ -114,6 +114,37 @@ def test_resumed_run_counts_the_earlier_processes_seconds(float_mlp, digits, tmp
     assert result.seconds >= sum(h["seconds"] for h in result.history)
 
 
+def test_resume_refuses_another_model_or_other_data(float_mlp, digits, tmp_path):
+    ck = str(tmp_path / "c.pt")
+    fit(copy.deepcopy(float_mlp), digits, TrainConfig(epochs=1, checkpoint=ck, **QUIET), log=_silent)
+    other = copy.deepcopy(float_mlp)
+    with torch.no_grad():
+        other[1].weight[0, 0] += 1
+    with pytest.raises(ConfigError, match="made from another float model"):
+        fit(other, digits, TrainConfig(epochs=2, checkpoint=ck, resume=True, **QUIET), log=_silent)
+    shifted = Dataset("digits", digits.x_train[::-1].copy(), digits.y_train[::-1].copy(), digits.x_test,
+                      digits.y_test, digits.num_classes)
+    with pytest.raises(ConfigError, match="made from other training data"):
+        fit(copy.deepcopy(float_mlp), shifted, TrainConfig(epochs=2, checkpoint=ck, resume=True, **QUIET), log=_silent)
+    result = fit(copy.deepcopy(float_mlp), digits, TrainConfig(epochs=2, checkpoint=ck, resume=True, **QUIET),
+                 log=_silent)
+    assert [h["epoch"] for h in result.history] == [1, 2]
+
+
+def test_too_few_training_examples_and_non_finite_weights_are_refused(float_mlp, digits):
+    one = Dataset("one", digits.x_train[:1], digits.y_train[:1], digits.x_test, digits.y_test, digits.num_classes)
+    with pytest.raises(ConfigError, match="the training set has 1 example; a training step needs at least 2"):
+        fit(copy.deepcopy(float_mlp), one, TrainConfig(epochs=1, **QUIET), log=_silent)
+    few = Dataset("few", digits.x_train[:3], digits.y_train[:3], digits.x_test, digits.y_test, digits.num_classes)
+    with pytest.raises(ConfigError, match="1 example left after the validation split.*smaller --val-fraction"):
+        fit(copy.deepcopy(float_mlp), few.split_validation(0.6), TrainConfig(epochs=1, **QUIET), log=_silent)
+    broken = copy.deepcopy(float_mlp)
+    with torch.no_grad():
+        broken[2].bias[3] = float("nan")
+    with pytest.raises(ConfigError, match=r"the model's 2\.bias holds NaN or infinite values"):
+        fit(broken, digits, TrainConfig(epochs=1, **QUIET), log=_silent)
+
+
 def test_resume_refuses_other_settings_and_missing_checkpoint(float_mlp, digits, tmp_path):
     ck = str(tmp_path / "c.pt")
     fit(copy.deepcopy(float_mlp), digits, TrainConfig(epochs=1, checkpoint=ck, **QUIET), log=_silent)
@@ -180,7 +211,10 @@ def test_sparsity_falls_over_epochs_under_the_anneal(float_mlp, digits):
     assert result.history[-1]["test_acc"] > 0.85
 
 
-def test_nan_loss_stops_and_keeps_last_good_checkpoint(float_mlp, digits, tmp_path):
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(float_mlp, digits, tmp_path, monkeypatch):
+    from ternarize.train import loop
+
+    monkeypatch.setattr(loop, "_origin", lambda model, data: None)  # resumed on changed data on purpose
     bad = Dataset("bad", digits.x_train.copy(), digits.y_train, digits.x_test, digits.y_test, digits.num_classes)
     ck = tmp_path / "nan.pt"
     model = copy.deepcopy(float_mlp)

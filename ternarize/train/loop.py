@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
 import io
 import math
 import numbers
@@ -176,7 +177,8 @@ def fit(model: nn.Module, data, config: TrainConfig | None = None, teacher: nn.M
         teacher = copy.deepcopy(model)
     model.to(dist.device)
     layers = policy.discrete_layers(model, config.keep_float, config.scale)
-    resume_state = _load_checkpoint(config) if config.resume else None
+    origin = _origin(model, data) if config.checkpoint else None
+    resume_state = _load_checkpoint(config, origin) if config.resume else None
     if resume_state is not None:
         _load_state(model, resume_state["model"], config.checkpoint)
     torch.manual_seed(config.seed)
@@ -202,7 +204,7 @@ def fit(model: nn.Module, data, config: TrainConfig | None = None, teacher: nn.M
             result.history.append(record)
             result.seconds = earlier + time.perf_counter() - t0
             if config.checkpoint and dist.rank == 0:
-                _save_checkpoint(config, model, discrete_opt, adam, result, epoch)
+                _save_checkpoint(config, model, discrete_opt, adam, result, epoch, origin)
             spent = sum(h["seconds"] for h in result.history)
             if config.time_budget and dist.agree(spent > config.time_budget) and epoch + 1 < config.epochs:
                 if dist.rank == 0:
@@ -375,6 +377,17 @@ def check_fits(model, data, teacher=None) -> None:
     if not isinstance(data, Dataset):
         raise ConfigError(f"the data must be a ternarize Dataset (ternarize.load_dataset(name)), got "
                           f"{type(data).__name__}")
+    world = max(1, int(os.environ.get("WORLD_SIZE", "1") or 1))
+    n = len(data.x_train)
+    if n < 2 * world:  # BatchNorm needs two samples: a smaller batch is skipped (see _Run.batches)
+        after = " left after the validation split" if data.x_val is not None else ""
+        raise ConfigError(f"the training set has {n} example{'s' * (n != 1)}{after}; a training step needs at "
+                          f"least {2 * world}" + (" (two per process)" if world > 1 else "")
+                          + "; give more data" + (" or a smaller --val-fraction" if after else ""))
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        if t.is_floating_point() and not bool(torch.isfinite(t.detach()).all()):
+            raise ConfigError(f"the model's {name} holds NaN or infinite values; retrain or repair the float model "
+                              "before compressing it")
     y = _scores(model, data, "the model")
     if y.shape[1] < data.num_classes:
         raise ConfigError(f"the model has {y.shape[1]} outputs but the data has {data.num_classes} classes")
@@ -663,13 +676,28 @@ _TUNED_KEYS = ("rho", "lam", "lr", "distill_temperature", "distill_weight", "pre
 _GROUP_KEYS = ("rho", "lam", "scale_lr", "lr", "capturable")
 
 
-def _save_checkpoint(config, model, discrete_opt, adam, result, epoch) -> None:
+def _origin(model, data) -> dict:
+    """Fingerprints of the float model (its weights, before training) and of the training data
+    (name, shapes, labels and a sample of the inputs), so that a resume can tell another model or
+    dataset from the checkpoint's."""
+    h = hashlib.sha256()
+    for name, t in model.state_dict().items():
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    d = hashlib.sha256(f"{data.name}{data.x_train.shape}{data.num_classes}".encode())
+    d.update(np.ascontiguousarray(data.y_train).tobytes())
+    d.update(np.ascontiguousarray(data.x_train.reshape(-1)[::997]).tobytes())
+    return {"model": h.hexdigest(), "data": d.hexdigest()}
+
+
+def _save_checkpoint(config, model, discrete_opt, adam, result, epoch, origin=None) -> None:
     state = {
         "format": "ternarize-checkpoint", "version": __version__, "epoch": epoch,
         "config": config.to_json(), "model": model.state_dict(),
         "discrete_opt": discrete_opt.state_dict(), "adam": adam.state_dict() if adam is not None else None,
         "history": result.history, "rng": torch.get_rng_state(), "resumed": result.resumed,
-        "seconds": result.seconds,
+        "seconds": result.seconds, "origin": origin,
     }
     path = config.checkpoint
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -684,7 +712,7 @@ def _saved(state) -> bytes:
     return buf.getvalue()
 
 
-def _load_checkpoint(config) -> dict:
+def _load_checkpoint(config, origin=None) -> dict:
     path = config.checkpoint
     if not os.path.isfile(path):
         raise ConfigError(f"there is no checkpoint to resume at {path}; run without --resume to start")
@@ -700,6 +728,11 @@ def _load_checkpoint(config) -> dict:
         if saved.get(key) != mine.get(key):
             raise ConfigError(f"the checkpoint {path} was made with {key}={saved.get(key)!r}, not {mine.get(key)!r}; "
                               "use the same settings to resume, or start over")
+    theirs = state.get("origin")  # absent in checkpoints written before it was kept
+    for key, what in (("model", "another float model (its weights differ)"), ("data", "other training data")):
+        if isinstance(theirs, dict) and origin is not None and theirs.get(key) not in (None, origin[key]):
+            raise ConfigError(f"the checkpoint {path} was made from {what}; resume with the same model file and "
+                              "--data, or start over")
     return state
 
 
