@@ -55,6 +55,9 @@ def check_output(path, inputs=()) -> str:
     text = os.fspath(path)
     _check_name(text)
     check_target(text)
+    if _is_std_stream(text):
+        raise OutputError(f"the output {text} is this command's standard input, output or error, not a file: "
+                          "replacing it would lose what is printed; give a file name")
     for source in inputs:
         if same_file(source, text):
             raise OutputError(f"the output {text} is the input file {os.fspath(source)}; choose another output path")
@@ -67,6 +70,22 @@ def check_output(path, inputs=()) -> str:
     if len(os.fsencode(os.path.basename(text))) > NAME_MAX:
         raise OutputError(f"cannot write {text}: the file name is longer than {NAME_MAX} bytes; choose a shorter one")
     return text
+
+
+def _is_std_stream(path: str) -> bool:
+    """Whether ``path`` (such as /dev/stdout redirected to a file) is the file of fd 0, 1 or 2."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return False
+    for fd in (0, 1, 2):
+        try:
+            other = os.fstat(fd)
+        except OSError:
+            continue
+        if (st.st_dev, st.st_ino) == (other.st_dev, other.st_ino):
+            return True
+    return False
 
 
 def _check_name(path: str) -> None:

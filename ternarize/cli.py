@@ -18,7 +18,7 @@ import click
 from . import __version__
 from ._text import one_line as _one_line
 from ._text import printable as _printable
-from .errors import Error
+from .errors import Error, TernFormatError
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 RUN_BATCH = 256  # inputs of `run --input` run this many at a time
@@ -56,6 +56,9 @@ class _Group(click.Group):
                 message = os_error_line(e)
             else:
                 message = e.format_message() if isinstance(e, click.ClickException) else str(e)
+            if isinstance(e, TernFormatError):  # the line names the defect; what to do is the same for all
+                message += ("; the file is damaged, or not a .tern file this ternarize reads: copy it again, or "
+                            "write it again with ternarize compress")
             click.echo(f"ternarize: {_one_line(message)}", err=True)
             sys.exit(2)
         except KeyboardInterrupt:

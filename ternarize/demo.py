@@ -30,7 +30,7 @@ DEMO_SETTINGS = dict(epochs=60, batch_size=50, ema_decay=0.995, lam=1e-5)
 def run(out: str = "demo", force: bool = False, epochs: int | None = None, progress: bool = True,
         log=print) -> CompressResult:
     """Train the float MLP on digits, save it, compress it into ``out``; return the result."""
-    check_out(out, force=force, resume=False)
+    check_out(out, force=force, resume=False, resumable=False)
     data = load_dataset("digits")
     # a failure removes what this run wrote, the checkpoint too: the demo has no --resume
     with OutputFolder(out, force=force, resume=False, resumable=False) as folder:

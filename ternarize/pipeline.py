@@ -143,11 +143,12 @@ def _own_temp(name: str) -> bool:
     return is_temp_of(name, OUTPUTS + (CHECKPOINT, FLOAT_MODEL)) or name.startswith(PROBE)
 
 
-def check_out(out: str, force: bool, resume: bool, inputs=()) -> None:
+def check_out(out: str, force: bool, resume: bool, inputs=(), resumable: bool = True) -> None:
     """Refuse an output folder that cannot be used, before any work and without touching it: a
     path that is not a folder or cannot be listed, a folder holding other files without ``force``
     (or no checkpoint with ``resume``), an output name taken by a folder or by one of ``inputs``
-    (the model or data file: ``--force`` would remove it), a parent folder that is a file."""
+    (the model or data file: ``--force`` would remove it), a parent folder that is a file.
+    ``resumable`` False: the caller has no ``--resume`` to suggest (the demo)."""
     if not out:
         raise ConfigError("--out is empty; give an output folder")
     if os.path.exists(out) and not os.path.isdir(out):
@@ -171,7 +172,8 @@ def check_out(out: str, force: bool, resume: bool, inputs=()) -> None:
         return
     if present and not force:
         raise ConfigError(f"the output folder {out} already holds {', '.join(sorted(present)[:3])}"
-                          f"{' ...' if len(present) > 3 else ''}; pass --force to overwrite it or --resume to continue")
+                          f"{' ...' if len(present) > 3 else ''}; pass --force to overwrite it"
+                          + (" or --resume to continue" if resumable else ""))
     parent = os.path.dirname(os.path.abspath(out))
     while not os.path.exists(parent):  # makedirs creates the missing folders under the first that exists
         parent = os.path.dirname(parent)
@@ -203,7 +205,7 @@ class OutputFolder:
         if not self.active:
             return self
         out = self.out
-        check_out(out, self.force, self.resume, self.inputs)
+        check_out(out, self.force, self.resume, self.inputs, self.resumable)
         try:
             self.made = missing_folders(out)
             os.makedirs(out, exist_ok=True)

@@ -214,24 +214,29 @@ def _resume_changes(training: dict) -> list:
 
 def _usable_training(training) -> dict:
     """``training`` as a dict whose history, if any, the plots and Markdown can draw: a history that is
-    not a list of objects with numeric epoch, train_loss, test_loss and test_acc (and numeric nonzero
-    and seconds where present) is dropped, as if absent."""
+    not a list of objects with an integer epoch from 1 to ``MAX_EPOCH`` and numbers within ±``MAX_VALUE``
+    for train_loss, test_loss and test_acc (and nonzero and seconds where present) is dropped, as if
+    absent (a hand-edited report.json may hold anything)."""
     if not isinstance(training, dict):
         return {}
     hist = training.get("history")
     if hist is None or (isinstance(hist, list) and all(
             isinstance(h, dict) and all(_number(h.get(k)) for k in _EPOCH_NUMBERS)
-            and all(_number(h[k]) for k in _EPOCH_OPTIONAL if k in h) for h in hist)):
+            and all(_number(h[k]) for k in _EPOCH_OPTIONAL if k in h)
+            and h["epoch"] == int(h["epoch"]) and 1 <= h["epoch"] <= MAX_EPOCH for h in hist)):
         return dict(training)
     return {k: v for k, v in training.items() if k != "history"}
 
 
+MAX_EPOCH, MAX_VALUE = 10 ** 6, 1e30  # bounds of a drawable history
+
+
 def _number(v) -> bool:
-    """A finite real number (not a bool; an int beyond float's range is not)."""
+    """A real number within ±MAX_VALUE (not a bool, NaN or infinity; a huge int is not either)."""
     if not isinstance(v, numbers.Real) or isinstance(v, bool):
         return False
     try:
-        return math.isfinite(v)
+        return math.isfinite(v) and abs(v) <= MAX_VALUE
     except OverflowError:
         return False
 

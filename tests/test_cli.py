@@ -151,6 +151,7 @@ def test_file_commands_reject_missing_and_malformed_files(tmp_path):
         assert result.exit_code == 2, (args, result.output)
         assert result.stderr.strip().count("\n") == 0 and result.stderr.startswith("ternarize: ")
     assert not (tmp_path / "o.onnx").exists()
+    assert "; the file is damaged, or not a .tern file this ternarize reads: copy it" in invoke("inspect", bad).stderr
     result = invoke("verify", bad)
     assert result.exit_code == 1 and "NOT sound" in result.output
     assert invoke("verify", tmp_path / "none.tern").exit_code == 2
@@ -193,6 +194,20 @@ def test_run_input_in_batches_empty_input_and_out_of_memory(tmp_path, monkeypatc
     assert result.stderr.startswith("ternarize: out of memory (Unable to allocate 29.8 GiB")
     assert "fewer at a time" in result.stderr
     assert not (tmp_path / "z.npy").exists()
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/stdout"), reason="no /dev/stdout here")
+def test_output_to_a_redirected_standard_output_is_refused(tmp_path):
+    import numpy as np
+
+    np.save(tmp_path / "x.npy", np.zeros((3, 5), np.float32))
+    with open(tmp_path / "printed.txt", "wb") as printed:
+        proc = subprocess.run([sys.executable, "-m", "ternarize", "run", os.path.join(GOLDEN, "tiny.tern"), "--input",
+                               str(tmp_path / "x.npy"), "--output", "/dev/stdout"], stdout=printed,
+                              stderr=subprocess.PIPE, text=True)
+    assert proc.returncode == 2
+    assert "is this command's standard input, output or error, not a file" in proc.stderr
+    assert (tmp_path / "printed.txt").read_bytes() == b""
 
 
 def test_run_sparse_choices_are_the_runtime_forms():

@@ -253,11 +253,14 @@ def _compress_folder(tmp_path, history) -> str:
 
 @pytest.mark.parametrize("history", [[1, 2, 3], [{}], [{"epoch": "a", "loss": "x", "test_acc": None}], "nope",
                                      [dict(HISTORY[0], nonzero=None)], [dict(HISTORY[0], test_acc=True)],
-                                     [dict(HISTORY[0], train_loss=10 ** 400)]])
+                                     [dict(HISTORY[0], train_loss=10 ** 400)], [dict(HISTORY[0], epoch=1e308)],
+                                     [dict(HISTORY[0], epoch=1.5)], [dict(HISTORY[0], epoch=0)],
+                                     [dict(HISTORY[0], test_loss=1e308)]])
 def test_report_ignores_a_malformed_training_history(tmp_path, history):
     out = tmp_path / "out"
     result = invoke("report", _compress_folder(tmp_path, history), "--out", out)
     assert result.exit_code == 0, result.output
+    assert "Warning" not in result.stderr
     assert sorted(os.listdir(out)) == ["layers.png", "report.json", "report.md"]
     assert "history" not in json.loads((out / "report.json").read_text())["training"]
 

@@ -229,6 +229,18 @@ def test_a_failed_demo_removes_its_float_model_and_folder(tmp_path, monkeypatch)
     assert not out.exists()
 
 
+def test_a_full_folder_is_refused_with_the_options_each_command_has(tmp_path):
+    out = tmp_path / "full"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    result = CliRunner().invoke(cli, ["demo", "--out", str(out)])
+    assert result.exit_code == 2 and "pass --force to overwrite it" in result.stderr
+    assert "--resume" not in result.stderr  # the demo has none
+    with pytest.raises(ConfigError, match="pass --force to overwrite it or --resume to continue"):
+        pipeline.check_out(str(out), force=False, resume=False)
+    assert os.listdir(out) == ["notes.txt"]
+
+
 def test_resume_from_another_models_checkpoint_is_refused(tmp_path):
     out = tmp_path / "out"
     small = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10))
