@@ -375,6 +375,9 @@ def run(file, input_path, data_name, data_dir, output, sparse):
         from .data import load_dataset
 
         ds = load_dataset(data_name, data_dir=data_dir)
+        if tuple(ds.in_shape) != tuple(model.input_shape):
+            raise ConfigError(f"{file} takes inputs of shape {list(model.input_shape)} and {ds.name} has "
+                              f"{list(ds.in_shape)}; give the dataset the model was trained on")
         acc = model.accuracy(ds.x_test, ds.y_test)
         click.echo(f"{file} on {ds.name}: test accuracy {100 * acc:.2f}% ({len(ds.y_test)} examples)")
         return

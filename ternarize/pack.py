@@ -259,7 +259,7 @@ def entropy_bits(codes) -> float:
     if n == 0:
         return 0.0
     counts = [int(np.count_nonzero(c == v)) for v in (0, 1, -1)]
-    return -sum(m / n * math.log2(m / n) for m in counts if m)
+    return 0.0 - sum(m / n * math.log2(m / n) for m in counts if m)  # 0.0 −: never −0.0 (one symbol)
 
 
 def _values(data, kind: str) -> np.ndarray:

@@ -210,6 +210,12 @@ def test_output_to_a_redirected_standard_output_is_refused(tmp_path):
     assert (tmp_path / "printed.txt").read_bytes() == b""
 
 
+def test_run_on_a_dataset_of_another_input_shape_says_so():
+    result = invoke("run", os.path.join(GOLDEN, "mixed.tern"), "--data", "digits")
+    assert result.exit_code == 2
+    assert "mixed.tern takes inputs of shape [64] and digits has [1, 8, 8]; give the dataset" in result.stderr
+
+
 def test_run_sparse_choices_are_the_runtime_forms():
     from ternarize.cli import cli
     from ternarize.runtime import SPARSE_FORMS

@@ -205,6 +205,7 @@ def test_ts_refuses_to_break_its_weights_per_byte_bound():
 
 
 def test_entropy_bits():
+    assert math.copysign(1, pack.entropy_bits(np.zeros(10))) == 1  # 0.0, not -0.0 ("-0.000" in a report)
     assert pack.entropy_bits(np.zeros(10)) == 0.0
     assert pack.entropy_bits(np.array([1, -1])) == pytest.approx(1.0)
     assert pack.entropy_bits(np.array([0, 0, 1, -1])) == pytest.approx(1.5)

@@ -569,6 +569,12 @@ def test_input_validation():
         rt.predict(np.zeros((1, 1, 8, 8), np.float32), batch=0)
     with pytest.raises(ConfigError, match="got 2 inputs but 3 labels"):
         rt.accuracy(np.zeros((2, 1, 8, 8), np.float32), [0, 1, 2])
+    classes = rt.shapes[rt.graph.outputs[0]][1]
+    x = np.zeros((3, 1, 8, 8), np.float32)
+    for labels in ([0, 1, classes], [0, -1, 2], [0.0, 1.0, 2.0]):
+        with pytest.raises(ConfigError, match=f"labels must be class indices from 0 to {classes - 1}"):
+            rt.accuracy(x, labels)
+    assert 0 <= rt.accuracy(x, [0, 1, classes - 1]) <= 1
 
 
 def test_malformed_file(tmp_path):

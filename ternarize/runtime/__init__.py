@@ -42,6 +42,8 @@ Example::
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from .. import _io, tern
@@ -214,6 +216,11 @@ class Runtime:
             raise ConfigError(f"got {len(x)} inputs but {y.shape[0]} labels")
         if y.shape[0] == 0:
             raise ConfigError("accuracy needs at least one input")
+        classes = math.prod(self.shapes[self.graph.outputs[0]][1:])
+        if y.dtype.kind not in "iu" or y.min() < 0 or y.max() >= classes:
+            raise ConfigError(f"the labels must be class indices from 0 to {classes - 1} (the model has {classes} "
+                              f"outputs), got {y.dtype} labels from {y.min()} to {y.max()}; give data of the "
+                              "model's classes")
         return float(np.mean(self.predict(x, batch) == y))
 
     def _check(self, x) -> np.ndarray:
