@@ -241,14 +241,21 @@ def test_a_full_folder_is_refused_with_the_options_each_command_has(tmp_path):
     assert os.listdir(out) == ["notes.txt"]
 
 
-def test_resume_from_another_models_checkpoint_is_refused(tmp_path):
+@pytest.mark.parametrize("kept_origin", [True, False])
+def test_resume_from_another_models_checkpoint_is_refused(tmp_path, kept_origin):
     out = tmp_path / "out"
     small = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10))
+    ck = out / "checkpoint.pt"
     ternarize.fit(small, ternarize.load_dataset("digits"),
-                  TrainConfig(epochs=1, batch_size=50, progress=False, checkpoint=str(out / "checkpoint.pt")),
-                  log=lambda s: None)
+                  TrainConfig(epochs=1, batch_size=50, progress=False, checkpoint=str(ck)), log=lambda s: None)
+    if not kept_origin:  # a checkpoint written before the fingerprints were kept: the weights tell
+        state = torch.load(ck, weights_only=True)
+        del state["origin"]
+        torch.save(state, ck)
     other = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 10))
-    with pytest.raises(ConfigError, match="was made for a different model .*start over without --resume"):
+    message = ("made from another float model .*or start over" if kept_origin
+               else "was made for a different model .*start over without --resume")
+    with pytest.raises(ConfigError, match=message):
         ternarize.compress(other, "digits", out=str(out), resume=True, **QUIET)
 
 
