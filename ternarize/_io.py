@@ -221,7 +221,8 @@ def _sync_directory(directory: str) -> None:
 
 def free_memory() -> int | None:
     """Bytes this process can still take: the kernel's MemAvailable, lowered to what a cgroup v2
-    memory limit leaves; None where neither can be read (not Linux)."""
+    memory limit leaves (its page cache counted as free, as the kernel reclaims it); None where
+    neither can be read (not Linux)."""
     found = []
     try:
         with open("/proc/meminfo") as f:
@@ -236,6 +237,11 @@ def free_memory() -> int | None:
             limit = f.read().strip()
         with open("/sys/fs/cgroup/memory.current") as f:
             used = int(f.read().strip())
+        with contextlib.suppress(OSError, ValueError), open("/sys/fs/cgroup/memory.stat") as f:
+            for line in f:
+                if line.startswith("inactive_file "):
+                    used -= int(line.split()[1])
+                    break
         if limit != "max":
             found.append(max(0, int(limit) - used))
     except (OSError, ValueError):

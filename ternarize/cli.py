@@ -56,7 +56,7 @@ class _Group(click.Group):
                 message = os_error_line(e)
             else:
                 message = e.format_message() if isinstance(e, click.ClickException) else str(e)
-            if isinstance(e, TernFormatError):  # the line names the defect; what to do is the same for all
+            if isinstance(e, TernFormatError) and e.advice is None:  # a defect: what to do is the same for all
                 message += ("; the file is damaged, or not a .tern file this ternarize reads: copy it again, or "
                             "write it again with ternarize compress")
             click.echo(f"ternarize: {_one_line(message)}", err=True)
@@ -378,16 +378,18 @@ def run(file, input_path, data_name, data_dir, output, sparse):
         if tuple(ds.in_shape) != tuple(model.input_shape):
             raise ConfigError(f"{file} takes inputs of shape {list(model.input_shape)} and {ds.name} has "
                               f"{list(ds.in_shape)}; give the dataset the model was trained on")
-        acc = model.accuracy(ds.x_test, ds.y_test)
+        acc = model.accuracy(ds.x_test, ds.y_test, batch=model.fitting_batch(RUN_BATCH))
         click.echo(f"{file} on {ds.name}: test accuracy {100 * acc:.2f}% ({len(ds.y_test)} examples)")
         return
     x = _load_npy(input_path)
-    if len(x) == 0:
-        raise ConfigError(f"{input_path} holds no inputs (shape {x.shape}); give at least one")
+    if x.ndim == 0 or len(x) == 0:
+        raise ConfigError(f"{input_path} holds no inputs (shape {x.shape}); give an array of shape "
+                          f"(N, {', '.join(map(str, model.input_shape))}) with N >= 1")
     parts = []
+    step = model.fitting_batch(RUN_BATCH)  # a batch at a time: the activations stay bounded
     with np.errstate(all="ignore"):  # huge inputs overflow to inf: one warning line below, not numpy's
-        for i in range(0, len(x), RUN_BATCH):  # a batch at a time: the activations stay bounded
-            y = model.run(x[i:i + RUN_BATCH])
+        for i in range(0, len(x), step):
+            y = model.run(x[i:i + step])
             parts.append(y[0] if isinstance(y, tuple) else y)
     y = np.concatenate(parts)
     bad = y.size - np.count_nonzero(np.isfinite(y))

@@ -39,7 +39,14 @@ class LoweringError(Error):
 
 
 class TernFormatError(Error):
-    """A .tern file is malformed. The message names the field and the offending value."""
+    """A .tern file is malformed. The message names the field and the offending value.
+
+    ``advice``: what to do, where it is not what a damaged file needs (copy or write it again).
+    """
+
+    def __init__(self, message: str, advice: str | None = None):
+        super().__init__(message if advice is None else f"{message}; {advice}")
+        self.advice = advice
 
 
 class ExportError(Error):

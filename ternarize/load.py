@@ -122,7 +122,8 @@ def load_model(path, arch: str | None = None, trust: bool = False) -> nn.Module:
         if not trust:
             raise UnsafeModelError(
                 f"{path} is a TorchScript archive: loading it runs code stored in it, and TorchScript cannot be "
-                "retrained; give the original module saved with torch.save(model), or a state_dict with --arch")
+                "retrained; give the original module saved with torch.save(model), or a state_dict with --arch "
+                "(in Python, load_model(path, trust=True) loads it as TorchScript)")
         model = _guarded(path, lambda: _load_torchscript(path))
     else:
         obj = _guarded(path, lambda: _unpickle(path, trust))

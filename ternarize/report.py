@@ -151,7 +151,8 @@ def build(tern_path: str, onnx_path: str | None = None, runtime=None, training: 
         runtime = Runtime.load(tern_path)
     totals = _totals(tf, layers, onnx_path, runtime)
     meta = tf.metadata
-    model = {k: meta[k] for k in ("name", "dataset", "mode", "method", "source", "source_sha256") if k in meta}
+    model = {k: meta[k] for k in ("name", "dataset", "mode", "method", "source", "source_sha256", "source_bytes")
+             if k in meta}
     model["file"] = os.path.basename(tern_path)
     accuracy = meta.get("accuracy")
     accuracy = {k: v for k, v in accuracy.items() if _number(v)} if isinstance(accuracy, dict) else {}

@@ -108,7 +108,8 @@ def _read_prelude(buf: bytes) -> int:
         raise TernFormatError(f"magic is {magic.hex(' ')}, expected {MAGIC.hex(' ')}: not a .tern file, "
                               "or it was mangled by a text-mode transfer")
     if version != VERSION:
-        raise TernFormatError(f"version is {version}; this reader knows version {VERSION} only")
+        raise TernFormatError(f"version is {version}; this reader knows version {VERSION} only",
+                              "a newer ternarize wrote it: upgrade ternarize to read it" if version > VERSION else None)
     if flags:
         raise TernFormatError(f"flags is 0x{flags:04x}, expected 0 (every flag bit is reserved)")
     if header_len > MAX_HEADER:
@@ -525,18 +526,19 @@ def _read_file(path) -> bytes:
     try:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
     except (OSError, ValueError) as e:  # ValueError: a NUL in the name
-        raise TernFormatError(f"{os.fsdecode(path)}: cannot be opened ({getattr(e, 'strerror', None) or e}); "
+        raise TernFormatError(f"{os.fsdecode(path)}: cannot be opened ({getattr(e, 'strerror', None) or e})",
                               "check the path") from None
     mode = os.fstat(fd).st_mode
     if not stat.S_ISREG(mode):
         os.close(fd)
-        what = "is a folder; give a .tern file" if stat.S_ISDIR(mode) else "is not a regular file"
-        raise TernFormatError(f"{os.fsdecode(path)} {what}")
+        what = "is a folder" if stat.S_ISDIR(mode) else "is not a regular file"
+        raise TernFormatError(f"{os.fsdecode(path)} {what}", "give a .tern file")
     with os.fdopen(fd, "rb") as f:
         try:
             return f.read()
         except OSError as e:
-            raise TernFormatError(f"{os.fsdecode(path)}: cannot be read ({e.strerror or e})") from None
+            raise TernFormatError(f"{os.fsdecode(path)}: cannot be read ({e.strerror or e})",
+                                  "check the disk or copy the file again") from None
 
 
 def load(path) -> TernFile:
@@ -545,7 +547,9 @@ def load(path) -> TernFile:
     try:
         return parse(buf, str(path))
     except TernFormatError as e:
-        raise TernFormatError(f"{path}: {e}") from None
+        err = TernFormatError(f"{path}: {e}")  # the message holds the advice already
+        err.advice = e.advice
+        raise err from None
 
 
 def read(path) -> Graph:

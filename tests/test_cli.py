@@ -5,6 +5,7 @@ import os
 import pickle
 import subprocess
 import sys
+from pathlib import Path
 
 import click
 import pytest
@@ -13,6 +14,9 @@ from click.testing import CliRunner
 
 from ternarize import __version__, zoo
 from ternarize.cli import cli
+
+GOLDEN = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "formats", "golden")
+ROOT_GOLDEN = Path(GOLDEN)
 
 
 def invoke(*args, env=None):
@@ -152,13 +156,18 @@ def test_file_commands_reject_missing_and_malformed_files(tmp_path):
         assert result.stderr.strip().count("\n") == 0 and result.stderr.startswith("ternarize: ")
     assert not (tmp_path / "o.onnx").exists()
     assert "; the file is damaged, or not a .tern file this ternarize reads: copy it" in invoke("inspect", bad).stderr
+    newer = bytearray((ROOT_GOLDEN / "tiny.tern").read_bytes())
+    newer[8] = 2  # the version field
+    (tmp_path / "newer.tern").write_bytes(bytes(newer))
+    err = invoke("inspect", tmp_path / "newer.tern").stderr
+    assert "version is 2; this reader knows version 1 only; a newer ternarize wrote it: upgrade ternarize" in err
+    assert "damaged" not in err
     result = invoke("verify", bad)
     assert result.exit_code == 1 and "NOT sound" in result.output
     assert invoke("verify", tmp_path / "none.tern").exit_code == 2
     assert invoke("run", bad).exit_code == 2  # neither --input nor --data
 
 
-GOLDEN = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "formats", "golden")
 
 
 def test_run_input_in_batches_empty_input_and_out_of_memory(tmp_path, monkeypatch):
@@ -177,12 +186,15 @@ def test_run_input_in_batches_empty_input_and_out_of_memory(tmp_path, monkeypatc
     result = invoke("run", tiny, "--input", tmp_path / "x.npy", "--output", tmp_path / "y.npy")
     assert result.exit_code == 0, result.output
     assert sizes == [64, 64, 64, 64, 44]
-    np.testing.assert_array_equal(np.load(tmp_path / "y.npy"), run(Runtime.load(tiny), x))
+    rt = Runtime.load(tiny)
+    np.testing.assert_array_equal(np.load(tmp_path / "y.npy"), np.concatenate([run(rt, x[i:i + 64])
+                                                                               for i in range(0, 300, 64)]))
     assert result.output.split() == [str(int(i)) for i in np.load(tmp_path / "y.npy").argmax(axis=1)]
 
-    np.save(tmp_path / "e.npy", np.zeros((0, 5), np.float32))
-    result = invoke("run", tiny, "--input", tmp_path / "e.npy")
-    assert result.exit_code == 2 and "holds no inputs" in result.stderr
+    for empty in (np.zeros((0, 5), np.float32), np.float32(3)):
+        np.save(tmp_path / "e.npy", empty)
+        result = invoke("run", tiny, "--input", tmp_path / "e.npy")
+        assert result.exit_code == 2 and "holds no inputs" in result.stderr and "(N, 5) with N >= 1" in result.stderr
 
     def no_memory(self, a):
         raise MemoryError("Unable to allocate 29.8 GiB for an array with shape (5, 1, 40008, 40008)")

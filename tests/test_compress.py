@@ -68,6 +68,7 @@ def test_report_is_consistent_with_the_files(compressed):
     rep = json.loads((out / "report.json").read_text())
     t = rep["totals"]
     size = os.path.getsize(out / "model.tern")
+    assert rep["model"]["source_bytes"] > 0 and len(rep["model"]["source_sha256"]) == 64
     assert t["tern_bytes"] == size
     assert t["onnx_bytes"] == os.path.getsize(out / "model.onnx")
     tf = tern.load(str(out / "model.tern"))

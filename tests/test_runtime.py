@@ -520,6 +520,25 @@ def test_memory_bytes_bounds_what_a_run_allocates(tmp_path, name, in_shape, kw, 
         assert 0 < peak <= rt.memory_bytes(batch), (batch, peak, rt.memory_bytes(batch))
 
 
+@pytest.mark.parametrize("mode", ["ternary", "sparse", "binary"])
+def test_memory_bytes_bounds_a_run_whose_activations_dominate(tmp_path, mode):
+    """At a large batch the per-input terms alone must bound the run, without the fixed allowance."""
+    kind, density, encoding = MODES[mode]
+    model = zoo.create("mlp", in_shape=(1, 28, 28), width=256)
+    discrete = project(model, kind, density=density)
+    rt, _ = compile_model(model, (1, 28, 28), discrete, tmp_path / "m.tern", encodings={n: encoding for n in discrete})
+    x = inputs((1, 28, 28), n=4096)
+    rt.run(x)
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        rt.run(x)
+        peak = tracemalloc.get_traced_memory()[1] - before
+    finally:
+        tracemalloc.stop()
+    assert rt.activation_bytes(4096) - x.nbytes < peak <= rt.memory_bytes(4096) - runtime_module.WORK_BYTES
+
+
 def _padded_conv(tmp_path, pad: int) -> Runtime:
     w = np.zeros((2, 1, 3, 3), np.float32)
     w[:, 0, 1, 1] = 1
@@ -538,15 +557,20 @@ def test_a_run_larger_than_the_free_memory_is_refused(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match=r"needs about .* GiB of memory to run one input, more than the 8\.0 GiB "
                                           r"free here; its graph is too large"):
         huge.run(inputs((1, 8, 8), n=1))
+    monkeypatch.setattr(runtime_module, "CHECK_BYTES", 0)  # look at the free memory for every run
     small = _padded_conv(tmp_path, 1)
     per = small.memory_bytes(2) - small.memory_bytes(1)
-    monkeypatch.setattr(runtime_module, "CHECK_BYTES", 0)
     monkeypatch.setattr(_io, "free_memory", lambda: small.memory_bytes(10) + per // 2)
     assert small.run(inputs((1, 8, 8), n=10)).shape == (10, 2, 8, 8)
     with pytest.raises(ConfigError, match=r"running 11 inputs at once needs about .*; run at most 10 at a time"):
         small.run(inputs((1, 8, 8), n=11))
+    assert small.fitting_batch(256) == 10 and small.fitting_batch(4) == 4
+    small.check_memory = False  # the caller knows better
+    assert small.run(inputs((1, 8, 8), n=11)).shape == (11, 2, 8, 8)
+    small.check_memory = True
     monkeypatch.setattr(_io, "free_memory", lambda: None)  # not known: run
     assert small.run(inputs((1, 8, 8), n=11)).shape == (11, 2, 8, 8)
+    assert small.fitting_batch(256) == 256
 
 
 # ---------------------------------------------------------------------- interface and errors

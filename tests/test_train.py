@@ -145,6 +145,23 @@ def test_too_few_training_examples_and_non_finite_weights_are_refused(float_mlp,
         fit(broken, digits, TrainConfig(epochs=1, **QUIET), log=_silent)
 
 
+def test_checks_allow_lazy_modules_masks_and_respelt_data_paths(digits, monkeypatch):
+    from dataclasses import replace
+
+    from ternarize.train.loop import _origin, check_fits
+
+    lazy = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.LazyLinear(10))
+    check_fits(lazy, digits)  # the check's forward pass creates its parameters first
+    masked = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10))
+    masked.register_buffer("mask", torch.full((10,), float("-inf")))  # a buffer may hold -inf on purpose
+    check_fits(masked, digits)
+    assert _origin(masked, digits) == _origin(masked, replace(digits, name="./" + digits.name))
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    with pytest.raises(ConfigError, match="batch size 6 gives some of the 4 processes fewer than 2 samples"):
+        TrainConfig(batch_size=6, device="cpu").validate()
+    TrainConfig(batch_size=8, device="cpu").validate()
+
+
 def test_resume_refuses_other_settings_and_missing_checkpoint(float_mlp, digits, tmp_path):
     ck = str(tmp_path / "c.pt")
     fit(copy.deepcopy(float_mlp), digits, TrainConfig(epochs=1, checkpoint=ck, **QUIET), log=_silent)

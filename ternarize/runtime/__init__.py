@@ -94,6 +94,8 @@ class Runtime:
                       for name, op in self._ops.items() if isinstance(op, (GapCodes, SparseCodes))}
         self._steps = [self._step(node) for node in self.graph.nodes]
         self._memory = {}  # batch -> memory_bytes(batch)
+        self.check_memory = True  # run refuses a batch the free memory cannot hold (see memory_bytes)
+        self._unchecked = self._most(CHECK_BYTES)  # batches up to this size need no look at the free memory
         last = plan.last_uses(self.graph)
         self._free = [[] for _ in self.graph.nodes]
         for i, node in enumerate(self.graph.nodes):
@@ -185,7 +187,8 @@ class Runtime:
     def run(self, x: np.ndarray):
         """The graph output for a float32 batch of shape (N, *input_shape) (a tuple if several)."""
         x = self._check(x)
-        self._check_memory(x.shape[0])
+        if x.shape[0] > self._unchecked and self.check_memory:
+            self._check_memory(x.shape[0])
         if x.shape[0] == 0:
             outs = [np.zeros((0, *self.shapes[o][1:]), np.float32) for o in self.graph.outputs]
         else:
@@ -254,11 +257,11 @@ class Runtime:
         return plan.peak_bytes(self.graph, self.shapes, batch)
 
     def memory_bytes(self, batch: int = 1) -> int:
-        """What ``run`` may allocate for a batch, estimated with room to spare: twice the live
-        activations at their peak (the weight ops copy their inputs and outputs), the largest padded
-        input, the largest chunk of im2col patches with its product, and ``WORK_BYTES`` for the
-        weight ops' bounded working sets. ``run`` refuses a batch this says the free memory cannot
-        hold."""
+        """What ``run`` may allocate for a batch, estimated with room to spare: the live activations
+        while each node runs plus that kernel's temporaries (``plan.node_temp_bytes``: copies of
+        its input and product, padded inputs, a chunk of im2col patches), and ``WORK_BYTES`` for
+        the weight ops' bounded working sets (decoded chunks, gathers, unpacked blocks). ``run``
+        refuses a batch this says the free memory cannot hold, unless ``check_memory`` is False."""
         if not isinstance(batch, int) or isinstance(batch, bool) or batch < 0:
             raise ConfigError(f"batch must be a non-negative integer, got {batch!r}")
         if batch not in self._memory:
@@ -268,26 +271,33 @@ class Runtime:
         return self._memory[batch]
 
     def _estimate(self, batch: int) -> int:
-        return (2 * plan.peak_bytes(self.graph, self.shapes, batch) + WORK_BYTES
-                + plan.temp_bytes(self.graph, self.shapes, batch))
+        return plan.memory_bytes(self.graph, self.shapes, batch) + WORK_BYTES
+
+    def fitting_batch(self, limit: int) -> int:
+        """The largest batch up to ``limit`` whose :meth:`memory_bytes` fits the free memory now
+        (``limit`` where that is unknown; 1 at least: ``run`` then says why one input cannot run)."""
+        free = _io.free_memory()
+        return limit if free is None else max(1, min(limit, self._most(free)))
+
+    def _most(self, budget: int, top: int = 1 << 24) -> int:
+        """The largest batch (0 to ``top``) whose estimate is at most ``budget``: it grows with the batch."""
+        lo, hi = 0, top
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if self._estimate(mid) <= budget else (lo, mid - 1)
+        return lo
 
     def _check_memory(self, batch: int) -> None:
-        """Refuse a run the machine's free memory cannot hold (looked up only above CHECK_BYTES)."""
+        """Refuse a run the machine's free memory cannot hold."""
         need = self.memory_bytes(batch)
-        if need <= CHECK_BYTES:
-            return
         free = _io.free_memory()
         if free is None or need <= free:
             return
         if batch <= 1 or self.memory_bytes(1) > free:
             raise ConfigError(f"{self.source} needs about {_size(self.memory_bytes(1))} of memory to run one input, "
                               f"more than the {_size(free)} free here; its graph is too large for this machine")
-        lo, hi = 1, batch - 1  # the most inputs that fit: the estimate grows with the batch
-        while lo < hi:
-            mid = (lo + hi + 1) // 2
-            lo, hi = (mid, hi) if self._estimate(mid) <= free else (lo, mid - 1)
         raise ConfigError(f"running {batch} inputs at once needs about {_size(need)} of memory, more than the "
-                          f"{_size(free)} free here; run at most {lo} at a time")
+                          f"{_size(free)} free here; run at most {self._most(free, batch)} at a time")
 
     def __repr__(self) -> str:
         return (f"Runtime({self.source!r}, input {list(self.input_shape)}, {len(self.graph.nodes)} nodes, "

@@ -135,6 +135,9 @@ class TrainConfig:
         else:
             _require(self.cuda_graphs != "on", "cuda_graphs 'on' is not supported under torchrun (the steps "
                                                "all-reduce gradients); use 'auto' or 'off'")
+            world = int(os.environ["WORLD_SIZE"])
+            _require(self.batch_size >= 2 * world, f"batch size {self.batch_size} gives some of the {world} processes "
+                     f"fewer than 2 samples (BatchNorm needs two); use a batch size of at least {2 * world}")
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -384,11 +387,11 @@ def check_fits(model, data, teacher=None) -> None:
         raise ConfigError(f"the training set has {n} example{'s' * (n != 1)}{after}; a training step needs at "
                           f"least {2 * world}" + (" (two per process)" if world > 1 else "")
                           + "; give more data" + (" or a smaller --val-fraction" if after else ""))
-    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+    y = _scores(model, data, "the model")  # first: it also creates a lazy module's parameters
+    for name, t in model.named_parameters():  # buffers may hold -inf on purpose (a mask)
         if t.is_floating_point() and not bool(torch.isfinite(t.detach()).all()):
             raise ConfigError(f"the model's {name} holds NaN or infinite values; retrain or repair the float model "
                               "before compressing it")
-    y = _scores(model, data, "the model")
     if y.shape[1] < data.num_classes:
         raise ConfigError(f"the model has {y.shape[1]} outputs but the data has {data.num_classes} classes")
     if teacher is not None and tuple(_scores(teacher, data, "the teacher").shape) != tuple(y.shape):
@@ -685,7 +688,7 @@ def _origin(model, data) -> dict:
         t = t.detach().cpu().contiguous()
         h.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    d = hashlib.sha256(f"{data.name}{data.x_train.shape}{data.num_classes}".encode())
+    d = hashlib.sha256(f"{data.x_train.shape}{data.num_classes}".encode())  # not the name: a path may be spelt anew
     d.update(np.ascontiguousarray(data.y_train).tobytes())
     d.update(np.ascontiguousarray(data.x_train.reshape(-1)[::997]).tobytes())
     return {"model": h.hexdigest(), "data": d.hexdigest()}
@@ -731,8 +734,8 @@ def _load_checkpoint(config, origin=None) -> dict:
     theirs = state.get("origin")  # absent in checkpoints written before it was kept
     for key, what in (("model", "another float model (its weights differ)"), ("data", "other training data")):
         if isinstance(theirs, dict) and origin is not None and theirs.get(key) not in (None, origin[key]):
-            raise ConfigError(f"the checkpoint {path} was made from {what}; resume with the same model file and "
-                              "--data, or start over")
+            raise ConfigError(f"the checkpoint {path} was made from {what}; resume with the same model file, "
+                              "--data and --val-fraction, or start over")
     return state
 
 
