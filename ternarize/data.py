@@ -518,7 +518,7 @@ def _as_images(x: object, what: str, origin: str) -> np.ndarray:
     elif x.dtype == np.bool_ or np.issubdtype(x.dtype, np.floating):
         out = x.astype(np.float32)
         if not np.isfinite(out).all():
-            raise DataError(f"{origin}: {what} contains NaN or infinite values")
+            raise DataError(f"{origin}: {what} contains NaN or infinite values; remove or repair those examples")
     else:
         raise DataError(f"{origin}: {what} has dtype {x.dtype}; use uint8 pixels (0..255, scaled by 1/255) "
                         "or floats (kept as they are)")
@@ -562,7 +562,7 @@ def _from_arrays(name: str, train: tuple, test: tuple | None, origin: str) -> Da
         y_test = _as_labels(test[1], len(x_test), "y_test", origin)
         if x_test.shape[1:] != x_train.shape[1:]:
             raise DataError(f"{origin}: test examples have shape {x_test.shape[1:]}, training examples "
-                            f"{x_train.shape[1:]}")
+                            f"{x_train.shape[1:]}; give test arrays shaped as the training ones")
     num_classes = int(max(y_train.max(initial=0), y_test.max(initial=0))) + 1
     return Dataset(name, x_train, y_train, x_test, y_test, num_classes)
 
@@ -579,7 +579,7 @@ def load_npz(path: str | os.PathLike) -> Dataset:
     """
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"dataset file {path} does not exist")
+        raise DataError(f"dataset file {path} does not exist; check the path")
     arrays = {}
     try:
         with open(path, "rb") as f:

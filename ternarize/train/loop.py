@@ -393,7 +393,8 @@ def check_fits(model, data, teacher=None) -> None:
             raise ConfigError(f"the model's {name} holds NaN or infinite values; retrain or repair the float model "
                               "before compressing it")
     if y.shape[1] < data.num_classes:
-        raise ConfigError(f"the model has {y.shape[1]} outputs but the data has {data.num_classes} classes")
+        raise ConfigError(f"the model has {y.shape[1]} outputs but the data has {data.num_classes} classes; give "
+                          "a model with an output per class, or data of the model's classes")
     if teacher is not None and tuple(_scores(teacher, data, "the teacher").shape) != tuple(y.shape):
         raise ConfigError(f"the teacher's outputs do not have the model's shape {tuple(y.shape)}")
 
