@@ -9,6 +9,7 @@ a path is printed with control characters escaped and never read as rich markup.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import traceback
@@ -378,7 +379,8 @@ def run(file, input_path, data_name, data_dir, output, sparse):
         if tuple(ds.in_shape) != tuple(model.input_shape):
             raise ConfigError(f"{file} takes inputs of shape {list(model.input_shape)} and {ds.name} has "
                               f"{list(ds.in_shape)}; give the dataset the model was trained on")
-        acc = model.accuracy(ds.x_test, ds.y_test, batch=model.fitting_batch(RUN_BATCH))
+        with _progress_bar(f"running {ds.name}") as advance:
+            acc = model.accuracy(ds.x_test, ds.y_test, batch=model.fitting_batch(RUN_BATCH), progress=advance)
         click.echo(f"{file} on {ds.name}: test accuracy {100 * acc:.2f}% ({len(ds.y_test)} examples)")
         return
     x = _load_npy(input_path)
@@ -387,10 +389,12 @@ def run(file, input_path, data_name, data_dir, output, sparse):
                           f"(N, {', '.join(map(str, model.input_shape))}) with N >= 1")
     parts = []
     step = model.fitting_batch(RUN_BATCH)  # a batch at a time: the activations stay bounded
-    with np.errstate(all="ignore"):  # huge inputs overflow to inf: one warning line below, not numpy's
+    # huge inputs overflow to inf: one warning line below, not numpy's
+    with np.errstate(all="ignore"), _progress_bar(f"running {os.path.basename(input_path)}") as advance:
         for i in range(0, len(x), step):
             y = model.run(x[i:i + step])
             parts.append(y[0] if isinstance(y, tuple) else y)
+            advance(min(i + step, len(x)), len(x))
     y = np.concatenate(parts)
     bad = y.size - np.count_nonzero(np.isfinite(y))
     if bad:
@@ -403,6 +407,24 @@ def run(file, input_path, data_name, data_dir, output, sparse):
         return
     for label in y.argmax(axis=1):
         click.echo(int(label))
+
+
+@contextlib.contextmanager
+def _progress_bar(label: str):
+    """A function ``advance(done, total)`` drawing a progress bar on stderr when it is a terminal
+    (nothing otherwise: a redirected run's output stays as it is). The bar goes when done."""
+    from rich.console import Console
+
+    console = Console(stderr=True)
+    if not console.is_terminal:
+        yield lambda done, total: None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    with Progress(TextColumn(_printable(label).replace("{", "{{").replace("}", "}}"), markup=False), BarColumn(), MofNCompleteColumn(),
+                  TimeRemainingColumn(), console=console, transient=True) as bar:
+        task = bar.add_task("run", total=None)
+        yield lambda done, total: bar.update(task, completed=done, total=total)
 
 
 def _load_npy(path: str):

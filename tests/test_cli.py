@@ -228,6 +228,18 @@ def test_run_on_a_dataset_of_another_input_shape_says_so():
     assert "mixed.tern takes inputs of shape [64] and digits has [1, 8, 8]; give the dataset" in result.stderr
 
 
+def test_run_shows_progress_on_a_terminal_only(monkeypatch):
+    conv = os.path.join(GOLDEN, "conv.tern")
+    for name in ("FORCE_COLOR", "TTY_COMPATIBLE", "TTY_INTERACTIVE"):
+        monkeypatch.delenv(name, raising=False)
+    plain = invoke("run", conv, "--data", "digits")
+    assert plain.exit_code == 0 and plain.stderr == ""
+    monkeypatch.setenv("FORCE_COLOR", "1")  # rich then treats stderr as a terminal
+    shown = invoke("run", conv, "--data", "digits")
+    assert shown.exit_code == 0 and "running digits" in shown.stderr and "359/359" in shown.stderr
+    assert shown.stdout == plain.stdout
+
+
 def test_run_sparse_choices_are_the_runtime_forms():
     from ternarize.cli import cli
     from ternarize.runtime import SPARSE_FORMS

@@ -599,6 +599,9 @@ def test_input_validation():
         with pytest.raises(ConfigError, match=f"labels must be class indices from 0 to {classes - 1}"):
             rt.accuracy(x, labels)
     assert 0 <= rt.accuracy(x, [0, 1, classes - 1]) <= 1
+    calls = []
+    labels = rt.predict(np.zeros((10, 1, 8, 8), np.float32), batch=4, progress=lambda *a: calls.append(a))
+    assert calls == [(4, 10), (8, 10), (10, 10)] and labels.shape == (10,)
 
 
 def test_malformed_file(tmp_path):

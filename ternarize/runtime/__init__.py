@@ -200,8 +200,9 @@ class Runtime:
             outs = [env[o] for o in self.graph.outputs]
         return outs[0] if len(outs) == 1 else tuple(outs)
 
-    def predict(self, x: np.ndarray, batch: int = 256) -> np.ndarray:
-        """Class labels (int64): the argmax of the (first) output, ``batch`` inputs at a time."""
+    def predict(self, x: np.ndarray, batch: int = 256, progress=None) -> np.ndarray:
+        """Class labels (int64): the argmax of the (first) output, ``batch`` inputs at a time.
+        ``progress(done, total)`` is called after each batch (a progress bar, for example)."""
         x = self._check(x)
         if not isinstance(batch, int) or isinstance(batch, bool) or batch < 1:
             raise ConfigError(f"batch must be a positive integer, got {batch!r}")
@@ -210,10 +211,12 @@ class Runtime:
             out = self.run(x[i:i + batch])
             out = out[0] if isinstance(out, tuple) else out
             labels[i:i + batch] = out.reshape(out.shape[0], -1).argmax(axis=1)
+            if progress is not None:
+                progress(min(i + batch, x.shape[0]), x.shape[0])
         return labels
 
-    def accuracy(self, x: np.ndarray, y, batch: int = 256) -> float:
-        """Fraction of inputs whose predicted label equals ``y``."""
+    def accuracy(self, x: np.ndarray, y, batch: int = 256, progress=None) -> float:
+        """Fraction of inputs whose predicted label equals ``y`` (``progress`` as for :meth:`predict`)."""
         y = np.asarray(y).reshape(-1)
         if y.shape[0] != len(x):
             raise ConfigError(f"got {len(x)} inputs but {y.shape[0]} labels")
@@ -224,7 +227,7 @@ class Runtime:
             raise ConfigError(f"the labels must be class indices from 0 to {classes - 1} (the model has {classes} "
                               f"outputs), got {y.dtype} labels from {y.min()} to {y.max()}; give data of the "
                               "model's classes")
-        return float(np.mean(self.predict(x, batch) == y))
+        return float(np.mean(self.predict(x, batch, progress) == y))
 
     def _check(self, x) -> np.ndarray:
         want = "(N, " + ", ".join(str(d) for d in self.input_shape) + ")"
