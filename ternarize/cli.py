@@ -421,8 +421,9 @@ def _progress_bar(label: str):
         return
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    with Progress(TextColumn(_printable(label).replace("{", "{{").replace("}", "}}"), markup=False), BarColumn(), MofNCompleteColumn(),
-                  TimeRemainingColumn(), console=console, transient=True) as bar:
+    text = _printable(label).replace("{", "{{").replace("}", "}}")  # a format string: braces doubled
+    with Progress(TextColumn(text, markup=False), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                  console=console, transient=True) as bar:
         task = bar.add_task("run", total=None)
         yield lambda done, total: bar.update(task, completed=done, total=total)
 

@@ -61,6 +61,7 @@ from torch import nn
 
 from . import zoo
 from ._io import atomic_write
+from ._text import printable
 from .errors import Error, ModelLoadError, UnsafeModelError
 
 __all__ = ["load_model", "parse_arch"]
@@ -105,15 +106,15 @@ _HELPERS = {
 # Public API
 
 
-def load_model(path, arch: str | None = None, trust: bool = False) -> nn.Module:
+def load_model(path, arch: str | None = None, trust: bool = False, log=None) -> nn.Module:
     """Load the model in ``path`` on the CPU, in eval mode, without running code from the file.
 
     ``path`` may hold a full module (``torch.save(model)``: its classes must be torch.nn built-ins
     or zoo models unless ``trust=True``), a TorchScript archive (only with ``trust=True``: loading it
     runs code stored in it), or a state_dict, for which ``arch``
     (see :func:`parse_arch`) names the architecture. ``arch`` is ignored when the file holds a full
-    module. Raises :class:`ModelLoadError` (or its subclass :class:`UnsafeModelError`) with a
-    one-line message.
+    module (``log``, when given, is told so). Raises :class:`ModelLoadError` (or its subclass
+    :class:`UnsafeModelError`) with a one-line message.
     """
     if not isinstance(trust, bool):  # a string such as "false" is truthy: only True may run code
         raise ModelLoadError(f"trust must be True or False, got {trust!r}")
@@ -128,6 +129,8 @@ def load_model(path, arch: str | None = None, trust: bool = False) -> nn.Module:
     else:
         obj = _guarded(path, lambda: _unpickle(path, trust))
         model = _to_module(obj, path, arch)
+        if arch is not None and log is not None and not _find_state_dict(obj):
+            log(f"warning: {path} holds a whole module, so --arch {printable(arch)} is not used")
     model.cpu()
     model.eval()
     return model

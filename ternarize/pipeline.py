@@ -74,7 +74,7 @@ def compress(model, data, out: str = "out", *, arch: str | None = None, trust: b
     source = _source_info(model)
     model_path = model if isinstance(model, (str, os.PathLike)) else None
     if model_path is not None:
-        model = load_model(model_path, arch=arch, trust=trust)
+        model = load_model(model_path, arch=arch, trust=trust, log=log)
     elif not isinstance(model, torch.nn.Module):
         raise ConfigError(f"model must be a torch nn.Module or the path of a model file, got {type(model).__name__}")
     dataset = data if isinstance(data, Dataset) else load_dataset(data, data_dir=data_dir)

@@ -133,8 +133,13 @@ def test_sequential_of_builtins_loads(tmp_path, mode):
 def test_state_dict_with_zoo_arch_and_kwargs(tmp_path):
     model = small_mlp()
     torch.save(model.state_dict(), tmp_path / "w.pt")
-    loaded = load_model(tmp_path / "w.pt", arch=MLP_SPEC)
+    said = []
+    loaded = load_model(tmp_path / "w.pt", arch=MLP_SPEC, log=said.append)
     same_outputs(model, loaded, (4, 1, 8, 8))
+    assert said == []
+    torch.save(model, tmp_path / "full.pt")
+    same_outputs(model, load_model(tmp_path / "full.pt", arch="vgg", log=said.append), (4, 1, 8, 8))
+    assert said == [f"warning: {tmp_path / 'full.pt'} holds a whole module, so --arch vgg is not used"]
 
 
 @pytest.mark.parametrize("wrap", [
