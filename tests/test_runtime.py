@@ -508,16 +508,20 @@ def test_memory_bytes_bounds_what_a_run_allocates(tmp_path, name, in_shape, kw, 
     rt, _ = compile_model(model, in_shape, discrete, tmp_path / "m.tern",
                           encodings={n: encoding for n in discrete})
     for batch in (1, 7, 64):
-        x = inputs(in_shape, n=batch)
-        rt.run(x)
-        tracemalloc.start()
-        try:
-            before = tracemalloc.get_traced_memory()[0]
-            rt.run(x)
-            peak = tracemalloc.get_traced_memory()[1] - before
-        finally:
-            tracemalloc.stop()
+        peak = _run_peak(rt, inputs(in_shape, n=batch))
         assert 0 < peak <= rt.memory_bytes(batch), (batch, peak, rt.memory_bytes(batch))
+
+
+def _run_peak(rt: Runtime, x: np.ndarray) -> int:
+    """The most a second run of ``x`` allocates at once beyond what was allocated before it."""
+    rt.run(x)
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        rt.run(x)
+        return tracemalloc.get_traced_memory()[1] - before
+    finally:
+        tracemalloc.stop()
 
 
 @pytest.mark.parametrize("mode", ["ternary", "sparse", "binary"])
@@ -528,14 +532,7 @@ def test_memory_bytes_bounds_a_run_whose_activations_dominate(tmp_path, mode):
     discrete = project(model, kind, density=density)
     rt, _ = compile_model(model, (1, 28, 28), discrete, tmp_path / "m.tern", encodings={n: encoding for n in discrete})
     x = inputs((1, 28, 28), n=4096)
-    rt.run(x)
-    tracemalloc.start()
-    try:
-        before = tracemalloc.get_traced_memory()[0]
-        rt.run(x)
-        peak = tracemalloc.get_traced_memory()[1] - before
-    finally:
-        tracemalloc.stop()
+    peak = _run_peak(rt, x)
     assert rt.activation_bytes(4096) - x.nbytes < peak <= rt.memory_bytes(4096) - runtime_module.WORK_BYTES
 
 
