@@ -129,7 +129,7 @@ def load_model(path, arch: str | None = None, trust: bool = False, log=None) -> 
     else:
         obj = _guarded(path, lambda: _unpickle(path, trust))
         model = _to_module(obj, path, arch)
-        if arch is not None and log is not None and not _find_state_dict(obj):
+        if arch is not None and log is not None and _find_state_dict(obj) is None:
             log(f"warning: {path} holds a whole module, so --arch {printable(arch)} is not used")
     model.cpu()
     model.eval()

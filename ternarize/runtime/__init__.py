@@ -93,7 +93,6 @@ class Runtime:
         self.forms = {name: "gaps" if isinstance(op, GapCodes) else "indices" if op.cache is not None else "stream"
                       for name, op in self._ops.items() if isinstance(op, (GapCodes, SparseCodes))}
         self._steps = [self._step(node) for node in self.graph.nodes]
-        self._memory = {}  # batch -> memory_bytes(batch)
         self.check_memory = True  # run refuses a batch the free memory cannot hold (see memory_bytes)
         self._unchecked = self._most(CHECK_BYTES)  # batches up to this size need no look at the free memory
         last = plan.last_uses(self.graph)
@@ -267,11 +266,7 @@ class Runtime:
         refuses a batch this says the free memory cannot hold, unless ``check_memory`` is False."""
         if not isinstance(batch, int) or isinstance(batch, bool) or batch < 0:
             raise ConfigError(f"batch must be a non-negative integer, got {batch!r}")
-        if batch not in self._memory:
-            if len(self._memory) > 64:
-                self._memory.clear()
-            self._memory[batch] = self._estimate(batch)
-        return self._memory[batch]
+        return self._estimate(batch)
 
     def _estimate(self, batch: int) -> int:
         return plan.memory_bytes(self.graph, self.shapes, batch) + WORK_BYTES

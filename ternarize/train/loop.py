@@ -126,7 +126,8 @@ class TrainConfig:
         _require(not self.resume or self.checkpoint, "resume needs a checkpoint path")
         _require(self.time_budget is None or self.time_budget > 0,
                  f"time budget must be positive, got {self.time_budget}")
-        if int(os.environ.get("WORLD_SIZE", "1")) <= 1:  # torchrun ranks pick their own device
+        world = _world_size()
+        if world <= 1:  # torchrun ranks pick their own device
             device = _device(self.device)
             _require(self.precision != "tf32" or device.type == "cuda",
                      f"precision tf32 needs a CUDA GPU and this run is on {device.type}; use fp32 or bf16")
@@ -135,7 +136,6 @@ class TrainConfig:
         else:
             _require(self.cuda_graphs != "on", "cuda_graphs 'on' is not supported under torchrun (the steps "
                                                "all-reduce gradients); use 'auto' or 'off'")
-            world = int(os.environ["WORLD_SIZE"])
             _require(self.batch_size >= 2 * world, f"batch size {self.batch_size} gives some of the {world} processes "
                      f"fewer than 2 samples (BatchNorm needs two); use a batch size of at least {2 * world}")
 
@@ -307,7 +307,7 @@ class _Distributed:
 
     @classmethod
     def setup(cls, device: str) -> _Distributed:
-        world = int(os.environ.get("WORLD_SIZE", "1"))
+        world = _world_size()
         if world <= 1:
             return cls(_device(device), 0, 1)
         import torch.distributed as tdist
@@ -369,6 +369,11 @@ class _Distributed:
         return t
 
 
+def _world_size() -> int:
+    """The number of processes training together: torchrun's WORLD_SIZE, else 1."""
+    return max(1, int(os.environ.get("WORLD_SIZE", "1") or 1))
+
+
 def check_fits(model, data, teacher=None) -> None:
     """Refuse, before any training, a model that is not an nn.Module or does not fit ``data`` (a
     :class:`~ternarize.data.Dataset`): it must accept two of its inputs and return scores of shape
@@ -380,7 +385,7 @@ def check_fits(model, data, teacher=None) -> None:
     if not isinstance(data, Dataset):
         raise ConfigError(f"the data must be a ternarize Dataset (ternarize.load_dataset(name)), got "
                           f"{type(data).__name__}")
-    world = max(1, int(os.environ.get("WORLD_SIZE", "1") or 1))
+    world = _world_size()
     n = len(data.x_train)
     if n < 2 * world:  # BatchNorm needs two samples: a smaller batch is skipped (see _Run.batches)
         after = " left after the validation split" if data.x_val is not None else ""
@@ -682,14 +687,14 @@ _GROUP_KEYS = ("rho", "lam", "scale_lr", "lr", "capturable")
 
 def _origin(model, data) -> dict:
     """Fingerprints of the float model (its weights, before training) and of the training data
-    (name, shapes, labels and a sample of the inputs), so that a resume can tell another model or
-    dataset from the checkpoint's."""
+    (shapes, labels and a sample of the inputs, not the name: a path may be spelt anew), so that a
+    resume can tell another model or dataset from the checkpoint's."""
     h = hashlib.sha256()
     for name, t in model.state_dict().items():
         t = t.detach().cpu().contiguous()
         h.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    d = hashlib.sha256(f"{data.x_train.shape}{data.num_classes}".encode())  # not the name: a path may be spelt anew
+    d = hashlib.sha256(f"{data.x_train.shape}{data.num_classes}".encode())
     d.update(np.ascontiguousarray(data.y_train).tobytes())
     d.update(np.ascontiguousarray(data.x_train.reshape(-1)[::997]).tobytes())
     return {"model": h.hexdigest(), "data": d.hexdigest()}
