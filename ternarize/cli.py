@@ -287,7 +287,8 @@ def _existing_file(path: str, what: str) -> str:
 
 @cli.command(context_settings=CONTEXT)
 @click.argument("file", type=click.Path())
-def inspect(file):
+@click.option("--json", "as_json", is_flag=True, help="Print the header and the tensor table as JSON.")
+def inspect(file, as_json):
     """Show a .tern file's header and a per-tensor table.
 
     Example: ternarize inspect out/model.tern
@@ -299,6 +300,11 @@ def inspect(file):
     from . import tern
 
     tf = tern.load(_existing_file(file, ".tern file"))
+    if as_json:
+        tensors = [{**e.to_json(), "bits_per_weight": e.bits_per_weight} for e in tf.tensors]
+        _echo_json({"file": file, "version": tf.version, "size": tf.size, "data_start": tf.data_start,
+                    "graph": tf.header["graph"], "metadata": tf.metadata, "tensors": tensors})
+        return
     g = tf.header["graph"]
     console = Console()
 
@@ -324,7 +330,8 @@ def inspect(file):
 
 @cli.command(context_settings=CONTEXT)
 @click.argument("file", type=click.Path())
-def verify(file):
+@click.option("--json", "as_json", is_flag=True, help="Print the checks and their results as JSON.")
+def verify(file, as_json):
     """Run every check of the .tern format on FILE; exit 0 when sound, 1 when not.
 
     Example: ternarize verify out/model.tern
@@ -332,6 +339,11 @@ def verify(file):
     from . import tern
 
     results = tern.verify(_existing_file(file, ".tern file"))
+    if as_json:
+        sound = all(ok for _, ok, _ in results)
+        _echo_json({"file": file, "sound": sound, "checks": [{"check": name, "ok": ok, "message": message}
+                                                              for name, ok, message in results]})
+        sys.exit(0 if sound else 1)
     for name, ok, message in results:
         click.echo(f"{'ok  ' if ok else 'FAIL'} {name}" + (f": {_one_line(message)}" if not ok else ""))
     sound = all(ok for _, ok, _ in results)
@@ -346,11 +358,13 @@ def verify(file):
 @data_dir_option
 @click.option("--output", type=click.Path(), default=None,
               help="Save the raw outputs of --input to this .npy file (the first output if there are several).")
+@click.option("--force", is_flag=True, help="Overwrite the --output file if it exists.")
+@click.option("--json", "as_json", is_flag=True, help="Print the predictions or the accuracy as JSON.")
 @click.option("--sparse", type=click.Choice(["auto", "stream", "gaps", "indices"]), default="auto", show_default=True,
               help="How sparse (ts) weights are held: auto = re-encoded as bytes within 1.2x the file's "
                    "weight bytes; stream = as stored (least memory); gaps = all re-encoded; indices = "
                    "decoded int32 indices (fastest, about 4 bytes per non-zero).")
-def run(file, input_path, data_name, data_dir, output, sparse):
+def run(file, input_path, data_name, data_dir, output, sparse, force, as_json):
     """Run a .tern file with the numpy reference runtime: predictions for --input, or
     accuracy on the test set of --data.
 
@@ -366,11 +380,13 @@ def run(file, input_path, data_name, data_dir, output, sparse):
         raise ConfigError("give exactly one of --input x.npy or --data NAME")
     if output is not None and input_path is None:
         raise ConfigError("--output saves the outputs of --input; give --input x.npy, or leave out --output")
+    if force and output is None:
+        raise ConfigError("--force replaces the --output file; give --output y.npy, or leave out --force")
     _existing_file(file, ".tern file")
     if input_path is not None:
         _existing_file(input_path, ".npy file")
     if output is not None:
-        check_output(output, inputs=[file, input_path])
+        _check_new(check_output(output, inputs=[file, input_path]), force)
     model = rt.Runtime.load(file, sparse=sparse)
     if data_name is not None:
         from .data import load_dataset
@@ -381,7 +397,10 @@ def run(file, input_path, data_name, data_dir, output, sparse):
                               f"{list(ds.in_shape)}; give the dataset the model was trained on")
         with _progress_bar(f"running {ds.name}") as advance:
             acc = model.accuracy(ds.x_test, ds.y_test, batch=model.fitting_batch(RUN_BATCH), progress=advance)
-        click.echo(f"{file} on {ds.name}: test accuracy {100 * acc:.2f}% ({len(ds.y_test)} examples)")
+        if as_json:
+            _echo_json({"file": file, "dataset": ds.name, "examples": len(ds.y_test), "accuracy": acc})
+        else:
+            click.echo(f"{file} on {ds.name}: test accuracy {100 * acc:.2f}% ({len(ds.y_test)} examples)")
         return
     x = _load_npy(input_path)
     if x.ndim == 0 or len(x) == 0:
@@ -401,6 +420,10 @@ def run(file, input_path, data_name, data_dir, output, sparse):
         click.echo(f"ternarize: warning: {bad} outputs are not finite (inputs too large?)", err=True)
     if output is not None:
         _save_npy(output, y)
+    if as_json:
+        _echo_json({"file": file, "input": input_path, "output": output, "shape": list(y.shape),
+                    "not_finite": int(bad), "predictions": y.argmax(axis=1).tolist() if y.ndim == 2 else None})
+        return
     if y.ndim != 2:  # not (N, classes): nothing to take an argmax over
         click.echo(f"the outputs have shape {y.shape}, not (N, classes): no class predictions; "
                    + (f"they are in {output}" if output is not None else "save them with --output"))
@@ -426,6 +449,21 @@ def _progress_bar(label: str):
                   console=console, transient=True) as bar:
         task = bar.add_task("run", total=None)
         yield lambda done, total: bar.update(task, completed=done, total=total)
+
+
+def _check_new(path: str, force: bool) -> None:
+    """Refuse an output file that exists unless ``force``: nothing is replaced by accident."""
+    from .errors import ConfigError
+
+    if os.path.lexists(path) and not force:
+        raise ConfigError(f"{path} already exists; pass --force to overwrite it, or choose another path")
+
+
+def _echo_json(obj) -> None:
+    """``obj`` as indented JSON with sorted keys on stdout (non-ASCII text escaped)."""
+    import json
+
+    click.echo(json.dumps(obj, indent=2, sort_keys=True))
 
 
 def _load_npy(path: str):
@@ -464,7 +502,8 @@ def _save_npy(path: str, y) -> None:
 @click.option("--compat", is_flag=True, help="int8 codes at opset 21 for runtimes without INT2.")
 @click.option("--compact", is_flag=True, help="Store sparse ternary weights as gap streams or base-3 codes "
               "decoded in-graph (smaller; onnxruntime folds the decode at load).")
-def export(file, onnx_path, compat, compact):
+@click.option("--force", is_flag=True, help="Overwrite the --onnx file if it exists.")
+def export(file, onnx_path, compat, compact, force):
     """Export a .tern file to ONNX (INT2 weights, opset 25) that stock onnxruntime runs.
 
     Example: ternarize export out/model.tern --onnx model.onnx --compact
@@ -473,7 +512,7 @@ def export(file, onnx_path, compat, compact):
     from . import tern
     from ._io import check_output
 
-    check_output(onnx_path, inputs=[_existing_file(file, ".tern file")])
+    _check_new(check_output(onnx_path, inputs=[_existing_file(file, ".tern file")]), force)
     graph = tern.read(file)
     info = onnx_export.export(graph, onnx_path, compat=compat, compact=compact)
     click.echo(f"wrote {onnx_path} ({info.size:,} bytes, opset {info.opset})")
@@ -490,7 +529,6 @@ def report(path, as_json, out, force):
 
     Example: ternarize report out
     """
-    import json
 
     from . import report as reporting
     from ._io import check_target, same_file
@@ -515,6 +553,6 @@ def report(path, as_json, out, force):
                               f"pass --force to overwrite {'it' if len(there) == 1 else 'them'}")
         rep.write(out)
     if as_json:
-        click.echo(json.dumps(rep.to_json(), indent=2, sort_keys=True))
+        _echo_json(rep.to_json())
     else:
         _print_report(rep)

@@ -246,3 +246,70 @@ def test_run_sparse_choices_are_the_runtime_forms():
 
     option = next(p for p in cli.commands["run"].params if p.name == "sparse")
     assert tuple(option.type.choices) == SPARSE_FORMS
+
+
+def test_inspect_verify_and_run_print_json(tmp_path):
+    import json
+
+    import numpy as np
+
+    from ternarize import tern
+    from ternarize.runtime import Runtime
+
+    conv = os.path.join(GOLDEN, "conv.tern")
+    tf = tern.load(conv)
+    shown = json.loads(invoke("inspect", conv, "--json").stdout)
+    assert shown["size"] == os.path.getsize(conv) and shown["version"] == 1
+    assert shown["graph"] == tf.header["graph"] and shown["metadata"] == tf.metadata
+    assert [t["name"] for t in shown["tensors"]] == [e.name for e in tf.tensors]
+    for t, e in zip(shown["tensors"], tf.tensors):
+        assert t["crc32"] == e.crc32 and t["nbytes"] == e.nbytes and t["shape"] == list(e.shape)
+        assert t["bits_per_weight"] == 8 * e.nbytes / int(np.prod(e.shape))
+
+    result = invoke("verify", conv, "--json")
+    checks = json.loads(result.stdout)
+    assert result.exit_code == 0 and checks["sound"] is True
+    assert [c["check"] for c in checks["checks"]] == [name for name, _, _ in tern.verify(conv)]
+    assert all(c["ok"] for c in checks["checks"]) and checks["checks"][0]["message"].startswith("magic, version 1")
+    damaged = bytearray((ROOT_GOLDEN / "conv.tern").read_bytes())
+    damaged[-1] ^= 0xFF  # the last tensor's data: its CRC no longer matches
+    (tmp_path / "damaged.tern").write_bytes(bytes(damaged))
+    result = invoke("verify", tmp_path / "damaged.tern", "--json")
+    checks = json.loads(result.stdout)
+    assert result.exit_code == 1 and checks["sound"] is False
+    failed = [c for c in checks["checks"] if not c["ok"]]
+    assert failed and failed[0]["check"].endswith("crc32") and "CRC32" in failed[0]["message"]
+
+    acc = json.loads(invoke("run", conv, "--data", "digits", "--json").stdout)
+    plain = invoke("run", conv, "--data", "digits").stdout
+    assert acc["dataset"] == "digits" and acc["examples"] == 359
+    assert f"test accuracy {100 * acc['accuracy']:.2f}% (359 examples)" in plain
+
+    x = np.random.default_rng(0).standard_normal((5, 1, 8, 8)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    result = invoke("run", conv, "--input", tmp_path / "x.npy", "--output", tmp_path / "y.npy", "--json")
+    out = json.loads(result.stdout)
+    y = Runtime.load(conv).run(x)
+    assert out["predictions"] == y.argmax(axis=1).tolist() and out["shape"] == [5, y.shape[1]]
+    assert out["output"] == str(tmp_path / "y.npy") and out["not_finite"] == 0
+    np.testing.assert_array_equal(np.load(tmp_path / "y.npy"), y)
+
+
+def test_export_and_run_output_do_not_replace_a_file_without_force(tmp_path):
+    import numpy as np
+
+    tiny = os.path.join(GOLDEN, "tiny.tern")
+    np.save(tmp_path / "x.npy", np.ones((2, 5), np.float32))
+    for args, target in ((["export", tiny, "--onnx"], tmp_path / "m.onnx"),
+                         (["run", tiny, "--input", tmp_path / "x.npy", "--output"], tmp_path / "y.npy")):
+        target.write_bytes(b"keep me")
+        result = invoke(*args, target)
+        assert result.exit_code == 2 and result.stdout == ""
+        assert result.stderr.strip() == f"ternarize: {target} already exists; pass --force to overwrite it, " \
+                                         "or choose another path"
+        assert target.read_bytes() == b"keep me"
+        result = invoke(*args, target, "--force")
+        assert result.exit_code == 0, result.output
+        assert target.read_bytes() != b"keep me"
+    result = invoke("run", tiny, "--input", tmp_path / "x.npy", "--force")
+    assert result.exit_code == 2 and "--force replaces the --output file; give --output" in result.stderr
