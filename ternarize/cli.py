@@ -138,16 +138,21 @@ def data_fetch(name: str, data_dir: str | None, download: bool) -> None:
 
 @data.command("list", context_settings=CONTEXT)
 @data_dir_option
-def data_list(data_dir: str | None) -> None:
+@click.option("--json", "as_json", is_flag=True, help="Print the list as JSON.")
+def data_list(data_dir: str | None, as_json: bool) -> None:
     """List the named datasets and whether each is present.
 
     Example: ternarize data list
     """
     from . import data as datasets
 
-    for row in datasets.status(data_dir):
+    rows = datasets.status(data_dir)
+    if as_json:
+        _echo_json(rows)
+        return
+    for row in rows:
         state = "present" if row["present"] else f"missing: {row['fetch']}"
-        click.echo(f"{row['name']:<14} {state}  ({row['folder']})")
+        click.echo(f"{row['name']:<14} {state}  ({row['folder'] or 'inside scikit-learn'})")
 
 
 def _log(message: str) -> None:

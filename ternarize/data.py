@@ -800,12 +800,13 @@ def _spec(name: str) -> _Spec | None:
 
 
 def status(data_dir: str | os.PathLike | None = None) -> list[dict]:
-    """One entry per named dataset for ``ternarize data list``: name, folder, present, files, missing,
-    fetch (the command) and source. Presence is checked by file names only (fast), not by md5.
+    """One entry per named dataset for ``ternarize data list``: name, folder (None for digits, which
+    is inside scikit-learn), present, files, missing, fetch (the command) and source. Presence is
+    checked by file names only (fast), not by md5.
 
     Example: ``[s["name"] for s in status() if s["present"]]``.
     """
-    rows = [{"name": "digits", "folder": "(inside scikit-learn)", "present": _has_sklearn(),
+    rows = [{"name": "digits", "folder": None, "present": _has_sklearn(),
              "files": [], "missing": [], "fetch": "nothing to fetch", "source": "bundled with scikit-learn"}]
     for spec in _SPECS.values():
         folder = data_root(data_dir) / spec.folder

@@ -313,3 +313,14 @@ def test_export_and_run_output_do_not_replace_a_file_without_force(tmp_path):
         assert target.read_bytes() != b"keep me"
     result = invoke("run", tiny, "--input", tmp_path / "x.npy", "--force")
     assert result.exit_code == 2 and "--force replaces the --output file; give --output" in result.stderr
+
+
+def test_data_list_as_text_and_json(tmp_path):
+    import json
+
+    rows = json.loads(invoke("data", "list", "--data-dir", tmp_path, "--json").stdout)
+    assert [r["name"] for r in rows] == ["digits", "mnist", "fashion-mnist", "cifar10"]
+    assert rows[1]["folder"] == str(tmp_path / "mnist") and not rows[1]["present"]
+    lines = invoke("data", "list", "--data-dir", tmp_path).stdout.splitlines()
+    assert lines[0].split() == ["digits", "present", "(inside", "scikit-learn)"]
+    assert lines[1] == f"mnist          missing: {rows[1]['fetch']}  ({tmp_path / 'mnist'})"

@@ -676,7 +676,7 @@ def test_status(tmp_path):
     assert rows["mnist"]["folder"] == str(tmp_path / "mnist")
     assert not rows["cifar10"]["present"] and rows["cifar10"]["fetch"].endswith("--download")
     assert rows["fashion-mnist"]["fetch"] == f"ternarize data fetch fashion-mnist --data-dir {tmp_path}"
-    assert rows["digits"]["present"]
+    assert rows["digits"]["present"] and rows["digits"]["folder"] is None
     assert {"name", "folder", "present", "files", "fetch", "source"} <= set(rows["digits"])
 
 
