@@ -314,7 +314,7 @@ def inspect(file, as_json):
     console = Console()
 
     def say(line: str) -> None:  # names come from the file: Text is never read as markup
-        console.print(Text(_printable(line)))
+        console.print(Text(_printable(line)), soft_wrap=True)  # a long line stays one line
 
     say(f"{file}: .tern v{tf.version}, {tf.size:,} bytes (header {tf.data_start:,}), "
         f"producer {tf.metadata.get('producer', '?')}")

@@ -324,3 +324,12 @@ def test_data_list_as_text_and_json(tmp_path):
     lines = invoke("data", "list", "--data-dir", tmp_path).stdout.splitlines()
     assert lines[0].split() == ["digits", "present", "(inside", "scikit-learn)"]
     assert lines[1] == f"mnist          missing: {rows[1]['fetch']}  ({tmp_path / 'mnist'})"
+
+
+def test_inspect_keeps_a_long_header_line_whole(tmp_path):
+    import shutil
+
+    path = tmp_path / ("m" * 60 + ".tern")
+    shutil.copy(os.path.join(GOLDEN, "conv.tern"), path)
+    first = invoke("inspect", path, env={"COLUMNS": "80"}).stdout.splitlines()[0]
+    assert first.startswith(f"{path}: .tern v1, ") and first.endswith("producer ternarize golden")
