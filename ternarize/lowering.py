@@ -417,6 +417,9 @@ class _Builder:
         if kind is None:
             raise LoweringError(f"unsupported operation {what} at {n.name!r}{_in_module(n)}")
         x = self._x(n.args[0]) if kind not in ("concat",) else None
+        if n.target is F.dropout and _arg(n, 2, "training", True) and _arg(n, 1, "p", 0.5) != 0:
+            raise LoweringError(f"F.dropout at {n.name!r}{_in_module(n)} has training=True, so it drops values at "
+                                "random in eval mode too; pass training=self.training")
         if kind == "identity":
             self.alias[n.name] = x
         elif kind in ("relu",):

@@ -157,11 +157,17 @@ def test_an_inplace_op_whose_view_is_not_read_again_lowers(tmp_path):
 
 
 def test_a_model_random_in_eval_mode_is_refused_as_such():
-    def fn(s, x):
-        return s.fc(F.dropout(x, 0.2))  # training=True by default: random even in eval mode
-
+    noisy = _Fn(lambda s, x: s.fc(x), fc=nn.Linear(4, 2))
+    noisy.register_forward_hook(lambda m, i, out: out + torch.rand_like(out))
     with pytest.raises(LoweringError, match="different outputs for the same input in eval mode"):
-        lower(_Fn(fn, fc=nn.Linear(4, 2)), torch.ones(1, 4))
+        lower(noisy, torch.ones(1, 4))
+    # refused by the call, also where the outputs agree by chance (dropout of zeros, or of everything)
+    says = r"F.dropout at 'dropout' has training=True, so it drops values at random in eval mode too"
+    for p, example in ((0.2, torch.ones(1, 4)), (0.2, torch.zeros(1, 4)), (1.0, torch.ones(1, 4))):
+        with pytest.raises(LoweringError, match=says):
+            lower(_Fn(lambda s, x, p=p: s.fc(F.dropout(x, p)), fc=nn.Linear(4, 2)), example)  # training=True
+    for kwargs in ({"training": False}, {"p": 0.0}):  # the identity: lowers
+        lower(_Fn(lambda s, x, kw=kwargs: s.fc(F.dropout(x, **kw)), fc=nn.Linear(4, 2)), torch.ones(1, 4))
     with pytest.raises(LoweringError, match="unsupported operation torch.randn_like"):  # named before any check
         lower(_Fn(lambda s, x: s.fc(x + torch.randn_like(x)), fc=nn.Linear(4, 2)), torch.zeros(1, 4))
 
