@@ -560,7 +560,7 @@ def detect_kind(w: np.ndarray) -> str:
         return "float32"
     if not np.any(s > 0):
         return "float32"  # an all-zero tensor carries no evidence either way
-    return "binary" if np.all(a == s) else "ternary"
+    return "binary" if np.all(a == s) and np.all(s > 0) else "ternary"  # an all-zero row is ternary
 
 
 def split_discrete(w: np.ndarray, kind: str, name: str = "weight") -> tuple[np.ndarray, np.ndarray]:

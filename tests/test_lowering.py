@@ -64,6 +64,12 @@ def test_theta_and_scale_are_recovered_bit_for_bit():
     assert np.array_equal(scale[:, None] * theta, w)
     assert detect_kind(w) == "ternary" and detect_kind(np.abs(w[2:]) + 1) == "binary"
     assert detect_kind(np.array([[0.1, 0.2]], np.float32)) == "float32"
+    dense_but_one_zero_row = np.array([[0.5, -0.5], [0, 0], [-0.25, 0.25]], np.float32)
+    assert detect_kind(dense_but_one_zero_row) == "ternary"  # not binary: a binary weight holds no 0
+    model = nn.Sequential(nn.Linear(2, 3))
+    model[0].weight.data = torch.from_numpy(dense_but_one_zero_row)
+    graph = lower(model, torch.zeros(1, 2))
+    assert graph.consts["0.weight"].kind == "ternary"
     with pytest.raises(LoweringError, match="not ternary: row 0"):
         split_discrete(np.array([[0.5, 0.25]], np.float32), "ternary", "fc.weight")
     with pytest.raises(LoweringError, match="should be binary but holds 0"):
