@@ -334,6 +334,23 @@ def test_sparse_codes_against_dense(monkeypatch, density, cache):
         assert_close(w.matmul(x), ref, 1e-5)
 
 
+@pytest.mark.parametrize("density", [0.05, 0.005])  # remainders of k <= 5 and k > 5 bits
+@pytest.mark.parametrize("cache", [False, True])
+def test_sparse_codes_whose_last_blocks_are_empty(density, cache):
+    from ternarize import pack
+
+    rng = np.random.default_rng(5)
+    theta = _codes(rng, "ternary", (12, 6000), density)
+    theta[11:] = 0  # blocks of 11 rows: the last block has no event
+    buf, params = pack.encode(theta, "ternary", "ts")
+    assert params["block_rows"] == 11
+    w = sparse.SparseCodes(np.frombuffer(buf, np.uint8), theta.shape, params, 1, cache)
+    x = rng.standard_normal((6000, 3)).astype(np.float32)
+    assert_close(w.matmul(x), theta.astype(np.float64) @ x, 1e-5)
+    index, starts = w.decode_all()
+    assert starts[-1] == index.size  # the empty last row starts after the last event
+
+
 def test_chunked_paths_agree(tmp_path, monkeypatch):
     """Tiny blocks, event groups, gather chunks and patch chunks give the same outputs."""
     torch.manual_seed(4)

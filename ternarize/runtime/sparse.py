@@ -230,15 +230,17 @@ class SparseCodes:
             if ns * k > nr:
                 pieces.append(_ZERO[:ns * k - nr])
         p = np.concatenate(pieces)
+        # each block's first slot; an empty block's (read, never used) may be past the last slot
+        first = np.minimum(slot0 // 8, ngroups - 1)
         if k <= 5:  # 8 fields of k bits fit the byte lanes of a uint64, sums included
             fields = _LUT[k].take(p, axis=0).reshape(ngroups, 8) if k in _LUT else \
                 np.ascontiguousarray(_slots(p, ngroups, k).T)
-            r_first = fields[slot0 // 8, 0].astype(np.intp)
+            r_first = fields[first, 0].astype(np.intp)
             lanes = fields.view("<u8") * np.uint64(0x0101010101010101)  # lane s: Σ of fields 0..s
             lanes = lanes.astype("<u8", copy=False).view(np.uint8).reshape(ngroups, 8)
         else:
             lanes = _slots(p, ngroups, k)  # (8, groups), wide enough for the sums
-            r_first = lanes[0, slot0 // 8].astype(np.intp)
+            r_first = lanes[0, first].astype(np.intp)
             for s in range(1, 8):
                 lanes[s] += lanes[s - 1]
             lanes = lanes.T
