@@ -321,12 +321,12 @@ def _window(size, k, s, p, d, ceil_mode, where, pool: bool = False) -> int:
     starts in the right padding."""
     if pool and 2 * p > k:
         raise GraphError(f"{where}: padding {p} is more than half the kernel {k}")
-    span = size + 2 * p - d * (k - 1) - 1
-    if span < 0:
-        raise GraphError(f"{where}: kernel {k} (dilation {d}) is larger than the padded input {size + 2 * p}")
-    out = (math.ceil(span / s) if ceil_mode else span // s) + 1
+    span = size + 2 * p - d * (k - 1) - 1  # negative: the kernel is larger than the padded input
+    out = (-(-span // s) if ceil_mode else span // s) + 1  # ceil_mode may still give one clipped window
     if ceil_mode and (out - 1) * s >= size + p:
         out -= 1
+    if out < 1:
+        raise GraphError(f"{where}: kernel {k} (dilation {d}) is larger than the padded input {size + 2 * p}")
     return out
 
 

@@ -372,6 +372,17 @@ def test_pools_ceil_mode_reshape_softmax_axes(count_include_pad, tmp_path):
     agree_ir(make_graph((3, 7, 8), nodes, {}), tmp_path / "m.onnx")
 
 
+@pytest.mark.parametrize("compat", [False, True])
+@pytest.mark.parametrize("op, k, s, p, shape, extra", [
+    ("maxpool2d", 3, 2, 0, (2, 2, 2), {"dilations": [1, 1]}),
+    ("avgpool2d", 4, 2, 1, (2, 1, 5), {"count_include_pad": False}),
+    ("avgpool2d", 3, 3, 0, (2, 2, 7), {"count_include_pad": True}),
+])
+def test_ceil_mode_pools_whose_kernel_is_beyond_the_input(op, k, s, p, shape, extra, compat, tmp_path):
+    nodes = [_pool(op, "input", "a", k, s, p, True, **extra), Node("flatten", "fl", ["a"], ["output"])]
+    agree_ir(make_graph(shape, nodes, {}), tmp_path / "m.onnx", compat=compat)
+
+
 def test_maxpool_dilated_global_avgpool_and_concat_channels(tmp_path):
     c1, k1 = _conv("c1", "input", "a", 2, 4, 3)
     nodes = [c1,

@@ -207,6 +207,8 @@ POOLS = [  # kernel, stride, pad, dilation, ceil_mode, count_include_pad, input 
     ((3, 3), (2, 1), (1, 1), (2, 2), True, None, 9, 8),    # max-pool only: dilation
     ((2, 3), (1, 2), (1, 1), (2, 1), False, None, 6, 9),
     ((4, 4), (3, 3), (2, 2), (1, 1), True, False, 11, 10),
+    ((3, 3), (2, 2), (0, 0), (1, 1), True, True, 2, 2),     # kernel beyond the input: one clipped window
+    ((4, 3), (2, 3), (1, 0), (1, 1), True, False, 1, 2),
 ]
 
 
@@ -221,6 +223,18 @@ def test_pools(tmp_path, k, s, p, d, ceil, cip, h, w):
         ref = F.avg_pool2d(t, k, s, p, ceil_mode=ceil, count_include_pad=cip).numpy()
         got = run_graph(tmp_path, one_op("avgpool2d", (3, h, w), {**attrs, "count_include_pad": cip}), x)
         assert_close(got, ref, 1e-5)
+
+
+def test_a_pool_without_a_window_is_refused():
+    from ternarize.errors import GraphError
+
+    attrs = {"kernel": [3, 3], "strides": [2, 2], "pads": [0, 0], "dilations": [1, 1], "ceil_mode": False}
+    with pytest.raises(GraphError, match=r"node 'n' \(maxpool2d\): kernel 3 \(dilation 1\) is larger than the "
+                                         r"padded input 2$"):
+        one_op("maxpool2d", (1, 2, 2), attrs).validate()
+    with pytest.raises(RuntimeError):  # torch refuses it too
+        F.max_pool2d(torch.zeros(1, 1, 2, 2), 3, 2)
+    assert one_op("maxpool2d", (1, 2, 2), {**attrs, "ceil_mode": True}).validate()["y"] == (None, 1, 1, 1)
 
 
 def test_add_and_concat(tmp_path):
