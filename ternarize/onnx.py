@@ -461,14 +461,30 @@ def _pool_attrs(a: dict) -> dict:
                 ceil_mode=int(a["ceil_mode"]))
 
 
+def _pool(b: _Builder, node: Node, onnx_op: str, **attrs) -> None:
+    """A pool; at the compat opset, whose output size rule keeps a ceil_mode window that starts in
+    the right padding (torch and opset 22 on drop it), that window is computed and sliced off."""
+    a, out = node.attrs, node.outputs[0]
+    if b.compat and a["ceil_mode"]:
+        size = b.shapes[node.inputs[0]][2:]
+        dil = a.get("dilations", [1, 1])
+        kept = [-(-(n + 2 * p - d * (k - 1) - 1) // s) + 1
+                for n, k, s, p, d in zip(size, a["kernel"], a["strides"], a["pads"], dil)]
+        if kept != list(b.shapes[out][2:]):
+            pooled = b.node(onnx_op, [node.inputs[0]], b.fresh(f"{out}/{onnx_op}"), node.name, **attrs,
+                            **_pool_attrs(a))
+            ends = _shape_const(b, b.shapes[out][2:])
+            b.node("Slice", [pooled, _shape_const(b, [0, 0]), ends, _shape_const(b, [2, 3])], out)
+            return
+    b.node(onnx_op, [node.inputs[0]], out, node.name, **attrs, **_pool_attrs(a))
+
+
 def _maxpool(b: _Builder, node: Node) -> None:
-    b.node("MaxPool", [node.inputs[0]], node.outputs[0], node.name, dilations=list(node.attrs["dilations"]),
-           **_pool_attrs(node.attrs))
+    _pool(b, node, "MaxPool", dilations=list(node.attrs["dilations"]))
 
 
 def _avgpool(b: _Builder, node: Node) -> None:
-    b.node("AveragePool", [node.inputs[0]], node.outputs[0], node.name,
-           count_include_pad=int(node.attrs["count_include_pad"]), **_pool_attrs(node.attrs))
+    _pool(b, node, "AveragePool", count_include_pad=int(node.attrs["count_include_pad"]))
 
 
 def _reshape(b: _Builder, node: Node) -> None:
