@@ -203,6 +203,15 @@ def test_resume_with_changed_settings_applies_warns_and_records_them(float_mlp, 
                                                              resume=True, **QUIET), log=lines.append)
     assert same.resumed == again.resumed  # more epochs, same settings: nothing new to say
     assert len([line for line in lines if line.startswith("warning:")]) == 2
+    with pytest.raises(ConfigError, match=r"has trained 4 epochs, more than --epochs 2; resume with --epochs 4 or "
+                                          r"more, or start over"):
+        fit(copy.deepcopy(float_mlp), digits, TrainConfig(epochs=2, checkpoint=ck, resume=True, **QUIET), log=_silent)
+    used.clear()
+    done = fit(copy.deepcopy(float_mlp), digits, TrainConfig(epochs=4, lam=1e-4, lr=2e-3, rho=0.3, checkpoint=ck,
+                                                             resume=True, **QUIET), log=lines.append)
+    assert used == [] and done.resumed == again.resumed  # nothing trained: the new lam is not recorded
+    assert "resuming after epoch 4 of 4" in lines[-2] and "no epoch remains" in lines[-2]
+    assert lines[-1].startswith("warning: settings changed since the checkpoint (lam) are not used")
     for key, value in (("scale", "learned"), ("ema_decay", 0.99), ("ema_anneal", 0.9)):  # these must match
         with pytest.raises(ConfigError, match=f"made with {key}="):
             fit(copy.deepcopy(float_mlp), digits, TrainConfig(epochs=5, checkpoint=ck, resume=True,

@@ -770,7 +770,12 @@ def _place_adam_steps(adam: torch.optim.Adam) -> None:
 def _restore(state, discrete_opt, adam, result, config, log, dist) -> int:
     """The optimizers' state, the RNG and the history from a checkpoint; this run's rho, lam and lr
     replace the checkpoint's in the optimizers, and a change is logged and added to
-    ``result.resumed`` (kept in the checkpoint, so a later resume adds to it). Returns the epoch to start."""
+    ``result.resumed`` (kept in the checkpoint, so a later resume adds to it). Returns the epoch to start.
+    A checkpoint past this run's ``epochs`` is refused; one at them only finishes (changes unused)."""
+    epoch = int(state["epoch"]) + 1
+    if epoch > config.epochs:
+        raise ConfigError(f"the checkpoint {config.checkpoint} has trained {epoch} epochs, more than --epochs "
+                          f"{config.epochs}; resume with --epochs {epoch} or more, or start over without --resume")
     for opt, saved_opt in ((discrete_opt, state["discrete_opt"]), (adam, state["adam"])):
         if opt is None or saved_opt is None:
             continue
@@ -786,15 +791,18 @@ def _restore(state, discrete_opt, adam, result, config, log, dist) -> int:
     seconds = state.get("seconds")
     ok = isinstance(seconds, (int, float)) and math.isfinite(seconds) and seconds >= 0
     result.seconds = float(seconds) if ok else float(sum(h["seconds"] for h in result.history))
-    epoch = int(state["epoch"]) + 1
     saved, mine = state["config"], config.to_json()
     changed = {k: [saved.get(k), mine.get(k)] for k in _TUNED_KEYS if saved.get(k) != mine.get(k)}
     result.resumed = list(state.get("resumed") or [])
-    if changed:
+    if changed and epoch < config.epochs:
         result.resumed.append({"after_epoch": epoch, "changed": changed})
     if dist.rank == 0:
-        log(f"resuming after epoch {epoch} of {config.epochs} from {config.checkpoint}")
-        if changed:
+        log(f"resuming after epoch {epoch} of {config.epochs} from {config.checkpoint}"
+            + ("" if epoch < config.epochs else ": no epoch remains, the outputs are written"))
+        if changed and epoch == config.epochs:
+            log(f"warning: settings changed since the checkpoint ({', '.join(changed)}) are not used: no epoch "
+                "remains to train; give more --epochs to train on with them")
+        elif changed:
             what = ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changed.items())
             before = "epoch 1" if epoch == 1 else f"epochs 1-{epoch}"
             log(f"warning: settings changed since the checkpoint: {what}; {before} used the old values, the "
