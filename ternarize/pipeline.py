@@ -292,6 +292,7 @@ def _write_outputs(out, graph, model, dataset, result, float_acc, acc, float_wei
     runtime_acc = runtime.accuracy(dataset.x_test, dataset.y_test)
     accuracy = graph.metadata["accuracy"] | {"runtime": runtime_acc}
     _update_accuracy(tern_path, graph, accuracy)
+    onnx_export.export(graph, onnx_path)  # the same metadata as the .tern: `ternarize export` gives this file
     training = dict(graph.metadata["training"], history=result.history)
     rep = reporting.build(tern_path, onnx_path, runtime=Runtime.load(tern_path), training=training)
     files = [tern_path, onnx_path] + rep.write(out, float_weights)

@@ -118,7 +118,7 @@ def test_run_and_export_commands(compressed, tmp_path):
     assert res.exit_code == 0 and len(res.output.split()) == 5
     assert np.load(tmp_path / "y.npy").shape == (5, 10)
     res = invoke("export", out / "model.tern", "--onnx", tmp_path / "m.onnx")
-    assert res.exit_code == 0 and (tmp_path / "m.onnx").is_file()
+    assert res.exit_code == 0 and (tmp_path / "m.onnx").read_bytes() == (out / "model.onnx").read_bytes()
 
 
 def test_existing_folder_is_not_overwritten_without_force(compressed, float_model):
