@@ -202,6 +202,9 @@ def _sniff(p: Path) -> str:
         return _zip_kind(p)
     if head.startswith(b"\x80"):  # a pickle (protocol 2+): the legacy torch.save format
         return "pickle"
+    if head == b"\x89TER":
+        raise ModelLoadError(f"{p} is a .tern file, what ternarize compress writes, not a PyTorch model; give the "
+                             "float model it was made from (a .tern file runs with ternarize run)")
     what = "a text file" if _looks_like_text(p) else "an unknown binary format"
     raise ModelLoadError(
         f"{p} is not a PyTorch model file (it looks like {what}, not a torch.save or TorchScript "

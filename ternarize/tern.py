@@ -99,12 +99,31 @@ class WriteInfo:
 # ====================================================================== §2 prelude
 
 
+def _other_format(buf: bytes) -> str | None:
+    """What a file that is not a .tern file looks like, by its first bytes (None: unknown)."""
+    if buf[:4] in (b"PK\x03\x04", b"PK\x05\x06"):
+        return "a zip archive (a PyTorch model saved with torch.save is one)"
+    if buf[:1] == b"\x80" and 2 <= buf[1] <= 5:
+        return "a Python pickle (a PyTorch model saved with torch.save is one)"
+    if buf[:6] == b"\x93NUMPY":
+        return "a NumPy .npy array"
+    if buf[:2] == b"\x1f\x8b":
+        return "a gzip file"
+    if buf[0] == 0x08 and 3 <= buf[1] <= 30 and buf[2] in (0x12, 0x1a, 0x22, 0x28, 0x32, 0x3a, 0x42):
+        return "an ONNX model"  # ModelProto: ir_version, then producer, domain, graph, ... fields
+    return None
+
+
 def _read_prelude(buf: bytes) -> int:
     """Check magic, version, flags and header_len (bounds); return header_len."""
     if len(buf) < PRELUDE.size:
         raise TernFormatError(f"the file is {len(buf)} bytes, shorter than the {PRELUDE.size}-byte prelude")
     magic, version, flags, header_len, _ = PRELUDE.unpack_from(buf)
     if magic != MAGIC:
+        other = _other_format(buf)
+        if other:
+            raise TernFormatError(f"magic is {magic.hex(' ')}, expected {MAGIC.hex(' ')}: this is {other}, not a "
+                                  ".tern file", "give the model.tern that ternarize compress wrote")
         raise TernFormatError(f"magic is {magic.hex(' ')}, expected {MAGIC.hex(' ')}: not a .tern file, "
                               "or it was mangled by a text-mode transfer")
     if version != VERSION:

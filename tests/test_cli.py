@@ -333,3 +333,25 @@ def test_inspect_keeps_a_long_header_line_whole(tmp_path):
     shutil.copy(os.path.join(GOLDEN, "conv.tern"), path)
     first = invoke("inspect", path, env={"COLUMNS": "80"}).stdout.splitlines()[0]
     assert first.startswith(f"{path}: .tern v1, ") and first.endswith("producer ternarize golden")
+
+
+def test_a_file_of_another_kind_is_named(tmp_path):
+    import numpy as np
+
+    from ternarize import onnx as tonnx
+    from ternarize import tern
+
+    torch.save(zoo.create("mlp", in_shape=(1, 8, 8), width=8), tmp_path / "m.pt")
+    tonnx.export(tern.read(os.path.join(GOLDEN, "tiny.tern")), tmp_path / "m.onnx")
+    np.save(tmp_path / "a.npy", np.zeros(3))
+    for name, kind in (("m.pt", "a zip archive (a PyTorch model saved with torch.save is one)"),
+                       ("m.onnx", "an ONNX model"), ("a.npy", "a NumPy .npy array")):
+        for command in ("inspect", "run", "report"):
+            result = invoke(command, tmp_path / name, *(["--data", "digits"] if command == "run" else []))
+            assert result.exit_code == 2, (command, name, result.output)
+            assert result.stderr.strip().endswith(f"this is {kind}, not a .tern file; give the model.tern that "
+                                                  "ternarize compress wrote"), result.stderr
+    result = invoke("compress", os.path.join(GOLDEN, "tiny.tern"), "--data", "digits", "--out", tmp_path / "o")
+    assert result.exit_code == 2 and "tiny.tern is a .tern file, what ternarize compress writes, not a PyTorch " \
+                                      "model; give the float model it was made from" in result.stderr
+    assert not (tmp_path / "o").exists()
