@@ -269,9 +269,27 @@ def _print_report(rep) -> None:
     if not console.is_terminal:  # piped or captured: no terminal width to respect
         console = Console(width=160)
     layers, totals = rep.rich_tables()
-    console.print(layers)
-    console.print(totals)
+    for table in (layers, totals):
+        _print_whole(console, table)
     console.print(Text(rep.summary()))
+
+
+def _print_whole(console, table) -> None:
+    """Print a rich table without cutting a cell: on a terminal too narrow for it, borderless, and
+    if still too wide, at its full width (the terminal folds the lines; no value is lost)."""
+    from rich import box
+
+    def natural() -> int:
+        return console.measure(table, options=console.options.update_width(1 << 16)).maximum
+
+    width = console.width
+    if natural() > width:
+        table.box, table.pad_edge, table.show_edge = box.SIMPLE_HEAD, False, False
+    console.width = max(width, natural())  # print clamps to the console's width
+    try:
+        console.print(table, crop=False)
+    finally:
+        console.width = width
 
 
 # ---------------------------------------------------------------------- .tern files
@@ -330,7 +348,7 @@ def inspect(file, as_json):
         table.add_row(*(Text(_printable(cell)) for cell in (
             e.name, e.kind, e.encoding, "x".join(map(str, e.shape)), f"{e.nbytes:,}", f"{e.bits_per_weight:.3f}",
             f"{e.crc32:08x}")))
-    console.print(table)
+    _print_whole(console, table)
 
 
 @cli.command(context_settings=CONTEXT)

@@ -355,3 +355,22 @@ def test_a_file_of_another_kind_is_named(tmp_path):
     assert result.exit_code == 2 and "tiny.tern is a .tern file, what ternarize compress writes, not a PyTorch " \
                                       "model; give the float model it was made from" in result.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_tables_on_a_narrow_terminal_lose_no_value(monkeypatch):
+    import re
+
+    for name in ("TTY_COMPATIBLE", "TTY_INTERACTIVE", "NO_COLOR"):
+        monkeypatch.delenv(name, raising=False)
+    conv = os.path.join(GOLDEN, "conv.tern")
+    wide = invoke("report", conv, env={"COLUMNS": "200"}).stdout  # not a terminal: drawn at full width
+    for columns in ("80", "60"):
+        result = invoke("report", conv, env={"COLUMNS": columns, "FORCE_COLOR": "1"})  # rich: a terminal
+        text = re.sub(r"\x1b\[[0-9;]*m", "", result.stdout)
+        assert result.exit_code == 0 and "…" not in text
+        cells = [c.strip() for line in wide.splitlines() if line.startswith(("│", "┃"))
+                 for c in line.strip("│┃").replace("┃", "│").split("│")]
+        assert "ternary" in cells and "totals" in wide
+        for cell in cells:  # every cell of the wide tables
+            assert cell in text, (columns, cell)
+    assert "…" not in invoke("inspect", conv, env={"COLUMNS": "40", "FORCE_COLOR": "1"}).stdout
