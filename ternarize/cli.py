@@ -376,7 +376,8 @@ def verify(file, as_json):
 
 @cli.command(context_settings=CONTEXT)
 @click.argument("file", type=click.Path())
-@click.option("--input", "input_path", type=click.Path(), default=None, help="A .npy file of inputs (N, ...).")
+@click.option("--input", "input_path", type=click.Path(), default=None,
+              help="A .npy file of inputs (N, ...): floats as the model takes them, or uint8 pixels (scaled by 1/255).")
 @click.option("--data", "data_name", default=None, help="A dataset: report accuracy on its test set.")
 @data_dir_option
 @click.option("--output", type=click.Path(), default=None,
@@ -491,7 +492,8 @@ def _echo_json(obj) -> None:
 
 def _load_npy(path: str):
     """The array of the .npy file ``path`` as float32: numeric, finite, within float32's range
-    (read by :func:`ternarize.data.read_npy`: no pickles, the header checked before the data)."""
+    (read by :func:`ternarize.data.read_npy`: no pickles, the header checked before the data).
+    uint8 pixels are scaled by 1/255, as the datasets' are for training (said on stderr)."""
     import numpy as np
 
     from .data import read_npy
@@ -499,6 +501,9 @@ def _load_npy(path: str):
 
     with open(path, "rb") as f:
         x = read_npy(f, path, os.fstat(f.fileno()).st_size)
+    if x.dtype == np.uint8:
+        _log(f"{path} holds uint8 pixels: scaled by 1/255 to [0, 1], as the datasets are for training")
+        return x.astype(np.float32) / np.float32(255)
     if x.dtype.kind not in "iuf":
         raise ConfigError(f"{path} holds {x.dtype}; the inputs must be a numeric array (integers or floats)")
     if x.dtype.kind == "f" and not np.isfinite(x).all():

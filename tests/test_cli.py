@@ -374,3 +374,22 @@ def test_tables_on_a_narrow_terminal_lose_no_value(monkeypatch):
         for cell in cells:  # every cell of the wide tables
             assert cell in text, (columns, cell)
     assert "…" not in invoke("inspect", conv, env={"COLUMNS": "40", "FORCE_COLOR": "1"}).stdout
+
+
+def test_run_scales_uint8_pixels_as_the_datasets_are(tmp_path):
+    import json
+
+    import numpy as np
+
+    from ternarize.data import load_dataset
+
+    conv = os.path.join(GOLDEN, "conv.tern")
+    x = load_dataset("digits").x_test[:20]  # floats in [0, 1]
+    pixels = np.round(x * 255).astype(np.uint8)
+    np.save(tmp_path / "floats.npy", pixels.astype(np.float32) / np.float32(255))
+    np.save(tmp_path / "pixels.npy", pixels)
+    floats = invoke("run", conv, "--input", tmp_path / "floats.npy", "--json")
+    scaled = invoke("run", conv, "--input", tmp_path / "pixels.npy", "--json")
+    assert floats.stderr == "" and scaled.stderr.strip() == (f"{tmp_path / 'pixels.npy'} holds uint8 pixels: scaled "
+                                                             "by 1/255 to [0, 1], as the datasets are for training")
+    assert json.loads(scaled.stdout)["predictions"] == json.loads(floats.stdout)["predictions"]
