@@ -60,6 +60,11 @@ def summarize(history, **info) -> dict:
             "best_test_acc": max((h["test_acc"] for h in history), default=None), "history": history}
 
 
+def _reached(summary: dict, target: str) -> str:
+    hit = summary["time_to"].get(target)
+    return f"{hit['seconds']:.1f} s (epoch {hit['epoch']})" if hit else "not reached"
+
+
 def main(argv=None) -> int:
     p = _scripts.parser(__file__, __doc__)
     p.add_argument("--width", type=_scripts.units, default=2048)
@@ -83,7 +88,7 @@ def main(argv=None) -> int:
                       args.data_dir, args.seed, time_budget=args.time_budget, compile=args.compile)
     print(f"{args.mode} {args.method}, width {args.width}: final test accuracy {100 * summary['final_test_acc']:.2f}%, "
           f"non-zero {100 * summary['final_nonzero']:.2f}%, {summary['seconds_per_epoch']:.2f} s/epoch, "
-          f"time to 98.5%/98.8%: {summary['time_to'].get('0.985')} / {summary['time_to'].get('0.988')}")
+          f"time to 98.5%/98.8%: {_reached(summary, '0.985')} / {_reached(summary, '0.988')}")
     if args.json:
         _scripts.write_json(args.json, summary)
     return 0

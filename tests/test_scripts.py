@@ -438,3 +438,12 @@ def test_revisions_against_head_writes_json(capsys, tmp_path):
     assert code == 0, err
     assert "working tree vs HEAD" in stdout
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json"] and '"rows"' in out.read_text()
+
+
+def test_paper_mnist_prints_the_time_to_each_target_or_not_reached(capsys, monkeypatch):
+    module = load("examples/paper_mnist.py")
+    history = [{"epoch": 1, "test_acc": 0.986, "nonzero": 0.5, "seconds": 12.5},
+               {"epoch": 2, "test_acc": 0.987, "nonzero": 0.4, "seconds": 10.0}]
+    monkeypatch.setattr(module, "run", lambda *a, **k: module.summarize(history, width=8))
+    code, out, _ = call(capsys, module, "--width", "8", "--epochs", "2")
+    assert code == 0 and out.strip().endswith("time to 98.5%/98.8%: 12.5 s (epoch 1) / not reached")
