@@ -333,6 +333,10 @@ class _Builder:
 
     def _weighted(self, n, op, path, weight, bias, x, attrs, pname=None, bname=None) -> None:
         pname = pname or self.param_names.get(id(weight)) or (f"{path}.weight" if path else "weight")
+        rank = len(self._shape(n.args[0])) if op == "linear" and isinstance(n.args[0], fx.Node) else 2
+        if rank not in (0, 2):  # 0: no recorded value (the graph's own check then applies)
+            raise LoweringError(f"Linear at {path!r}{_in_module(n) if n.op != 'call_module' else ''} takes an "
+                                f"input of rank {rank}; only (batch, features) inputs are supported: flatten first")
         kind = self._kind(pname, weight)
         w = weight.detach().cpu().to(torch.float32).numpy()
         inputs = [x]

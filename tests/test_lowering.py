@@ -153,6 +153,8 @@ def test_noops_disappear_and_reshape_keeps_shape():
     (nn.Sequential(nn.Conv2d(1, 2, 3, padding_mode="reflect", padding=1)), "padding_mode='reflect'"),
     (nn.Sequential(nn.Conv2d(1, 2, 3), nn.AdaptiveAvgPool2d(3)), r"output size \[3, 3\]"),
     (nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2, track_running_stats=False)), "no running statistics"),
+    (nn.Sequential(nn.Conv2d(1, 2, 1), nn.Linear(4, 3)), r"Linear at '1' takes an input of rank 4; only \(batch, "
+                                                          r"features\) inputs are supported: flatten first"),
 ])
 def test_unsupported_things_are_named(model, message):
     with pytest.raises(LoweringError, match=message):
