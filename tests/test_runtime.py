@@ -365,6 +365,40 @@ def test_sparse_codes_whose_last_blocks_are_empty(density, cache):
     assert starts[-1] == index.size  # the empty last row starts after the last event
 
 
+@pytest.mark.parametrize("layer", ["linear", "conv"])
+def test_sparse_sums_of_one_sign_inputs_keep_float32_precision(tmp_path, layer):
+    """A wide ts layer after a ReLU, each row as many +1 as −1 weights, over 64 input columns (a
+    batch of 64, or a 1×1 convolution's 8×8 patches): the sparse forms sum the +1 and the −1
+    inputs apart, two sums of about 12 300 whose difference is at most 300. In one running float32
+    sum each, that difference was off by 1.7–2.4× the tolerance (pairwise: 0.15–0.23×), against a
+    float64 oracle."""
+    k, rows = 16384, 8
+    rng = np.random.default_rng(0)
+    theta = np.zeros((rows, k), np.int8)
+    for r in range(rows):
+        at = rng.permutation(k)[:k // 2]
+        theta[r, at[:k // 4]], theta[r, at[k // 4:]] = 1, -1
+    scale = (0.5 + rng.random(rows)).astype(np.float32)
+    w = theta.astype(np.float64) * scale[:, None]
+    if layer == "linear":
+        consts = {"w": Const("ternary", theta), "s": Const("float32", scale)}
+        x = (rng.standard_normal((64, k)) + 3).astype(np.float32)
+        ref = np.maximum(x, 0).astype(np.float64) @ w.T
+        node = Node("linear", "fc", ["h", "w", "s"], ["y"])
+    else:
+        consts = {"w": Const("ternary", theta.reshape(rows, k, 1, 1)), "s": Const("float32", scale)}
+        x = (rng.standard_normal((1, k, 8, 8)) + 3).astype(np.float32)
+        ref = np.einsum("ok,nkhw->nohw", w, np.maximum(x, 0).astype(np.float64))
+        node = Node("conv2d", "c", ["h", "w", "s"], ["y"],
+                    {"strides": [1, 1], "pads": [0, 0], "dilations": [1, 1], "groups": 1})
+    g = Graph([Value("x", (None, *x.shape[1:]))], ["y"], [Node("relu", "act", ["x"], ["h"]), node], consts)
+    tern.write(g, tmp_path / "m.tern", encodings={"w": "ts"})
+    for form in ("stream", "gaps", "indices"):
+        rt = Runtime.load(tmp_path / "m.tern", sparse=form)
+        assert rt.forms == {"w": form}
+        assert_close(rt.run(x), ref)
+
+
 def test_chunked_paths_agree(tmp_path, monkeypatch):
     """Tiny blocks, event groups, gather chunks and patch chunks give the same outputs."""
     torch.manual_seed(4)

@@ -210,7 +210,7 @@ class GapCodes:
             if few:
                 _accumulate(xz, index, starts, out[r0:r1], counts)
             elif self.split:
-                _padded_sums(xz, index, starts, out[r0:r1], counts)
+                _padded_sums(xz, index, starts, out[r0:r1], counts, pairwise=True)
             else:
                 columns.accumulate(index, starts, out[r0:r1])
         return np.subtract(out[:self.rows], out[self.rows:]) if self.split else out
