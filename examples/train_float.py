@@ -14,6 +14,7 @@ Example::
 
 from __future__ import annotations
 
+import os
 import sys
 
 import torch
@@ -76,8 +77,9 @@ def run(args) -> int:
     model.cpu().eval()
     _, acc = evaluate(model, torch.from_numpy(data.x_test), torch.from_numpy(data.y_test))
     print(f"test accuracy {100 * acc:.2f}%")
+    replaced = os.path.lexists(args.out)
     ternarize.save_model(model, args.out)  # atomic: never a half-written model.pt
-    print(f"saved {args.out}")
+    print(f"saved {args.out}" + (" (it replaced the file of that name)" if replaced else ""))
     return 0
 
 

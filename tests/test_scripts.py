@@ -188,8 +188,12 @@ def test_train_float_resnet_width_is_base_channels(capsys, tmp_path):
     code, stdout, err = call(capsys, load("examples/train_float.py"), "--model", "resnet", "--width", "2",
                              "--epochs", "1", "--device", "cpu", "--out", out)
     assert code == 0, err
-    assert f"saved {out}" in stdout
+    assert stdout.strip().endswith(f"saved {out}")
     assert ternarize.load_model(out).stem[0].out_channels == 2
+    code, stdout, err = call(capsys, load("examples/train_float.py"), "--model", "resnet", "--width", "3",
+                             "--epochs", "1", "--device", "cpu", "--out", out)
+    assert code == 0 and stdout.strip().endswith(f"saved {out} (it replaced the file of that name)"), err
+    assert ternarize.load_model(out).stem[0].out_channels == 3
 
 
 @pytest.fixture
