@@ -496,14 +496,14 @@ def _load_npy(path: str):
     uint8 pixels are scaled by 1/255, as the datasets' are for training (said on stderr)."""
     import numpy as np
 
-    from .data import read_npy
+    from .data import _to_unit_float, read_npy
     from .errors import ConfigError
 
     with open(path, "rb") as f:
         x = read_npy(f, path, os.fstat(f.fileno()).st_size)
     if x.dtype == np.uint8:
         _log(f"{path} holds uint8 pixels: scaled by 1/255 to [0, 1], as the datasets are for training")
-        return x.astype(np.float32) / np.float32(255)
+        return _to_unit_float(x, 255.0)
     if x.dtype.kind not in "iuf":
         raise ConfigError(f"{path} holds {x.dtype}; the inputs must be a numeric array (integers or floats)")
     if x.dtype.kind == "f" and not np.isfinite(x).all():

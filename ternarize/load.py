@@ -63,6 +63,7 @@ from . import zoo
 from ._io import atomic_write
 from ._text import printable
 from .errors import Error, ModelLoadError, UnsafeModelError
+from .tern import MAGIC
 
 __all__ = ["load_model", "parse_arch"]
 
@@ -202,7 +203,7 @@ def _sniff(p: Path) -> str:
         return _zip_kind(p)
     if head.startswith(b"\x80"):  # a pickle (protocol 2+): the legacy torch.save format
         return "pickle"
-    if head == b"\x89TER":
+    if head == MAGIC[:4]:
         raise ModelLoadError(f"{p} is a .tern file, what ternarize compress writes, not a PyTorch model; give the "
                              "float model it was made from (a .tern file runs with ternarize run)")
     what = "a text file" if _looks_like_text(p) else "an unknown binary format"

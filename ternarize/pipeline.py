@@ -282,17 +282,16 @@ def _write_outputs(out, graph, model, dataset, result, float_acc, acc, float_wei
     tern_path, onnx_path = os.path.join(out, "model.tern"), os.path.join(out, "model.onnx")
     folder.add(tern_path, onnx_path, *(os.path.join(out, name) for name in OUTPUTS[2:]))
     tern.write(graph, tern_path)
-    onnx_export.export(graph, onnx_path)
     runtime = Runtime.load(tern_path, sparse="indices")  # the fastest form; memory is no concern here
     x = dataset.x_test[:VERIFY_SAMPLES]
     with torch.no_grad():
         reference = model(torch.from_numpy(x)).numpy()
     _agree("the .tern file (numpy runtime)", runtime.run(x), reference)
-    _agree("the .onnx file (onnxruntime)", onnx_export.run(onnx_export.session(onnx_path), x), reference)
     runtime_acc = runtime.accuracy(dataset.x_test, dataset.y_test)
     accuracy = graph.metadata["accuracy"] | {"runtime": runtime_acc}
     _update_accuracy(tern_path, graph, accuracy)
-    onnx_export.export(graph, onnx_path)  # the same metadata as the .tern: `ternarize export` gives this file
+    onnx_export.export(graph, onnx_path)  # the .tern's metadata: `ternarize export` gives the same file
+    _agree("the .onnx file (onnxruntime)", onnx_export.run(onnx_export.session(onnx_path), x), reference)
     training = dict(graph.metadata["training"], history=result.history)
     rep = reporting.build(tern_path, onnx_path, runtime=Runtime.load(tern_path), training=training)
     files = [tern_path, onnx_path] + rep.write(out, float_weights)
