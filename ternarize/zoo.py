@@ -63,7 +63,7 @@ class VGG(nn.Sequential):
 
 
 class LeNet(nn.Sequential):
-    """LeNet-5 style: 6C5-MP-16C5-MP-120FC-84FC-classes, with BatchNorm after each weight layer.
+    """LeNet-5 style: 6C5-MP-16C5-MP-120FC-84FC-classes, with BatchNorm after each weight layer but the classifier.
     Both convolutions pad by 2, so 8x8 inputs work as well as 28x28 and 32x32."""
 
     def __init__(self, in_shape=(1, 28, 28), num_classes=10):

@@ -263,7 +263,8 @@ class Runtime:
         while each node runs plus that kernel's temporaries (``plan.node_temp_bytes``: copies of
         its input and product, padded inputs, a chunk of im2col patches), and ``WORK_BYTES`` for
         the weight ops' bounded working sets (decoded chunks, gathers, unpacked blocks). ``run``
-        refuses a batch this says the free memory cannot hold, unless ``check_memory`` is False."""
+        refuses a batch this says the free memory cannot hold, unless ``check_memory`` is False
+        (a batch this puts at ``CHECK_BYTES`` or less runs without the check)."""
         if not isinstance(batch, int) or isinstance(batch, bool) or batch < 0:
             raise ConfigError(f"batch must be a non-negative integer, got {batch!r}")
         return self._estimate(batch)
