@@ -6,8 +6,9 @@ the file it points to. A failure of the operating system (missing or read-only f
 becomes one :class:`~ternarize.errors.OutputError` line naming the path; the temp file is removed
 either way. :func:`check_output`, for the command line before any work, also refuses an output
 that is one of the job's input files, whose folder is missing or not writable, or whose name is
-too long. :func:`free_memory` says how much memory is free, for the checks before large
-allocations.
+too long. :func:`input_problem` says why an input path is not a readable regular file.
+:func:`folder_lock` keeps two runs from writing one output folder at once. :func:`free_memory`
+says how much memory is free, for the checks before large allocations.
 
 Example::
 
@@ -63,8 +64,10 @@ def check_output(path, inputs=()) -> str:
             raise OutputError(f"the output {text} is the input file {os.fspath(source)}; choose another output path")
     directory = os.path.dirname(os.path.abspath(text))
     if not os.path.isdir(directory):
-        what = "is not a folder" if os.path.exists(directory) else "does not exist"
-        raise OutputError(f"cannot write {text}: the folder {directory} {what}; create it or choose another path")
+        if os.path.exists(directory):
+            raise OutputError(f"cannot write {text}: {directory} is a file, not a folder; choose another path")
+        raise OutputError(f"cannot write {text}: the folder {directory} does not exist; create it or choose "
+                          "another path")
     if not os.access(directory, os.W_OK | os.X_OK):
         raise OutputError(f"cannot write {text}: the folder {directory} is not writable; choose another path")
     if len(os.fsencode(os.path.basename(text))) > NAME_MAX:
@@ -144,7 +147,7 @@ _HINTS = {errno.ENOSPC: "free some disk space or write elsewhere",
           getattr(errno, "EDQUOT", errno.ENOSPC): "free some disk space or write elsewhere",
           errno.EACCES: "check the permissions or choose another path",
           errno.EPERM: "check the permissions or choose another path",
-          errno.EROFS: "the file system is read-only; choose another place",
+          errno.EROFS: "choose a place on a writable file system",
           errno.ENOENT: "check the path; create a missing folder first",
           errno.ENOTDIR: "a part of the path is a file, not a folder; choose another path",
           errno.EISDIR: "it is a folder; give a file name"}
@@ -167,14 +170,16 @@ def describe(e: OSError, path) -> str:
 
 
 @contextlib.contextmanager
-def atomic_path(path, suffix: str = ""):
+def atomic_path(path, suffix: str = "", create: bool = False):
     """Yield a fresh temp path beside ``path``; on success fsync it and rename it over ``path``,
     on any failure remove it. ``suffix`` keeps an extension some writers insist on (".npy").
+    ``create``: the file must not exist at the end either (another program may have written it
+    meanwhile): it is linked into place, which fails rather than replace anything.
 
     Raises :class:`OutputError` when ``path`` is empty, ends in a separator or is a folder or
     another non-regular file, and when the operating system refuses a step (the writer's own
     OSError included). A link to a regular file is written through: the file it points to is
-    replaced and the link stays."""
+    replaced and the link stays. A replaced file's permissions pass to the new one."""
     shown = os.fspath(path)
     _check_name(shown)
     check_target(shown)
@@ -188,7 +193,11 @@ def atomic_path(path, suffix: str = ""):
         with open(tmp, "rb+") as f:  # the writer may have closed it unsynced
             os.fsync(f.fileno())
         check_target(path)  # appeared meanwhile?
-        os.replace(tmp, path)
+        if create:
+            _link_new(tmp, path, shown)
+        else:
+            _keep_mode(path, tmp)
+            os.replace(tmp, path)
     except BaseException as e:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
@@ -198,15 +207,132 @@ def atomic_path(path, suffix: str = ""):
     _sync_directory(directory)
 
 
-def atomic_write(path, data: bytes | str) -> None:
-    """Write ``data`` (text is UTF-8 encoded) to ``path`` atomically."""
+def _link_new(tmp: str, path: str, shown: str) -> None:
+    """Put ``tmp`` in place as ``path``, which must not exist: a hard link fails if it does (then
+    the temp file is removed by the caller). Where hard links are not supported, a check and a
+    rename."""
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise OutputError(f"{shown} appeared while this command ran (another program wrote it); pass --force "
+                          "to overwrite it, or choose another path") from None
+    except OSError as e:
+        if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK, errno.ENOSYS):
+            raise
+        if os.path.lexists(path):
+            raise OutputError(f"{shown} appeared while this command ran (another program wrote it); pass "
+                              "--force to overwrite it, or choose another path") from None
+        os.replace(tmp, path)
+        return
+    os.unlink(tmp)
+
+
+def _keep_mode(path: str, tmp: str) -> None:
+    """Give ``tmp`` the permission bits of the file ``path`` it replaces (if there is one)."""
+    try:
+        mode = stat.S_IMODE(os.stat(path).st_mode)
+    except FileNotFoundError:
+        return
+    os.chmod(tmp, mode)
+
+
+def atomic_write(path, data: bytes | str, create: bool = False) -> None:
+    """Write ``data`` (text is UTF-8 encoded) to ``path`` atomically (``create``: as
+    :func:`atomic_path`)."""
     if isinstance(data, str):
         data = data.encode("utf-8")
-    with atomic_path(path) as tmp:
+    with atomic_path(path, create=create) as tmp:
         # 0o666 lets the umask decide the final permissions, as for any newly created file
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+
+
+def input_problem(path) -> str | None:
+    """Why ``path`` is not a regular file to read, as the end of a sentence about it ("does not
+    exist; check the path"), or None when it is one (a link counts as the file it leads to)."""
+    if os.path.isfile(path):
+        return None
+    if os.path.islink(path) and not os.path.exists(path):
+        return "is a link that leads to no file (a broken link or a loop); fix the link or give the file itself"
+    if os.path.isdir(path):
+        return "is a folder, not a file; give the file inside it"
+    if os.path.exists(path):
+        return "is not a regular file (a device, FIFO or socket); give a file"
+    return "does not exist; check the path"
+
+
+LOCK = ".ternarize.lock"  # in an output folder while a run writes it
+_HELD: dict[str, int] = {}  # folders this process holds locked: how many times
+
+
+@contextlib.contextmanager
+def folder_lock(folder: str):
+    """Hold an exclusive lock on the output ``folder`` (a lock on the file ``LOCK`` inside it,
+    removed on leaving): another process that asks for it meanwhile gets an :class:`OutputError`.
+    The operating system drops the lock of a killed run, so a stale file does not block anyone.
+    Where the platform offers no file locks, nothing is locked. Within one process the lock is
+    re-entrant (the demo's folder holds a compress run): yields True when it was held already."""
+    key = os.path.realpath(folder)
+    if key in _HELD:
+        _HELD[key] += 1
+        try:
+            yield True
+        finally:
+            _HELD[key] -= 1
+        return
+    path = os.path.join(folder, LOCK)
+    for _ in range(10):  # a holder may remove the file between our open and our lock: open it again
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as e:
+            raise OutputError(f"cannot write to the output folder {folder}: {e.strerror or e}; {os_hint(e)}") from e
+        if not _try_lock(fd):
+            os.close(fd)
+            raise OutputError(f"another ternarize run is writing to {folder}; wait for it to finish or choose "
+                              "another output folder")
+        try:
+            same = os.path.samestat(os.fstat(fd), os.stat(path))
+        except OSError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    else:
+        raise OutputError(f"cannot lock the output folder {folder}: other runs keep replacing {LOCK}; "
+                          "wait for them to finish")
+    _HELD[key] = 1
+    try:
+        yield False
+    finally:
+        del _HELD[key]
+        with contextlib.suppress(OSError):
+            os.unlink(path)  # before the lock goes: a waiting run then sees a new file
+        os.close(fd)
+
+
+def _try_lock(fd: int) -> bool:
+    """Take an exclusive lock on the open file ``fd`` without waiting: False if another holds it
+    (True where there are no file locks: a platform or file system without them)."""
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        try:
+            import msvcrt
+        except ImportError:
+            return True
+        try:
+            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+        except OSError:
+            return False
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    except OSError:  # e.g. a network file system without locks
+        return True
+    return True
 
 
 def _sync_directory(directory: str) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import sys
 import traceback
 
@@ -23,6 +24,43 @@ from .errors import Error, TernFormatError
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 RUN_BATCH = 256  # inputs of `run --input` run this many at a time
+MAX_EPOCHS = 100_000  # as ternarize.train.loop.MAX_EPOCHS (not imported: it would load torch for --help)
+_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
+
+
+class _Stopped(KeyboardInterrupt):
+    """SIGTERM or SIGHUP: handled as Ctrl-C is (what the command was writing is rolled back)."""
+
+    def __init__(self, signum: int):
+        super().__init__()
+        self.signum = signum
+
+
+def _on_signal(signum, _frame) -> None:
+    """Ctrl-C, SIGTERM or SIGHUP: stop where the program is; further ones are ignored so that the
+    clean-up (removing half-written outputs) runs to its end."""
+    for s in _SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
+    raise KeyboardInterrupt if signum == signal.SIGINT else _Stopped(signum)
+
+
+def _interrupted(e: BaseException) -> None:
+    """One line for an interrupt (with what was kept, if anything), and exit 130 or 128 + signal."""
+    signum = getattr(e, "signum", None)
+    what = f"stopped by {signal.Signals(signum).name}" if signum else "interrupted"
+    detail = f"; {_one_line(e)}" if str(e) else ""
+    click.echo(f"ternarize: {what}{detail}", err=True)
+    sys.exit(128 + signum if signum else 130)
+
+
+def _not_utf8(args) -> str | None:
+    """The first argument that holds bytes that are not UTF-8 (a file name in another encoding)."""
+    for a in args:
+        try:
+            a.encode("utf-8")
+        except UnicodeEncodeError:
+            return a
+    return None
 
 
 class _Group(click.Group):
@@ -31,13 +69,29 @@ class _Group(click.Group):
     def main(self, args=None, prog_name=None, **extra):
         args = list(sys.argv[1:] if args is None else args)
         debug = "--debug" in args or os.environ.get("TERNARIZE_DEBUG") == "1"
+        bad = _not_utf8(args)
+        if bad is not None:
+            click.echo(f"ternarize: the argument {_one_line(bad)} is not UTF-8 text (a file name in another "
+                       "encoding?); rename the file or folder, or give another path", err=True)
+            sys.exit(2)
+        before = {}
+        for s in _SIGNALS:
+            with contextlib.suppress(ValueError, OSError):  # ValueError: not the main thread
+                before[s] = signal.signal(s, _on_signal)
+        try:
+            return self._main(args, prog_name, debug, **extra)
+        finally:  # as they were (for callers in the same process, such as tests), unless one came:
+            for s, handler in before.items():  # then the process is ending, and stays deaf to more
+                if handler is not None and signal.getsignal(s) is _on_signal:  # None: not set from Python
+                    signal.signal(s, handler)
+
+    def _main(self, args, prog_name, debug, **extra):
         try:
             return super().main(args=args, prog_name=prog_name or "ternarize", standalone_mode=False, **extra)
         except click.exceptions.Exit as e:
             sys.exit(e.exit_code)
-        except click.exceptions.Abort:
-            click.echo("ternarize: interrupted", err=True)
-            sys.exit(130)
+        except click.exceptions.Abort as e:  # click's form of a KeyboardInterrupt (the cause)
+            _interrupted(e.__cause__ or KeyboardInterrupt())
         except click.UsageError as e:  # never a traceback, even with --debug: the line says what to fix
             if isinstance(e, _NO_ARGS_IS_HELP) and e.ctx is not None:  # a group without its command
                 click.echo(e.ctx.get_help())
@@ -62,9 +116,8 @@ class _Group(click.Group):
                             "write it again with ternarize compress")
             click.echo(f"ternarize: {_one_line(message)}", err=True)
             sys.exit(2)
-        except KeyboardInterrupt:
-            click.echo("ternarize: interrupted", err=True)
-            sys.exit(130)
+        except KeyboardInterrupt as e:
+            _interrupted(e)
         except MemoryError as e:  # numpy names the allocation that failed
             if debug:
                 traceback.print_exc()
@@ -169,7 +222,7 @@ def _training_options(f):
                      help="Weights in {-1, 0, +1} or {-1, +1}."),
         click.option("--method", type=click.Choice(["msa", "ste"]), default="msa", show_default=True,
                      help="E-MSA (the paper) or a straight-through baseline (TWN / BinaryConnect)."),
-        click.option("--epochs", type=click.IntRange(min=1), default=5, show_default=True,
+        click.option("--epochs", type=click.IntRange(min=1, max=MAX_EPOCHS), default=5, show_default=True,
                      help="Training epochs (the paper ran 250 on MNIST)."),
         click.option("--batch-size", type=click.IntRange(min=2), default=100, show_default=True,
                      help="Samples per step (the paper's MNIST runs: 100)."),
@@ -247,7 +300,8 @@ def compress(model, data_name, data_dir, out, arch, trust, val_fraction, resume,
 @cli.command(context_settings=CONTEXT)
 @click.option("--out", default="demo", show_default=True, type=click.Path(), help="Output folder.")
 @click.option("--force", is_flag=True, help="Overwrite the outputs in an existing OUT folder.")
-@click.option("--epochs", type=click.IntRange(min=1), default=None, help="Compression epochs (default: the demo's).")
+@click.option("--epochs", type=click.IntRange(min=1, max=MAX_EPOCHS), default=None,
+              help="Compression epochs (default: the demo's).")
 @click.option("--no-progress", is_flag=True, help="No progress bar (epoch lines only).")
 def demo(out, force, epochs, no_progress):
     """Compress the embedded default: an MLP trained in float on the 8x8 digits, which ship
@@ -297,14 +351,14 @@ def _print_whole(console, table) -> None:
 
 def _existing_file(path: str, what: str) -> str:
     """``path`` if it is an existing regular file; ``what`` (".tern file") names what it should be."""
+    from ._io import input_problem
     from .errors import ConfigError
 
-    if not os.path.exists(path):
-        raise ConfigError(f"{path} does not exist; check the path")
     if os.path.isdir(path):
         raise ConfigError(f"{path} is a folder; give a {what}")
-    if not os.path.isfile(path):
-        raise ConfigError(f"{path} is not a regular file (a device, FIFO or socket); give a {what}")
+    problem = input_problem(path)
+    if problem:
+        raise ConfigError(f"{path} {problem}")
     return path
 
 
@@ -334,7 +388,7 @@ def inspect(file, as_json):
     def say(line: str) -> None:  # names come from the file: Text is never read as markup
         console.print(Text(_printable(line)), soft_wrap=True)  # a long line stays one line
 
-    say(f"{file}: .tern v{tf.version}, {tf.size:,} bytes (header {tf.data_start:,}), "
+    say(f"{file}: .tern v{tf.version}, {tf.size:,} bytes (data from byte {tf.data_start:,}), "
         f"producer {tf.metadata.get('producer', '?')}")
     inputs = ", ".join(f"{v['name']} {v['shape']}" for v in g["inputs"])
     say(f"graph: {len(g['nodes'])} nodes; inputs {inputs}; outputs {', '.join(g['outputs'])}")
@@ -443,7 +497,7 @@ def run(file, input_path, data_name, data_dir, output, sparse, force, as_json):
     if bad:
         click.echo(f"ternarize: warning: {bad} outputs are not finite (inputs too large?)", err=True)
     if output is not None:
-        _save_npy(output, y)
+        _save_npy(output, y, overwrite=force)
     if as_json:
         _echo_json({"file": file, "input": input_path, "output": output, "shape": list(y.shape),
                     "not_finite": int(bad), "predictions": y.argmax(axis=1).tolist() if y.ndim == 2 else None})
@@ -515,13 +569,18 @@ def _load_npy(path: str):
     return x
 
 
-def _save_npy(path: str, y) -> None:
+def _save_npy(path: str, y, overwrite: bool) -> None:
+    """``y`` as a .npy file at ``path``, atomically (``overwrite`` False: never replacing a file).
+    Formed in memory first: a full disk then fails as any write does, with its cause."""
+    import io
+
     import numpy as np
 
-    from ._io import atomic_path
+    from ._io import atomic_write
 
-    with atomic_path(path, suffix=".npy") as tmp:
-        np.save(tmp, y)
+    buf = io.BytesIO()
+    np.save(buf, y)
+    atomic_write(path, buf.getvalue(), create=not overwrite)
 
 
 @cli.command(context_settings=CONTEXT)
@@ -542,7 +601,7 @@ def export(file, onnx_path, compat, compact, force):
 
     _check_new(check_output(onnx_path, inputs=[_existing_file(file, ".tern file")]), force)
     graph = tern.read(file)
-    info = onnx_export.export(graph, onnx_path, compat=compat, compact=compact)
+    info = onnx_export.export(graph, onnx_path, compat=compat, compact=compact, overwrite=force)
     click.echo(f"wrote {onnx_path} ({info.size:,} bytes, opset {info.opset})")
 
 

@@ -66,7 +66,7 @@ from typing import BinaryIO
 import numpy as np
 
 from . import _io
-from ._io import atomic_path, missing_folders, remove_empty
+from ._io import atomic_path, input_problem, missing_folders, remove_empty
 from ._text import byte_size
 from .errors import ConfigError, DataError, OutputError
 
@@ -582,8 +582,9 @@ def load_npz(path: str | os.PathLike) -> Dataset:
     Example: ``np.savez("d.npz", x=x, y=y); load_npz("d.npz")``.
     """
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"dataset file {path} does not exist; check the path")
+    problem = input_problem(path)
+    if problem:
+        raise DataError(f"dataset file {path} {problem}")
     arrays = {}
     try:
         with open(path, "rb") as f:

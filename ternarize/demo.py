@@ -33,7 +33,7 @@ def run(out: str = "demo", force: bool = False, epochs: int | None = None, progr
     check_out(out, force=force, resume=False, resumable=False)
     data = load_dataset("digits")
     # a failure removes what this run wrote, the checkpoint too: the demo has no --resume
-    with OutputFolder(out, force=force, resume=False, resumable=False) as folder:
+    with OutputFolder(out, force=force, resume=False, resumable=False, also=(FLOAT_MODEL,)) as folder:
         torch.manual_seed(0)
         model = zoo.create("mlp", in_shape=data.in_shape, num_classes=data.num_classes, width=256, depth=2)
         log("training the float model: MLP 64-256-256-10 on the 8x8 digits")

@@ -60,7 +60,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import zoo
-from ._io import atomic_write
+from ._io import atomic_write, input_problem
 from ._text import printable
 from .errors import Error, ModelLoadError, UnsafeModelError
 from .tern import MAGIC
@@ -181,12 +181,11 @@ def _check_path(path) -> Path:
         p = Path(os.fspath(path))
     except TypeError:
         raise ModelLoadError(f"model path must be a file path, got {type(path).__name__}") from None
-    if not p.exists():
-        raise ModelLoadError(f"model file {p} does not exist; check the path")
     if p.is_dir():
-        raise ModelLoadError(f"{p} is a directory, not a model file; pass the .pt/.pth file inside it")
-    if not p.is_file():
-        raise ModelLoadError(f"{p} is not a regular file; pass a .pt/.pth model file")
+        raise ModelLoadError(f"{p} is a folder, not a model file; pass the .pt/.pth file inside it")
+    problem = input_problem(p)
+    if problem:
+        raise ModelLoadError(f"model file {p} {problem}")
     if p.stat().st_size == 0:
         raise ModelLoadError(f"model file {p} is empty (0 bytes); the save that wrote it failed, save again")
     return p

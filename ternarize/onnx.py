@@ -147,13 +147,16 @@ def sparse_decode(codes: np.ndarray, n: int) -> np.ndarray:
 # ---------------------------------------------------------------------- export
 
 
-def export(graph: Graph, path, compat: bool = False, *, binary: str = "bits", compact: bool = False) -> ExportInfo:
+def export(graph: Graph, path, compat: bool = False, *, binary: str = "bits", compact: bool = False,
+           overwrite: bool = True) -> ExportInfo:
     """Write ``graph`` as an ONNX model at ``path`` (atomically) and return what was written.
 
     ``compat``: opset 21 with int8 codes instead of INT2, for runtimes without INT2 support.
     ``binary``: "bits" stores binary weights at 1 bit each (unpacked in-graph); "dense" keeps
     them in the 2-bit (or compat 8-bit) code. ``compact``: store each ternary weight in the
     smallest of its dense code, base-3 (1.6 bits) and the sparse stream (≈ 8 bits per non-zero).
+    ``overwrite`` False: an OutputError rather than replace a file at ``path`` (even one that
+    appears while the model is built).
     Raises :class:`ExportError` when a node cannot be expressed, GraphError when the graph is malformed.
     """
     if not isinstance(graph, Graph):
@@ -166,7 +169,7 @@ def export(graph: Graph, path, compat: bool = False, *, binary: str = "bits", co
     model = builder.build()
     _check(model, graph, shapes)
     data = model.SerializeToString(deterministic=True)
-    atomic_write(Path(path), data)
+    atomic_write(Path(path), data, create=not overwrite)
     return ExportInfo(str(path), len(data), builder.opset, model.ir_version, dict(builder.encodings),
                       _nonzero(graph), len(model.graph.node))
 

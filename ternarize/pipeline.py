@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass, fields
 
@@ -27,7 +28,7 @@ import numpy as np
 import torch
 
 from . import tern
-from ._io import check_target, is_temp_of, missing_folders, remove_empty, same_file
+from ._io import LOCK, check_target, folder_lock, is_temp_of, missing_folders, remove_empty, same_file
 from .data import Dataset, load_dataset
 from .errors import ConfigError, OutputError, VerificationError
 from .load import load_model
@@ -39,6 +40,7 @@ OUTPUTS = ("model.tern", "model.onnx", "report.json", "report.md", "layers.png",
 CHECKPOINT = "checkpoint.pt"
 FLOAT_MODEL = "float_model.pt"  # the demo's float model, beside its outputs
 PROBE = ".ternarize-probe-"  # a file made and removed to see that the output folder can be written
+PREVIOUS = ".ternarize-previous"  # with --force, the previous outputs wait here until the new ones are written
 VERIFY_SAMPLES = 512
 RTOL = 1e-4
 
@@ -139,8 +141,9 @@ def _source_info(model) -> dict:
 
 
 def _own_temp(name: str) -> bool:
-    """A temp file this tool makes for one of its outputs or to probe the folder (left by a killed run)."""
-    return is_temp_of(name, OUTPUTS + (CHECKPOINT, FLOAT_MODEL)) or name.startswith(PROBE)
+    """A temp file this tool makes for one of its outputs or to probe the folder (left by a killed
+    run), the previous outputs a killed ``--force`` run set aside, or the folder's lock."""
+    return is_temp_of(name, OUTPUTS + (CHECKPOINT, FLOAT_MODEL)) or name.startswith(PROBE) or name in (PREVIOUS, LOCK)
 
 
 def check_out(out: str, force: bool, resume: bool, inputs=(), resumable: bool = True) -> None:
@@ -151,6 +154,9 @@ def check_out(out: str, force: bool, resume: bool, inputs=(), resumable: bool = 
     ``resumable`` False: the caller has no ``--resume`` to suggest (the demo)."""
     if not out:
         raise ConfigError("--out is empty; give an output folder")
+    if os.path.islink(out) and not os.path.exists(out):
+        raise ConfigError(f"--out {out} is a link that leads to no folder (a broken link or a loop); fix the "
+                          "link or choose another path")
     if os.path.exists(out) and not os.path.isdir(out):
         raise ConfigError(f"--out {out} exists and is not a folder; choose another path")
     try:
@@ -185,21 +191,30 @@ def check_out(out: str, force: bool, resume: bool, inputs=(), resumable: bool = 
 class OutputFolder:
     """The output folder of one run, from just before training to the written report.
 
-    On entry: :func:`check_out` again, the folder is created if missing (remembering which folders
-    this run made), its stale temp files and (with ``force``) the previous outputs are removed, and
-    a probe file shows that it can be written (a read-only folder or file system fails here, before
-    training). On a failure inside, the outputs written so far are removed and the folders this
-    run made are removed again if they are left empty. A complete checkpoint stays for
-    ``--resume`` (and an OutputError says so) when ``resumable``; otherwise (the demo, which has no
-    ``--resume``) it goes too. ``active`` False (a torchrun rank other than 0) does nothing.
+    On entry: :func:`check_out`, the folder is created if missing (remembering which folders this
+    run made) and locked (:func:`ternarize._io.folder_lock`: a second run into the same folder
+    stops with one line), :func:`check_out` again, stale temp files of a killed run are removed,
+    with ``force`` the previous outputs are set aside (in ``PREVIOUS``, inside the folder), and a
+    probe file shows that the folder can be written (a read-only folder or file system fails here,
+    before training). On success the previous outputs are deleted. On a failure or an interrupt
+    inside, the outputs written so far are removed, the previous ones are put back, and the folders
+    this run made are removed again if they are left empty. A checkpoint this run wrote stays for
+    ``--resume`` (and the error says so) when ``resumable``; otherwise (the demo, which has no
+    ``--resume``) it goes too. ``active`` False (a torchrun rank other than 0) does nothing;
+    ``also`` names more outputs than ``OUTPUTS`` to set aside (the demo's float model).
     """
 
     def __init__(self, out: str, force: bool, resume: bool, active: bool = True, resumable: bool = True,
-                 inputs=()):
+                 inputs=(), also=()):
         self.out, self.force, self.resume, self.active = out, force, resume, active
+        self.also = tuple(also)  # more names of this run's outputs (the demo's float model)
         self.resumable, self.inputs = resumable, inputs
         self.made: list[str] = []  # folders this run created, deepest first
         self.written: list[str] = []  # outputs of this run, removed on failure
+        self.previous = os.path.join(out, PREVIOUS)
+        self.set_aside: list[str] = []  # names of the previous outputs in self.previous
+        self.nested = False  # inside another OutputFolder of the same folder (the demo's): that one owns them
+        self._lock = None
 
     def __enter__(self) -> OutputFolder:
         if not self.active:
@@ -209,18 +224,43 @@ class OutputFolder:
         try:
             self.made = missing_folders(out)
             os.makedirs(out, exist_ok=True)
-            for name in os.listdir(out):
-                path = os.path.join(out, name)
-                if os.path.isfile(path) and (_own_temp(name) or (self.force and not self.resume and
-                                                                 name in OUTPUTS + (CHECKPOINT,))):
-                    os.remove(path)
-            fd, probe = tempfile.mkstemp(prefix=PROBE, dir=out)
-            os.close(fd)
-            os.remove(probe)
         except OSError as e:
             self._tidy()
             raise OutputError(f"cannot write to the output folder {out}: {e.strerror or e}; "
                               "choose another --out") from e
+        try:
+            self._lock = folder_lock(out)
+            nested = self.nested = self._lock.__enter__()  # a compress inside the demo's folder
+        except BaseException:
+            self._lock = None
+            self._tidy()
+            raise
+        try:
+            check_out(out, self.force, self.resume, self.inputs, self.resumable)  # another run may have finished
+            for name in os.listdir(out):
+                path = os.path.join(out, name)
+                if name == PREVIOUS and not nested and os.path.isdir(path) and not os.path.islink(path):
+                    shutil.rmtree(path)  # a killed --force run's previous outputs
+                elif os.path.isfile(path) and _own_temp(name) and name != LOCK:
+                    os.remove(path)
+            if self.force and not self.resume and not nested:  # (the outer folder has set them aside)
+                present = [n for n in OUTPUTS + (CHECKPOINT,) + self.also if os.path.isfile(os.path.join(out, n))]
+                if present:
+                    os.mkdir(self.previous)
+                for name in present:
+                    os.replace(os.path.join(out, name), os.path.join(self.previous, name))
+                    self.set_aside.append(name)
+            fd, probe = tempfile.mkstemp(prefix=PROBE, dir=out)
+            os.close(fd)
+            os.remove(probe)
+        except BaseException as e:
+            self._restore()
+            self._unlock()
+            self._tidy()
+            if isinstance(e, OSError):
+                raise OutputError(f"cannot write to the output folder {out}: {e.strerror or e}; "
+                                  "choose another --out") from e
+            raise
         return self
 
     def add(self, *paths: str) -> None:
@@ -228,16 +268,48 @@ class OutputFolder:
         self.written.extend(paths)
 
     def __exit__(self, kind, error, tb) -> None:
-        if not self.active or kind is None:
+        if not self.active:
             return
-        kept = os.path.join(self.out, CHECKPOINT)
-        for path in self.written + ([] if self.resumable else [kept]):
+        try:
+            if kind is None:
+                if not self.nested:
+                    with contextlib.suppress(OSError):
+                        shutil.rmtree(self.previous)
+                return
+            kept = os.path.join(self.out, CHECKPOINT)
+            for path in self.written + ([] if self.resumable else [kept]):
+                with contextlib.suppress(OSError):
+                    os.remove(path)
+            ours = os.path.isfile(kept)  # a checkpoint of this run (the previous one is set aside)
+            self._restore()
+        finally:
+            self._unlock()
+            self._tidy()
+        if not (self.resumable and ours):
+            return
+        hint = f"the training is kept in {kept}: rerun with --resume"
+        if isinstance(error, OutputError) and "--resume" not in str(error):
+            raise OutputError(f"{error}; {hint} once the outputs can be written") from error
+        if isinstance(error, KeyboardInterrupt):
+            error.args = (f"{hint} to continue",)
+
+    def _restore(self) -> None:
+        """Put the previous outputs set aside back (where this run left no file of that name)."""
+        if self.nested:
+            return
+        for name in self.set_aside:
+            target = os.path.join(self.out, name)
             with contextlib.suppress(OSError):
-                os.remove(path)
-        self._tidy()
-        if self.resumable and isinstance(error, OutputError) and os.path.isfile(kept) and "--resume" not in str(error):
-            raise OutputError(f"{error}; the training is kept in {kept}: rerun with --resume once the "
-                              "outputs can be written") from error
+                if not os.path.lexists(target):
+                    os.replace(os.path.join(self.previous, name), target)
+        self.set_aside = []
+        with contextlib.suppress(OSError):
+            shutil.rmtree(self.previous)
+
+    def _unlock(self) -> None:
+        if self._lock is not None:
+            self._lock.__exit__(None, None, None)
+            self._lock = None
 
     def _tidy(self) -> None:
         remove_empty(self.made)

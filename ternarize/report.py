@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import pack, tern
-from ._io import atomic_path, atomic_write, describe, missing_folders, remove_empty
+from ._io import atomic_path, atomic_write, describe, input_problem, missing_folders, remove_empty
 from ._text import byte_size, one_line, printable
 from ._version import __version__
 from .errors import ConfigError, OutputError
@@ -169,8 +169,9 @@ def load(path: str) -> Report:
             raise ConfigError(f"{path} holds no model.tern; give a .tern file or a folder made by compress")
     else:
         tern_path = path
-    if not os.path.exists(tern_path):
-        raise ConfigError(f"{tern_path} does not exist; check the path")
+    problem = input_problem(tern_path)
+    if problem:
+        raise ConfigError(f"{tern_path} {problem}")
     if os.path.basename(tern_path) != "model.tern":
         return build(tern_path)
     folder = os.path.dirname(os.path.abspath(tern_path))

@@ -107,7 +107,7 @@ def files(tmp_path):
 
 BAD_INPUT = [
     ("missing.pt", ["--data", "digits"], "does not exist"),
-    ("folder.pt", ["--data", "digits"], "directory"),
+    ("folder.pt", ["--data", "digits"], "is a folder, not a model file"),
     ("text.pt", ["--data", "digits"], "not a torch.save or TorchScript file"),
     ("trunc.pt", ["--data", "digits"], "truncated or corrupted"),
     ("sd.pt", ["--data", "digits"], "state_dict.*--arch"),

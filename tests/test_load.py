@@ -305,7 +305,7 @@ def _saved(obj):
 # (id, make the file, arch, error, message regex)
 BAD_INPUT = [
     ("missing", lambda t: t / "nope.pt", None, ModelLoadError, r"does not exist"),
-    ("directory", lambda t: t, None, ModelLoadError, r"is a directory"),
+    ("directory", lambda t: t, None, ModelLoadError, r"is a folder, not a model file"),
     ("empty", lambda t: _write(t / "e.pt", b""), None, ModelLoadError, r"is empty \(0 bytes\)"),
     ("text", lambda t: _write(t / "model.pt", b"this is not a model\n"), None, ModelLoadError,
      r"not a PyTorch model file \(it looks like a text file, not a torch\.save or TorchScript file\)"),

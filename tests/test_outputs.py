@@ -4,13 +4,18 @@ half-written stays, and what can be checked before training is checked before tr
 import errno
 import math
 import os
+import signal
+import stat
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
 from click.testing import CliRunner
 
 import ternarize
-from ternarize import demo, pipeline
+from ternarize import _io, demo, pipeline
 from ternarize._io import atomic_write, check_output, is_temp_of, temp_name
 from ternarize.cli import cli
 from ternarize.errors import ConfigError, OutputError, TrainingError
@@ -59,7 +64,7 @@ def test_check_output_refuses_folders_inputs_and_missing_parents(tmp_path):
         check_output(tmp_path)
     with pytest.raises(OutputError, match="does not exist; create it"):
         check_output(tmp_path / "nodir" / "o.npy")
-    with pytest.raises(OutputError, match="is not a folder"):
+    with pytest.raises(OutputError, match="is a file, not a folder"):
         check_output(src / "o.npy")
     with pytest.raises(OutputError, match="empty"):
         check_output("")
@@ -229,6 +234,21 @@ def test_a_failed_demo_removes_its_float_model_and_folder(tmp_path, monkeypatch)
     assert not out.exists()
 
 
+def test_the_demo_runs_and_a_failed_rerun_with_force_keeps_its_outputs(tmp_path, monkeypatch):
+    out = tmp_path / "demo"
+    result = demo.run(out=str(out), epochs=1, progress=False, log=lambda s: None)
+    assert result.runtime_accuracy > 0.5
+    before = {n: (out / n).read_bytes() for n in os.listdir(out)}
+    assert sorted(before) == sorted(pipeline.OUTPUTS + (pipeline.FLOAT_MODEL,))
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(pipeline, "fit", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        demo.run(out=str(out), force=True, epochs=1, progress=False, log=lambda s: None)
+    assert {n: (out / n).read_bytes() for n in os.listdir(out)} == before
+
+
 def test_a_full_folder_is_refused_with_the_options_each_command_has(tmp_path):
     out = tmp_path / "full"
     out.mkdir()
@@ -322,3 +342,200 @@ def test_options_are_checked_on_the_command_line_before_anything_is_made(tiny, t
         res = invoke("compress", tiny, "--data", "digits", "--out", tmp_path / "out", *args)
         assert res.exit_code == 2 and "\n" not in res.stderr.strip(), (args, res.stderr)
         assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------------- two runs, signals, --force
+
+
+HOLD = """
+import sys, time
+from ternarize._io import folder_lock
+with folder_lock(sys.argv[1]):
+    print("held", flush=True)
+    time.sleep(120)
+"""
+
+
+def test_a_second_run_into_a_locked_folder_stops_and_a_stale_lock_does_not_block(tiny, tmp_path, no_training):
+    out = tmp_path / "out"
+    out.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(out)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        with pytest.raises(OutputError, match="another ternarize run is writing to .*out; wait for it"):
+            ternarize.compress(str(tiny), "digits", out=str(out), **QUIET)
+        res = invoke("compress", tiny, "--data", "digits", "--out", out, "--epochs", "1")
+        assert res.exit_code == 2 and "another ternarize run is writing" in res.stderr
+        assert "\n" not in res.stderr.strip()
+    finally:
+        holder.kill()  # killed: its lock file stays, but the operating system drops the lock
+        holder.wait()
+    assert os.listdir(out) == [_io.LOCK]
+    with pytest.raises(AssertionError, match="training started"):
+        ternarize.compress(str(tiny), "digits", out=str(out), **QUIET)
+    assert os.listdir(out) == []
+    with _io.folder_lock(str(out)) as nested:  # within one process the lock is re-entrant (the demo's)
+        with _io.folder_lock(str(out)) as inner:
+            assert not nested and inner
+        assert os.listdir(out) == [_io.LOCK]
+    assert os.listdir(out) == []
+
+
+def test_the_lock_is_taken_again_when_its_file_is_replaced(tmp_path, monkeypatch):
+    """A holder removes the lock file as it leaves: a run that opened the old file takes a new one."""
+    opened = []
+    real_open = os.open
+
+    def open_and_swap(path, *args):
+        fd = real_open(path, *args)
+        if not opened:  # the holder leaves between our open and our lock
+            os.unlink(path)
+            real_open(path, os.O_RDWR | os.O_CREAT)
+        opened.append(path)
+        return fd
+    monkeypatch.setattr(_io.os, "open", open_and_swap)
+    with _io.folder_lock(str(tmp_path)):
+        assert len(opened) == 2
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.fixture
+def finished(tiny, tmp_path):
+    """An output folder of a finished run, and its files' bytes."""
+    out = tmp_path / "done"
+    ternarize.compress(str(tiny), "digits", out=str(out), **QUIET)
+    return out, {n: (out / n).read_bytes() for n in os.listdir(out)}
+
+
+@pytest.mark.parametrize("failure", [KeyboardInterrupt, TrainingError])
+def test_force_keeps_the_previous_outputs_until_the_new_ones_are_written(tiny, finished, monkeypatch, failure):
+    out, before = finished
+    seen = []
+
+    def stop(*args, **kwargs):
+        seen.append(sorted(os.listdir(out)))
+        raise failure("stopped in training")
+    monkeypatch.setattr(pipeline, "fit", stop)
+    with pytest.raises(failure):
+        ternarize.compress(str(tiny), "digits", out=str(out), force=True, **QUIET)
+    assert seen == [sorted([_io.LOCK, pipeline.PREVIOUS])]  # set aside during the run
+    assert {n: (out / n).read_bytes() for n in os.listdir(out)} == before
+
+
+def test_force_replaces_the_previous_outputs_once_the_new_ones_are_written(tiny, finished):
+    out, before = finished
+    (out / "notes.txt").write_text("mine")
+    ternarize.compress(str(tiny), "digits", out=str(out), force=True, seed=1, **QUIET)
+    assert sorted(os.listdir(out)) == sorted([*before, "notes.txt"])
+    assert (out / "model.tern").read_bytes() != before["model.tern"]
+
+
+def test_previous_outputs_a_killed_run_set_aside_neither_block_nor_stay(tiny, tmp_path):
+    out = tmp_path / "out"
+    (out / pipeline.PREVIOUS).mkdir(parents=True)
+    (out / pipeline.PREVIOUS / "model.tern").write_bytes(b"old")
+    ternarize.compress(str(tiny), "digits", out=str(out), **QUIET)
+    assert not [n for n in os.listdir(out) if n.startswith(".")]
+
+
+def test_an_interrupt_names_the_checkpoint_it_keeps(tiny, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+
+    def interrupted(model, dataset, config, log):
+        with open(config.checkpoint, "wb") as f:
+            f.write(b"an epoch")
+        raise KeyboardInterrupt
+    monkeypatch.setattr(pipeline, "fit", interrupted)
+    before = signal.getsignal(signal.SIGTERM)
+    res = invoke("compress", tiny, "--data", "digits", "--out", out, "--epochs", "1")
+    assert res.exit_code == 130
+    assert res.stderr.strip().splitlines()[-1] == (f"ternarize: interrupted; the training is kept in "
+                                                   f"{out / 'checkpoint.pt'}: rerun with --resume to continue")
+    assert os.listdir(out) == ["checkpoint.pt"]
+    assert signal.getsignal(signal.SIGTERM) == before  # the command line's handlers are undone
+
+
+@pytest.mark.skipif(os.name == "nt", reason="POSIX signals")
+@pytest.mark.parametrize("signum", [signal.SIGTERM, getattr(signal, "SIGHUP", signal.SIGTERM)])
+def test_sigterm_and_sighup_roll_back_as_ctrl_c_does(finished, tiny, tmp_path, signum):
+    out, before = finished
+    cmd = [sys.executable, "-m", "ternarize", "compress", str(tiny), "--data", "digits", "--out", str(out),
+           "--force", "--epochs", "10000", "--batch-size", "2", "--no-progress"]
+    log = tmp_path / "stderr.txt"
+    with open(log, "w") as err:
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err)
+    try:
+        deadline = time.monotonic() + 120
+        while "float model" not in log.read_text() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)  # until the training starts
+        time.sleep(0.3)
+        proc.send_signal(signum)
+        time.sleep(0.01)
+        proc.send_signal(signum)  # a second one does not cut the clean-up short
+        proc.wait(timeout=120)
+    finally:
+        proc.kill()
+    err = log.read_text()
+    assert proc.returncode == 128 + signum, err
+    assert err.strip().splitlines()[-1].startswith(f"ternarize: stopped by {signal.Signals(signum).name}")
+    assert "Traceback" not in err
+    assert {n: (out / n).read_bytes() for n in os.listdir(out)} == before
+
+
+def test_an_argument_that_is_not_utf8_is_refused_first(tiny, tmp_path):
+    res = invoke("compress", tiny, "--data", "digits", "--out", str(tmp_path / "o\udcff"))
+    assert res.exit_code == 2 and "is not UTF-8 text" in res.stderr and "\n" not in res.stderr.strip()
+    assert os.listdir(tmp_path) == ["tiny.pt"]
+
+
+def test_epochs_have_an_upper_bound(tiny, no_training):
+    res = invoke("compress", tiny, "--data", "digits", "--epochs", "99999999999999999999")
+    assert res.exit_code == 2 and "--epochs" in res.stderr
+    with pytest.raises(ConfigError, match="epochs must be from 1 to 100000"):
+        TrainConfig(epochs=100_001).validate()
+    from ternarize.cli import MAX_EPOCHS
+    from ternarize.train.loop import MAX_EPOCHS as TRAIN_MAX
+    assert MAX_EPOCHS == TRAIN_MAX
+
+
+# ---------------------------------------------------------------------- single files
+
+
+def test_create_only_writes_refuse_a_file_that_appeared_and_replacing_keeps_its_mode(tmp_path):
+    path = tmp_path / "y.npy"
+    with pytest.raises(OutputError, match="appeared while this command ran"):
+        with _io.atomic_path(path, create=True) as tmp:
+            with open(tmp, "wb") as f:
+                f.write(b"ours")
+            path.write_bytes(b"theirs")  # another program, meanwhile
+    assert path.read_bytes() == b"theirs" and os.listdir(tmp_path) == ["y.npy"]
+    path.chmod(0o600)
+    atomic_write(path, b"new")
+    assert path.read_bytes() == b"new" and stat.S_IMODE(path.stat().st_mode) == 0o600
+    atomic_write(tmp_path / "z.npy", b"new", create=True)
+    assert (tmp_path / "z.npy").read_bytes() == b"new" and sorted(os.listdir(tmp_path)) == ["y.npy", "z.npy"]
+
+
+def test_inputs_that_are_not_files_are_named_for_what_they_are(tiny, tmp_path, no_training):
+    golden = os.path.join(os.path.dirname(__file__), "..", "formats", "golden", "tiny.tern")
+    cases = {"missing.npz": "does not exist", "folder.npz": "is a folder"}
+    (tmp_path / "folder.npz").mkdir()
+    if hasattr(os, "symlink"):
+        os.symlink(tmp_path / "l2.npz", tmp_path / "l1.npz")
+        os.symlink(tmp_path / "l1.npz", tmp_path / "l2.npz")
+        os.symlink(tmp_path / "nothing", tmp_path / "dangling.npz")
+        cases |= {"l1.npz": "a link that leads to no file", "dangling.npz": "a link that leads to no file"}
+    if hasattr(os, "mkfifo"):
+        os.mkfifo(tmp_path / "fifo.npz")
+        cases["fifo.npz"] = "not a regular file"
+    for name, message in cases.items():
+        path = str(tmp_path / name)
+        for args in (["inspect", path], ["run", golden, "--input", path], ["compress", path, "--data", "digits"],
+                     ["compress", tiny, "--data", path], ["report", path]):
+            if args[0] == "report" and name == "folder.npz":
+                continue  # report reads a folder made by compress
+            res = invoke(*args)
+            assert res.exit_code == 2 and message in res.stderr, (args, res.stderr)
+    if hasattr(os, "symlink"):
+        res = invoke("compress", tiny, "--data", "digits", "--out", tmp_path / "l1.npz")
+        assert res.exit_code == 2 and "a link that leads to no folder" in res.stderr

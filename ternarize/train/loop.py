@@ -49,6 +49,9 @@ LOSSES = ("cross_entropy", "squared_hinge")
 MAX_LR, MAX_RHO, MAX_LAM = 1e3, 1e3, 1e6  # upper bounds of the steering settings (validate)
 
 
+MAX_EPOCHS = 100_000  # a sanity bound: the paper ran 250
+
+
 @dataclass
 class TrainConfig:
     """Settings of a discrete retraining run. The E-MSA defaults (ρ, λ, α, its anneal, batch 100,
@@ -101,7 +104,8 @@ class TrainConfig:
         _one_of("compile", self.compile, ("auto", "on", "off"))
         _one_of("cuda_graphs", self.cuda_graphs, ("auto", "on", "off"))
         _one_of("precision", self.precision, ("fp32", "tf32", "bf16"))
-        _require(isinstance(self.epochs, int) and self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}")
+        _require(isinstance(self.epochs, int) and 1 <= self.epochs <= MAX_EPOCHS,
+                 f"epochs must be from 1 to {MAX_EPOCHS}, got {self.epochs}")
         _require(isinstance(self.batch_size, int) and self.batch_size >= 2,
                  f"batch size must be >= 2 (BatchNorm needs two samples), got {self.batch_size}")
         for name in ("rho", "lam", "ema_decay", "ema_anneal", "lr", "distill_temperature", "distill_weight",
