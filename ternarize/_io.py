@@ -26,6 +26,7 @@ import os
 import re
 import secrets
 import stat
+import threading
 
 from .errors import OutputError
 
@@ -199,7 +200,7 @@ def atomic_path(path, suffix: str = "", create: bool = False):
             _keep_mode(path, tmp)
             os.replace(tmp, path)
     except BaseException as e:
-        with contextlib.suppress(OSError):
+        with signals_deferred(), contextlib.suppress(OSError):
             os.unlink(tmp)
         if isinstance(e, OSError):
             raise OutputError(describe(e, shown)) from e
@@ -216,27 +217,29 @@ def _link_new(tmp: str, path: str, shown: str) -> None:
     except FileExistsError:
         raise OutputError(f"{shown} appeared while this command ran (another program wrote it); pass --force "
                           "to overwrite it, or choose another path") from None
-    except OSError as e:
-        if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK, errno.ENOSYS):
-            raise
+    except OSError:  # no hard links here (FAT, some network shares): each reports it its own way
         if os.path.lexists(path):
             raise OutputError(f"{shown} appeared while this command ran (another program wrote it); pass "
                               "--force to overwrite it, or choose another path") from None
         os.replace(tmp, path)
         return
-    os.unlink(tmp)
+    with contextlib.suppress(OSError):  # the output is in place; a stray link name is harmless
+        os.unlink(tmp)
 
 
 def _keep_mode(path: str, tmp: str) -> None:
     """Give ``tmp`` the permission bits of the file ``path`` it replaces (if there is one)."""
     try:
         mode = stat.S_IMODE(os.stat(path).st_mode)
-    except FileNotFoundError:
+    except OSError:
         return
-    os.chmod(tmp, mode)
+    if os.name == "nt":  # only the read-only attribute, which would stop the rename
+        return
+    with contextlib.suppress(OSError):  # a file system without permissions
+        os.chmod(tmp, mode)
 
 
-def atomic_write(path, data: bytes | str, create: bool = False) -> None:
+def atomic_write(path, data: bytes | memoryview | str, create: bool = False) -> None:
     """Write ``data`` (text is UTF-8 encoded) to ``path`` atomically (``create``: as
     :func:`atomic_path`)."""
     if isinstance(data, str):
@@ -251,19 +254,71 @@ def atomic_write(path, data: bytes | str, create: bool = False) -> None:
 def input_problem(path) -> str | None:
     """Why ``path`` is not a regular file to read, as the end of a sentence about it ("does not
     exist; check the path"), or None when it is one (a link counts as the file it leads to)."""
-    if os.path.isfile(path):
-        return None
-    if os.path.islink(path) and not os.path.exists(path):
-        return "is a link that leads to no file (a broken link or a loop); fix the link or give the file itself"
-    if os.path.isdir(path):
+    try:
+        mode = os.stat(path).st_mode
+    except PermissionError:
+        return "cannot be reached: permission denied; check the permissions"
+    except OSError:
+        if os.path.islink(path):
+            return "is a link that leads to no file (a broken link or a loop); fix the link or give the file itself"
+        return "does not exist; check the path"
+    if stat.S_ISDIR(mode):
         return "is a folder, not a file; give the file inside it"
-    if os.path.exists(path):
+    if not stat.S_ISREG(mode):
         return "is not a regular file (a device, FIFO or socket); give a file"
-    return "does not exist; check the path"
+    return None
+
+
+class Stopped(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, raised as Ctrl-C's KeyboardInterrupt is (by the command line's handler)."""
+
+    def __init__(self, signum: int):
+        super().__init__()
+        self.signum = signum
+
+
+_SIGNALS = {"defer": 0, "pending": None}  # clean-ups running; a signal that came meanwhile
+
+
+def stop_exception(signum: int) -> KeyboardInterrupt:
+    """What a signal raises: KeyboardInterrupt for SIGINT, :class:`Stopped` for the others."""
+    import signal
+
+    return KeyboardInterrupt() if signum == signal.SIGINT else Stopped(signum)
+
+
+def deferring_signals() -> bool:
+    """Whether a clean-up is running (see :func:`signals_deferred`)."""
+    return _SIGNALS["defer"] > 0
+
+
+def defer_signal(signum: int) -> None:
+    """Keep ``signum`` for the end of the running clean-up (the first one counts)."""
+    _SIGNALS["pending"] = _SIGNALS["pending"] or signum
+
+
+@contextlib.contextmanager
+def signals_deferred():
+    """Run a clean-up (removing half-written outputs, putting previous ones back) to its end: the
+    command line's signal handler keeps a signal that comes meanwhile, raised here afterwards,
+    unless an exception is leaving the clean-up anyway. Outside the command line (no such
+    handler) this changes nothing."""
+    _SIGNALS["defer"] += 1
+    try:
+        yield
+    except BaseException:
+        _SIGNALS["defer"] -= 1
+        if not _SIGNALS["defer"]:
+            _SIGNALS["pending"] = None
+        raise
+    _SIGNALS["defer"] -= 1
+    if not _SIGNALS["defer"] and _SIGNALS["pending"]:
+        signum, _SIGNALS["pending"] = _SIGNALS["pending"], None
+        raise stop_exception(signum)
 
 
 LOCK = ".ternarize.lock"  # in an output folder while a run writes it
-_HELD: dict[str, int] = {}  # folders this process holds locked: how many times
+_HELD: dict[tuple, int] = {}  # (thread, folder) locked by this process: how many times
 
 
 @contextlib.contextmanager
@@ -272,8 +327,9 @@ def folder_lock(folder: str):
     removed on leaving): another process that asks for it meanwhile gets an :class:`OutputError`.
     The operating system drops the lock of a killed run, so a stale file does not block anyone.
     Where the platform offers no file locks, nothing is locked. Within one process the lock is
-    re-entrant (the demo's folder holds a compress run): yields True when it was held already."""
-    key = os.path.realpath(folder)
+    re-entrant for the thread that holds it (the demo's folder holds a compress run): yields True
+    when that thread held it already; another thread is refused as another process is."""
+    key = (threading.get_ident(), os.path.realpath(folder))
     if key in _HELD:
         _HELD[key] += 1
         try:
@@ -306,9 +362,12 @@ def folder_lock(folder: str):
         yield False
     finally:
         del _HELD[key]
+        if os.name == "nt":  # an open file cannot be removed there
+            os.close(fd)
         with contextlib.suppress(OSError):
-            os.unlink(path)  # before the lock goes: a waiting run then sees a new file
-        os.close(fd)
+            os.unlink(path)  # POSIX: before the lock goes, so a run that takes it sees a new file
+        if os.name != "nt":
+            os.close(fd)
 
 
 def _try_lock(fd: int) -> bool:
@@ -323,8 +382,8 @@ def _try_lock(fd: int) -> bool:
             return True
         try:
             msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
-        except OSError:
-            return False
+        except OSError as e:
+            return e.errno not in (errno.EACCES, errno.EDEADLK)  # others: a drive without locks
         return True
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -28,20 +28,22 @@ MAX_EPOCHS = 100_000  # as ternarize.train.loop.MAX_EPOCHS (not imported: it wou
 _SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
 
 
-class _Stopped(KeyboardInterrupt):
-    """SIGTERM or SIGHUP: handled as Ctrl-C is (what the command was writing is rolled back)."""
-
-    def __init__(self, signum: int):
-        super().__init__()
-        self.signum = signum
+_STOPPING: list[int] = []  # the signal being handled, once one came
 
 
 def _on_signal(signum, _frame) -> None:
-    """Ctrl-C, SIGTERM or SIGHUP: stop where the program is; further ones are ignored so that the
-    clean-up (removing half-written outputs) runs to its end."""
-    for s in _SIGNALS:
-        signal.signal(s, signal.SIG_IGN)
-    raise KeyboardInterrupt if signum == signal.SIGINT else _Stopped(signum)
+    """Ctrl-C, SIGTERM or SIGHUP: stop where the program is (KeyboardInterrupt, or
+    ``_io.Stopped``); one that comes while a clean-up runs waits for its end. A further one while
+    the first is handled, outside a clean-up (a hang at exit, say), ends the process at once."""
+    from . import _io
+
+    if _io.deferring_signals():
+        _io.defer_signal(signum)
+        return
+    if _STOPPING:
+        os._exit(128 + _STOPPING[0])
+    _STOPPING.append(signum)
+    raise _io.stop_exception(signum)
 
 
 def _interrupted(e: BaseException) -> None:
@@ -49,7 +51,8 @@ def _interrupted(e: BaseException) -> None:
     signum = getattr(e, "signum", None)
     what = f"stopped by {signal.Signals(signum).name}" if signum else "interrupted"
     detail = f"; {_one_line(e)}" if str(e) else ""
-    click.echo(f"ternarize: {what}{detail}", err=True)
+    with contextlib.suppress(OSError):  # a terminal that hung up
+        click.echo(f"ternarize: {what}{detail}", err=True)
     sys.exit(128 + signum if signum else 130)
 
 
@@ -76,14 +79,17 @@ class _Group(click.Group):
             sys.exit(2)
         before = {}
         for s in _SIGNALS:
+            if signal.getsignal(s) == signal.SIG_IGN:  # nohup, a background job: ignored it stays
+                continue
             with contextlib.suppress(ValueError, OSError):  # ValueError: not the main thread
                 before[s] = signal.signal(s, _on_signal)
         try:
             return self._main(args, prog_name, debug, **extra)
-        finally:  # as they were (for callers in the same process, such as tests), unless one came:
-            for s, handler in before.items():  # then the process is ending, and stays deaf to more
-                if handler is not None and signal.getsignal(s) is _on_signal:  # None: not set from Python
-                    signal.signal(s, handler)
+        finally:  # as they were (for callers in the same process, such as tests), unless a signal
+            if not _STOPPING:  # came: then the process is ending, and one more ends it at once
+                for s, handler in before.items():
+                    if handler is not None:  # None: a handler not set from Python, which cannot be put back
+                        signal.signal(s, handler)
 
     def _main(self, args, prog_name, debug, **extra):
         try:
@@ -580,7 +586,7 @@ def _save_npy(path: str, y, overwrite: bool) -> None:
 
     buf = io.BytesIO()
     np.save(buf, y)
-    atomic_write(path, buf.getvalue(), create=not overwrite)
+    atomic_write(path, buf.getbuffer(), create=not overwrite)  # no copy of the bytes
 
 
 @cli.command(context_settings=CONTEXT)

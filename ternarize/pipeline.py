@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from . import tern
-from ._io import LOCK, check_target, folder_lock, is_temp_of, missing_folders, remove_empty, same_file
+from ._io import LOCK, check_target, folder_lock, is_temp_of, missing_folders, remove_empty, same_file, signals_deferred
 from .data import Dataset, load_dataset
 from .errors import ConfigError, OutputError, VerificationError
 from .load import load_model
@@ -193,11 +193,13 @@ class OutputFolder:
 
     On entry: :func:`check_out`, the folder is created if missing (remembering which folders this
     run made) and locked (:func:`ternarize._io.folder_lock`: a second run into the same folder
-    stops with one line), :func:`check_out` again, stale temp files of a killed run are removed,
-    with ``force`` the previous outputs are set aside (in ``PREVIOUS``, inside the folder), and a
+    stops with one line), previous outputs a killed ``--force`` run set aside are put back
+    (``_recover``), :func:`check_out` again, stale temp files of a killed run are removed, with
+    ``force`` the previous outputs are set aside (in ``PREVIOUS``, inside the folder), and a
     probe file shows that the folder can be written (a read-only folder or file system fails here,
     before training). On success the previous outputs are deleted. On a failure or an interrupt
-    inside, the outputs written so far are removed, the previous ones are put back, and the folders
+    inside, the outputs written so far are removed, the previous ones are put back (a signal
+    meanwhile waits for the end: ``_io.signals_deferred``), and the folders
     this run made are removed again if they are left empty. A checkpoint this run wrote stays for
     ``--resume`` (and the error says so) when ``resumable``; otherwise (the demo, which has no
     ``--resume``) it goes too. ``active`` False (a torchrun rank other than 0) does nothing;
@@ -236,27 +238,28 @@ class OutputFolder:
             self._tidy()
             raise
         try:
+            if not nested:
+                self._recover()
             check_out(out, self.force, self.resume, self.inputs, self.resumable)  # another run may have finished
             for name in os.listdir(out):
                 path = os.path.join(out, name)
-                if name == PREVIOUS and not nested and os.path.isdir(path) and not os.path.islink(path):
-                    shutil.rmtree(path)  # a killed --force run's previous outputs
-                elif os.path.isfile(path) and _own_temp(name) and name != LOCK:
+                if os.path.isfile(path) and _own_temp(name) and name != LOCK:
                     os.remove(path)
             if self.force and not self.resume and not nested:  # (the outer folder has set them aside)
                 present = [n for n in OUTPUTS + (CHECKPOINT,) + self.also if os.path.isfile(os.path.join(out, n))]
                 if present:
                     os.mkdir(self.previous)
+                    self.set_aside = present  # before they move: a signal midway still puts them back
                 for name in present:
                     os.replace(os.path.join(out, name), os.path.join(self.previous, name))
-                    self.set_aside.append(name)
             fd, probe = tempfile.mkstemp(prefix=PROBE, dir=out)
             os.close(fd)
             os.remove(probe)
         except BaseException as e:
-            self._restore()
-            self._unlock()
-            self._tidy()
+            with signals_deferred():
+                self._restore()
+                self._unlock()
+                self._tidy()
             if isinstance(e, OSError):
                 raise OutputError(f"cannot write to the output folder {out}: {e.strerror or e}; "
                                   "choose another --out") from e
@@ -270,21 +273,22 @@ class OutputFolder:
     def __exit__(self, kind, error, tb) -> None:
         if not self.active:
             return
-        try:
-            if kind is None:
-                if not self.nested:
+        kept = os.path.join(self.out, CHECKPOINT)
+        with signals_deferred():  # a signal now waits until the folder is as it should be
+            try:
+                if kind is None:
+                    if not self.nested:  # the new outputs are in place: the previous ones can go
+                        with contextlib.suppress(OSError):
+                            shutil.rmtree(self.previous)
+                    return
+                for path in self.written + ([] if self.resumable else [kept]):
                     with contextlib.suppress(OSError):
-                        shutil.rmtree(self.previous)
-                return
-            kept = os.path.join(self.out, CHECKPOINT)
-            for path in self.written + ([] if self.resumable else [kept]):
-                with contextlib.suppress(OSError):
-                    os.remove(path)
-            ours = os.path.isfile(kept)  # a checkpoint of this run (the previous one is set aside)
-            self._restore()
-        finally:
-            self._unlock()
-            self._tidy()
+                        os.remove(path)
+                ours = os.path.isfile(kept)  # a checkpoint of this run (the previous one is set aside)
+                self._restore()
+            finally:
+                self._unlock()
+                self._tidy()
         if not (self.resumable and ours):
             return
         hint = f"the training is kept in {kept}: rerun with --resume"
@@ -294,17 +298,37 @@ class OutputFolder:
             error.args = (f"{hint} to continue",)
 
     def _restore(self) -> None:
-        """Put the previous outputs set aside back (where this run left no file of that name)."""
-        if self.nested:
+        """Put the previous outputs set aside back; a previous checkpoint goes where this run keeps
+        its own. Whatever cannot go back stays set aside (never deleted here): see ``_recover``."""
+        if self.nested or not os.path.isdir(self.previous):
             return
-        for name in self.set_aside:
-            target = os.path.join(self.out, name)
+        for name in os.listdir(self.previous):
+            source, target = os.path.join(self.previous, name), os.path.join(self.out, name)
             with contextlib.suppress(OSError):
                 if not os.path.lexists(target):
-                    os.replace(os.path.join(self.previous, name), target)
+                    os.replace(source, target)
+                elif name == CHECKPOINT:
+                    os.remove(source)
         self.set_aside = []
         with contextlib.suppress(OSError):
-            shutil.rmtree(self.previous)
+            os.rmdir(self.previous)
+
+    def _recover(self) -> None:
+        """Previous outputs a killed ``--force`` run left set aside: back where no file took their
+        place. Any others stop this run with one line: which of the two files to keep is the
+        user's choice."""
+        if not os.path.isdir(self.previous) or os.path.islink(self.previous):
+            return
+        for name in os.listdir(self.previous):
+            target = os.path.join(self.out, name)
+            if not os.path.lexists(target):
+                os.replace(os.path.join(self.previous, name), target)
+        left = sorted(os.listdir(self.previous))
+        if left:
+            raise OutputError(f"{self.previous} holds {', '.join(left)} of an earlier run, set aside by a --force run "
+                              f"that was stopped while {self.out} holds newer files of those names; keep what you "
+                              "need and remove that folder")
+        os.rmdir(self.previous)
 
     def _unlock(self) -> None:
         if self._lock is not None:

@@ -430,12 +430,51 @@ def test_force_replaces_the_previous_outputs_once_the_new_ones_are_written(tiny,
     assert (out / "model.tern").read_bytes() != before["model.tern"]
 
 
-def test_previous_outputs_a_killed_run_set_aside_neither_block_nor_stay(tiny, tmp_path):
+def test_previous_outputs_a_killed_run_set_aside_are_put_back_never_deleted(tiny, tmp_path, no_training):
     out = tmp_path / "out"
     (out / pipeline.PREVIOUS).mkdir(parents=True)
     (out / pipeline.PREVIOUS / "model.tern").write_bytes(b"old")
-    ternarize.compress(str(tiny), "digits", out=str(out), **QUIET)
-    assert not [n for n in os.listdir(out) if n.startswith(".")]
+    with pytest.raises(ConfigError, match="already holds model.tern; pass --force"):
+        ternarize.compress(str(tiny), "digits", out=str(out), **QUIET)
+    assert os.listdir(out) == ["model.tern"] and (out / "model.tern").read_bytes() == b"old"
+    (out / pipeline.PREVIOUS).mkdir()
+    (out / pipeline.PREVIOUS / "model.tern").write_bytes(b"older")
+    with pytest.raises(OutputError, match="holds model.tern of an earlier run.*remove that folder"):
+        ternarize.compress(str(tiny), "digits", out=str(out), force=True, **QUIET)
+    assert (out / pipeline.PREVIOUS / "model.tern").read_bytes() == b"older"
+    assert (out / "model.tern").read_bytes() == b"old"
+
+
+def test_a_signal_while_the_previous_outputs_are_set_aside_puts_them_all_back(tiny, finished, monkeypatch):
+    out, before = finished
+    real_replace = os.replace
+
+    def replace_then_stop(a, b):
+        real_replace(a, b)
+        if pipeline.PREVIOUS in str(b):
+            raise KeyboardInterrupt
+    monkeypatch.setattr(pipeline.os, "replace", replace_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        ternarize.compress(str(tiny), "digits", out=str(out), force=True, **QUIET)
+    monkeypatch.setattr(pipeline.os, "replace", real_replace)
+    assert {n: (out / n).read_bytes() for n in os.listdir(out)} == before
+
+
+def test_another_thread_is_refused_as_another_process_is(tmp_path):
+    import threading
+    errors = []
+
+    def second():
+        try:
+            with _io.folder_lock(str(tmp_path)):
+                pass
+        except OutputError as e:
+            errors.append(str(e))
+    with _io.folder_lock(str(tmp_path)):
+        t = threading.Thread(target=second)
+        t.start()
+        t.join()
+    assert len(errors) == 1 and "another ternarize run" in errors[0]
 
 
 def test_an_interrupt_names_the_checkpoint_it_keeps(tiny, tmp_path, monkeypatch):
@@ -480,6 +519,23 @@ def test_sigterm_and_sighup_roll_back_as_ctrl_c_does(finished, tiny, tmp_path, s
     assert err.strip().splitlines()[-1].startswith(f"ternarize: stopped by {signal.Signals(signum).name}")
     assert "Traceback" not in err
     assert {n: (out / n).read_bytes() for n in os.listdir(out)} == before
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGHUP"), reason="POSIX signals")
+def test_signals_the_caller_ignores_stay_ignored(tiny, tmp_path, monkeypatch):
+    """nohup (SIGHUP) and background jobs (SIGINT) ignore signals: the command line keeps that."""
+    seen = []
+
+    def record(*args, **kwargs):
+        seen.append((signal.getsignal(signal.SIGHUP), signal.getsignal(signal.SIGTERM)))
+        raise TrainingError("the training loss became nan in epoch 1")
+    monkeypatch.setattr(pipeline, "fit", record)
+    before = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        res = invoke("compress", tiny, "--data", "digits", "--out", tmp_path / "out", "--epochs", "1")
+    finally:
+        signal.signal(signal.SIGHUP, before)
+    assert res.exit_code == 2 and seen[0][0] == signal.SIG_IGN and seen[0][1] not in (signal.SIG_IGN, signal.SIG_DFL)
 
 
 def test_an_argument_that_is_not_utf8_is_refused_first(tiny, tmp_path):
