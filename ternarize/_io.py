@@ -212,15 +212,15 @@ def _link_new(tmp: str, path: str, shown: str) -> None:
     """Put ``tmp`` in place as ``path``, which must not exist: a hard link fails if it does (then
     the temp file is removed by the caller). Where hard links are not supported, a check and a
     rename."""
+    appeared = OutputError(f"{shown} appeared while this command ran (another program wrote it); pass --force "
+                           "to overwrite it, or choose another path")
     try:
         os.link(tmp, path)
     except FileExistsError:
-        raise OutputError(f"{shown} appeared while this command ran (another program wrote it); pass --force "
-                          "to overwrite it, or choose another path") from None
+        raise appeared from None
     except OSError:  # no hard links here (FAT, some network shares): each reports it its own way
         if os.path.lexists(path):
-            raise OutputError(f"{shown} appeared while this command ran (another program wrote it); pass "
-                              "--force to overwrite it, or choose another path") from None
+            raise appeared from None
         os.replace(tmp, path)
         return
     with contextlib.suppress(OSError):  # the output is in place; a stray link name is harmless
@@ -228,15 +228,12 @@ def _link_new(tmp: str, path: str, shown: str) -> None:
 
 
 def _keep_mode(path: str, tmp: str) -> None:
-    """Give ``tmp`` the permission bits of the file ``path`` it replaces (if there is one)."""
-    try:
-        mode = stat.S_IMODE(os.stat(path).st_mode)
-    except OSError:
+    """Give ``tmp`` the permission bits of the file ``path`` it replaces (if there is one; not on
+    Windows, whose only such bit, read-only, would stop the rename)."""
+    if os.name == "nt":
         return
-    if os.name == "nt":  # only the read-only attribute, which would stop the rename
-        return
-    with contextlib.suppress(OSError):  # a file system without permissions
-        os.chmod(tmp, mode)
+    with contextlib.suppress(OSError):  # no file there, or a file system without permissions
+        os.chmod(tmp, stat.S_IMODE(os.stat(path).st_mode))
 
 
 def atomic_write(path, data: bytes | memoryview | str, create: bool = False) -> None:
@@ -277,7 +274,7 @@ class Stopped(KeyboardInterrupt):
         self.signum = signum
 
 
-_SIGNALS = {"defer": 0, "pending": None}  # clean-ups running; a signal that came meanwhile
+_DEFERRED = {"defer": 0, "pending": None}  # clean-ups running; a signal that came meanwhile
 
 
 def stop_exception(signum: int) -> KeyboardInterrupt:
@@ -289,12 +286,12 @@ def stop_exception(signum: int) -> KeyboardInterrupt:
 
 def deferring_signals() -> bool:
     """Whether a clean-up is running (see :func:`signals_deferred`)."""
-    return _SIGNALS["defer"] > 0
+    return _DEFERRED["defer"] > 0
 
 
 def defer_signal(signum: int) -> None:
     """Keep ``signum`` for the end of the running clean-up (the first one counts)."""
-    _SIGNALS["pending"] = _SIGNALS["pending"] or signum
+    _DEFERRED["pending"] = _DEFERRED["pending"] or signum
 
 
 @contextlib.contextmanager
@@ -303,22 +300,22 @@ def signals_deferred():
     command line's signal handler keeps a signal that comes meanwhile, raised here afterwards,
     unless an exception is leaving the clean-up anyway. Outside the command line (no such
     handler) this changes nothing."""
-    _SIGNALS["defer"] += 1
+    _DEFERRED["defer"] += 1
     try:
         yield
     except BaseException:
-        _SIGNALS["defer"] -= 1
-        if not _SIGNALS["defer"]:
-            _SIGNALS["pending"] = None
+        _DEFERRED["defer"] -= 1
+        if not _DEFERRED["defer"]:
+            _DEFERRED["pending"] = None
         raise
-    _SIGNALS["defer"] -= 1
-    if not _SIGNALS["defer"] and _SIGNALS["pending"]:
-        signum, _SIGNALS["pending"] = _SIGNALS["pending"], None
+    _DEFERRED["defer"] -= 1
+    if not _DEFERRED["defer"] and _DEFERRED["pending"]:
+        signum, _DEFERRED["pending"] = _DEFERRED["pending"], None
         raise stop_exception(signum)
 
 
 LOCK = ".ternarize.lock"  # in an output folder while a run writes it
-_HELD: dict[tuple, int] = {}  # (thread, folder) locked by this process: how many times
+_HELD: set[tuple] = set()  # (thread, folder) locked by this process
 
 
 @contextlib.contextmanager
@@ -331,11 +328,7 @@ def folder_lock(folder: str):
     when that thread held it already; another thread is refused as another process is."""
     key = (threading.get_ident(), os.path.realpath(folder))
     if key in _HELD:
-        _HELD[key] += 1
-        try:
-            yield True
-        finally:
-            _HELD[key] -= 1
+        yield True
         return
     path = os.path.join(folder, LOCK)
     for _ in range(10):  # a holder may remove the file between our open and our lock: open it again
@@ -357,11 +350,11 @@ def folder_lock(folder: str):
     else:
         raise OutputError(f"cannot lock the output folder {folder}: other runs keep replacing {LOCK}; "
                           "wait for them to finish")
-    _HELD[key] = 1
+    _HELD.add(key)
     try:
         yield False
     finally:
-        del _HELD[key]
+        _HELD.discard(key)
         if os.name == "nt":  # an open file cannot be removed there
             os.close(fd)
         with contextlib.suppress(OSError):

@@ -213,8 +213,7 @@ class OutputFolder:
         self.resumable, self.inputs = resumable, inputs
         self.made: list[str] = []  # folders this run created, deepest first
         self.written: list[str] = []  # outputs of this run, removed on failure
-        self.previous = os.path.join(out, PREVIOUS)
-        self.set_aside: list[str] = []  # names of the previous outputs in self.previous
+        self.previous = os.path.join(out, PREVIOUS)  # with force: the previous outputs, until the end
         self.nested = False  # inside another OutputFolder of the same folder (the demo's): that one owns them
         self._lock = None
 
@@ -249,8 +248,7 @@ class OutputFolder:
                 present = [n for n in OUTPUTS + (CHECKPOINT,) + self.also if os.path.isfile(os.path.join(out, n))]
                 if present:
                     os.mkdir(self.previous)
-                    self.set_aside = present  # before they move: a signal midway still puts them back
-                for name in present:
+                for name in present:  # a signal midway: _restore puts back what PREVIOUS holds
                     os.replace(os.path.join(out, name), os.path.join(self.previous, name))
             fd, probe = tempfile.mkstemp(prefix=PROBE, dir=out)
             os.close(fd)
@@ -300,16 +298,11 @@ class OutputFolder:
     def _restore(self) -> None:
         """Put the previous outputs set aside back; a previous checkpoint goes where this run keeps
         its own. Whatever cannot go back stays set aside (never deleted here): see ``_recover``."""
-        if self.nested or not os.path.isdir(self.previous):
+        if self.nested:
             return
-        for name in os.listdir(self.previous):
-            source, target = os.path.join(self.previous, name), os.path.join(self.out, name)
+        if CHECKPOINT in self._put_back():
             with contextlib.suppress(OSError):
-                if not os.path.lexists(target):
-                    os.replace(source, target)
-                elif name == CHECKPOINT:
-                    os.remove(source)
-        self.set_aside = []
+                os.remove(os.path.join(self.previous, CHECKPOINT))
         with contextlib.suppress(OSError):
             os.rmdir(self.previous)
 
@@ -317,18 +310,24 @@ class OutputFolder:
         """Previous outputs a killed ``--force`` run left set aside: back where no file took their
         place. Any others stop this run with one line: which of the two files to keep is the
         user's choice."""
-        if not os.path.isdir(self.previous) or os.path.islink(self.previous):
-            return
-        for name in os.listdir(self.previous):
-            target = os.path.join(self.out, name)
-            if not os.path.lexists(target):
-                os.replace(os.path.join(self.previous, name), target)
-        left = sorted(os.listdir(self.previous))
+        left = self._put_back()
         if left:
             raise OutputError(f"{self.previous} holds {', '.join(left)} of an earlier run, set aside by a --force run "
                               f"that was stopped while {self.out} holds newer files of those names; keep what you "
                               "need and remove that folder")
-        os.rmdir(self.previous)
+        with contextlib.suppress(FileNotFoundError):
+            os.rmdir(self.previous)
+
+    def _put_back(self) -> list[str]:
+        """Move each file set aside back into the folder where no file has its name; the names left."""
+        if not os.path.isdir(self.previous) or os.path.islink(self.previous):
+            return []
+        for name in os.listdir(self.previous):
+            target = os.path.join(self.out, name)
+            with contextlib.suppress(OSError):
+                if not os.path.lexists(target):
+                    os.replace(os.path.join(self.previous, name), target)
+        return sorted(os.listdir(self.previous))
 
     def _unlock(self) -> None:
         if self._lock is not None:

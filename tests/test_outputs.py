@@ -521,6 +521,22 @@ def test_sigterm_and_sighup_roll_back_as_ctrl_c_does(finished, tiny, tmp_path, s
     assert {n: (out / n).read_bytes() for n in os.listdir(out)} == before
 
 
+def test_a_signal_during_a_clean_up_waits_for_its_end():
+    from ternarize import cli as cli_module
+    done = []
+    with pytest.raises(_io.Stopped) as info:
+        with _io.signals_deferred():
+            cli_module._on_signal(signal.SIGTERM, None)  # kept, not raised: the clean-up goes on
+            done.append("cleaned")
+    assert done == ["cleaned"] and info.value.signum == signal.SIGTERM and not cli_module._STOPPING
+    with pytest.raises(ValueError):  # an error leaving the clean-up goes on; the signal is dropped
+        with _io.signals_deferred():
+            cli_module._on_signal(signal.SIGINT, None)
+            raise ValueError("clean-up failed")
+    with _io.signals_deferred():
+        pass  # nothing is pending any more
+
+
 @pytest.mark.skipif(not hasattr(signal, "SIGHUP"), reason="POSIX signals")
 def test_signals_the_caller_ignores_stay_ignored(tiny, tmp_path, monkeypatch):
     """nohup (SIGHUP) and background jobs (SIGINT) ignore signals: the command line keeps that."""
