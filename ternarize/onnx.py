@@ -465,21 +465,68 @@ def _pool_attrs(a: dict) -> dict:
 
 
 def _pool(b: _Builder, node: Node, onnx_op: str, **attrs) -> None:
-    """A pool; at the compat opset, whose output size rule keeps a ceil_mode window that starts in
-    the right padding (torch and opset 22 on drop it), that window is computed and sliced off."""
+    """A pool, then (max-pool) −inf where a window lies wholly in the padding, as in torch.
+
+    At the compat opset, whose output size rule keeps a ceil_mode window that starts in the right
+    padding (torch and opset 22 on drop it), see :func:`_floor_pool`.
+    """
     a, out = node.attrs, node.outputs[0]
-    if b.compat and a["ceil_mode"]:
-        size = b.shapes[node.inputs[0]][2:]
-        dil = a.get("dilations", [1, 1])
-        kept = [-(-(n + 2 * p - d * (k - 1) - 1) // s) + 1
-                for n, k, s, p, d in zip(size, a["kernel"], a["strides"], a["pads"], dil)]
-        if kept != list(b.shapes[out][2:]):
-            pooled = b.node(onnx_op, [node.inputs[0]], b.fresh(f"{out}/{onnx_op}"), node.name, **attrs,
-                            **_pool_attrs(a))
-            ends = _shape_const(b, b.shapes[out][2:])
-            b.node("Slice", [pooled, _shape_const(b, [0, 0]), ends, _shape_const(b, [2, 3])], out)
-            return
-    b.node(onnx_op, [node.inputs[0]], out, node.name, **attrs, **_pool_attrs(a))
+    empty = _empty_windows(b.shapes[node.inputs[0]][2:], b.shapes[out][2:], a) if onnx_op == "MaxPool" else None
+    target = b.fresh(f"{out}/{onnx_op}") if empty is not None else out
+    if b.compat and a["ceil_mode"] and _kept(b.shapes[node.inputs[0]][2:], a) != list(b.shapes[out][2:]):
+        _floor_pool(b, node, onnx_op, target, **attrs)
+    else:
+        b.node(onnx_op, [node.inputs[0]], target, node.name, **attrs, **_pool_attrs(a))
+    if empty is not None:  # onnxruntime starts a max at float32's lowest finite value, torch at −inf
+        mask = b.init(b.fresh(f"{out}/empty_windows"), empty[None, None])
+        b.node("Where", [mask, b.shared("minus_inf", np.array(-np.inf, np.float32)), target], out)
+
+
+def _kept(size, a: dict) -> list:
+    """The output size by opset 21's ceil_mode rule (which keeps a window starting in the right padding)."""
+    dil = a.get("dilations", [1, 1])
+    return [-(-(n + 2 * p - d * (k - 1) - 1) // s) + 1
+            for n, k, s, p, d in zip(size, a["kernel"], a["strides"], a["pads"], dil)]
+
+
+def _floor_pool(b: _Builder, node: Node, onnx_op: str, out: str, **attrs) -> None:
+    """A ceil_mode pool as a floor-mode one over explicitly padded input, so that every size rule gives
+    torch's size: the right padding is extended to just cover torch's last window.
+
+    A max-pool pads with −inf (``Pad``); an average pool counting the padding pads with zeros
+    (``Pad``) and then counts only those, not the extension (``count_include_pad=0``), as torch's
+    divisor stops at the right padding; one not counting it takes asymmetric ``pads``.
+    """
+    a, x = node.attrs, node.inputs[0]
+    size, shape = b.shapes[x][2:], b.shapes[node.outputs[0]][2:]
+    dil = a.get("dilations", [1, 1])
+    left = list(a["pads"])
+    right = [max(0, (o - 1) * s + d * (k - 1) + 1 - n - p)
+             for o, n, k, s, p, d in zip(shape, size, a["kernel"], a["strides"], left, dil)]
+    plain = dict(kernel_shape=list(a["kernel"]), strides=list(a["strides"]), ceil_mode=0)
+    if onnx_op == "AveragePool" and not a["count_include_pad"]:
+        b.node(onnx_op, [x], out, node.name, **{**attrs, **plain, "pads": left + right})
+        return
+    if onnx_op == "MaxPool":
+        pads, fill, rest = left + right, -np.inf, [0, 0]
+    else:  # counted padding is real zeros; the extension beyond it is not counted
+        pads, fill = left + left, 0.0
+        rest = [max(0, r - p) for r, p in zip(right, left)]
+        attrs = {**attrs, "count_include_pad": 0}
+    padded = b.node("Pad", [x, _shape_const(b, [0, 0, pads[0], pads[1], 0, 0, pads[2], pads[3]]),
+                            b.shared(f"fill_{fill}", np.array(fill, np.float32))], mode="constant")
+    b.node(onnx_op, [padded], out, node.name, **{**attrs, **plain, "pads": [0, 0, *rest]})
+
+
+def _empty_windows(size, shape, a: dict) -> np.ndarray | None:
+    """(OH, OW) bool: the max-pool windows holding no input element (all padding); None when none."""
+    dil = a.get("dilations", [1, 1])
+    hit = []
+    for n, o, k, s, p, d in zip(size, shape, a["kernel"], a["strides"], a["pads"], dil):
+        at = np.arange(o)[:, None] * s - p + d * np.arange(k)[None, :]
+        hit.append(((at >= 0) & (at < n)).any(axis=1))
+    empty = ~(hit[0][:, None] & hit[1][None, :])
+    return empty if empty.any() else None
 
 
 def _maxpool(b: _Builder, node: Node) -> None:

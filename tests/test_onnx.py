@@ -387,6 +387,43 @@ def test_ceil_mode_pools_at_the_edges_of_the_input(op, k, s, p, shape, extra, co
     agree_ir(make_graph(shape, nodes, {}), tmp_path / "m.onnx", compat=compat)
 
 
+@pytest.mark.parametrize("compat", [False, True])
+@pytest.mark.parametrize("op, extra", [("avgpool2d", {"count_include_pad": True}),
+                                       ("avgpool2d", {"count_include_pad": False}),
+                                       ("maxpool2d", {"dilations": [1, 1]})])
+def test_ceil_mode_pool_on_one_pixel_before_a_padded_strided_conv(op, extra, compat, tmp_path):
+    """The window opset 21 keeps and torch drops, on a 1x1 map; a padded stride-3 convolution makes
+    the next output 2x2. Computing that window and slicing it off made onnxruntime's buffer re-use
+    fail ("Shape mismatch attempting to re-use buffer"); a floor-mode pool over explicit padding
+    has one size under every rule."""
+    c1, k1 = _conv("c1", "a", "b", 4, 4, 1, pad=2, stride=3)
+    nodes = [_pool(op, "input", "a", 2, 2, 1, True, **extra), c1, Node("flatten", "fl", ["b"], ["output"])]
+    g = make_graph((4, 1, 1), nodes, k1)
+    agree_ir(g, tmp_path / "m.onnx", compat=compat)
+    ops = [n.op_type for n in onnx.load(tmp_path / "m.onnx").graph.node]
+    assert "Slice" not in ops and ("Pad" in ops) == (compat and extra.get("count_include_pad", True))
+
+
+@pytest.mark.parametrize("compat", [False, True])
+@pytest.mark.parametrize("ceil", [False, True])
+def test_maxpool_window_wholly_in_the_padding_is_minus_inf(ceil, compat, tmp_path):
+    """A 2x2 kernel at dilation 2 and padding 1 over a 1-pixel-wide input: windows that hold no input
+    are −inf in torch; onnxruntime's max starts at float32's lowest finite value, so the export puts
+    −inf there itself (and only there)."""
+    nodes = [Node("maxpool2d", "mp", ["input"], ["a"], {"kernel": [2, 2], "strides": [1, 2], "pads": [1, 1],
+                                                        "dilations": [2, 2], "ceil_mode": ceil}),  # all −inf
+             _pool("maxpool2d", "input", "b", 1, 1, 0, ceil, dilations=[1, 1]),                       # x itself
+             Node("concat", "cat", ["a", "b"], ["c"], {"axis": 1}),
+             Node("flatten", "fl", ["c"], ["output"])]
+    g = make_graph((2, 5, 1), nodes, {})
+    x = np.random.default_rng(0).standard_normal((3, 2, 5, 1)).astype(np.float32)
+    tonnx.export(g, tmp_path / "m.onnx", compat=compat)
+    ref, y = ir_run(g, x), tonnx.run(tmp_path / "m.onnx", x)
+    assert np.isneginf(ref).any() and np.isfinite(ref).any()
+    np.testing.assert_array_equal(y, ref)
+    assert [n.op_type for n in onnx.load(tmp_path / "m.onnx").graph.node].count("Where") == 1
+
+
 def test_maxpool_dilated_global_avgpool_and_concat_channels(tmp_path):
     c1, k1 = _conv("c1", "input", "a", 2, 4, 3)
     nodes = [c1,

@@ -19,6 +19,11 @@ Design
   - ``"auto"`` (default): ``"gaps"`` for as many weights as fit while the resident weights stay
     within ``budget`` (default 1.2) × the encoded size, the fewest extra bytes per non-zero first;
   - ``"indices"``: the decoded gather indices (int32, about 4 bytes per non-zero weight).
+
+  A zero weight adds nothing, so an infinite input meets no 0 · ∞: where torch's dense product
+  is NaN in every output of the layer, a sparse weight's outputs are non-finite only in the rows
+  that read the infinity (and, in the ``gaps`` form's running sums, some rows next to them). Dense
+  codes and float weights multiply, and give NaN as torch does.
 * **Convolution** is im2col (stride, padding, dilation, groups) in chunks of samples, then the same
   weight paths. Pools, activations and shape ops follow torch (:mod:`ternarize.runtime.kernels`).
 * **Activations are freed after their last use**; ``activation_bytes`` walks the same schedule
