@@ -520,9 +520,14 @@ def _as_images(x: object, what: str, origin: str) -> np.ndarray:
     if x.dtype == np.uint8:
         out = _to_unit_float(x, 255.0)
     elif x.dtype == np.bool_ or np.issubdtype(x.dtype, np.floating):
-        out = x.astype(np.float32)
-        if not np.isfinite(out).all():
+        if not np.isfinite(x).all():
             raise DataError(f"{origin}: {what} contains NaN or infinite values; remove or repair those examples")
+        with np.errstate(over="ignore"):
+            out = x.astype(np.float32)
+        if not np.isfinite(out).all():
+            top = float(np.abs(x).max())
+            raise DataError(f"{origin}: {what} holds values beyond float32's range (largest magnitude {top:.3g}); "
+                            "scale the inputs to the range the model was trained on")
     else:
         raise DataError(f"{origin}: {what} has dtype {x.dtype}; use uint8 pixels (0..255, scaled by 1/255) "
                         "or floats (kept as they are)")

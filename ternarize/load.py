@@ -72,6 +72,8 @@ _STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model")
 # Prefixes DataParallel/DistributedDataParallel ("module.") and torch.compile ("_orig_mod.") add.
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 _NN_PREFIX = "torch.nn.modules."
+# torch's weights-only unpickler reads protocols 2 and 3; 4 and 5 add opcodes it refuses (FRAME ...).
+_SAFE_PROTOCOL = 3
 # A checkpoint naming more distinct globals than this is not a model; stop retrying (fallback).
 _MAX_GLOBALS = 512
 # Arch specs are typed by people; a cap keeps ast from chewing on megabytes of nesting.
@@ -226,6 +228,7 @@ def _zip_kind(p: Path) -> str:
     try:
         with zipfile.ZipFile(p) as z:
             names = z.namelist()
+            _check_records(z, p)
     except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
         raise ModelLoadError(
             f"{p} is a truncated or corrupted archive ({e}); copy or save the model again"
@@ -240,6 +243,24 @@ def _zip_kind(p: Path) -> str:
         f"{p} is a zip archive but not a torch.save or TorchScript file (no data.pkl inside); "
         f"save the model with torch.save(model) or torch.jit.save"
     )
+
+
+def _check_records(z: zipfile.ZipFile, p: Path) -> None:
+    """Read every stored record once: torch's reader skips the zip's CRC-32s, so a changed byte of a
+    weight would load silently. (torch.save stores records uncompressed; a compressed one is left
+    to torch, which refuses it, rather than inflated here.)"""
+    for info in z.infolist():
+        if info.compress_type != zipfile.ZIP_STORED:
+            continue
+        try:
+            with z.open(info) as f:
+                while f.read(1 << 20):
+                    pass
+        except zipfile.BadZipFile as e:
+            if "CRC" not in str(e):
+                raise
+            raise ModelLoadError(f"{p} is corrupted: {info.filename} inside it does not match its checksum; "
+                                 "copy or save the model again") from e
 
 
 def _load_torchscript(p: Path) -> torch.jit.ScriptModule:
@@ -279,6 +300,11 @@ def _unpickle(p: Path, trust: bool):
     if trust:
         # The user vouched for the file: a plain pickle load, which may run code from it.
         return torch.load(p, map_location="cpu", weights_only=False)
+    protocol = _pickle_protocol(p)
+    if protocol is not None and protocol > _SAFE_PROTOCOL:
+        raise ModelLoadError(
+            f"{p} was saved with pickle protocol {protocol}, which torch's safe loader cannot read; save it again "
+            f"with torch.save's default protocol (no pickle_protocol argument), or {_HINT_TRUST}")
     names = _unsafe_globals(p)
     if names is None:
         return _load_iteratively(p)
@@ -287,6 +313,24 @@ def _unpickle(p: Path, trust: bool):
     if refused:
         raise _unsafe(p, refused)
     return _load_allowing(p, list(resolved.values()))
+
+
+def _pickle_protocol(p: Path) -> int | None:
+    """The pickle protocol of the file's data record (zip) or of the file (legacy), None if unclear."""
+    try:
+        if zipfile.is_zipfile(p):
+            with zipfile.ZipFile(p) as z:
+                name = next((n for n in z.namelist() if n.endswith("/data.pkl") and n.count("/") == 1), None)
+                if name is None:
+                    return None
+                with z.open(name) as f:
+                    head = f.read(2)
+        else:
+            with p.open("rb") as f:
+                head = f.read(2)
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError, RuntimeError):
+        return None
+    return head[1] if len(head) == 2 and head[0] == 0x80 else None
 
 
 def _unsafe_globals(p: Path) -> list[str] | None:

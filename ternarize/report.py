@@ -184,6 +184,8 @@ def _saved_training(folder: str) -> dict | None:
     file, if there is one with a usable history (see :func:`_usable_training`)."""
     path = os.path.join(folder, "report.json")
     try:
+        if input_problem(path) or os.path.getsize(path) > MAX_SAVED_BYTES:  # a FIFO would block, a device not end
+            return None
         with open(path, encoding="utf-8") as f:
             saved = json.load(f)
         training = _usable_training(saved.get("training") if saved.get("schema") == SCHEMA else None)
@@ -231,6 +233,7 @@ def _usable_training(training) -> dict:
 
 
 MAX_EPOCH, MAX_VALUE = 10 ** 6, 1e30  # bounds of a drawable history
+MAX_SAVED_BYTES = 1 << 30  # a larger report.json is not one compress wrote: it is left unread
 
 
 def _number(v) -> bool:

@@ -273,6 +273,21 @@ def test_report_survives_an_absurdly_deep_report_json(tmp_path):
     assert result.exit_code == 0 and "training.png" not in os.listdir(out), result.output
 
 
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs and /dev/zero")
+@pytest.mark.parametrize("kind", ["fifo", "device"])
+def test_report_does_not_read_a_report_json_that_is_no_file(tmp_path, kind):
+    """A FIFO would block the read for ever and /dev/zero would fill the memory: both are left unread."""
+    run = _compress_folder(tmp_path, HISTORY)
+    os.remove(run / "report.json")
+    if kind == "fifo":
+        os.mkfifo(run / "report.json")
+    else:
+        os.symlink("/dev/zero", run / "report.json")
+    out = tmp_path / "out"
+    result = invoke("report", run, "--out", out)
+    assert result.exit_code == 0 and "training.png" not in os.listdir(out), result.output
+
+
 def test_report_draws_a_sound_training_history(tmp_path):
     out = tmp_path / "out"
     assert invoke("report", _compress_folder(tmp_path, HISTORY), "--out", out).exit_code == 0

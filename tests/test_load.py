@@ -295,6 +295,26 @@ def _zip_without_model(tmp_path):
     return tmp_path / "notes.pt"
 
 
+def _protocol(n, zip_format=True):
+    def make(tmp_path):
+        torch.save(small_mlp(), tmp_path / "p.pt", pickle_protocol=n, _use_new_zipfile_serialization=zip_format)
+        return tmp_path / "p.pt"
+    return make
+
+
+def _flipped_weight_byte(tmp_path):
+    """A torch.save archive with one byte of a weight changed: the zip's CRC-32 no longer matches."""
+    torch.save(small_mlp(), tmp_path / "full.pt")
+    data = bytearray((tmp_path / "full.pt").read_bytes())
+    with zipfile.ZipFile(tmp_path / "full.pt") as z:
+        info = next(i for i in z.infolist() if "/data/" in i.filename)
+    local = info.header_offset  # the local header's name and extra field lengths (its extra field pads)
+    at = local + 30 + int.from_bytes(data[local + 26:local + 28], "little") + int.from_bytes(
+        data[local + 28:local + 30], "little")
+    data[at + info.file_size // 2] ^= 0x40  # inside its data
+    return _write(tmp_path / "flipped.pt", bytes(data))
+
+
 def _saved(obj):
     def make(tmp_path):
         torch.save(obj, tmp_path / "obj.pt")
@@ -314,6 +334,12 @@ BAD_INPUT = [
     ("truncated", _truncated, None, ModelLoadError, r"truncated or corrupted"),
     ("bad-pickle", lambda t: _write(t / "p.pt", b"\x80\x02garbage"), None, ModelLoadError,
      r"cannot load .*: \w.*; the file may be truncated or corrupted"),
+    ("protocol-4", _protocol(4), None, ModelLoadError,
+     r"saved with pickle protocol 4, which torch's safe loader cannot read; save it again with torch\.save's "
+     r"default protocol"),
+    ("protocol-5-legacy", _protocol(5, zip_format=False), None, ModelLoadError, r"saved with pickle protocol 5"),
+    ("bad-crc", _flipped_weight_byte, None, ModelLoadError,
+     r"is corrupted: \S+/data/\d+ inside it does not match its checksum; copy or save the model again"),
     ("zip-not-torch", _zip_without_model, None, ModelLoadError, r"zip archive but not a torch\.save"),
     ("state-dict-no-arch", _state_dict_file, None, ModelLoadError,
      r"holds a state_dict \(\d+ tensors\); pass --arch NAME \(a zoo model: lenet, mlp, resnet, vgg\) "

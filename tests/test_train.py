@@ -10,6 +10,7 @@ import types
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 from ternarize import ConfigError, TrainingError, zoo
 from ternarize.data import Dataset, load_dataset
@@ -143,6 +144,18 @@ def test_too_few_training_examples_and_non_finite_weights_are_refused(float_mlp,
         broken[2].bias[3] = float("nan")
     with pytest.raises(ConfigError, match=r"the model's 2\.bias holds NaN or infinite values"):
         fit(broken, digits, TrainConfig(epochs=1, **QUIET), log=_silent)
+
+
+@pytest.mark.parametrize("stat, value, says", [("running_mean", float("inf"), "NaN or infinite values"),
+                                               ("running_var", float("nan"), "NaN or infinite values"),
+                                               ("running_var", -1.0, "negative variances")])
+def test_broken_batchnorm_statistics_are_refused_before_training(stat, value, says, digits):
+    """Folded into the layer before at export, they would fail the run only after the training."""
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 10))
+    with torch.no_grad():
+        getattr(model[2], stat)[5] = value
+    with pytest.raises(ConfigError, match=rf"the model's 2\.{stat} holds {says}; retrain or repair"):
+        fit(model.eval(), digits, TrainConfig(epochs=1, **QUIET), log=_silent)
 
 
 def test_checks_allow_lazy_modules_masks_and_respelt_data_paths(digits, monkeypatch):

@@ -401,6 +401,18 @@ def check_fits(model, data, teacher=None) -> None:
         if t.is_floating_point() and not bool(torch.isfinite(t.detach()).all()):
             raise ConfigError(f"the model's {name} holds NaN or infinite values; retrain or repair the float model "
                               "before compressing it")
+    for name, m in model.named_modules():  # BatchNorm statistics are folded into the layer before
+        if not isinstance(m, nn.modules.batchnorm._NormBase):
+            continue
+        for stat in ("running_mean", "running_var"):
+            t = getattr(m, stat, None)
+            if t is None:
+                continue
+            what = ("NaN or infinite values" if not bool(torch.isfinite(t).all())
+                    else "negative variances" if stat == "running_var" and bool((t < 0).any()) else None)
+            if what:
+                raise ConfigError(f"the model's {name}.{stat} holds {what}; retrain or repair the float model "
+                                  "before compressing it")
     if y.shape[1] < data.num_classes:
         raise ConfigError(f"the model has {y.shape[1]} outputs but the data has {data.num_classes} classes; give "
                           "a model with an output per class, or data of the model's classes")
