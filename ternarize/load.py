@@ -5,7 +5,8 @@ the file names, so :func:`load_model` never unpickles anything it has not checke
 
 1. The path is checked (exists, a regular file, not empty) and the first bytes are sniffed: a zip
    archive (``torch.save`` since 1.6, TorchScript) or a bare pickle (the legacy ``torch.save``
-   format). Anything else is refused before torch sees it.
+   format). Anything else is refused before torch sees it, and so is a zip record whose CRC-32
+   fails (torch's reader does not check them: a changed weight would load silently).
 2. A TorchScript archive is refused unless ``trust=True``: it holds compiled TorchScript, and
    methods such as ``__setstate__`` run while ``torch.jit.load`` reads it, so it is code too (and
    it cannot be retrained: TorchScript cannot be lowered). With ``trust`` it loads as TorchScript.
@@ -20,7 +21,10 @@ the file names, so :func:`load_model` never unpickles anything it has not checke
      activation functions ``nn.TransformerEncoderLayer`` keeps as an attribute (relu, gelu).
 
    Names are matched against objects already imported; the file never makes this module import
-   anything. A name off the list raises :class:`~ternarize.errors.UnsafeModelError`.
+   anything. A name off the list raises :class:`~ternarize.errors.UnsafeModelError`, and so does a
+   pickle that calls a layer class (``REDUCE``) where torch.save rebuilds a layer from its state: the
+   file would choose the size and number of layers built. Pickle protocols 4 and 5, which torch's
+   safe loader cannot read, are named as such.
 4. ``trust=True`` (``--trust`` on the command line) loads with ``weights_only=False``: the file may
    then run any code, so pass it only for files from a trusted source.
 
@@ -48,6 +52,7 @@ import inspect
 import io
 import os
 import pickle
+import pickletools
 import re
 import sys
 import warnings
@@ -299,12 +304,26 @@ def _one_line(e: BaseException) -> str:
 def _unpickle(p: Path, trust: bool):
     if trust:
         # The user vouched for the file: a plain pickle load, which may run code from it.
-        return torch.load(p, map_location="cpu", weights_only=False)
+        try:
+            return torch.load(p, map_location="cpu", weights_only=False)
+        except (ModuleNotFoundError, AttributeError) as e:
+            if isinstance(e, AttributeError) and not str(e).startswith("Can't get attribute"):
+                raise
+            raise ModelLoadError(
+                f"cannot load {p}: {_one_line(e)}: the file names a class this process cannot import; "
+                "make the module that defines it importable (on PYTHONPATH; a class defined in a script run as "
+                "__main__ must move to a module)") from e
     protocol = _pickle_protocol(p)
     if protocol is not None and protocol > _SAFE_PROTOCOL:
         raise ModelLoadError(
             f"{p} was saved with pickle protocol {protocol}, which torch's safe loader cannot read; save it again "
             f"with torch.save's default protocol (no pickle_protocol argument), or {_HINT_TRUST}")
+    called = _called_layer(p)
+    if called:
+        raise UnsafeModelError(
+            f"{p} calls the layer class {called} with arguments of its own, which torch.save never writes (a saved "
+            f"layer is rebuilt from its state), so it could build layers of any size any number of times; save the "
+            f"model again with torch.save(model), or {_HINT_TRUST}")
     names = _unsafe_globals(p)
     if names is None:
         return _load_iteratively(p)
@@ -331,6 +350,74 @@ def _pickle_protocol(p: Path) -> int | None:
     except (zipfile.BadZipFile, OSError, ValueError, EOFError, RuntimeError):
         return None
     return head[1] if len(head) == 2 and head[0] == 0x80 else None
+
+
+def _called_layer(p: Path) -> str | None:
+    """The first layer class (a torch.nn.Module subclass) the file's pickle calls, or None.
+
+    torch.save pickles a module as its class and its state (``NEWOBJ``: ``cls.__new__``, then the
+    state), never as a call of the class (``REDUCE``), which would run ``__init__`` with the file's
+    arguments: ``Linear(100000, 100000)``, or thousands of large layers from a tiny file. This walks
+    the opcodes of the data record (zip) or of the first pickles (legacy format) with a stack of
+    what each opcode pushes, without unpickling; a stream it cannot follow is left to torch's loader.
+    """
+    try:
+        if zipfile.is_zipfile(p):
+            with zipfile.ZipFile(p) as z:
+                name = next((n for n in z.namelist() if n.endswith("/data.pkl") and n.count("/") == 1), None)
+                return _called_in_pickle(io.BytesIO(z.read(name))) if name else None
+        with p.open("rb") as f:
+            for _ in range(4):  # magic number, protocol, system info, the object
+                called = _called_in_pickle(f)
+                if called:
+                    return called
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError, RuntimeError, KeyError, IndexError):
+        return None
+    return None
+
+
+_MARK = object()
+_POPS = {"APPEND": 1, "SETITEM": 2, "BUILD": 1, "POP": 1}
+_KEEPS = ("PROTO", "FRAME", "BINPERSID")  # no change to the depth of the stack (BINPERSID: id → object)
+
+
+def _called_in_pickle(f) -> str | None:
+    """One pickle from ``f`` (left after its STOP): the first REDUCE of a GLOBAL naming a layer class."""
+    stack: list = []
+    memo: dict = {}
+    for op, arg, _ in pickletools.genops(f):
+        name = op.name
+        if name == "GLOBAL":
+            stack.append(arg.replace(" ", "."))
+        elif name == "MARK":
+            stack.append(_MARK)
+        elif name in ("TUPLE", "APPENDS", "SETITEMS", "POP_MARK"):
+            while stack.pop() is not _MARK:
+                pass
+            if name == "TUPLE":
+                stack.append(None)
+        elif name in ("TUPLE1", "TUPLE2", "TUPLE3"):
+            del stack[len(stack) - int(name[-1]):]
+            stack.append(None)
+        elif name in ("BINPUT", "LONG_BINPUT", "PUT"):
+            memo[arg] = stack[-1]
+        elif name in ("BINGET", "LONG_BINGET", "GET"):
+            stack.append(memo.get(arg))
+        elif name in ("REDUCE", "NEWOBJ"):
+            stack.pop()
+            func = stack.pop()
+            if name == "REDUCE" and isinstance(func, str):
+                obj = _allowed_global(func)
+                if isinstance(obj, type) and issubclass(obj, nn.Module):
+                    return _canonical(func)
+            stack.append(None)
+        elif name in _POPS:
+            del stack[len(stack) - _POPS[name]:]
+        elif name == "STOP":
+            return None
+        elif name not in _KEEPS:
+            stack.append(None)  # every other opcode torch's loader reads pushes one value
+    return None
 
 
 def _unsafe_globals(p: Path) -> list[str] | None:

@@ -224,7 +224,48 @@ def test_trust_loads_user_defined_module(tmp_path):
     same_outputs(model, loaded, (3, 4))
 
 
+def test_trusted_file_whose_class_cannot_be_imported_says_so(tmp_path, monkeypatch):
+    (tmp_path / "my_nets_for_test.py").write_text(
+        "from torch import nn\n\nclass Net(nn.Module):\n    def __init__(self):\n        super().__init__()\n"
+        "        self.fc = nn.Linear(4, 2)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import my_nets_for_test
+
+    torch.save(my_nets_for_test.Net(), tmp_path / "net.pt")
+    monkeypatch.delitem(sys.modules, "my_nets_for_test")
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p != str(tmp_path)])
+    with pytest.raises(ModelLoadError, match=r"No module named 'my_nets_for_test': the file names a class this "
+                                             r"process cannot import; make the module that defines it importable"):
+        load_model(tmp_path / "net.pt", trust=True)
+
+
 # --- hostile pickles -------------------------------------------------------------------------------
+
+
+def _calls_linear(path, times):
+    """A torch.save-like zip whose data.pkl calls torch.nn.Linear(8, 8) ``times`` times (REDUCE), where a
+    saved module is rebuilt (NEWOBJ + state): only allowlisted names, but the file picks each layer's size."""
+    ops = bytearray(b"\x80\x02ctorch.nn.modules.linear\nLinear\nq\x00]q\x01(")
+    for _ in range(times):
+        ops += b"h\x00K\x08K\x08\x86R"  # BINGET 0, 8, 8, TUPLE2, REDUCE
+    ops += b"e."  # APPENDS, STOP
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as z:
+        z.writestr("archive/data.pkl", bytes(ops))
+        z.writestr("archive/byteorder", "little")
+        z.writestr("archive/version", "3\n")
+    return path
+
+
+@pytest.mark.parametrize("times", [1, 3])
+def test_a_pickle_calling_a_layer_class_is_refused(tmp_path, mode, times, monkeypatch):
+    built = []
+    monkeypatch.setattr(nn.Linear, "reset_parameters", lambda self: built.append(self))
+    with pytest.raises(UnsafeModelError, match=r"calls the layer class torch\.nn\.modules\.linear\.Linear with "
+                                               r"arguments of its own, which torch\.save never writes"):
+        load_model(_calls_linear(tmp_path / "calls.pt", times))
+    assert built == []
+
+
 
 
 @pytest.mark.parametrize("payload, name", [
