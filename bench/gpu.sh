@@ -5,7 +5,7 @@
 # (carry it to a machine without network). OUT (default bench-out) gets paper.json, paper.md and
 # paper.log. Relative paths are taken from the current folder. The first argument that starts
 # with '-' and all after it go to bench/paper.py; --tiny runs a small configuration that finishes
-# on a CPU in a few minutes. A bad argument is one line on stderr and exit code 2; a run that fails
+# on a CPU in about a minute. A bad argument is one line on stderr and exit code 2; a run that fails
 # before its first result removes the OUT folder it made, and one in which a step failed keeps the
 # others' results (exit code 1).
 set -euo pipefail

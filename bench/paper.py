@@ -9,7 +9,7 @@
 
 Data comes from a data root holding mnist/ and fashion-mnist/ IDX files (raw or .gz), as
 `ternarize data fetch` lays them out; nothing is downloaded. Writes OUT/paper.json and
-OUT/paper.md. ``--tiny`` shrinks everything so the whole script runs on a CPU in a few minutes.
+OUT/paper.md. ``--tiny`` shrinks everything so the whole script runs on a CPU in about a minute.
 (b) and (c) train with ternarize's loop as it is: on CUDA every step replayed from a CUDA graph.
 Device, precision, both datasets and OUT are checked before (a); a problem is one line on stderr
 and exit code 2, and a run that fails before writing removes the OUT folder it made. The results

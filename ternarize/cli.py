@@ -415,7 +415,7 @@ def inspect(file, as_json):
 @click.argument("file", type=click.Path())
 @click.option("--json", "as_json", is_flag=True, help="Print the checks and their results as JSON.")
 def verify(file, as_json):
-    """Run every check of the .tern format on FILE; exit 0 when sound, 1 when not.
+    """Run every check of the .tern format on FILE; exit 0 when sound, 1 when not (2: no such file).
 
     Example: ternarize verify out/model.tern
     """
@@ -486,7 +486,7 @@ def run(file, input_path, data_name, data_dir, output, sparse, force, as_json):
         else:
             click.echo(f"{file} on {ds.name}: test accuracy {100 * acc:.2f}% ({len(ds.y_test)} examples)")
         return
-    x = _load_npy(input_path)
+    x, note = _load_npy(input_path)
     if x.ndim == 0 or len(x) == 0:
         raise ConfigError(f"{input_path} holds no inputs (shape {x.shape}); give an array of shape "
                           f"(N, {', '.join(map(str, model.input_shape))}) with N >= 1")
@@ -496,6 +496,8 @@ def run(file, input_path, data_name, data_dir, output, sparse, force, as_json):
     with np.errstate(all="ignore"), _progress_bar(f"running {os.path.basename(input_path)}") as advance:
         for i in range(0, len(x), step):
             y = model.run(x[i:i + step])
+            if note and i == 0:  # said once the inputs are known to fit the model
+                _log(note)
             parts.append(y[0] if isinstance(y, tuple) else y)
             advance(min(i + step, len(x)), len(x))
     y = np.concatenate(parts)
@@ -552,8 +554,9 @@ def _echo_json(obj) -> None:
 
 def _load_npy(path: str):
     """The array of the .npy file ``path`` as float32: numeric, finite, within float32's range
-    (read by :func:`ternarize.data.read_npy`: no pickles, the header checked before the data).
-    uint8 pixels are scaled by 1/255, as the datasets' are for training (said on stderr)."""
+    (read by :func:`ternarize.data.read_npy`: no pickles, the header checked before the data),
+    and a note for stderr or None: uint8 pixels are scaled by 1/255, as the datasets' are for
+    training."""
     import numpy as np
 
     from .data import _to_unit_float, read_npy
@@ -562,8 +565,8 @@ def _load_npy(path: str):
     with open(path, "rb") as f:
         x = read_npy(f, path, os.fstat(f.fileno()).st_size)
     if x.dtype == np.uint8:
-        _log(f"{path} holds uint8 pixels: scaled by 1/255 to [0, 1], as the datasets are for training")
-        return _to_unit_float(x, 255.0)
+        return _to_unit_float(x, 255.0), f"{path} holds uint8 pixels: scaled by 1/255 to [0, 1], as the datasets are " \
+                                          "for training"
     if x.dtype.kind not in "iuf":
         raise ConfigError(f"{path} holds {x.dtype}; the inputs must be a numeric array (integers or floats)")
     if x.dtype.kind == "f" and not np.isfinite(x).all():
@@ -572,7 +575,7 @@ def _load_npy(path: str):
         x = x.astype(np.float32, copy=False)
     if not np.isfinite(x).all():
         raise ConfigError(f"{path} holds values beyond the float32 range (about 3.4e38); scale the inputs down")
-    return x
+    return x, None
 
 
 def _save_npy(path: str, y, overwrite: bool) -> None:
@@ -633,6 +636,8 @@ def report(path, as_json, out, force):
         raise ConfigError("--force replaces the report files in --out; give --out DIR, or leave out --force")
     rep = reporting.load(path)
     if out is not None:
+        if os.path.exists(out) and not os.path.isdir(out):  # click's file_okay=False lets devices through
+            raise ConfigError(f"--out {out} exists and is not a folder; choose another path")
         theirs = os.path.join(out, "model.tern")  # a compress folder's report belongs to its own model
         if os.path.lexists(theirs) and not same_file(theirs, os.path.join(path, "model.tern")
                                                      if os.path.isdir(path) else path):

@@ -393,3 +393,6 @@ def test_run_scales_uint8_pixels_as_the_datasets_are(tmp_path):
     assert floats.stderr == "" and scaled.stderr.strip() == (f"{tmp_path / 'pixels.npy'} holds uint8 pixels: scaled "
                                                              "by 1/255 to [0, 1], as the datasets are for training")
     assert json.loads(scaled.stdout)["predictions"] == json.loads(floats.stdout)["predictions"]
+    np.save(tmp_path / "wrong.npy", pixels[:, :, :4])  # the note waits until the inputs fit the model
+    wrong = invoke("run", conv, "--input", tmp_path / "wrong.npy")
+    assert wrong.exit_code == 2 and len(wrong.stderr.strip().splitlines()) == 1 and "uint8" not in wrong.stderr

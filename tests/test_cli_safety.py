@@ -80,6 +80,11 @@ def test_report_out_under_a_file_is_one_line(model, tmp_path):
     one_line_error(invoke("report", model, "--out", model / "sub"), r"cannot write .*m\.tern.*folder")
 
 
+@pytest.mark.skipif(not os.path.exists(os.devnull) or os.name != "posix", reason="needs /dev/null")
+def test_report_out_that_is_a_device_is_one_line(model):
+    one_line_error(invoke("report", model, "--out", os.devnull), r"--out /dev/null exists and is not a folder")
+
+
 def test_usage_error_has_no_traceback_even_with_debug(model):
     err = one_line_error(invoke("inspect", model, "--debug"), r"No such option '--debug'")
     assert "put --debug before the command" in err
