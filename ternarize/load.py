@@ -234,7 +234,7 @@ def _zip_kind(p: Path) -> str:
         with zipfile.ZipFile(p) as z:
             names = z.namelist()
             _check_records(z, p)
-    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError, RuntimeError, NotImplementedError) as e:
         raise ModelLoadError(
             f"{p} is a truncated or corrupted archive ({e}); copy or save the model again"
         ) from e
@@ -294,7 +294,10 @@ def _one_line(e: BaseException) -> str:
     _, found, reason = text.partition("WeightsUnpickler error:")
     lines = [s.strip() for s in (reason if found else text).splitlines() if s.strip()]
     line = next((s for s in lines if "GLOBAL " in s), lines[0] if lines else type(e).__name__)
-    return line if len(line) <= 200 else line[:197] + "..."
+    if len(line) <= 200:
+        return line
+    end = line.find(". ", 40, 200)  # whole sentences (torch's zip errors go on with advice), else whole words
+    return line[:end] if end > 0 else line[:197].rsplit(" ", 1)[0] + "..."
 
 
 # ---------------------------------------------------------------------------------------------
@@ -347,7 +350,7 @@ def _pickle_protocol(p: Path) -> int | None:
         else:
             with p.open("rb") as f:
                 head = f.read(2)
-    except (zipfile.BadZipFile, OSError, ValueError, EOFError, RuntimeError):
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError, RuntimeError, NotImplementedError):
         return None
     return head[1] if len(head) == 2 and head[0] == 0x80 else None
 
@@ -365,13 +368,17 @@ def _called_layer(p: Path) -> str | None:
         if zipfile.is_zipfile(p):
             with zipfile.ZipFile(p) as z:
                 name = next((n for n in z.namelist() if n.endswith("/data.pkl") and n.count("/") == 1), None)
-                return _called_in_pickle(io.BytesIO(z.read(name))) if name else None
+                if name is None:
+                    return None
+                with z.open(name) as f:  # streamed: a compressed record is not inflated in memory
+                    return _called_in_pickle(f)
         with p.open("rb") as f:
             for _ in range(4):  # magic number, protocol, system info, the object
                 called = _called_in_pickle(f)
                 if called:
                     return called
-    except (zipfile.BadZipFile, OSError, ValueError, EOFError, RuntimeError, KeyError, IndexError):
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError, RuntimeError, NotImplementedError, KeyError,
+            IndexError):
         return None
     return None
 
