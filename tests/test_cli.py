@@ -92,8 +92,10 @@ def files(tmp_path):
     (d / "folder.pt").mkdir()
     marker = d / "PWNED"
     torch.save(Evil(), d / "evil.pt")
-    with open(d / "evil.pkl", "wb") as f:  # a bare pickle, not torch.save's format
+    with open(d / "evil.pkl", "wb") as f:  # a bare pickle, not torch.save's format (protocol 4 or 5)
         pickle.dump(Evil(), f)
+    with open(d / "evil2.pkl", "wb") as f:  # the same at torch.save's protocol
+        pickle.dump(Evil(), f, protocol=2)
     # corrupted MNIST folders: wrong magic in the training images; label count ≠ image count
     for name, magic, labels in (("badmagic", [0, 0, 8, 9], 2), ("badcount", [0, 0, 8, 3], 3)):
         bad = d / name / "mnist"
@@ -114,7 +116,8 @@ BAD_INPUT = [
     ("sd.pt", ["--data", "digits", "--arch", "transformer"], "unknown zoo model 'transformer'"),
     ("sd.pt", ["--data", "digits", "--arch", "no_such_pkg.models:build"], "no_such_pkg"),
     ("evil.pt", ["--data", "digits"], "posix.system.*--trust"),
-    ("evil.pkl", ["--data", "digits"], "cannot load"),
+    ("evil.pkl", ["--data", "digits"], r"saved with pickle protocol [45], which torch.s safe loader cannot read"),
+    ("evil2.pkl", ["--data", "digits"], "posix.system.*--trust"),
     ("good.pt", ["--data", "imagenet"], "unknown dataset 'imagenet'"),
     ("good.pt", ["--data", "mnist", "--data-dir", "{d}/badmagic"], "train-images-idx3-ubyte.*(magic|type)"),
     ("good.pt", ["--data", "mnist", "--data-dir", "{d}/badcount"], "3 labels.*2 images|labels.*images"),
