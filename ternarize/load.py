@@ -337,12 +337,17 @@ def _unpickle(p: Path, trust: bool):
     return _load_allowing(p, list(resolved.values()))
 
 
+def _data_record(z: zipfile.ZipFile) -> str | None:
+    """The name of torch.save's pickle record, ``<folder>/data.pkl``, if the archive has one."""
+    return next((n for n in z.namelist() if n.endswith("/data.pkl") and n.count("/") == 1), None)
+
+
 def _pickle_protocol(p: Path) -> int | None:
     """The pickle protocol of the file's data record (zip) or of the file (legacy), None if unclear."""
     try:
         if zipfile.is_zipfile(p):
             with zipfile.ZipFile(p) as z:
-                name = next((n for n in z.namelist() if n.endswith("/data.pkl") and n.count("/") == 1), None)
+                name = _data_record(z)
                 if name is None:
                     return None
                 with z.open(name) as f:
@@ -367,7 +372,7 @@ def _called_layer(p: Path) -> str | None:
     try:
         if zipfile.is_zipfile(p):
             with zipfile.ZipFile(p) as z:
-                name = next((n for n in z.namelist() if n.endswith("/data.pkl") and n.count("/") == 1), None)
+                name = _data_record(z)
                 if name is None:
                     return None
                 with z.open(name) as f:  # streamed: a compressed record is not inflated in memory
