@@ -77,6 +77,9 @@ _STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model")
 # Prefixes DataParallel/DistributedDataParallel ("module.") and torch.compile ("_orig_mod.") add.
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 _NN_PREFIX = "torch.nn.modules."
+# What reading a zip record can raise for a damaged or odd archive (encrypted: RuntimeError;
+# an unknown compression: NotImplementedError).
+_ZIP_ERRORS = (zipfile.BadZipFile, OSError, ValueError, EOFError, RuntimeError, NotImplementedError)
 # torch's weights-only unpickler reads protocols 2 and 3; 4 and 5 add opcodes it refuses (FRAME ...).
 _SAFE_PROTOCOL = 3
 # A checkpoint naming more distinct globals than this is not a model; stop retrying (fallback).
@@ -234,7 +237,7 @@ def _zip_kind(p: Path) -> str:
         with zipfile.ZipFile(p) as z:
             names = z.namelist()
             _check_records(z, p)
-    except (zipfile.BadZipFile, OSError, ValueError, EOFError, RuntimeError, NotImplementedError) as e:
+    except _ZIP_ERRORS as e:
         raise ModelLoadError(
             f"{p} is a truncated or corrupted archive ({e}); copy or save the model again"
         ) from e
@@ -342,20 +345,30 @@ def _data_record(z: zipfile.ZipFile) -> str | None:
     return next((n for n in z.namelist() if n.endswith("/data.pkl") and n.count("/") == 1), None)
 
 
+@contextlib.contextmanager
+def _pickles(p: Path) -> Iterator[tuple]:
+    """(stream, number of pickles to read) of the file's object: torch.save's data record, streamed (a
+    compressed record is not inflated in memory), or the legacy file with its magic number, protocol
+    and system info before the object; (None, 0) for an archive without a data record."""
+    if zipfile.is_zipfile(p):
+        with zipfile.ZipFile(p) as z:
+            name = _data_record(z)
+            if name is None:
+                yield None, 0
+                return
+            with z.open(name) as f:
+                yield f, 1
+    else:
+        with p.open("rb") as f:
+            yield f, 4
+
+
 def _pickle_protocol(p: Path) -> int | None:
     """The pickle protocol of the file's data record (zip) or of the file (legacy), None if unclear."""
     try:
-        if zipfile.is_zipfile(p):
-            with zipfile.ZipFile(p) as z:
-                name = _data_record(z)
-                if name is None:
-                    return None
-                with z.open(name) as f:
-                    head = f.read(2)
-        else:
-            with p.open("rb") as f:
-                head = f.read(2)
-    except (zipfile.BadZipFile, OSError, ValueError, EOFError, RuntimeError, NotImplementedError):
+        with _pickles(p) as (f, _):
+            head = f.read(2) if f else b""
+    except _ZIP_ERRORS:
         return None
     return head[1] if len(head) == 2 and head[0] == 0x80 else None
 
@@ -370,20 +383,12 @@ def _called_layer(p: Path) -> str | None:
     what each opcode pushes, without unpickling; a stream it cannot follow is left to torch's loader.
     """
     try:
-        if zipfile.is_zipfile(p):
-            with zipfile.ZipFile(p) as z:
-                name = _data_record(z)
-                if name is None:
-                    return None
-                with z.open(name) as f:  # streamed: a compressed record is not inflated in memory
-                    return _called_in_pickle(f)
-        with p.open("rb") as f:
-            for _ in range(4):  # magic number, protocol, system info, the object
+        with _pickles(p) as (f, count):
+            for _ in range(count):
                 called = _called_in_pickle(f)
                 if called:
                     return called
-    except (zipfile.BadZipFile, OSError, ValueError, EOFError, RuntimeError, NotImplementedError, KeyError,
-            IndexError):
+    except (*_ZIP_ERRORS, KeyError, IndexError):
         return None
     return None
 
