@@ -9,6 +9,7 @@ a path is printed with control characters escaped and never read as rich markup.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import signal
@@ -34,7 +35,8 @@ _STOPPING: list[int] = []  # the signal being handled, once one came
 def _on_signal(signum, _frame) -> None:
     """Ctrl-C, SIGTERM or SIGHUP: stop where the program is (KeyboardInterrupt, or
     ``_io.Stopped``); one that comes while a clean-up runs waits for its end. A further one while
-    the first is handled, outside a clean-up (a hang at exit, say), ends the process at once."""
+    the first is handled, outside a clean-up (a hang at exit, say), ends the process at once, with
+    the same exit status; in the interpreter's last teardown it is ignored (``_ignore_signals``)."""
     from . import _io
 
     if _io.deferring_signals():
@@ -44,6 +46,15 @@ def _on_signal(signum, _frame) -> None:
         os._exit(128 + _STOPPING[0])
     _STOPPING.append(signum)
     raise _io.stop_exception(signum)
+
+
+def _ignore_signals(signums) -> None:
+    """The last step of a process stopped by a signal, once its clean-up is done (at exit): the
+    interpreter's teardown puts the default handlers back, so a further signal there would end the
+    process by that signal rather than with exit status 128 + N; it is ignored instead."""
+    for s in signums:
+        with contextlib.suppress(ValueError, OSError):
+            signal.signal(s, signal.SIG_IGN)
 
 
 def _interrupted(e: BaseException) -> None:
@@ -90,6 +101,8 @@ class _Group(click.Group):
                 for s, handler in before.items():
                     if handler is not None:  # None: a handler not set from Python, which cannot be put back
                         signal.signal(s, handler)
+            else:
+                atexit.register(_ignore_signals, tuple(before))
 
     def _main(self, args, prog_name, debug, **extra):
         try:

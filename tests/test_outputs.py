@@ -521,6 +521,45 @@ def test_sigterm_and_sighup_roll_back_as_ctrl_c_does(finished, tiny, tmp_path, s
     assert {n: (out / n).read_bytes() for n in os.listdir(out)} == before
 
 
+_SLOW_TEARDOWN = """
+import os, signal, sys, time
+from ternarize import cli
+from ternarize import data as datasets
+
+class SlowTeardown:  # deleted in the interpreter's last teardown, after it has reset the signal handlers
+    def __del__(self, sleep=time.sleep):
+        sleep(2)
+
+keep = SlowTeardown()
+
+def status(_folder):
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(30)
+
+datasets.status = status
+sys.argv = ["ternarize", "data", "list"]
+cli.main()
+"""
+
+
+@pytest.mark.skipif(os.name == "nt", reason="POSIX signals")
+def test_a_second_signal_during_the_teardown_keeps_the_exit_status(tmp_path):
+    script = tmp_path / "slow.py"
+    script.write_text(_SLOW_TEARDOWN)
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        lines = []
+        while not any(line.startswith("ternarize: stopped by SIGTERM") for line in lines) and proc.poll() is None:
+            lines.append(proc.stderr.readline())
+        time.sleep(0.5)  # the process is in its last teardown (two seconds long)
+        assert proc.poll() is None, "".join(lines)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, "".join(lines) + proc.stderr.read()
+
+
 def test_a_signal_during_a_clean_up_waits_for_its_end():
     from ternarize import cli as cli_module
     done = []
