@@ -97,9 +97,9 @@ def compress(model, data, out: str = "out", *, arch: str | None = None, trust: b
     with OutputFolder(out, force=force, resume=config.resume, active=writer, resumable=resumable,
                       inputs=inputs) as folder:
         float_acc = _accuracy(model, dataset)
-        log(f"float model: test accuracy {100 * float_acc:.2f}%")
         float_weights = {name: p.detach().cpu().numpy().copy() for name, p in model.named_parameters()}
-        result = fit(model, dataset, config, log=log)
+        result = fit(model, dataset, config, log=log,  # a checkpoint --resume refuses: no line before the error
+                     on_start=lambda: log(f"float model: test accuracy {100 * float_acc:.2f}%"))
         if not writer:
             return None
         model.cpu().eval()

@@ -1,6 +1,7 @@
 """Output folders and option checks of compress and demo: nothing of the user's is touched, nothing
 half-written stays, and what can be checked before training is checked before training."""
 
+import copy
 import errno
 import math
 import os
@@ -275,8 +276,24 @@ def test_resume_from_another_models_checkpoint_is_refused(tmp_path, kept_origin)
     other = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 10))
     message = ("made from another float model .*or start over" if kept_origin
                else "was made for a different model .*start over without --resume")
+    lines = []
     with pytest.raises(ConfigError, match=message):
-        ternarize.compress(other, "digits", out=str(out), resume=True, **QUIET)
+        ternarize.compress(other, "digits", out=str(out), resume=True, **{**QUIET, "log": lines.append})
+    assert lines == []  # not even the float model's accuracy before the refusal
+
+
+def test_resume_past_the_epochs_is_refused_before_anything_is_logged(tmp_path):
+    out = tmp_path / "out"
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10))
+    ternarize.fit(copy.deepcopy(model), ternarize.load_dataset("digits"),
+                  TrainConfig(epochs=2, batch_size=50, progress=False, checkpoint=str(out / "checkpoint.pt")),
+                  log=lambda s: None)
+    lines = []
+    with pytest.raises(ConfigError, match="has trained 2 epochs, more than --epochs 1; resume with --epochs 2"):
+        ternarize.compress(model, "digits", out=str(out), resume=True, **{**QUIET, "log": lines.append})
+    assert lines == []
+    ternarize.compress(model, "digits", out=str(out), resume=True, **{**QUIET, "epochs": 2, "log": lines.append})
+    assert lines[0].startswith("float model: test accuracy") and lines[1].startswith("resuming after epoch 2 of 2")
 
 
 # ---------------------------------------------------------------------- options

@@ -168,11 +168,12 @@ class TrainResult:
 
 
 def fit(model: nn.Module, data, config: TrainConfig | None = None, teacher: nn.Module | None = None,
-        log=print) -> TrainResult:
+        log=print, on_start=None) -> TrainResult:
     """Retrain ``model`` in place with discrete weights; see the module docstring.
 
     ``data`` is a :class:`ternarize.data.Dataset`. ``teacher`` (for ``distill``) defaults to a copy
-    of the float model taken before any weight becomes discrete.
+    of the float model taken before any weight becomes discrete. ``on_start``, if given, is called
+    once the run is set up (with ``resume``, the checkpoint accepted), before anything is logged.
     """
     config = TrainConfig() if config is None else config
     if not isinstance(config, TrainConfig):
@@ -187,6 +188,7 @@ def fit(model: nn.Module, data, config: TrainConfig | None = None, teacher: nn.M
     origin = _origin(model, data) if config.checkpoint else None
     resume_state = _load_checkpoint(config, origin) if config.resume else None
     if resume_state is not None:
+        _check_epochs(resume_state, config)
         _load_state(model, resume_state["model"], config.checkpoint)
     torch.manual_seed(config.seed)
     graphs = _use_graphs(config, dist)
@@ -200,6 +202,8 @@ def fit(model: nn.Module, data, config: TrainConfig | None = None, teacher: nn.M
     result = TrainResult(model, [], {lay.param: config.mode for lay in layers},
                          {lay.param: lay.scale for lay in layers}, config)
     start_epoch = 0
+    if on_start is not None:
+        on_start()
     if resume_state is not None:
         start_epoch = _restore(resume_state, discrete_opt, adam, result, config, log, dist)
     net = dist.wrap(model)
@@ -783,15 +787,21 @@ def _place_adam_steps(adam: torch.optim.Adam) -> None:
                 adam.state[p]["step"] = step.to(device=where, dtype=torch.float32)
 
 
-def _restore(state, discrete_opt, adam, result, config, log, dist) -> int:
-    """The optimizers' state, the RNG and the history from a checkpoint; this run's rho, lam and lr
-    replace the checkpoint's in the optimizers, and a change is logged and added to
-    ``result.resumed`` (kept in the checkpoint, so a later resume adds to it). Returns the epoch to start.
-    A checkpoint past this run's ``epochs`` is refused; one at them only finishes (changes unused)."""
+def _check_epochs(state, config) -> int:
+    """The epoch a checkpoint resumes at; one past this run's ``epochs`` is refused."""
     epoch = int(state["epoch"]) + 1
     if epoch > config.epochs:
         raise ConfigError(f"the checkpoint {config.checkpoint} has trained {epoch} epochs, more than --epochs "
                           f"{config.epochs}; resume with --epochs {epoch} or more, or start over without --resume")
+    return epoch
+
+
+def _restore(state, discrete_opt, adam, result, config, log, dist) -> int:
+    """The optimizers' state, the RNG and the history from a checkpoint; this run's rho, lam and lr
+    replace the checkpoint's in the optimizers, and a change is logged and added to
+    ``result.resumed`` (kept in the checkpoint, so a later resume adds to it). Returns the epoch to start.
+    A checkpoint at this run's ``epochs`` only finishes (changes unused)."""
+    epoch = _check_epochs(state, config)
     for opt, saved_opt in ((discrete_opt, state["discrete_opt"]), (adam, state["adam"])):
         if opt is None or saved_opt is None:
             continue
