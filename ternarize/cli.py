@@ -35,14 +35,16 @@ _STOPPING: list[int] = []  # the signal being handled, once one came
 def _on_signal(signum, _frame) -> None:
     """Ctrl-C, SIGTERM or SIGHUP: stop where the program is (KeyboardInterrupt, or
     ``_io.Stopped``); one that comes while a clean-up runs waits for its end. A further one while
-    the first is handled, outside a clean-up (a hang at exit, say), ends the process at once, with
-    the same exit status; in the interpreter's last teardown it is ignored (``_ignore_signals``)."""
+    the first is handled, outside a clean-up (a hang at exit, say), ends the process at once with
+    one line and the same exit status; in the interpreter's last teardown it is ignored (``_ignore_signals``)."""
     from . import _io
 
     if _io.deferring_signals():
         _io.defer_signal(signum)
         return
     if _STOPPING:
+        with contextlib.suppress(OSError):  # unbuffered: the line is out before the process ends
+            os.write(2, f"\nternarize: {_what(signum)} while stopping: ended at once, without the clean-up\n".encode())
         os._exit(128 + _STOPPING[0])
     _STOPPING.append(signum)
     raise _io.stop_exception(signum)
@@ -57,10 +59,15 @@ def _ignore_signals(signums) -> None:
             signal.signal(s, signal.SIG_IGN)
 
 
+def _what(signum: int | None) -> str:
+    """How a stop is named: by SIGTERM or SIGHUP, or an interrupt (Ctrl-C's SIGINT, or none)."""
+    return f"stopped by {signal.Signals(signum).name}" if signum and signum != signal.SIGINT else "interrupted"
+
+
 def _interrupted(e: BaseException) -> None:
     """One line for an interrupt (with what was kept, if anything), and exit 130 or 128 + signal."""
     signum = getattr(e, "signum", None)
-    what = f"stopped by {signal.Signals(signum).name}" if signum else "interrupted"
+    what = _what(signum)
     detail = f"; {_one_line(e)}" if str(e) else ""
     with contextlib.suppress(OSError):  # a terminal that hung up
         click.echo(f"ternarize: {what}{detail}", err=True)

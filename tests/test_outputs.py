@@ -538,10 +538,12 @@ def test_sigterm_and_sighup_roll_back_as_ctrl_c_does(finished, tiny, tmp_path, s
     assert {n: (out / n).read_bytes() for n in os.listdir(out)} == before
 
 
-_SLOW_TEARDOWN = """
+_SLOW_STOP = """
 import os, signal, sys, time
 from ternarize import cli
 from ternarize import data as datasets
+
+WHERE = sys.argv[1]
 
 class SlowTeardown:  # deleted in the interpreter's last teardown, after it has reset the signal handlers
     def __del__(self, sleep=time.sleep):
@@ -550,31 +552,46 @@ class SlowTeardown:  # deleted in the interpreter's last teardown, after it has 
 keep = SlowTeardown()
 
 def status(_folder):
-    os.kill(os.getpid(), signal.SIGTERM)
-    time.sleep(30)
+    try:
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(30)
+    finally:
+        if WHERE == "hang":  # a stop that does not end
+            print("stopping", file=sys.stderr, flush=True)
+            time.sleep(30)
 
 datasets.status = status
-sys.argv = ["ternarize", "data", "list"]
+sys.argv[1:] = ["data", "list"]
 cli.main()
 """
 
 
 @pytest.mark.skipif(os.name == "nt", reason="POSIX signals")
-def test_a_second_signal_during_the_teardown_keeps_the_exit_status(tmp_path):
+@pytest.mark.parametrize("where", ["hang", "teardown"])
+def test_a_second_signal_while_stopping_keeps_the_exit_status(tmp_path, where):
     script = tmp_path / "slow.py"
-    script.write_text(_SLOW_TEARDOWN)
-    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    script.write_text(_SLOW_STOP)
+    proc = subprocess.Popen([sys.executable, str(script), where], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
+    waits_for = "stopping" if where == "hang" else "ternarize: stopped by SIGTERM"
     try:
         lines = []
-        while not any(line.startswith("ternarize: stopped by SIGTERM") for line in lines) and proc.poll() is None:
+        while not any(line.startswith(waits_for) for line in lines) and proc.poll() is None:
             lines.append(proc.stderr.readline())
-        time.sleep(0.5)  # the process is in its last teardown (two seconds long)
+        if where == "teardown":
+            time.sleep(0.5)  # the process is in its last teardown (two seconds long)
         assert proc.poll() is None, "".join(lines)
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=60)
     finally:
         proc.kill()
-    assert proc.returncode == 128 + signal.SIGTERM, "".join(lines) + proc.stderr.read()
+    err = "".join(lines) + proc.stderr.read()
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    last = err.strip().splitlines()[-1]
+    if where == "hang":  # ended at once, and says so
+        assert last == "ternarize: stopped by SIGTERM while stopping: ended at once, without the clean-up", err
+    else:
+        assert last == "ternarize: stopped by SIGTERM", err
 
 
 def test_a_signal_during_a_clean_up_waits_for_its_end():
