@@ -162,9 +162,12 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="auto")
     p.add_argument("--precision", choices=["fp32", "tf32", "bf16"], default=None,
                    help="for (b) and (c); default tf32 on CUDA, fp32 on CPU")
-    p.add_argument("--tiny", action="store_true", help="a few-minute CPU configuration")
+    p.add_argument("--tiny", action="store_true", help="a CPU check: everything shrunk, about a minute")
     args = p.parse_args(argv)
     device = _scripts.device(args.device, args.precision or "fp32")
+    if device.type != "cuda" and not args.tiny and args.device == "auto":
+        p.error("there is no CUDA GPU, and the full run takes hours on a CPU: pass --tiny for the CPU check, "
+                "or --device cpu to run it all the same")
     args.device = str(device)
     args.precision = args.precision or ("tf32" if device.type == "cuda" else "fp32")
     cfg = TINY if args.tiny else FULL

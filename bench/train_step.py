@@ -127,7 +127,7 @@ def main(argv=None):
                    help="tf32: CUDA matmuls and convolutions in TF32")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
-    device = _scripts.device(args.device, args.precision)
+    device = _scripts.device(args.device, args.precision, precisions=("fp32", "tf32"))
     if args.graphs and device.type != "cuda":
         p.error(f"--graphs needs a CUDA device, not {device.type}")
     _scripts.check_output(args.json)

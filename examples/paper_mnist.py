@@ -8,7 +8,7 @@ Prints test accuracy and the non-zero fraction after every epoch, and the traini
 98.5 % and 98.8 % test accuracy.
 
     ternarize data fetch mnist
-    python examples/paper_mnist.py --width 512 --epochs 5          # what a laptop affords
+    python examples/paper_mnist.py --width 512 --epochs 6          # what a laptop affords
     python examples/paper_mnist.py --device cuda --epochs 250       # the paper's schedule
 
 Options, device, precision and the ``--json`` path are checked before the data is loaded; a

@@ -50,8 +50,9 @@ class ArgumentParser(argparse.ArgumentParser):
 
 def parser(file: str, doc: str | None) -> ArgumentParser:
     """The parser of the script ``file`` (its name is the program name), described by the first
-    line of ``doc``."""
-    return ArgumentParser(prog=os.path.basename(file), description=(doc or "").strip().splitlines()[0])
+    paragraph of ``doc`` (its lines joined)."""
+    first = (doc or "").strip().split("\n\n")[0]
+    return ArgumentParser(prog=os.path.basename(file), description=" ".join(first.split()))
 
 
 # ---------------------------------------------------------------------- argparse types
@@ -163,19 +164,27 @@ def output_folder(path, files=()):
             os.mkdir(folder)
         yield text
     except BaseException:
-        _io.remove_empty(missing)
+        with _io.signals_deferred():  # a further SIGTERM waits for the clean-up (see main)
+            _io.remove_empty(missing)
         raise
 
 
-def device(name: str, precision: str = "fp32"):
-    """Check a ``--device`` (auto, cpu, cuda, cuda:N) and ``--precision`` (fp32, tf32, bf16) as
-    training does (ConfigError: unknown device, no CUDA GPU, tf32 off CUDA) and return the
-    torch.device; auto is cuda when a GPU is available, else cpu."""
+def device(name: str, precision: str = "fp32", precisions=("fp32", "tf32", "bf16")):
+    """Check a ``--device`` (auto, cpu, cuda, cuda:N) and ``--precision`` (one of ``precisions``,
+    the script's choices) as training does (ConfigError: unknown device, no CUDA GPU, tf32 off
+    CUDA, its hint naming the script's other choices) and return the torch.device; auto is cuda
+    when a GPU is available, else cpu."""
     import torch
 
     from .train.loop import TrainConfig
 
-    TrainConfig(device=name, precision=precision).validate()
+    try:
+        TrainConfig(device=name, precision=precision).validate()
+    except ConfigError as e:
+        if precision != "tf32" or "tf32 needs a CUDA GPU" not in str(e):
+            raise
+        others = " or ".join(p for p in precisions if p != "tf32")
+        raise ConfigError(f"{str(e).split('; use ')[0]}; use {others}") from e
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
@@ -204,13 +213,31 @@ def write_json(path, obj) -> None:
 # ---------------------------------------------------------------------- running a script
 
 
+def _stop(signum, _frame) -> None:
+    """SIGTERM or SIGHUP in a script: stop where it is, as Ctrl-C does (``_io.Stopped``); one that
+    comes while a clean-up runs waits for its end."""
+    if _io.deferring_signals():
+        _io.defer_signal(signum)
+        return
+    raise _io.stop_exception(signum)
+
+
 def main(fn, argv=None) -> int:
     """Run ``fn(argv)`` (a script's main) and return its exit code (None counts as 0). A
-    :class:`ternarize.Error` or an ``OSError`` becomes one line on stderr and code 2, Ctrl-C the
-    line "interrupted" and code 130; the line starts with the script's file name. With
-    ``TERNARIZE_DEBUG=1`` the exception is raised instead."""
+    :class:`ternarize.Error` or an ``OSError`` becomes one line on stderr and code 2; Ctrl-C, SIGTERM
+    and SIGHUP stop the script as Ctrl-C does (clean-ups run) with the line "interrupted" or
+    "stopped by SIGTERM" and code 130, 143 or 129; the line starts with the script's file name.
+    With ``TERNARIZE_DEBUG=1`` the exception is raised instead."""
+    import signal
+
     prog = os.path.basename(fn.__globals__.get("__file__") or sys.argv[0])
     debug = os.environ.get("TERNARIZE_DEBUG") == "1"
+    before = {}
+    for name in ("SIGTERM", "SIGHUP"):
+        s = getattr(signal, name, None)
+        if s is not None and signal.getsignal(s) == signal.SIG_DFL:  # not one ignored (nohup) or handled
+            with contextlib.suppress(ValueError, OSError):  # ValueError: not the main thread
+                before[s] = signal.signal(s, _stop)
     try:
         return fn(argv) or 0
     except (Error, OSError) as e:
@@ -219,8 +246,13 @@ def main(fn, argv=None) -> int:
         message = one_line(e) if isinstance(e, Error) else one_line(_io.os_error_line(e))
         print(f"{prog}: {message}", file=sys.stderr, flush=True)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         if debug:
             raise
-        print(f"{prog}: interrupted", file=sys.stderr, flush=True)
-        return 130
+        signum = getattr(e, "signum", None)
+        print(f"{prog}: {f'stopped by {signal.Signals(signum).name}' if signum else 'interrupted'}",
+              file=sys.stderr, flush=True)
+        return 128 + signum if signum else 130
+    finally:
+        for s, handler in before.items():
+            signal.signal(s, handler)

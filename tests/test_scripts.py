@@ -10,8 +10,10 @@ import hashlib
 import importlib.util
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -114,6 +116,21 @@ def test_main_turns_errors_into_one_line(capsys, monkeypatch):
     monkeypatch.setenv("TERNARIZE_DEBUG", "1")
     with pytest.raises(ConfigError):
         _scripts.main(fails(ConfigError("x")))
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGHUP"), reason="POSIX signals")
+@pytest.mark.parametrize("signum", [signal.SIGTERM, getattr(signal, "SIGHUP", None)])
+def test_sigterm_and_sighup_stop_a_script_as_ctrl_c_does(capsys, tmp_path, signum):
+    before = signal.getsignal(signum)
+
+    def main(argv):
+        with _scripts.output_folder(tmp_path / "made" / "out"):
+            os.kill(os.getpid(), signum)
+            time.sleep(30)
+    assert _scripts.main(main) == 128 + signum
+    assert capsys.readouterr().err == f"test_scripts.py: stopped by {signal.Signals(signum).name}\n"
+    assert not (tmp_path / "made").exists()  # the folders it made are removed
+    assert signal.getsignal(signum) == before
 
 
 def test_out_of_memory_is_one_line_other_errors_pass():
@@ -246,21 +263,29 @@ def test_paper_finds_missing_fashion_mnist_before_step_a(capsys, tmp_path, paper
     (["--data-dir", "/nonexistent/data"], "/nonexistent/data"),
 ])
 def test_paper_refuses_bad_options_before_step_a(capsys, tmp_path, paper, argv, says):
-    refused(capsys, paper, "--data-dir", tmp_path, "--out", tmp_path / "out", *argv, says=says)
+    refused(capsys, paper, "--data-dir", tmp_path, "--out", tmp_path / "out", "--tiny", *argv, says=says)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a machine without a CUDA GPU")
+def test_paper_asks_for_tiny_or_a_cpu_device_without_a_gpu(capsys, tmp_path, paper):
+    refused(capsys, paper, "--data-dir", tmp_path, "--out", tmp_path / "out",
+            says="there is no CUDA GPU, and the full run takes hours on a CPU: pass --tiny for the CPU check, "
+                 "or --device cpu")
     assert not (tmp_path / "out").exists()
 
 
 def test_paper_refuses_a_file_as_out_and_removes_the_folder_it_made(capsys, tmp_path, paper, monkeypatch):
     monkeypatch.setattr(paper, "load_dataset", lambda name, data_dir=None: name)
     (tmp_path / "README.md").write_text("keep")
-    refused(capsys, paper, "--data-dir", tmp_path, "--out", tmp_path / "README.md", says="not a folder")
+    refused(capsys, paper, "--data-dir", tmp_path, "--out", tmp_path / "README.md", "--tiny", says="not a folder")
     assert (tmp_path / "README.md").read_text() == "keep"
 
     def fails(*args):
         raise ConfigError("failed in step (b); do something")
 
     monkeypatch.setattr(paper, "run", fails)
-    refused(capsys, paper, "--data-dir", tmp_path, "--out", tmp_path / "a" / "b", says="step (b)")
+    refused(capsys, paper, "--data-dir", tmp_path, "--out", tmp_path / "a" / "b", "--tiny", says="step (b)")
     assert not (tmp_path / "a").exists()
 
 
