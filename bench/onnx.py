@@ -6,9 +6,10 @@ its ternary (~5 % and ~50 % non-zero) and binary projections (W = s_c·θ), expo
 ``ternarize.onnx.export`` (the float model too, from ``lower()`` of the float model), and measures,
 side by side in one process: file size, session load time, the median latency at batch 1 and 64 of
 ``ternarize.onnx.session`` (2 threads by default) and, for reference, of a default onnxruntime
-session. Ratios are against the float export of the same model: "x" is the median over rounds of
-the paired ratio (sessions take turns, so load from other processes hits all alike), "min x" the
-ratio of the fastest runs (robust on a busy machine).
+session. Ratios are against the float export of the same model in the same kind of session: "x"
+is the median over rounds of the paired ratio (sessions take turns, so load from other processes
+hits all alike), "min x" the ratio of the fastest runs (robust on a busy machine), "dflt b1 x" the
+paired ratio of default sessions at batch 1.
 
 Example::
 
@@ -131,7 +132,7 @@ def table(rows: list[dict]) -> str:
             f"{r['session_b1_min_ms'] / base['session_b1_min_ms']:>5.2f} "
             f"{r['session_b64_ms']:>8.2f} {r['session_b64_ratio']:>5.2f} "
             f"{r['session_b64_min_ms'] / base['session_b64_min_ms']:>5.2f} "
-            f"{r['default_b1_ms'] / base['session_b1_ms']:>9.2f} {r['err_session']:>7.0e}")
+            f"{r['default_b1_ratio']:>9.2f} {r['err_session']:>7.0e}")
     return "\n".join(lines)
 
 

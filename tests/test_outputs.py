@@ -497,7 +497,7 @@ def test_another_thread_is_refused_as_another_process_is(tmp_path):
 def test_an_interrupt_names_the_checkpoint_it_keeps(tiny, tmp_path, monkeypatch):
     out = tmp_path / "out"
 
-    def interrupted(model, dataset, config, log):
+    def interrupted(model, dataset, config, log, **kw):
         with open(config.checkpoint, "wb") as f:
             f.write(b"an epoch")
         raise KeyboardInterrupt
