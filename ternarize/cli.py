@@ -29,18 +29,24 @@ MAX_EPOCHS = 100_000  # as ternarize.train.loop.MAX_EPOCHS (not imported: it wou
 _SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
 
 
-_STOPPING: list[int] = []  # the signal being handled, once one came
+_STOPPING: list[int] = []  # the signal being handled, once one came (and a second, kept meanwhile)
+_STOPPED: list[bool] = []  # True once the stop has unwound through every clean-up
 
 
 def _on_signal(signum, _frame) -> None:
     """Ctrl-C, SIGTERM or SIGHUP: stop where the program is (KeyboardInterrupt, or
-    ``_io.Stopped``); one that comes while a clean-up runs waits for its end. A further one while
-    the first is handled, outside a clean-up (a hang at exit, say), ends the process at once with
-    one line and the same exit status; in the interpreter's last teardown it is ignored (``_ignore_signals``)."""
+    ``_io.Stopped``); one that comes while a clean-up runs waits for its end, and so does a second
+    one while the first is still on its way to its clean-up (two signals sent at once, say). A
+    third, or one after the clean-ups are done (a hang at exit), ends the process at once with one
+    line and the same exit status; in the interpreter's last teardown it is ignored
+    (``_ignore_signals``)."""
     from . import _io
 
     if _io.deferring_signals():
         _io.defer_signal(signum)
+        return
+    if _STOPPING and not _STOPPED and len(_STOPPING) == 1:  # the first is still unwinding: the same stop
+        _STOPPING.append(signum)
         return
     if _STOPPING:
         with contextlib.suppress(OSError):  # unbuffered: the line is out before the process ends
@@ -67,6 +73,8 @@ def _what(signum: int | None) -> str:
 def _interrupted(e: BaseException) -> None:
     """One line for an interrupt (with what was kept, if anything), and exit 130 or 128 + signal."""
     signum = getattr(e, "signum", None)
+    if _STOPPING:  # every clean-up is done: a further signal now ends the process at once
+        _STOPPED.append(True)
     what = _what(signum)
     detail = f"; {_one_line(e)}" if str(e) else ""
     with contextlib.suppress(OSError):  # a terminal that hung up

@@ -1,6 +1,7 @@
 """Output folders and option checks of compress and demo: nothing of the user's is touched, nothing
 half-written stays, and what can be checked before training is checked before training."""
 
+import contextlib
 import copy
 import errno
 import math
@@ -521,9 +522,10 @@ def test_sigterm_and_sighup_roll_back_as_ctrl_c_does(finished, tiny, tmp_path, s
     with open(log, "w") as err:
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err)
     try:
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 600
         while "float model" not in log.read_text() and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.05)  # until the training starts
+        assert "float model" in log.read_text(), log.read_text()  # else the signal would find no handler yet
         time.sleep(0.3)
         proc.send_signal(signum)
         time.sleep(0.01)
@@ -546,8 +548,9 @@ from ternarize import data as datasets
 WHERE = sys.argv[1]
 
 class SlowTeardown:  # deleted in the interpreter's last teardown, after it has reset the signal handlers
-    def __del__(self, sleep=time.sleep):
-        sleep(2)
+    def __del__(self, write=os.write, read=os.read):
+        write(2, b"in the last teardown\\n")
+        read(0, 1)  # until the test has sent its signal
 
 keep = SlowTeardown()
 
@@ -568,20 +571,27 @@ cli.main()
 
 @pytest.mark.skipif(os.name == "nt", reason="POSIX signals")
 @pytest.mark.parametrize("where", ["hang", "teardown"])
-def test_a_second_signal_while_stopping_keeps_the_exit_status(tmp_path, where):
+def test_further_signals_while_stopping_keep_the_exit_status(tmp_path, where):
     script = tmp_path / "slow.py"
     script.write_text(_SLOW_STOP)
-    proc = subprocess.Popen([sys.executable, str(script), where], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True)
-    waits_for = "stopping" if where == "hang" else "ternarize: stopped by SIGTERM"
+    proc = subprocess.Popen([sys.executable, str(script), where], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    waits_for = "stopping" if where == "hang" else "in the last teardown"
     try:
         lines = []
         while not any(line.startswith(waits_for) for line in lines) and proc.poll() is None:
             lines.append(proc.stderr.readline())
-        if where == "teardown":
-            time.sleep(0.5)  # the process is in its last teardown (two seconds long)
-        assert proc.poll() is None, "".join(lines)
-        proc.send_signal(signal.SIGTERM)
+        assert proc.poll() is None, "".join(lines)  # it waits for our signals
+        if where == "hang":  # the second is kept (the same stop), the third ends the process at once
+            deadline = time.monotonic() + 60
+            while proc.poll() is None and time.monotonic() < deadline:
+                proc.send_signal(signal.SIGTERM)
+                time.sleep(0.2)
+        else:
+            proc.send_signal(signal.SIGTERM)
+            with contextlib.suppress(BrokenPipeError):  # killed by it: the assertion below says so
+                proc.stdin.write("x")
+                proc.stdin.close()
         proc.wait(timeout=60)
     finally:
         proc.kill()
@@ -591,7 +601,31 @@ def test_a_second_signal_while_stopping_keeps_the_exit_status(tmp_path, where):
     if where == "hang":  # ended at once, and says so
         assert last == "ternarize: stopped by SIGTERM while stopping: ended at once, without the clean-up", err
     else:
-        assert last == "ternarize: stopped by SIGTERM", err
+        assert last == "in the last teardown" and "ternarize: stopped by SIGTERM\n" in err, err
+
+
+def test_a_second_signal_before_the_clean_up_waits_for_it(monkeypatch):
+    """The first signal's interrupt may still be unwinding towards its clean-up (OutputFolder.__exit__)
+    when a second one comes: that one must not end the process before the previous outputs are back."""
+    from ternarize import cli as cli_module
+
+    class Exited(Exception):
+        pass
+
+    def exit_now(status):
+        exits.append(status)
+        raise Exited
+    exits = []
+    monkeypatch.setattr(cli_module, "_STOPPING", [])
+    monkeypatch.setattr(cli_module, "_STOPPED", [])
+    monkeypatch.setattr(cli_module.os, "_exit", exit_now)
+    with pytest.raises(_io.Stopped):
+        cli_module._on_signal(signal.SIGTERM, None)
+    cli_module._on_signal(signal.SIGTERM, None)  # still unwinding: kept
+    assert exits == []
+    with pytest.raises(Exited):
+        cli_module._on_signal(signal.SIGTERM, None)  # a third ends it at once
+    assert exits == [128 + signal.SIGTERM]
 
 
 def test_a_signal_during_a_clean_up_waits_for_its_end():

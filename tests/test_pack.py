@@ -376,9 +376,9 @@ def test_ts_decoding_is_vectorized():
 
     data = ternary((2048, 1024), 0.05, seed=9)
     buf, params = pack.encode(data, "ternary", "ts")
-    start = time.perf_counter()
+    start = time.process_time()  # CPU time: a preempted run is not a slow one
     out = pack.decode(buf, "ternary", "ts", data.shape, params)
-    assert time.perf_counter() - start < 1.0
+    assert time.process_time() - start < 1.0
     np.testing.assert_array_equal(out, data)
 
 

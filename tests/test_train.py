@@ -31,6 +31,7 @@ def digits():
 
 @pytest.fixture(scope="module")
 def float_mlp(digits):
+    torch.manual_seed(0)  # not whatever the tests before it in this worker left in the global generator
     model = zoo.create("mlp", in_shape=digits.in_shape, width=64, depth=2)
     fit_float(model, digits, epochs=3, progress=False, log=_silent)
     return model
