@@ -284,6 +284,14 @@ def stop_exception(signum: int) -> KeyboardInterrupt:
     return KeyboardInterrupt() if signum == signal.SIGINT else Stopped(signum)
 
 
+def stop_words(signum: int | None) -> str:
+    """How a stop is named on its line: "stopped by SIGTERM" (or SIGHUP), or "interrupted" (Ctrl-C's
+    SIGINT, or a KeyboardInterrupt without a signal)."""
+    import signal
+
+    return f"stopped by {signal.Signals(signum).name}" if signum and signum != signal.SIGINT else "interrupted"
+
+
 def deferring_signals() -> bool:
     """Whether a clean-up is running (see :func:`signals_deferred`)."""
     return _DEFERRED["defer"] > 0

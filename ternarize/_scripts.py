@@ -178,16 +178,13 @@ def device(name: str, precision: str = "fp32", precisions=("fp32", "tf32", "bf16
 
     from .train.loop import TrainConfig
 
-    try:
-        TrainConfig(device=name, precision=precision).validate()
-    except ConfigError as e:
-        if precision != "tf32" or "tf32 needs a CUDA GPU" not in str(e):
-            raise
+    TrainConfig(device=name, precision="fp32" if precision == "tf32" else precision).validate()
+    device = torch.device("cuda" if name == "auto" and torch.cuda.is_available() else "cpu" if name == "auto"
+                          else name)
+    if precision == "tf32" and device.type != "cuda":
         others = " or ".join(p for p in precisions if p != "tf32")
-        raise ConfigError(f"{str(e).split('; use ')[0]}; use {others}") from e
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+        raise ConfigError(f"precision tf32 needs a CUDA GPU and this run is on {device.type}; use {others}")
+    return device
 
 
 @contextlib.contextmanager
@@ -250,8 +247,7 @@ def main(fn, argv=None) -> int:
         if debug:
             raise
         signum = getattr(e, "signum", None)
-        print(f"{prog}: {f'stopped by {signal.Signals(signum).name}' if signum else 'interrupted'}",
-              file=sys.stderr, flush=True)
+        print(f"{prog}: {_io.stop_words(signum)}", file=sys.stderr, flush=True)
         return 128 + signum if signum else 130
     finally:
         for s, handler in before.items():

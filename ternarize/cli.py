@@ -50,7 +50,8 @@ def _on_signal(signum, _frame) -> None:
         return
     if _STOPPING:
         with contextlib.suppress(OSError):  # unbuffered: the line is out before the process ends
-            os.write(2, f"\nternarize: {_what(signum)} while stopping: ended at once, without the clean-up\n".encode())
+            line = f"\nternarize: {_io.stop_words(signum)} while stopping: ended at once, without the clean-up\n"
+            os.write(2, line.encode())
         os._exit(128 + _STOPPING[0])
     _STOPPING.append(signum)
     raise _io.stop_exception(signum)
@@ -65,17 +66,14 @@ def _ignore_signals(signums) -> None:
             signal.signal(s, signal.SIG_IGN)
 
 
-def _what(signum: int | None) -> str:
-    """How a stop is named: by SIGTERM or SIGHUP, or an interrupt (Ctrl-C's SIGINT, or none)."""
-    return f"stopped by {signal.Signals(signum).name}" if signum and signum != signal.SIGINT else "interrupted"
-
-
 def _interrupted(e: BaseException) -> None:
     """One line for an interrupt (with what was kept, if anything), and exit 130 or 128 + signal."""
+    from . import _io
+
     signum = getattr(e, "signum", None)
     if _STOPPING:  # every clean-up is done: a further signal now ends the process at once
         _STOPPED.append(True)
-    what = _what(signum)
+    what = _io.stop_words(signum)
     detail = f"; {_one_line(e)}" if str(e) else ""
     with contextlib.suppress(OSError):  # a terminal that hung up
         click.echo(f"ternarize: {what}{detail}", err=True)
@@ -593,8 +591,8 @@ def _load_npy(path: str):
     with open(path, "rb") as f:
         x = read_npy(f, path, os.fstat(f.fileno()).st_size)
     if x.dtype == np.uint8:
-        return _to_unit_float(x, 255.0), f"{path} holds uint8 pixels: scaled by 1/255 to [0, 1], as the datasets are " \
-                                          "for training"
+        note = f"{path} holds uint8 pixels: scaled by 1/255 to [0, 1], as the datasets are for training"
+        return _to_unit_float(x, 255.0), note
     if x.dtype.kind not in "iuf":
         raise ConfigError(f"{path} holds {x.dtype}; the inputs must be a numeric array (integers or floats)")
     if x.dtype.kind == "f" and not np.isfinite(x).all():
