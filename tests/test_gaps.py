@@ -6,6 +6,8 @@ and a direct count for the bytes each layout needs (one per point, two per cance
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 
@@ -28,17 +30,19 @@ def _points(theta, groups=1):
 
 def _check(theta, groups=1, batches=(1, 4, 9), rng=None):
     """Every matmul against the dense product, with the bytes in order (a small weight's layout) and
-    transposed in chunks (a large weight's), each with the signs interleaved and split into rows of
-    their own, with and without the convolution's zero row; returns the transposed interleaved form."""
+    transposed in chunks (a large weight's), each without and with zero slots, with the signs
+    interleaved and split into rows of their own, with and without the convolution's zero row;
+    returns the transposed interleaved form with zero slots."""
     rng = rng or np.random.default_rng(0)
     rows, cols = theta.shape
     og = rows // groups
-    flat_bytes = gaps.FLAT_BYTES
+    flat_bytes, layouts = gaps.FLAT_BYTES, gaps.LAYOUTS
     try:
-        for gaps.FLAT_BYTES in (1 << 62, -1):
+        for gaps.FLAT_BYTES, gaps.LAYOUTS in itertools.product((1 << 62, -1), ((False,), (True,))):
             for split in (True, False):
                 g = gaps.GapCodes.build(*_points(theta, groups), rows, 2 * groups * cols, split=split)
                 assert g is not None and g.split == split and g.counts.size == rows * (1 + split)
+                assert g.slots == gaps.LAYOUTS[0]
                 assert all(c[3].ndim == (1 if gaps.FLAT_BYTES > 0 else 2) for c in g.chunks)
                 assert g.matmul(np.zeros((groups * cols, 0), np.float32)).shape == (rows, 0)
                 for m in batches:
@@ -53,7 +57,7 @@ def _check(theta, groups=1, batches=(1, 4, 9), rng=None):
                         assert float(np.abs(got - ref).max()) <= (4e-5 if split else 1e-5) * scale, \
                             (theta.shape, groups, m, gaps.FLAT_BYTES, split)
     finally:
-        gaps.FLAT_BYTES = flat_bytes
+        gaps.FLAT_BYTES, gaps.LAYOUTS = flat_bytes, layouts
     return g
 
 
@@ -61,15 +65,36 @@ def _check(theta, groups=1, batches=(1, 4, 9), rng=None):
 def test_positions_are_the_running_sum(n, monkeypatch):
     rng = np.random.default_rng(n)
     steps = rng.integers(0, 256, n).astype(np.uint8)
-    (_, _, before, flat), = gaps._chunks(steps, np.array([n]), gaps.SPAN)
+    none = np.zeros(0, np.int64)
+    (_, _, before, flat, _), = gaps._chunks(steps, np.array([n]), none)
     assert before == -1 and np.array_equal(flat, steps) or n > gaps.FLAT_BYTES
     monkeypatch.setattr(gaps, "FLAT_BYTES", 0)
-    (_, _, before, block), = gaps._chunks(steps, np.array([n]), gaps.SPAN)
+    (_, _, before, block, _), = gaps._chunks(steps, np.array([n]), none)
     assert before == 0xFFFF and block.shape == (gaps.L, -(-n // gaps.L))
     got = gaps.positions(block, before).T.reshape(-1)[:n]
     assert np.array_equal(got, np.cumsum(steps.astype(np.int64) + 1) - 1 & 0xFFFF)
     for span in (2, 64, 4096):
         assert np.array_equal(gaps.positions(block, before, span).T.reshape(-1)[:n], got & (span - 1))
+
+
+@pytest.mark.parametrize("n", [40, 5000])
+def test_listed_hops_index_the_bytes_of_their_chunk(n, monkeypatch):
+    """A chunk's listed hops index its bytes flattened: in order (1-D) or transposed (L, C)."""
+    rng = np.random.default_rng(n)
+    steps = rng.integers(0, 256, n).astype(np.uint8)
+    listed = np.sort(rng.choice(n, 7, replace=False)).astype(np.int64)
+    steps[listed] = 255
+    counts = np.full(n // 20, 20)
+    for flat in (1 << 62, 0):
+        monkeypatch.setattr(gaps, "FLAT_BYTES", flat)
+        monkeypatch.setattr(gaps, "CHUNK_BYTES", 1000)
+        chunks = gaps._chunks(steps, counts, listed)
+        found = []
+        for r0, _, _, block, mine in chunks:
+            b0 = 20 * r0
+            assert mine.dtype == np.int32 and np.all(block.reshape(-1)[mine] == 255)
+            found += (b0 + (mine if block.ndim == 1 else gaps._byte_order(mine, block.shape[1]))).tolist()
+        assert found == listed.tolist()
 
 
 @pytest.mark.parametrize("density", [1.0, 0.5, 0.2, 0.05, 0.02, 0.005, 0.0005, 0.0])
@@ -99,57 +124,90 @@ def test_long_steps_and_empty_rows():
     _check(np.zeros((5, 10), np.int8))
 
 
-def _walk(positions):
-    """Brute force: bytes to reach each position in turn, a step of at most 256 at a time, every
-    stop short of the target on a zero slot (a position ≡ 255 mod 256)."""
-    n, at = 0, -1
+def _walk(positions, span, live, slots):
+    """Brute force: (bytes, listed hops) to reach each position in turn, 256 at most at a time.
+    Without ``slots``, each hop goes 256 on and is listed unless it lands in a span's dead tail (a
+    position p with p mod span >= live); with ``slots``, each stops on a zero slot (a position ≡ 255
+    mod 256), the first one it finds, and none is listed."""
+    n, at, listed = 0, -1, []
     for p in positions:
         while p - at > 256:
-            at = next(z for z in range(at + 1, at + 257) if z % 256 == 255)
+            if slots:
+                at = next(z for z in range(at + 1, at + 257) if z % 256 == 255)
+            else:
+                at += 256
+                if at % span < live:
+                    listed.append(n)
             n += 1
         at, n = p, n + 1
-    return n
+    return n, listed
 
 
-@pytest.mark.parametrize("width,span", [(4000, 4096), (1568, 65536), (2, 256), (600, 2048)])
-def test_bytes_match_a_brute_force_walk(width, span):
-    """One byte per point, plus one per zero slot passed on a step longer than 256 positions."""
+@pytest.mark.parametrize("width,span,slots", [(4096, 4096, False), (4000, 4096, False), (1568, 8192, False),
+                                              (1568, 65536, False), (2, 256, False), (600, 2048, False),
+                                              (4000, 8192, True), (1568, 65536, True), (2, 256, True),
+                                              (600, 2048, True)])
+def test_bytes_match_a_brute_force_walk(width, span, slots):
+    """One byte per point, plus one per hop on a step longer than 256 positions; without zero slots
+    the hops that land on a row's positions are listed, those in a dead tail are not."""
     rng = np.random.default_rng(width)
-    rows = 3 * gaps.per_span(width, span) + 2
+    m = gaps.per_span(width, span, slots)
+    rows = 3 * m + 2
     for density in (0.3, 0.02, 0.002):
         theta = _theta(rng, rows, width // 2, density)
         index, starts = _points(theta)
         row = np.repeat(np.arange(rows), np.diff(np.append(starts, index.size)))
-        steps, length = gaps.encode(index, row, width, span)
+        steps, length, listed = gaps.encode(index, row, width, span, slots)
         assert steps.size == length.sum()
-        m = gaps.per_span(width, span)
         u = (row % m) * width + index
-        assert steps.size == _walk(((row // m) * span + u + u // 255).tolist())
-    assert gaps.per_span(255, 256) == 1 and gaps.per_span(256, 256) == 0 and gaps.per_span(2, 512) == 255
+        n, walked = _walk(((row // m) * span + (u + u // 255 if slots else u)).tolist(), span, m * width, slots)
+        assert steps.size == n and listed.tolist() == walked
+        assert np.all(steps[listed] == 255)
+    assert gaps.per_span(4096, 4096) == 1 and gaps.per_span(1568, 8192) == 5 and gaps.per_span(2, 256) == 128
+    assert gaps.per_span(255, 256, True) == 1 and gaps.per_span(256, 256, True) == 0
+    assert gaps.per_span(2, 512, True) == 255
     assert gaps.slot(np.array([0, 254, 255, 509, 510])).tolist() == [0, 254, 256, 510, 512]
 
 
 @pytest.mark.parametrize("slack", [0.0, 0.005, 0.05])
-def test_span_is_the_smallest_within_the_slack_of_fewest_bytes(monkeypatch, slack):
+@pytest.mark.parametrize("density", [0.05, 0.01])
+def test_layout_is_the_first_within_the_slack_of_fewest_bytes(monkeypatch, slack, density):
+    """Bytes counted as the steps plus 4 per listed hop; spans in increasing order, without zero
+    slots first."""
     monkeypatch.setattr(gaps, "SPAN_SLACK", slack)
     rng = np.random.default_rng(5)
-    index, starts = _points(_theta(rng, 256, 784, 0.05))
+    index, starts = _points(_theta(rng, 256, 784, density))
+    row = np.repeat(np.arange(256), np.diff(np.append(starts, index.size)))
     sizes = {}
-    for span in (2048, 4096, 8192, 16384, 32768, 65536):
-        row = np.repeat(np.arange(256), np.diff(np.append(starts, index.size)))
-        sizes[span] = gaps.encode(index, row, 1568, span)[0].size
+    for slots, first in ((False, 2048), (True, 2048)):
+        for span in (first, 4096, 8192, 16384, 32768, 65536):
+            steps, _, listed = gaps.encode(index, row, 1568, span, slots)
+            assert listed.size == 0 or not slots
+            sizes[slots, span] = steps.size + gaps.LISTED_BYTES * listed.size
+    assert len(set(sizes.values())) > 1
     g = gaps.GapCodes.build(index, starts, 256, 1568)
     fewest = min(sizes.values())
-    assert sizes[g.span] <= fewest * (1 + slack)
-    assert all(size > fewest * (1 + slack) for span, size in sizes.items() if span < g.span)
+    order = list(sizes)
+    chosen = order.index((g.slots, g.span))
+    assert sizes[g.slots, g.span] <= fewest * (1 + slack)
+    assert all(sizes[key] > fewest * (1 + slack) for key in order[:chosen])
     assert g.matmul(np.ones((784, 1), np.float32)).shape == (256, 1)
 
 
+def test_a_power_of_two_width_is_its_own_span():
+    """W = 2^j: one row a span, no dead tail; the few-column gather table is the interleaved input."""
+    rng = np.random.default_rng(6)
+    g = gaps.GapCodes.build(*_points(_theta(rng, 512, 1024, 0.05)), 512, 2048)
+    assert g.span == 2048
+    x = rng.standard_normal((1024, 1)).astype(np.float32)
+    assert gaps._table(sparse.interleave(x), g.span, 512).shape == (2048, 1)
+
+
 def test_too_wide_rows_are_refused():
-    theta = np.zeros((2, 32641), np.int8)  # 65 282 point positions; a span holds 256 · 255 = 65 280
+    theta = np.zeros((2, 32769), np.int8)  # 65 538 point positions; a span holds 2^16
     theta[0, 5] = 1
-    assert gaps.GapCodes.build(*_points(theta), 2, 65282) is None
-    assert gaps.GapCodes.build(*_points(np.ascontiguousarray(theta[:, :32640])), 2, 65280) is not None
+    assert gaps.GapCodes.build(*_points(theta), 2, 65538) is None
+    assert gaps.GapCodes.build(*_points(np.ascontiguousarray(theta[:, :32768])), 2, 65536) is not None
 
 
 def test_small_chunks_agree(monkeypatch):
