@@ -309,6 +309,9 @@ DDP_SCRIPT = textwrap.dedent("""
     fit(model, data, TrainConfig(epochs=2, batch_size=64, device="cpu", progress=False), log=lambda s: None)
     rank = int(os.environ["RANK"])
     torch.save({k: v for k, v in model.state_dict().items()}, os.path.join(sys.argv[1], f"rank{rank}.pt"))
+    if os.path.isdir("/proc/self/task"):  # the group is gone, its threads with it (left, they can abort the exit)
+        names = [open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task")]
+        assert not [n for n in names if "gloo" in n], names
 """)
 
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import gc
 import hashlib
 import io
 import math
@@ -221,9 +222,10 @@ def fit(model: nn.Module, data, config: TrainConfig | None = None, teacher: nn.M
                 if dist.rank == 0:
                     log(f"stopping after epoch {epoch + 1}: the time budget of {config.time_budget:g}s is spent")
                 break
+    result.cuda_graphs = run.graph_state()
+    del run, net  # a DistributedDataParallel wrapper goes before its process group (see close)
     dist.close()
     result.seconds = earlier + time.perf_counter() - t0
-    result.cuda_graphs = run.graph_state()
     return result
 
 
@@ -263,6 +265,7 @@ def fit_float(model: nn.Module, data, epochs: int = 5, lr: float = 1e-3, batch_s
     adam = _adam(model.parameters(), lr, capturable=graphs)
     run = _Run(dist.wrap(model), model, None, adam, tensors, None, config, dist, log, graphs)
     history = [run.epoch(e) for e in range(epochs)]
+    del run  # a DistributedDataParallel wrapper goes before its process group (see close)
     dist.close()
     return history
 
@@ -306,6 +309,17 @@ def _require(ok: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+def _import_before_group() -> None:
+    """Import what DistributedDataParallel imports on first use before the process group exists:
+    imported while a default group exists, ``torch.distributed.fsdp`` keeps references to it, so
+    that ``destroy_process_group`` leaves it alive with its gloo threads, which can then abort the
+    process at interpreter exit."""
+    try:
+        import torch.distributed.fsdp  # noqa: F401
+    except ImportError:  # a torch without it: nothing to import early
+        pass
+
+
 class _Distributed:
     """Device choice and, under torchrun, the process group and DDP wrapping."""
 
@@ -324,6 +338,7 @@ class _Distributed:
         use_cuda = device != "cpu" and torch.cuda.is_available()
         owned = not tdist.is_initialized()
         if owned:
+            _import_before_group()
             tdist.init_process_group("nccl" if use_cuda else "gloo")
         dev = torch.device(f"cuda:{local}") if use_cuda else torch.device("cpu")
         if use_cuda:
@@ -332,11 +347,14 @@ class _Distributed:
 
     def close(self) -> None:
         """End the process group this object started, every rank together: left to interpreter exit,
-        its background threads can abort a rank that finishes before the others."""
+        its background threads can abort a rank that finishes before the others. The callers drop
+        their DistributedDataParallel wrapper first: one torn down after its group is gone can
+        wait forever."""
         if self.owned:
             import torch.distributed as tdist
 
             if tdist.is_initialized():
+                gc.collect()  # a wrapper only a reference cycle still holds goes now, too
                 tdist.barrier()
                 tdist.destroy_process_group()
             self.owned = False
