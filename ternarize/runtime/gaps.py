@@ -182,17 +182,18 @@ class GapCodes:
             rows, width = 2 * rows, width // 2
         if width > SPAN:
             return None
-        tried = []
+        sizes = []  # (bytes, span, slots) of every layout; only the kept one's steps are made again
         for slots in LAYOUTS:
             span = MIN_SPAN
             while per_span(width, span, slots) < 1:
                 span *= 2
             while span <= SPAN:
-                steps, length, listed = encode(index, row, width, span, slots)
-                tried.append((steps.size + LISTED_BYTES * listed.size, steps, length, listed, span, slots))
+                steps, _, listed = encode(index, row, width, span, slots)
+                sizes.append((steps.size + LISTED_BYTES * listed.size, span, slots))
                 span *= 2
-        fewest = min(t[0] for t in tried)
-        _, steps, length, listed, span, slots = next(t for t in tried if t[0] <= fewest * (1 + SPAN_SLACK))
+        fewest = min(size for size, _, _ in sizes)
+        _, span, slots = next(t for t in sizes if t[0] <= fewest * (1 + SPAN_SLACK))
+        steps, length, listed = encode(index, row, width, span, slots)
         counts = np.bincount(row, weights=length, minlength=rows).astype(np.int64)
         top = counts.max(initial=0)
         dtype = np.uint8 if top < 1 << 8 else np.uint16 if top < 1 << 16 else np.uint32
