@@ -22,8 +22,9 @@ What ``fn`` must obey, since a replay repeats the captured kernels on the captur
 
 The optimizers here obey this: :class:`~ternarize.train.msa.MSA` keeps 1 − α in one tensor that
 ``end_epoch`` fills in place, :class:`~ternarize.train.ste.STE` counts its steps on the device, and
-Adam needs ``capturable=True``. The last warm-up call runs under torch's sync debug mode: a step
-that synchronises with the host is never captured. If a capture fails anyway, what it left behind is
+Adam needs ``capturable=True``. The last warm-up call (unless it is the first, where torch.compile
+compiles and times its kernels) runs under torch's sync debug mode: a step that synchronises with
+the host is never captured. If a capture fails anyway, what it left behind is
 undone (the current stream, the allocator's capture into the graph's pool, the random generator's
 capture mode). Either way ``on_fail`` says why (a warning by default) and every later call runs
 ``fn`` eagerly: a step that cannot be captured still trains, only slower. Where a failed capture
@@ -49,6 +50,10 @@ from .._text import error_line
 from ..errors import TrainingError
 
 WARMUP = 3  # eager calls before the capture (PyTorch's documented whole-network example uses 3 and more)
+# torch's warning, in sync debug mode "warn", for each call that synchronises with the host; and the
+# notice it gives once a process when the mode is first set, which names no synchronisation
+_SYNC_WARNING = "called a synchronizing"
+_PROTOTYPE_NOTICE = "debug mode is a prototype"
 
 
 class GraphedStep:
@@ -81,7 +86,9 @@ class GraphedStep:
             return
         if self.calls < self.warmup:
             self.calls += 1
-            synced = self._on_side_stream(check=self.calls == self.warmup)
+            # not the first call: torch.compile compiles and times its kernels there, which
+            # synchronises, once; a step that syncs in every call does so in the last one too
+            synced = self._on_side_stream(check=1 < self.calls == self.warmup)
             if synced:  # a capture would fail; better never to start one (see _recover)
                 self._give_up(f"the step synchronises with the host ({synced})")
             return
@@ -145,9 +152,10 @@ def _sync_warnings(enabled: bool):
         finally:
             torch.cuda.set_sync_debug_mode(before)
     for w in caught:
-        if "synchroniz" in str(w.message):
-            seen.append(str(w.message).strip().splitlines()[0][:160])
-        else:  # not ours: as if never caught
+        text = str(w.message)
+        if _SYNC_WARNING in text:
+            seen.append(text.strip().splitlines()[0][:160])
+        elif _PROTOTYPE_NOTICE not in text:  # not ours: as if never caught
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
 
 
