@@ -295,6 +295,33 @@ def test_resume_across_graphed_and_eager_runs(emulated_mixed, monkeypatch, tmp_p
     _same(model, whole_model, rtol=1e-5)
 
 
+def test_a_fused_adam_checkpoint_resumes_with_this_runs_adam(tmp_path, monkeypatch):
+    # a GPU run's Adam is fused; its checkpoint resumes on a CPU with the CPU run's Adam, not the
+    # checkpoint's fused and foreach settings
+    base = dict(batch_size=32, progress=False, compile="off", cuda_graphs="off", device="cpu",
+                checkpoint=str(tmp_path / "c.pt"))
+    _fit(TrainConfig(epochs=1, **base))
+    state = torch.load(tmp_path / "c.pt", weights_only=True)
+    for group in state["adam"]["param_groups"]:
+        group.update(fused=True, foreach=False)
+    torch.save(state, tmp_path / "c.pt")
+    made = []
+    real = loop._adam
+    monkeypatch.setattr(loop, "_adam", lambda *a, **k: made.append(real(*a, **k)) or made[-1])
+    _fit(TrainConfig(epochs=2, resume=True, **base))
+    (adam,) = made
+    assert all(not g["fused"] and g["foreach"] is None for g in adam.param_groups)
+
+
+def test_adam_is_fused_on_a_gpu_only():
+    assert not loop._adam([nn.Parameter(torch.zeros(3))], 1e-3, capturable=False).param_groups[0]["fused"]
+    adam = loop._adam([nn.Parameter(torch.zeros(3, device="meta"))], 1e-3, capturable=False)
+    assert not adam.param_groups[0]["fused"]
+    if torch.cuda.is_available():  # pragma: no cover - GPU machines only
+        adam = loop._adam([nn.Parameter(torch.zeros(3, device="cuda"))], 1e-3, capturable=True)
+        assert adam.param_groups[0]["fused"] and adam.param_groups[0]["capturable"]
+
+
 def test_optimizer_step_counts_follow_the_parameters_after_a_resume():
     # on a GPU: a checkpoint is loaded onto the host; capturable Adam and STE count on the device
     from ternarize.train.ste import STE
