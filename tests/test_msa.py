@@ -177,6 +177,32 @@ def test_state_dict_round_trip_and_anneal():
     assert opt2.param_groups[0]["ema_decay"] == opt.param_groups[0]["ema_decay"]
 
 
+def test_step_updates_the_largest_tensor_first_and_each_as_if_alone(monkeypatch):
+    # the order is for a compiled update's one-time kernel tuning; results must not depend on it
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(3, 5), (16, 9), (1, 4), (7, 7)]
+    weights = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in shapes]
+    alone = [torch.nn.Parameter(w.detach().clone()) for w in weights]
+    groups = [{"params": [w], "scale": "learned" if i == 2 else "fixed"} for i, w in enumerate(weights)]
+    opt = MSA(groups, seed=1, fused=False)
+    singles = [MSA([{"params": [a], "scale": g["scale"]}], seed=1, fused=False) for a, g in zip(alone, groups)]
+    for w, a, single in zip(weights, alone, singles):  # the same start: codes, M and scales
+        a.data.copy_(w.data)
+        single.state[a].update({k: v.clone() for k, v in opt.state[w].items()})
+    order = []
+    real = MSA._step_param
+    monkeypatch.setattr(MSA, "_step_param", lambda self, p, g: (order.append(tuple(p.shape)), real(self, p, g)))
+    for _ in range(3):
+        grads = [torch.randn(s, generator=gen) for s in shapes]
+        for w, a, g in zip(weights, alone, grads):
+            w.grad, a.grad = g, g.clone()
+        opt.step()
+        for single in singles:
+            single.step()
+    assert order[:4] == [(16, 9), (7, 7), (3, 5), (1, 4)]
+    assert all(torch.equal(w, a) for w, a in zip(weights, alone))
+
+
 def test_msa_alone_fits_a_separable_problem():
     torch.manual_seed(0)
     centers = torch.randn(3, 10) * 3  # three well separated blobs
