@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from ternarize import _scripts, zoo
-from ternarize.train import policy
+from ternarize.train import loop, policy
 from ternarize.train.graphs import WARMUP, GraphedStep
 from ternarize.train.msa import MSA
 from ternarize.train.ste import STE
@@ -76,20 +76,26 @@ def variants(model, x, y, fused_ok: bool, graphed: bool = False):
     def adam(params):  # capturable: its step count lives on the device, as a CUDA graph needs
         return torch.optim.Adam(params, lr=1e-3, capturable=graphed)
 
+    def continuous(params):  # what training uses for the BatchNorm parameters (fused on a GPU)
+        return loop._adam(params, 1e-3, capturable=graphed)
+
     def variant(label, make_opt):
         return Variant(label, copy.deepcopy(model), make_opt, x, y, graphed)
 
     out = [variant("float Adam", lambda d, r: [adam(d + r)])]
+    if x.is_cuda:  # torch's fused Adam: one kernel over every weight instead of a dozen
+        out.append(variant("float Adam fused", lambda d, r: [continuous(d + r)]))
     for mode in ("ternary", "binary"):
-        out.append(variant(f"MSA {mode} eager", lambda d, r, m=mode: [MSA(d, mode=m, fused=False), adam(r)]))
+        out.append(variant(f"MSA {mode} eager", lambda d, r, m=mode: [MSA(d, mode=m, fused=False), continuous(r)]))
         if fused_ok:
-            out.append(variant(f"MSA {mode} fused", lambda d, r, m=mode: [MSA(d, mode=m, fused=True), adam(r)]))
-    out.append(variant("STE TWN", lambda d, r: [STE(d, mode="ternary"), adam(r)]))
+            out.append(variant(f"MSA {mode} fused", lambda d, r, m=mode: [MSA(d, mode=m, fused=True), continuous(r)]))
+    out.append(variant("STE TWN", lambda d, r: [STE(d, mode="ternary"), continuous(r)]))
     return out
 
 
-def measure(name, args, device, graphed=False):
-    """Median step times of every variant on model ``name`` (``graphed``: CUDA graph replays)."""
+def measure(name, args, device, graphed=False, profile=False):
+    """Median step times of every variant on model ``name`` (``graphed``: CUDA graph replays);
+    ``profile`` adds each variant's :func:`kernel_profile` to its row."""
     model, x, y = build(name, args, device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     vs = variants(model, x, y, fused_ok=not args.no_compile, graphed=graphed)
@@ -102,13 +108,48 @@ def measure(name, args, device, graphed=False):
         for v in vs:
             v.step(sync)
     base = statistics.median(vs[0].times)
+    fused = [statistics.median(v.times) for v in vs if v.label == "float Adam fused"]
     rows = []
     for v in vs:
         med = statistics.median(v.times)
-        rows.append({"model": name, "variant": v.label, "graphs": graphed and v.run.state == "graphed",
-                     "median_ms": 1e3 * med, "ratio": med / base, "min_ms": 1e3 * min(v.times),
-                     "discrete_weights": sum(p.numel() for p in v.discrete)})
+        row = {"model": name, "variant": v.label, "graphs": graphed and v.run.state == "graphed",
+               "median_ms": 1e3 * med, "ratio": med / base, "min_ms": 1e3 * min(v.times),
+               "discrete_weights": sum(p.numel() for p in v.discrete)}
+        if fused:
+            row["ratio_fused"] = med / fused[0]
+        if profile:
+            row["profile"] = kernel_profile(v, sync)
+        rows.append(row)
     return rows
+
+
+def kernel_profile(v: Variant, sync, steps: int = 5, top: int = 8) -> dict:
+    """What one step of ``v`` runs, from torch's profiler over ``steps`` steps: on a GPU its kernels
+    (and copies), on a CPU its top-level aten operations; per step, their count and time, and the
+    ``top`` largest by time. On a GPU the step time minus the kernel time is what launches and gaps
+    cost."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = v.x.is_cuda
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            v.run()
+        sync()
+    if cuda:
+        events = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
+    else:
+        events = [e for e in prof.events() if e.name.startswith("aten::")
+                  and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::"))]
+    by_name: dict[str, list[float]] = {}
+    for e in events:
+        by_name.setdefault(e.name, []).append(e.time_range.elapsed_us())
+    ranked = sorted(by_name.items(), key=lambda kv: -sum(kv[1]))[:top]
+    return {"what": "kernels" if cuda else "aten ops", "per_step": len(events) / steps,
+            "ms_per_step": sum(e.time_range.elapsed_us() for e in events) / steps / 1e3,
+            "top": [{"name": name[:120], "per_step": len(t) / steps, "ms_per_step": sum(t) / steps / 1e3}
+                    for name, t in ranked]}
 
 
 def main(argv=None):
@@ -125,6 +166,8 @@ def main(argv=None):
     p.add_argument("--graphs", action="store_true", help="replay every step from a CUDA graph (CUDA only)")
     p.add_argument("--precision", choices=["fp32", "tf32"], default="fp32",
                    help="tf32: CUDA matmuls and convolutions in TF32")
+    p.add_argument("--profile", action="store_true",
+                   help="also profile each variant's step: its kernels (CPU: aten operations), count and time")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     device = _scripts.device(args.device, args.precision, precisions=("fp32", "tf32"))
@@ -139,7 +182,7 @@ def main(argv=None):
     try:
         with _scripts.out_of_memory("choose a smaller --mlp-width, --vgg-width or --batch"):
             for name in args.models:
-                rows += measure(name, args, device, graphed=args.graphs)
+                rows += measure(name, args, device, graphed=args.graphs, profile=args.profile)
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
     env = {"device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
@@ -149,11 +192,21 @@ def main(argv=None):
     graphs = ", CUDA graphs" if args.graphs else ""
     print(f"# step time vs float Adam ({env['device']}, torch {env['torch']}, {env['threads']} threads, "
           f"batch {args.batch}, {args.steps} round-robin steps, {args.precision}{graphs})")
-    print(f"{'model':<5} {'variant':<20} {'median ms':>10} {'min ms':>9} {'ratio':>7}")
+    fused = any("ratio_fused" in r for r in rows)
+    print(f"{'model':<5} {'variant':<20} {'median ms':>10} {'min ms':>9} {'ratio':>7}"
+          + (f" {'vs fused':>9}" if fused else ""))
     for r in rows:
         eager = "  (capture failed: eager)" if args.graphs and not r["graphs"] else ""
+        vs_fused = f" {r['ratio_fused']:>9.3f}" if "ratio_fused" in r else ""
         print(f"{r['model']:<5} {r['variant']:<20} {r['median_ms']:>10.2f} {r['min_ms']:>9.2f} {r['ratio']:>7.3f}"
-              f"{eager}")
+              f"{vs_fused}{eager}")
+    for r in rows:
+        if "profile" in r:
+            prof = r["profile"]
+            print(f"\n{r['model']} {r['variant']}: {prof['per_step']:.0f} {prof['what']} per step, "
+                  f"{prof['ms_per_step']:.3f} ms of them per step")
+            for t in prof["top"]:
+                print(f"  {t['ms_per_step']:8.3f} ms  x{t['per_step']:<5g} {t['name']}")
     if args.json:
         _scripts.write_json(args.json, {"env": env, "rows": rows})
 

@@ -395,6 +395,7 @@ def test_allocator_refuses_bad_options(capsys, monkeypatch, argv, says):
     ("bench/train_step.py", "measure", []), ("bench/runtime.py", "bench_model", []),
     ("bench/onnx.py", "bench_model", []), ("bench/allocator.py", "build", []),
     ("bench/revisions.py", "base_runtime", ["HEAD"]), ("examples/paper_mnist.py", "run", []),
+    ("bench/compile_time.py", "fresh_process", []),
 ])
 @pytest.mark.parametrize("where", ["missing/x.json", ".", "x.json/"])
 def test_json_is_checked_before_the_benchmark(capsys, tmp_path, monkeypatch, script, work, argv, where):
