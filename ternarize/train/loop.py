@@ -524,8 +524,9 @@ def _optimizers(model, layers, config, capturable=False):
 
 def _adam(params, lr: float, capturable: bool) -> torch.optim.Adam:
     """Adam; ``capturable`` keeps its step count and bias corrections on the device (CUDA graphs).
-    On a GPU it is torch's fused Adam (one kernel for all parameters, where the default runs a
-    dozen over the list: on the paper MLP a graphed step is launch-bound). Its warning that a
+    On a GPU it is torch's fused Adam: one kernel that reads and writes each parameter's state
+    once, where the default runs a dozen kernels over the list (a graphed float step of the paper
+    MLP on an H200: 0.32 against 0.56 ms, BENCHMARKS.md). Its warning that a
     capturable Adam stepping outside a graph is slower is expected here: the warm-up steps and a
     short last batch run eagerly by design."""
     params = list(params)
@@ -726,8 +727,8 @@ _CHECKPOINT_KEYS = ("method", "mode", "batch_size", "seed", "init", "loss", "kee
 # settings a resumed run may change that steer the updates: they take effect, and are logged and recorded
 _TUNED_KEYS = ("rho", "lam", "lr", "distill_temperature", "distill_weight", "precision")
 # the optimizers' group entries that follow them (load_state_dict would restore the checkpoint's),
-# and Adam's capturable and fused, which follow this run's device and use of CUDA graphs, not the
-# checkpoint's (a fused Adam of a GPU run would not step on a CPU)
+# and Adam's capturable, fused and foreach, which follow this run's device and use of CUDA graphs,
+# not the checkpoint's (a GPU run's fused Adam resumes on a CPU as the CPU run's default Adam)
 _GROUP_KEYS = ("rho", "lam", "scale_lr", "lr", "capturable", "fused", "foreach")
 
 
