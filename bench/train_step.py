@@ -138,7 +138,8 @@ def kernel_profile(v: Variant, sync, steps: int = 5, top: int = 8) -> dict:
             v.run()
         sync()
     if cuda:
-        events = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
+        events = [e for e in prof.events()  # kernels and copies, not the ranges of user annotations
+                  if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False)]
     else:
         events = [e for e in prof.events() if e.name.startswith("aten::")
                   and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::"))]

@@ -177,15 +177,16 @@ def test_state_dict_round_trip_and_anneal():
     assert opt2.param_groups[0]["ema_decay"] == opt.param_groups[0]["ema_decay"]
 
 
-def test_step_updates_the_largest_tensor_first_and_each_as_if_alone(monkeypatch):
+@pytest.mark.parametrize("fused", [False, True])
+def test_step_updates_the_largest_tensor_first_and_each_as_if_alone(monkeypatch, fused):
     # the order is for a compiled update's one-time kernel tuning; results must not depend on it
     gen = torch.Generator().manual_seed(0)
     shapes = [(3, 5), (16, 9), (1, 4), (7, 7)]
     weights = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in shapes]
     alone = [torch.nn.Parameter(w.detach().clone()) for w in weights]
     groups = [{"params": [w], "scale": "learned" if i == 2 else "fixed"} for i, w in enumerate(weights)]
-    opt = MSA(groups, seed=1, fused=False)
-    singles = [MSA([{"params": [a], "scale": g["scale"]}], seed=1, fused=False) for a, g in zip(alone, groups)]
+    opt = MSA(groups, seed=1, fused=fused)
+    singles = [MSA([{"params": [a], "scale": g["scale"]}], seed=1, fused=fused) for a, g in zip(alone, groups)]
     for w, a, single in zip(weights, alone, singles):  # the same start: codes, M and scales
         a.data.copy_(w.data)
         single.state[a].update({k: v.clone() for k, v in opt.state[w].items()})

@@ -335,6 +335,44 @@ def test_paper_keeps_the_step_rows_of_settings_that_ran(monkeypatch):
     assert "failed: fp32 eager vgg: RuntimeError: out of / memory" in text
 
 
+def test_train_step_profiles_each_variant_and_paper_shows_both_ratios(capsys, tmp_path):
+    module = load("bench/train_step.py")
+    path = tmp_path / "step.json"
+    code, out, err = call(capsys, module, "--models", "mlp", "--mlp-width", "16", "--steps", "2", "--warmup", "0",
+                          "--no-compile", "--profile", "--json", path)
+    assert code == 0, err
+    rows = json.loads(path.read_text())["rows"]
+    assert [r["variant"] for r in rows] == ["float Adam", "MSA ternary eager", "MSA binary eager", "STE TWN"]
+    for r in rows:  # a CPU profile: the step's top-level aten operations
+        prof = r["profile"]
+        assert prof["what"] == "aten ops" and prof["per_step"] > 0 and prof["ms_per_step"] > 0
+        assert prof["top"] and all(t["name"].startswith("aten::") for t in prof["top"])
+        assert f"mlp {r['variant']}: {prof['per_step']:.0f} aten ops per step" in out
+    assert "aten::mm" in out or "aten::addmm" in out or "aten::linear" in out
+    paper = load("bench/paper.py")
+    fused = [{"model": "mlp", "variant": "float Adam fused", "graphs": True, "median_ms": 0.5, "ratio": 0.5,
+              "ratio_fused": 1.0, "precision": "tf32"}]
+    text = paper.markdown({"env": {"device": "gpu", "torch": "x", "date": "d"}, "steps": fused})
+    assert "| tf32 | yes | mlp | float Adam fused | 0.50 | 0.500 | 1.000 |" in text
+
+
+def test_compile_time_reports_the_spread_over_fresh_processes(capsys, monkeypatch, tmp_path):
+    module = load("bench/compile_time.py")
+    times = iter([0.4, 0.6, 0.5, 0.3, 0.3, 0.3])
+
+    def fresh(name, extra, device, args):
+        assert device == "cpu" and args.width == 8
+        return {"setting": name, "process_s": 2.0, "first_step_s": 1.0, "step_ms": next(times), "compiled": True}
+
+    monkeypatch.setattr(module, "fresh_process", fresh)
+    code, out, err = call(capsys, module, "--width", "8", "--repeat", "3", "--json", tmp_path / "c.json")
+    assert code == 0, err
+    assert "defaults: step ms over 3 processes: min 0.400, median 0.500, max 0.600 (max/min 1.50)" in out
+    assert "one compile thread: step ms over 3 processes: min 0.300, median 0.300, max 0.300 (max/min 1.00)" in out
+    rows = json.loads((tmp_path / "c.json").read_text())["rows"]
+    assert [r["setting"] for r in rows] == ["defaults"] * 3 + ["one compile thread"] * 3
+
+
 def test_gpu_sh_takes_relative_paths_from_the_caller_and_options_after_data(tmp_path):
     (tmp_path / "data").mkdir()
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}

@@ -526,7 +526,7 @@ def _adam(params, lr: float, capturable: bool) -> torch.optim.Adam:
     """Adam; ``capturable`` keeps its step count and bias corrections on the device (CUDA graphs).
     On a GPU it is torch's fused Adam: one kernel that reads and writes each parameter's state
     once, where the default runs a dozen kernels over the list (a graphed float step of the paper
-    MLP on an H200: 0.32 against 0.56 ms, BENCHMARKS.md). Its warning that a
+    MLP on an H200 in TF32: 0.32 against 0.56 ms, BENCHMARKS.md). Its warning that a
     capturable Adam stepping outside a graph is slower is expected here: the warm-up steps and a
     short last batch run eagerly by design."""
     params = list(params)
