@@ -358,9 +358,9 @@ def test_train_step_profiles_each_variant_and_paper_shows_both_ratios(capsys, tm
 
 def test_compile_time_reports_the_spread_over_fresh_processes(capsys, monkeypatch, tmp_path):
     module = load("bench/compile_time.py")
-    times = iter([0.4, 0.6, 0.5, 0.3, 0.3, 0.3])
+    times = iter([0.4, 0.6, 0.5, 0.3, 0.3, 0.3, 0.9, 0.9, 0.9])
 
-    def fresh(name, extra, device, args):
+    def fresh(name, setting, device, args):
         assert device == "cpu" and args.width == 8
         return {"setting": name, "process_s": 2.0, "first_step_s": 1.0, "step_ms": next(times), "compiled": True}
 
@@ -370,7 +370,7 @@ def test_compile_time_reports_the_spread_over_fresh_processes(capsys, monkeypatc
     assert "defaults: step ms over 3 processes: min 0.400, median 0.500, max 0.600 (max/min 1.50)" in out
     assert "one compile thread: step ms over 3 processes: min 0.300, median 0.300, max 0.300 (max/min 1.00)" in out
     rows = json.loads((tmp_path / "c.json").read_text())["rows"]
-    assert [r["setting"] for r in rows] == ["defaults"] * 3 + ["one compile thread"] * 3
+    assert [r["setting"] for r in rows] == ["defaults"] * 3 + ["one compile thread"] * 3 + ["first call on W x 784"] * 3
 
 
 def test_gpu_sh_takes_relative_paths_from_the_caller_and_options_after_data(tmp_path):
