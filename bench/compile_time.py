@@ -20,6 +20,7 @@ exit code 2.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import statistics
@@ -30,6 +31,10 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
+sys.path.insert(0, ROOT)  # the checkout's package: the child processes are given it too
+
+from ternarize import _scripts  # noqa: E402
+
 # name: (environment, which tensors the first call updates)
 SETTINGS = {"defaults": ({}, "all"), "one compile thread": ({"TORCHINDUCTOR_COMPILE_THREADS": "1"}, "all"),
             "first call on W x 784": ({}, "input")}
@@ -90,9 +95,6 @@ def fresh_process(name: str, setting: tuple, device: str, args) -> dict:
 
 
 def main(argv=None) -> int:
-    sys.path.insert(0, ROOT)
-    from ternarize import _scripts
-
     p = _scripts.parser(__file__, __doc__)
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
     p.add_argument("--mode", choices=["ternary", "binary"], default="ternary")
@@ -100,8 +102,8 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=_scripts.positive_int, default=20)
     p.add_argument("--repeat", type=_scripts.positive_int, default=1, help="fresh processes per setting")
     p.add_argument("--json", default=None)
-    p.add_argument("--child", action="store_true", help=_scripts.argparse.SUPPRESS)
-    p.add_argument("--first-call", choices=["all", "input"], default="all", help=_scripts.argparse.SUPPRESS)
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--first-call", choices=["all", "input"], default="all", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     device = _scripts.device(args.device, "fp32", precisions=("fp32",))
     if args.child:
@@ -128,7 +130,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, ROOT)
-    from ternarize import _scripts
-
     sys.exit(_scripts.main(main))
