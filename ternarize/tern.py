@@ -168,7 +168,7 @@ def _read_header(buf: bytes, header_len: int) -> dict:
                               f"at header offset {e.start}") from None
     try:
         obj = json.loads(text, object_pairs_hook=_unique_keys, parse_constant=_no_constant,
-                         parse_float=_finite_float)
+                         parse_float=_finite_float, parse_int=_double_int)
     except (ValueError, RecursionError) as e:  # RecursionError: nesting deeper than the parser's stack
         raise TernFormatError(f"header is not valid JSON: {str(e)[:120]}") from None
     _check_depth(raw)
@@ -195,6 +195,22 @@ def _finite_float(text: str) -> float:
     if not np.isfinite(value):
         raise TernFormatError(f"header number {text[:40]} is not finite")
     return value
+
+
+def _double_int(text: str) -> int:
+    value = int(text)
+    if not _fits_double(value):
+        raise TernFormatError(f"header integer of {len(text.lstrip('-'))} digits overflows a double")
+    return value
+
+
+def _fits_double(value: int) -> bool:
+    """Whether an integer is within a double's range (a reader in another language parses it as one)."""
+    try:
+        float(value)
+    except OverflowError:
+        return False
+    return True
 
 
 _JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.S)
@@ -401,9 +417,8 @@ def _check_graph(graph_obj: dict, metadata: dict, entries: list[TensorEntry]) ->
 
 @contextlib.contextmanager
 def _graph_errors():
-    """GraphError becomes TernFormatError. OverflowError too: graph.py's attribute check calls
-    math.isfinite on JSON integers, which overflows beyond 1e308 (reported upstream); and
-    RecursionError, should a deep value reach a recursive repr (the depth check prevents it)."""
+    """GraphError becomes TernFormatError; so do OverflowError and RecursionError, should a huge
+    number or a deep value reach the graph's checks (the header checks reject both first)."""
     try:
         yield
     except (GraphError, OverflowError, RecursionError) as e:
@@ -677,7 +692,8 @@ def _header_bytes(graph: Graph, metadata: dict, entries: list[TensorEntry]) -> b
 
 
 def _string_keys(obj: Any) -> None:
-    """json.dumps would turn a key 1 into "1" silently: the file would not hold what was given."""
+    """json.dumps would turn a key 1 into "1" silently: the file would not hold what was given. An
+    integer beyond a double's range would give a header that readers must reject (§3)."""
     stack = [obj]
     while stack:
         value = stack.pop()
@@ -688,6 +704,8 @@ def _string_keys(obj: Any) -> None:
             stack.extend(value.values())
         elif isinstance(value, (list, tuple)):
             stack.extend(value)
+        elif isinstance(value, (int, np.integer)) and not _fits_double(int(value)):
+            raise ValueError(f"an integer of {int(value).bit_length()} bits overflows a double")
 
 
 def write(graph: Graph, path, encodings: dict[str, str] | None = None, allow_lossy: bool = False, *,

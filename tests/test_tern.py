@@ -157,11 +157,18 @@ def test_write_refuses_an_invalid_graph_or_metadata(tmp_path):
     g.nodes[0].inputs[0] = "missing"
     with pytest.raises(GraphError, match="missing"):
         tern.write(g, tmp_path / "m.tern")
-    for bad in ({"x": float("nan")}, {"x": {1: "int key"}}, {"x": object()}):
+    for bad in ({"x": float("nan")}, {"x": {1: "int key"}}, {"x": object()}, {"x": [10**400]}):
         g = mlp()
         g.metadata = bad
         with pytest.raises(GraphError, match="canonical JSON"):
             tern.write(g, tmp_path / "m.tern")
+    g.metadata = {"x": [10**400]}
+    with pytest.raises(GraphError, match="an integer of 1329 bits overflows a double"):
+        tern.write(g, tmp_path / "m.tern")
+    g.metadata = {"x": [2**1023, -(2**1023)]}  # within a double's range: kept exactly
+    tern.write(g, tmp_path / "m.tern")
+    assert tern.read(tmp_path / "m.tern").metadata["x"] == [2**1023, -(2**1023)]
+    (tmp_path / "m.tern").unlink()
     assert not list(tmp_path.iterdir())
 
 

@@ -230,6 +230,12 @@ CASES = [
      r"header holds NaN"),
     ("overflowing number", lambda: raw_header(header_text().replace('"accuracy":0.5', '"accuracy":1e999').encode()),
      r"header number 1e999 is not finite"),
+    ("overflowing integer",
+     lambda: raw_header(header_text().replace('"accuracy":0.5', '"accuracy":' + "9" * 400).encode()),
+     r"header integer of 400 digits overflows a double"),
+    ("overflowing negative integer",
+     lambda: raw_header(header_text().replace('"accuracy":0.5', '"accuracy":-' + "1" + "0" * 309).encode()),
+     r"header integer of 310 digits overflows a double"),
     ("too deep", lambda: edit(_set(["metadata", "deep"], _nested(80))), r"nests deeper than 64"),
     ("not an object", lambda: raw_header(b"[]"), r"header must be a JSON object, got list"),
     ("unknown top-level field", lambda: edit(_set(["extra"], 1)), r"header has unknown field 'extra'"),
@@ -315,7 +321,8 @@ CASES = [
     ("table out of order", _swap_table_order,
      r"tensors\[0\]\.name is 'l1.s', expected 'l1.w' \(tensors are stored in the order the nodes first use"),
     ("graph field type", lambda: edit(_set(["graph", "nodes"], {})), r"graph: graph.nodes must be list"),
-    ("huge float attribute", lambda: edit(_set(["graph", "nodes", 3, "attrs", "max_val"], 10**400)), r"^graph: "),
+    ("huge integer attribute", lambda: edit(_set(["graph", "nodes", 3, "attrs", "max_val"], 10**400)),
+     r"header integer of 401 digits overflows a double"),
 ]
 
 
