@@ -7,7 +7,7 @@
 # with '-' and all after it go to bench/paper.py; --tiny runs a small configuration that finishes
 # on a CPU in about a minute. A bad argument is one line on stderr and exit code 2; a run that fails
 # before its first result removes the OUT folder it made, and one in which a step failed keeps the
-# others' results (exit code 1).
+# others' results (exit code 1). It runs `python3` (or $PYTHON), which must import torch and numpy.
 set -euo pipefail
 usage="usage: bench/gpu.sh DATA_ROOT [OUT] [--tiny]"
 fail() { echo "gpu.sh: $1" >&2; exit 2; }
@@ -29,6 +29,9 @@ done
 [[ $out == /* ]] || out=$PWD/$out
 [ -d "$data" ] || fail "DATA_ROOT $data is not a folder; give the folder that holds mnist/ and fashion-mnist/"
 if [ -e "$out" ] && [ ! -d "$out" ]; then fail "OUT $out is not a folder; choose another OUT"; fi
+py=${PYTHON:-python3}
+"$py" -c "import torch, numpy" 2>/dev/null \
+  || fail "$py cannot import torch and numpy; activate the environment that has them (or set PYTHON)"
 made=()  # the folders made here, deepest first: removed again when the run fails
 d=$out
 while [ ! -e "$d" ] && [ ! -L "$d" ]; do made+=("$d"); d=$(dirname "$d"); done
@@ -39,7 +42,7 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 rc=0
 # paper.log gets both streams; the terminal gets each on its own (errors stay on stderr)
 : > "$out/paper.log"
-{ python3 bench/paper.py --data-dir "$data" --out "$out" "$@" 2>&1 1>&3 3>&- \
+{ "$py" bench/paper.py --data-dir "$data" --out "$out" "$@" 2>&1 1>&3 3>&- \
     | tee -a "$out/paper.log" >&2; } 3>&1 | tee -a "$out/paper.log" || rc=$?
 # a run that failed before any result: nothing stays; one whose step failed keeps what it measured
 if [ "$rc" -ne 0 ] && [ ${#made[@]} -gt 0 ] && [ ! -e "$out/paper.json" ]; then

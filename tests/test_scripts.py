@@ -392,6 +392,26 @@ def test_gpu_sh_takes_relative_paths_from_the_caller_and_options_after_data(tmp_
     assert not (tmp_path / "out").exists()
 
 
+def test_gpu_sh_says_when_its_python_lacks_torch(tmp_path):
+    (tmp_path / "data").mkdir()
+    fake = tmp_path / "bin" / "python3"  # a python3 first on PATH whose imports all fail
+    fake.parent.mkdir()
+    fake.write_text("#!/bin/sh\nexit 1\n")
+    fake.chmod(0o755)
+    env = {**os.environ, "PATH": f"{fake.parent}{os.pathsep}{os.environ['PATH']}"}
+    env.pop("PYTHON", None)
+    proc = subprocess.run([str(ROOT / "bench" / "gpu.sh"), "data", "out"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and proc.stderr == ("gpu.sh: python3 cannot import torch and numpy; activate the "
+                                                    "environment that has them (or set PYTHON)\n"), proc.stderr
+    assert not (tmp_path / "out").exists()
+    env["PYTHON"] = sys.executable  # PYTHON names the interpreter: the run goes on to paper.py's own check
+    proc = subprocess.run([str(ROOT / "bench" / "gpu.sh"), "data", "out", "--tiny"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and f"not in {tmp_path}/data/mnist" in proc.stderr, proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
 # ---------------------------------------------------------------------- the other bench scripts
 
 
