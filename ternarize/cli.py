@@ -337,7 +337,7 @@ def compress(model, data_name, data_dir, out, arch, trust, val_fraction, resume,
 @click.option("--no-progress", is_flag=True, help="No progress bar (epoch lines only).")
 def demo(out, force, epochs, no_progress):
     """Compress the embedded default: an MLP trained in float on the 8x8 digits, which ship
-    with scikit-learn, so nothing is downloaded. Takes about 20 seconds on two CPU cores.
+    with scikit-learn, so nothing is downloaded. Takes 10–30 seconds on two CPU cores.
 
     Example: ternarize demo --out demo
     """
