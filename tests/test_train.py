@@ -187,6 +187,52 @@ def test_resume_refuses_other_settings_and_missing_checkpoint(float_mlp, digits,
                                                           resume=True, **QUIET), log=_silent)
 
 
+def _first_param_state(state):
+    return next(iter(state["discrete_opt"]["state"].values()))
+
+
+# (what is damaged, the edit, the refusal)
+DAMAGED = [
+    ("config", lambda s: s.update(config=[1]), "its config is not a mapping"),
+    ("epoch a string", lambda s: s.update(epoch="x"), "its epoch is 'x', not a count"),
+    ("epoch negative", lambda s: s.update(epoch=-5), "its epoch is '-5', not a count"),
+    ("epoch a bool", lambda s: s.update(epoch=True), "its epoch is 'True', not a count"),
+    ("model", lambda s: s.update(model={"w": 1}), "its model is not a state dict of tensors"),
+    ("optimizer", lambda s: s.update(discrete_opt={"state": 1}), "its discrete_opt is not an optimizer's state"),
+    ("adam", lambda s: s.update(adam=[]), "its adam is not an optimizer's state"),
+    ("history a string", lambda s: s.update(history="abc"), "its history does not hold one record for each of its 2"),
+    ("history short", lambda s: s["history"].pop(), "its history does not hold one record for each of its 2"),
+    ("history record", lambda s: s["history"][1].update(seconds="1"), "its history record 2 is not an epoch's record"),
+    ("history NaN", lambda s: s["history"][0].update(test_acc=float("nan")), "its history record 1 is not"),
+    ("rng", lambda s: s.update(rng=torch.zeros(5, dtype=torch.uint8)), "its random number generator state is not one"),
+    ("resumed", lambda s: s.update(resumed=5), "its list of resumes is not one"),
+    ("msa state keys", lambda s: s["discrete_opt"]["state"].update({0: {"x": 1}}),
+     r"its optimizer state M of a \(64, 64\) parameter is not a tensor of shape \(64, 64\)"),
+    ("msa state shape", lambda s: _first_param_state(s).update(scale=torch.zeros(3)),
+     r"its optimizer state scale of a \(64, 64\) parameter is not a tensor of shape \(64,\)"),
+    ("msa setting", lambda s: s["discrete_opt"]["param_groups"][0].update(ema_decay="a"),
+     "its optimizer setting ema_decay is 'a'"),
+    ("msa mode", lambda s: s["discrete_opt"]["param_groups"][0].update(mode="quinary"),
+     "its optimizer setting mode is 'quinary'"),
+    ("adam state", lambda s: next(iter(s["adam"]["state"].values())).update(exp_avg=torch.zeros(2)),
+     r"its optimizer state exp_avg of a \(64,\) parameter is not a tensor of shape \(64,\)"),
+    ("adam step", lambda s: next(iter(s["adam"]["state"].values())).update(step=torch.zeros(2)),
+     "an Adam step count is not a number"),
+]
+
+
+@pytest.mark.parametrize("what, damage, says", DAMAGED, ids=[d[0] for d in DAMAGED])
+def test_resume_refuses_a_damaged_checkpoint_in_one_line(float_mlp, digits, tmp_path, what, damage, says):
+    ck = str(tmp_path / "c.pt")
+    config = dict(epochs=3, batch_size=50, checkpoint=ck, **QUIET)
+    fit(copy.deepcopy(float_mlp), digits, TrainConfig(**{**config, "epochs": 2}), log=_silent)
+    state = torch.load(ck, weights_only=True)
+    damage(state)
+    torch.save(state, ck)
+    with pytest.raises(ConfigError, match=rf"^the checkpoint {ck} is damaged \({says}.*; delete it to start over$"):
+        fit(copy.deepcopy(float_mlp), digits, TrainConfig(resume=True, **config), log=_silent)
+
+
 def test_resume_with_changed_settings_applies_warns_and_records_them(float_mlp, digits, tmp_path, monkeypatch):
     ck = str(tmp_path / "c.pt")
     fit(copy.deepcopy(float_mlp), digits, TrainConfig(epochs=1, checkpoint=ck, **QUIET), log=_silent)

@@ -778,6 +778,7 @@ def _load_checkpoint(config, origin=None) -> dict:
         raise ConfigError(f"the checkpoint {path} cannot be read ({type(e).__name__}); delete it to start over") from e
     if not isinstance(state, dict) or state.get("format") != "ternarize-checkpoint":
         raise ConfigError(f"{path} is not a ternarize training checkpoint")
+    _check_checkpoint(state, path)
     saved = state["config"]
     mine = config.to_json()
     for key in _CHECKPOINT_KEYS:
@@ -790,6 +791,91 @@ def _load_checkpoint(config, origin=None) -> dict:
             raise ConfigError(f"the checkpoint {path} was made from {what}; resume with the same model file, "
                               "--data and --val-fraction, or start over")
     return state
+
+
+def _damaged(path, what: str) -> ConfigError:
+    return ConfigError(f"the checkpoint {path} is damaged ({what}); delete it to start over")
+
+
+def _finite_number(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_checkpoint(state: dict, path) -> None:
+    """The fields a resume reads, each of the type and size ``_save_checkpoint`` writes (the
+    optimizers' per-parameter state is checked once loaded, by ``_check_optimizer``)."""
+    def need(ok: bool, what: str) -> None:
+        if not ok:
+            raise _damaged(path, what)
+
+    need(isinstance(state.get("config"), dict), "its config is not a mapping")
+    epoch = state.get("epoch")
+    need(isinstance(epoch, int) and not isinstance(epoch, bool) and epoch >= 0,
+         f"its epoch is {str(epoch)[:40]!r}, not a count")
+    model = state.get("model")
+    need(isinstance(model, dict) and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in model.items()),
+         "its model is not a state dict of tensors")
+    for key in ("discrete_opt", "adam"):
+        opt = state.get(key)
+        need((opt is None and key == "adam") or (
+            isinstance(opt, dict) and isinstance(opt.get("state"), dict) and isinstance(opt.get("param_groups"), list)
+            and all(isinstance(g, dict) for g in opt["param_groups"])), f"its {key} is not an optimizer's state")
+    history = state.get("history")
+    need(isinstance(history, list) and len(history) == epoch + 1,
+         f"its history does not hold one record for each of its {epoch + 1} epochs")
+    for i, rec in enumerate(history):
+        need(isinstance(rec, dict) and rec.get("epoch") == i + 1
+             and all(_finite_number(rec.get(k)) for k in ("train_loss", "test_loss", "test_acc", "seconds")),
+             f"its history record {i + 1} is not an epoch's record")
+    rng, ours = state.get("rng"), torch.get_rng_state()
+    need(isinstance(rng, torch.Tensor) and rng.dtype == ours.dtype and rng.shape == ours.shape,
+         "its random number generator state is not one")
+    resumed = state.get("resumed")
+    need(resumed is None or (isinstance(resumed, list) and all(isinstance(r, dict) for r in resumed)),
+         "its list of resumes is not one")
+
+
+def _layout(opt) -> tuple[list, list]:
+    """What a loaded optimizer state must match: per group its settings, per parameter the shape
+    of each tensor the optimizer keeps (MSA's, made at construction; Adam's, empty before a step)."""
+    groups = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
+    tensors = [{k: tuple(v.shape) for k, v in opt.state.get(p, {}).items() if isinstance(v, torch.Tensor)}
+               for g in opt.param_groups for p in g["params"]]
+    return groups, tensors
+
+
+_ADAM_STATE = ("exp_avg", "exp_avg_sq")  # Adam keeps these, of the parameter's shape, and a step count
+
+
+def _check_optimizer(opt, layout, path) -> None:
+    """After ``load_state_dict``: the groups' settings of the types this run's have (strings equal:
+    they follow the checked config), and every per-parameter tensor there and of its shape."""
+    groups, tensors = layout
+    for group, ref in zip(opt.param_groups, groups):
+        for key, mine in ref.items():
+            if key not in group:
+                continue  # torch fills in settings that older checkpoints lack
+            theirs = group[key]
+            ok = (_finite_number(theirs) if _finite_number(mine) else
+                  isinstance(theirs, bool) if isinstance(mine, bool) else
+                  theirs == mine if isinstance(mine, str) else True)
+            if not ok:
+                raise _damaged(path, f"its optimizer setting {key} is {str(theirs)[:40]!r}")
+    params = [p for g in opt.param_groups for p in g["params"]]
+    for p, ref in zip(params, tensors):
+        state = opt.state.get(p, {})
+        if isinstance(opt, torch.optim.Adam) and state:
+            ref = {k: tuple(p.shape) for k in _ADAM_STATE}
+            step = state.get("step")
+            if not (_finite_number(step) or isinstance(step, torch.Tensor) and step.numel() == 1):
+                raise _damaged(path, "an Adam step count is not a number")
+        for key, shape in ref.items():
+            if key == "M_err" and key not in state:
+                continue  # a checkpoint from before the compensated sum: MSA starts its carry at zero
+            value = state.get(key)
+            if not (isinstance(value, torch.Tensor) and tuple(value.shape) == shape):
+                raise _damaged(path, f"its optimizer state {key} of a {tuple(p.shape)} parameter is not a tensor "
+                                     f"of shape {shape}")
 
 
 def _load_state(target, state, path) -> None:
@@ -833,7 +919,9 @@ def _restore(state, discrete_opt, adam, result, config, log, dist) -> int:
         if opt is None or saved_opt is None:
             continue
         ours = [{k: g[k] for k in _GROUP_KEYS if k in g} for g in opt.param_groups]
+        layout = _layout(opt)
         _load_state(opt, saved_opt, config.checkpoint)
+        _check_optimizer(opt, layout, config.checkpoint)
         for group, values in zip(opt.param_groups, ours):
             group.update(values)
         if isinstance(opt, torch.optim.Adam):
