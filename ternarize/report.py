@@ -97,8 +97,8 @@ class Report:
         t = self.totals
         text = (f"{_size(t['tern_bytes'])} .tern ({t['compression_tern']:.1f}x smaller than float32), "
                 f"{_pct(t['nonzero_fraction'])} non-zero discrete weights, "
-                f"{t['bits_per_discrete_weight']:.3f} bits/weight "
-                f"(entropy {t['entropy_bits_per_discrete_weight']:.3f})")
+                f"{_bits(t['bits_per_discrete_weight'])} bits/weight "
+                f"(entropy {_bits(t['entropy_bits_per_discrete_weight'])})")
         if self.accuracy.get("runtime") is not None:
             text += f", accuracy {_pct(self.accuracy['runtime'])}"
             if self.accuracy.get("float") is not None:

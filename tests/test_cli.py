@@ -399,3 +399,15 @@ def test_run_scales_uint8_pixels_as_the_datasets_are(tmp_path):
     np.save(tmp_path / "wrong.npy", pixels[:, :, :4])  # the note waits until the inputs fit the model
     wrong = invoke("run", conv, "--input", tmp_path / "wrong.npy")
     assert wrong.exit_code == 2 and len(wrong.stderr.strip().splitlines()) == 1 and "uint8" not in wrong.stderr
+
+
+def test_report_of_a_model_without_discrete_layers(tmp_path):
+    from ternarize import lower, tern
+
+    model = zoo.create("mlp", in_shape=(1, 8, 8), width=16, depth=1).eval()
+    path = tmp_path / "float.tern"
+    tern.write(lower(model, torch.zeros(1, 1, 8, 8), discrete={}), path)
+    result = invoke("report", path, "--out", tmp_path / "rep")
+    assert result.exit_code == 0, result.output
+    assert "non-zero discrete weights" in result.output and "- bits/weight (entropy -)" in result.output
+    assert sorted(p.name for p in (tmp_path / "rep").iterdir()) == ["layers.png", "report.json", "report.md"]
