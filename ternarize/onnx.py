@@ -166,9 +166,13 @@ def export(graph: Graph, path, compat: bool = False, *, binary: str = "bits", co
         raise ExportError(f"binary={binary!r} is not an encoding; use 'bits' or 'dense'")
     shapes = graph.validate()
     builder = _Builder(graph, shapes, compat, binary, compact)
+    _check_size(graph, builder, compat)
     model = builder.build()
     _check(model, graph, shapes)
-    data = model.SerializeToString(deterministic=True)
+    try:
+        data = model.SerializeToString(deterministic=True)
+    except Exception as e:  # protobuf's EncodeError (its class differs between implementations)
+        raise ExportError(f"the ONNX model cannot be serialized ({type(e).__name__}: {str(e)[:80]})") from e
     atomic_write(Path(path), data, create=not overwrite)
     return ExportInfo(str(path), len(data), builder.opset, model.ir_version, dict(builder.encodings),
                       _nonzero(graph), len(model.graph.node))
@@ -180,6 +184,25 @@ def _nonzero(graph: Graph) -> float | None:
     if not total:
         return None
     return sum(int(np.count_nonzero(graph.consts[n].data)) for n in names) / total
+
+
+_CODE_BYTES = {"int8": lambda n: n, "int2": lambda n: -(-n // 4), "bits": lambda n: -(-n // 8),
+               "base3": lambda n: -(-n // 5)}
+
+
+def _check_size(graph: Graph, builder: _Builder, compat: bool) -> None:
+    """Refuse, before building anything, a model whose constants alone pass protobuf's limit."""
+    total = 0
+    for name, c in graph.consts.items():
+        encoding = builder.encodings.get(name)
+        if encoding is None:
+            total += c.data.nbytes
+        else:
+            total += builder.streams[name].size if encoding == "sparse" else _CODE_BYTES[encoding](c.data.size)
+    if total > MAX_PROTO:
+        hint = ("; without --compat its ternary codes take 2 bits each instead of 8" if compat else
+                "; the .tern file holds it")
+        raise ExportError(f"the ONNX model's constants would take {total} bytes, over protobuf's 2 GiB limit{hint}")
 
 
 def _check(model: onnx.ModelProto, graph: Graph, shapes: dict) -> None:

@@ -302,6 +302,20 @@ def test_write_is_atomic(tmp_path, monkeypatch):
     assert sorted(os.listdir(tmp_path)) == ["m.onnx"]
 
 
+def test_a_model_over_protobufs_limit_is_refused_before_it_is_built(tmp_path, monkeypatch):
+    theta = rand_codes((64, 64))  # 4096 codes: 1024 bytes as INT2, 4096 as int8, plus 512 of scale and bias
+    built = []
+    monkeypatch.setattr(tonnx._Builder, "build", lambda self: built.append(1))
+    monkeypatch.setattr(tonnx, "MAX_PROTO", 4096)
+    with pytest.raises(ExportError, match=r"constants would take 4608 bytes, over protobuf's 2 GiB limit; "
+                                          r"without --compat its ternary codes take 2 bits each"):
+        tonnx.export(linear_graph(theta), tmp_path / "m.onnx", compat=True)
+    monkeypatch.setattr(tonnx, "MAX_PROTO", 1024)
+    with pytest.raises(ExportError, match=r"constants would take 1536 bytes, .*; the \.tern file holds it"):
+        tonnx.export(linear_graph(theta), tmp_path / "m.onnx")
+    assert not built and not os.listdir(tmp_path)
+
+
 def test_unexpressible_nodes_raise_export_error(tmp_path, monkeypatch):
     g = make_graph((4,), [Node("leaky_relu", "act", ["input"], ["output"], {"alpha": 1e39})], {})
     with pytest.raises(ExportError, match=r"'act' \(leaky_relu\).*alpha"):
