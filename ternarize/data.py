@@ -1063,6 +1063,7 @@ def fetch(name: str, data_dir: str | os.PathLike | None = None, download: bool =
         for stale in folder.glob(".*.tmp.*"):  # left by an interrupted earlier fetch
             if stale.is_file():
                 stale.unlink()
+        _check_targets(spec, folder)
         _FETCHERS[spec.name](spec, folder, download, log)
         verify_checksums(spec.name, data_dir)
     except BaseException:
@@ -1070,6 +1071,17 @@ def fetch(name: str, data_dir: str | os.PathLike | None = None, download: bool =
         raise
     log(f"{spec.name}: ready in {folder}")
     return folder
+
+
+def _check_targets(spec: _Spec, folder: Path) -> None:
+    """Before anything is fetched: no folder (or other non-file) where a data file goes, so that a
+    fetch does not stop half-way, with some files written."""
+    for file in {**spec.md5, **spec.extra}:
+        for name in (file, file + ".gz"):
+            path = folder / name
+            if path.is_dir() or (path.exists() and not path.is_file()):
+                raise OutputError(f"{path} is in the way: it is {'a folder' if path.is_dir() else 'not a file'} "
+                                  f"where fetch puts a data file; remove it, or choose another --data-dir")
 
 
 def _digits_folder() -> Path:

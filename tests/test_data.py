@@ -11,6 +11,7 @@ import hashlib
 import io
 import os
 import pickle
+import re
 import subprocess
 import sys
 import tarfile
@@ -22,7 +23,7 @@ import numpy as np
 import pytest
 
 from ternarize import data
-from ternarize.errors import ConfigError, DataError
+from ternarize.errors import ConfigError, DataError, OutputError
 
 IDX_NAMES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
              "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
@@ -660,6 +661,24 @@ def test_fetch_copies_from_the_debian_folder(tmp_path, monkeypatch):
     data.fetch("fashion-mnist", data_dir=root, log=lines.append)
     assert lines[-1].startswith("fashion-mnist: already present and verified")
     assert data.verify_checksums("fashion-mnist", root) == {n + ".gz": md5[n] for n in IDX_NAMES}
+
+
+@pytest.mark.parametrize("blocked", ["t10k-labels-idx1-ubyte", "train-images-idx3-ubyte.gz"])
+def test_fetch_refuses_a_folder_where_a_file_goes_before_writing_any(tmp_path, monkeypatch, blocked):
+    system = tmp_path / "usr-share"
+    arrays = make_idx_dataset(system, folder="fashion-mnist", gz=True)
+    md5 = {name: hashlib.md5(idx_bytes(arr)).hexdigest() for name, arr in arrays.items()}
+    monkeypatch.setitem(data._SPECS, "fashion-mnist", replace(data._SPECS["fashion-mnist"], md5=md5))
+    monkeypatch.setattr(data, "FASHION_SYSTEM_DIR", system / "fashion-mnist")
+    root = tmp_path / "root"
+    (root / "fashion-mnist" / blocked).mkdir(parents=True)
+    with pytest.raises(OutputError, match=rf"^{re.escape(str(root / 'fashion-mnist' / blocked))} is in the way: it "
+                                          r"is a folder where fetch puts a data file; remove it, or choose another "
+                                          r"--data-dir$"):
+        data.fetch("fashion-mnist", data_dir=root, log=lambda s: None)
+    assert os.listdir(root / "fashion-mnist") == [blocked]
+    (root / "fashion-mnist" / blocked).rmdir()
+    assert data.fetch("fashion-mnist", data_dir=root, log=lambda s: None) == root / "fashion-mnist"
 
 
 def test_verify_checksums_reports_mismatch(tmp_path):
