@@ -487,7 +487,10 @@ def _refused_global(e: BaseException) -> str | None:
 
 
 def _load_allowing(p: Path, allowed: list):
-    with _safe_globals(allowed):
+    with _safe_globals(allowed), warnings.catch_warnings():
+        # torch warns (two lines) that a plain pickle of another protocol may not load; the refusal
+        # or the load that follows says what matters
+        warnings.filterwarnings("ignore", message=r"Detected pickle protocol")
         return torch.load(p, map_location="cpu", weights_only=True)
 
 

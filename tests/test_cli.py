@@ -96,6 +96,8 @@ def files(tmp_path):
         pickle.dump(Evil(), f)
     with open(d / "evil2.pkl", "wb") as f:  # the same at torch.save's protocol
         pickle.dump(Evil(), f, protocol=2)
+    with open(d / "evil3.pkl", "wb") as f:  # torch warns (two lines) when it reads another protocol
+        pickle.dump(Evil(), f, protocol=3)
     # corrupted MNIST folders: wrong magic in the training images; label count ≠ image count
     for name, magic, labels in (("badmagic", [0, 0, 8, 9], 2), ("badcount", [0, 0, 8, 3], 3)):
         bad = d / name / "mnist"
@@ -118,6 +120,7 @@ BAD_INPUT = [
     ("evil.pt", ["--data", "digits"], "posix.system.*--trust"),
     ("evil.pkl", ["--data", "digits"], r"saved with pickle protocol [45], which torch.s safe loader cannot read"),
     ("evil2.pkl", ["--data", "digits"], "posix.system.*--trust"),
+    ("evil3.pkl", ["--data", "digits"], "posix.system.*--trust"),
     ("good.pt", ["--data", "imagenet"], "unknown dataset 'imagenet'"),
     ("good.pt", ["--data", "mnist", "--data-dir", "{d}/badmagic"], "train-images-idx3-ubyte.*(magic|type)"),
     ("good.pt", ["--data", "mnist", "--data-dir", "{d}/badcount"], "3 labels.*2 images|labels.*images"),
@@ -411,3 +414,21 @@ def test_report_of_a_model_without_discrete_layers(tmp_path):
     assert result.exit_code == 0, result.output
     assert "non-zero discrete weights" in result.output and "- bits/weight (entropy -)" in result.output
     assert sorted(p.name for p in (tmp_path / "rep").iterdir()) == ["layers.png", "report.json", "report.md"]
+
+
+def test_a_pickle_of_another_protocol_is_refused_without_torchs_warning(files, tmp_path, monkeypatch):
+    import warnings
+
+    d, marker = files
+    monkeypatch.setenv("EVIL_MARKER", str(marker))
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "checkpoint.pt").write_bytes((d / "evil3.pkl").read_bytes())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        refused = invoke("compress", d / "evil3.pkl", "--data", "digits", "--out", tmp_path / "o", "--no-progress")
+        resumed = invoke("compress", d / "good.pt", "--data", "digits", "--out", out, "--resume", "--no-progress")
+    assert refused.exit_code == 2 and "posix.system" in refused.stderr, refused.output
+    assert resumed.exit_code == 2 and "cannot be read (UnpicklingError)" in resumed.stderr, resumed.output
+    assert [str(w.message) for w in caught if "pickle protocol" in str(w.message)] == []
+    assert not marker.exists()

@@ -31,6 +31,7 @@ import math
 import numbers
 import os
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -773,7 +774,9 @@ def _load_checkpoint(config, origin=None) -> dict:
     if not os.path.isfile(path):
         raise ConfigError(f"there is no checkpoint to resume at {path}; run without --resume to start")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # a plain pickle's protocol warning: the refusal below says it
+            warnings.filterwarnings("ignore", message=r"Detected pickle protocol")
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise ConfigError(f"the checkpoint {path} cannot be read ({type(e).__name__}); delete it to start over") from e
     if not isinstance(state, dict) or state.get("format") != "ternarize-checkpoint":
