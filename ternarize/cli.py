@@ -3,6 +3,8 @@
 Each command parses its options, calls one library function and prints. Errors from the
 ``ternarize.Error`` family, failures of the operating system (``OSError``) and click's usage errors
 become one line on stderr and exit code 2; ``--debug`` adds the traceback (never for usage errors).
+Output to a pipe whose reader has gone ends the command quietly with exit code 141, as SIGPIPE would
+(``verify`` still exits 0 or 1 for sound or not).
 A group run without its command prints its help and exits with code 2. Text taken from a file or
 a path is printed with control characters escaped and never read as rich markup.
 """
@@ -90,8 +92,38 @@ def _not_utf8(args) -> str | None:
     return None
 
 
+def _quiet_stdout() -> None:
+    """Standard output is a pipe whose reader has gone (``ternarize inspect F | head -1``): what is
+    still printed goes nowhere, so that neither a later write nor the flush at exit fails."""
+    with contextlib.suppress(OSError, ValueError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+
+
+def _stdout_console(**kwargs):
+    """A rich Console on standard output whose closed pipe ends the command as ``_Group.invoke``
+    says (rich itself would exit with 1)."""
+    from rich.console import Console
+
+    class _Console(Console):
+        def on_broken_pipe(self) -> None:
+            raise BrokenPipeError
+
+    return _Console(**kwargs)
+
+
 class _Group(click.Group):
     """A click group whose errors are one line: what is wrong and what to do."""
+
+    def invoke(self, ctx):
+        """A command whose reader stopped reading (a closed pipe) ends quietly with exit code 141, as
+        one ended by SIGPIPE does (click would exit with 1, which ``verify`` uses for "not sound")."""
+        try:
+            return super().invoke(ctx)
+        except BrokenPipeError:
+            _quiet_stdout()
+            sys.exit(141)
 
     def main(self, args=None, prog_name=None, **extra):
         args = list(sys.argv[1:] if args is None else args)
@@ -348,12 +380,11 @@ def demo(out, force, epochs, no_progress):
 
 
 def _print_report(rep) -> None:
-    from rich.console import Console
     from rich.text import Text
 
-    console = Console()
+    console = _stdout_console()
     if not console.is_terminal:  # piped or captured: no terminal width to respect
-        console = Console(width=160)
+        console = _stdout_console(width=160)
     layers, totals = rep.rich_tables()
     for table in (layers, totals):
         _print_whole(console, table)
@@ -402,7 +433,6 @@ def inspect(file, as_json):
 
     Example: ternarize inspect out/model.tern
     """
-    from rich.console import Console
     from rich.table import Table
     from rich.text import Text
 
@@ -415,7 +445,7 @@ def inspect(file, as_json):
                     "graph": tf.header["graph"], "metadata": tf.metadata, "tensors": tensors})
         return
     g = tf.header["graph"]
-    console = Console()
+    console = _stdout_console()
 
     def say(line: str) -> None:  # names come from the file: Text is never read as markup
         console.print(Text(_printable(line)), soft_wrap=True)  # a long line stays one line
@@ -448,15 +478,17 @@ def verify(file, as_json):
     from . import tern
 
     results = tern.verify(_existing_file(file, ".tern file"))
-    if as_json:
-        sound = all(ok for _, ok, _ in results)
-        _echo_json({"file": file, "sound": sound, "checks": [{"check": name, "ok": ok, "message": message}
-                                                              for name, ok, message in results]})
-        sys.exit(0 if sound else 1)
-    for name, ok, message in results:
-        click.echo(f"{'ok  ' if ok else 'FAIL'} {name}" + (f": {_one_line(message)}" if not ok else ""))
     sound = all(ok for _, ok, _ in results)
-    click.echo(f"{_printable(file)}: {'sound' if sound else 'NOT sound'}")
+    try:
+        if as_json:
+            _echo_json({"file": file, "sound": sound, "checks": [{"check": name, "ok": ok, "message": message}
+                                                                  for name, ok, message in results]})
+            sys.exit(0 if sound else 1)
+        for name, ok, message in results:
+            click.echo(f"{'ok  ' if ok else 'FAIL'} {name}" + (f": {_one_line(message)}" if not ok else ""))
+        click.echo(f"{_printable(file)}: {'sound' if sound else 'NOT sound'}")
+    except BrokenPipeError:  # the reader stopped (| head -1): the exit code still says whether it is sound
+        _quiet_stdout()
     sys.exit(0 if sound else 1)
 
 

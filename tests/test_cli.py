@@ -432,3 +432,20 @@ def test_a_pickle_of_another_protocol_is_refused_without_torchs_warning(files, t
     assert resumed.exit_code == 2 and "cannot be read (UnpicklingError)" in resumed.stderr, resumed.output
     assert [str(w.message) for w in caught if "pickle protocol" in str(w.message)] == []
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("args, code", [
+    (["verify", "conv.tern"], 0), (["verify", "conv.tern", "--json"], 0), (["verify", "bad.tern"], 1),
+    (["inspect", "conv.tern"], 141), (["report", "conv.tern"], 141), (["inspect", "conv.tern", "--json"], 141),
+])
+def test_a_closed_pipe_ends_quietly(tmp_path, args, code):
+    """The reader of standard output has gone before anything is printed (``| head -0``): no message,
+    verify's exit code still says whether the file is sound, the others exit as SIGPIPE would."""
+    data = (ROOT_GOLDEN / "conv.tern").read_bytes()
+    (tmp_path / "conv.tern").write_bytes(data)
+    (tmp_path / "bad.tern").write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
+    proc = subprocess.Popen([sys.executable, "-m", "ternarize", *args], cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    proc.stdout.close()  # before the interpreter has started: every write meets a closed pipe
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == code and err == "", err
