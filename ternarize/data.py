@@ -247,7 +247,11 @@ def data_root(data_dir: str | os.PathLike | None = None) -> Path:
         return Path(data_dir).expanduser()
     env = os.environ.get("TERNARIZE_DATA")
     if env:
-        return Path(env).expanduser()
+        root = Path(env).expanduser()
+        if root.exists() and not root.is_dir():
+            raise ConfigError(f"TERNARIZE_DATA is {env!r}, which is not a folder; point it at a folder for the "
+                              "datasets, or unset it")
+        return root
     cache = os.environ.get("XDG_CACHE_HOME")
     # the XDG spec says a relative XDG_CACHE_HOME is invalid and must be ignored
     base = Path(cache) if cache and os.path.isabs(cache) else Path.home() / ".cache"

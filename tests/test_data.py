@@ -188,6 +188,12 @@ def test_data_root_precedence(tmp_path, monkeypatch):
     monkeypatch.setenv("TERNARIZE_DATA", str(tmp_path / "env"))
     assert data.data_root() == tmp_path / "env"
     assert data.data_root(tmp_path / "arg") == tmp_path / "arg"
+    (tmp_path / "afile").write_text("")
+    monkeypatch.setenv("TERNARIZE_DATA", str(tmp_path / "afile"))
+    with pytest.raises(ConfigError, match=rf"^TERNARIZE_DATA is '{re.escape(str(tmp_path))}/afile', which is not a "
+                                          r"folder; point it at a folder for the datasets, or unset it$"):
+        data.data_root()
+    assert data.data_root(tmp_path / "arg") == tmp_path / "arg"  # --data-dir wins, as always
 
 
 def test_missing_dataset_names_files_and_fetch_command(tmp_path):
