@@ -537,6 +537,11 @@ def run(file, input_path, data_name, data_dir, output, sparse, force, as_json):
         if tuple(ds.in_shape) != tuple(model.input_shape):
             raise ConfigError(f"{file} takes inputs of shape {list(model.input_shape)} and {ds.name} has "
                               f"{list(ds.in_shape)}; give the dataset the model was trained on")
+        scores = tuple(model.shapes[model.graph.outputs[0]][1:])
+        if scores != (ds.num_classes,):
+            raise ConfigError(f"{file} gives outputs of shape {list(scores)} per input, not scores for the "
+                              f"{ds.num_classes} classes of {ds.name}; give the dataset the model was trained on, or "
+                              "run it on --input x.npy")
         with _progress_bar(f"running {ds.name}") as advance:
             acc = model.accuracy(ds.x_test, ds.y_test, batch=model.fitting_batch(RUN_BATCH), progress=advance)
         if as_json:

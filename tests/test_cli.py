@@ -234,6 +234,21 @@ def test_run_on_a_dataset_of_another_input_shape_says_so():
     assert "mixed.tern takes inputs of shape [64] and digits has [1, 8, 8]; give the dataset" in result.stderr
 
 
+def test_run_on_a_dataset_whose_classes_the_model_does_not_score_says_so(tmp_path):
+    from ternarize import lower, tern
+
+    for name, model, shape in (("image", torch.nn.Sequential(torch.nn.Conv2d(1, 1, 3, padding=1)), [1, 8, 8]),
+                               ("five", zoo.create("mlp", in_shape=(1, 8, 8), width=16, depth=1, num_classes=5),
+                                [5])):
+        path = tmp_path / f"{name}.tern"
+        tern.write(lower(model.eval(), torch.zeros(1, 1, 8, 8), discrete={}), path)
+        result = invoke("run", path, "--data", "digits")
+        assert result.exit_code == 2, result.output
+        assert result.stderr == (f"ternarize: {path} gives outputs of shape {shape} per input, not scores for the 10 "
+                                 "classes of digits; give the dataset the model was trained on, or run it on --input "
+                                 "x.npy\n")
+
+
 def test_run_shows_progress_on_a_terminal_only(monkeypatch):
     conv = os.path.join(GOLDEN, "conv.tern")
     for name in ("FORCE_COLOR", "TTY_COMPATIBLE", "TTY_INTERACTIVE"):
