@@ -800,8 +800,12 @@ def _damaged(path, what: str) -> ConfigError:
     return ConfigError(f"the checkpoint {path} is damaged ({what}); delete it to start over")
 
 
+def _number(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
 def _finite_number(value) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+    return _number(value) and math.isfinite(value)
 
 
 def _check_checkpoint(state: dict, path) -> None:
@@ -827,8 +831,8 @@ def _check_checkpoint(state: dict, path) -> None:
     need(isinstance(history, list) and len(history) == epoch + 1,
          f"its history does not hold one record for each of its {epoch + 1} epochs")
     for i, rec in enumerate(history):
-        need(isinstance(rec, dict) and rec.get("epoch") == i + 1
-             and all(_finite_number(rec.get(k)) for k in ("train_loss", "test_loss", "test_acc", "seconds")),
+        need(isinstance(rec, dict) and rec.get("epoch") == i + 1 and _finite_number(rec.get("seconds"))
+             and all(_number(rec.get(k)) for k in ("train_loss", "test_loss", "test_acc")),
              f"its history record {i + 1} is not an epoch's record")
     rng, ours = state.get("rng"), torch.get_rng_state()
     need(isinstance(rng, torch.Tensor) and rng.dtype == ours.dtype and rng.shape == ours.shape,
