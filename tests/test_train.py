@@ -234,6 +234,23 @@ def test_resume_refuses_a_damaged_checkpoint_in_one_line(float_mlp, digits, tmp_
         fit(copy.deepcopy(float_mlp), digits, TrainConfig(resume=True, **config), log=_silent)
 
 
+def test_a_cpu_checkpoint_resumes_with_a_fused_adam(float_mlp, digits, tmp_path, monkeypatch):
+    """On a GPU Adam is fused; a checkpoint of a CPU run (fused None) resumes there, not refused."""
+    ck = str(tmp_path / "c.pt")
+    config = dict(epochs=2, batch_size=50, checkpoint=ck, **QUIET)
+    fit(copy.deepcopy(float_mlp), digits, TrainConfig(**{**config, "epochs": 1}), log=_silent)
+    assert torch.load(ck, weights_only=True)["adam"]["param_groups"][0]["fused"] is None
+    made = []
+
+    def fused_adam(params, lr, capturable):
+        made.append(torch.optim.Adam(list(params), lr=lr, capturable=capturable, fused=True))
+        return made[-1]
+
+    monkeypatch.setattr(loop, "_adam", fused_adam)
+    result = fit(copy.deepcopy(float_mlp), digits, TrainConfig(resume=True, **config), log=_silent)
+    assert [h["epoch"] for h in result.history] == [1, 2] and made[0].param_groups[0]["fused"] is True
+
+
 def test_resume_with_changed_settings_applies_warns_and_records_them(float_mlp, digits, tmp_path, monkeypatch):
     ck = str(tmp_path / "c.pt")
     fit(copy.deepcopy(float_mlp), digits, TrainConfig(epochs=1, checkpoint=ck, **QUIET), log=_silent)

@@ -860,8 +860,8 @@ def _check_optimizer(opt, layout, path) -> None:
     groups, tensors = layout
     for group, ref in zip(opt.param_groups, groups):
         for key, mine in ref.items():
-            if key not in group:
-                continue  # torch fills in settings that older checkpoints lack
+            if key not in group or key in _GROUP_KEYS:
+                continue  # torch fills in settings older checkpoints lack; _GROUP_KEYS are this run's
             theirs = group[key]
             ok = (_finite_number(theirs) if _finite_number(mine) else
                   isinstance(theirs, bool) if isinstance(mine, bool) else
