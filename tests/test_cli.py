@@ -247,6 +247,11 @@ def test_run_on_a_dataset_whose_classes_the_model_does_not_score_says_so(tmp_pat
         assert result.stderr == (f"ternarize: {path} gives outputs of shape {shape} per input, not scores for the 10 "
                                  "classes of digits; give the dataset the model was trained on, or run it on --input "
                                  "x.npy\n")
+    wide = tmp_path / "twelve.tern"  # more scores than classes: compress trains such a model, run scores it
+    model = zoo.create("mlp", in_shape=(1, 8, 8), width=16, depth=1, num_classes=12).eval()
+    tern.write(lower(model, torch.zeros(1, 1, 8, 8), discrete={}), wide)
+    result = invoke("run", wide, "--data", "digits")
+    assert result.exit_code == 0 and "on digits: test accuracy" in result.output, result.output
 
 
 def test_run_shows_progress_on_a_terminal_only(monkeypatch):
