@@ -166,13 +166,16 @@ def export(graph: Graph, path, compat: bool = False, *, binary: str = "bits", co
         raise ExportError(f"binary={binary!r} is not an encoding; use 'bits' or 'dense'")
     shapes = graph.validate()
     builder = _Builder(graph, shapes, compat, binary, compact)
-    _check_size(graph, builder, compat)
+    _check_size(graph, builder, compat, compact)
     model = builder.build()
     _check(model, graph, shapes)
     try:
         data = model.SerializeToString(deterministic=True)
+    except MemoryError:
+        raise
     except Exception as e:  # protobuf's EncodeError (its class differs between implementations)
-        raise ExportError(f"the ONNX model cannot be serialized ({type(e).__name__}: {str(e)[:80]})") from e
+        raise ExportError(f"protobuf cannot serialize the ONNX model ({type(e).__name__}: {str(e)[:80]}); "
+                          "the .tern file holds the model, and ternarize run runs it") from e
     atomic_write(Path(path), data, create=not overwrite)
     return ExportInfo(str(path), len(data), builder.opset, model.ir_version, dict(builder.encodings),
                       _nonzero(graph), len(model.graph.node))
@@ -190,7 +193,7 @@ _CODE_BYTES = {"int8": lambda n: n, "int2": lambda n: -(-n // 4), "bits": lambda
                "base3": lambda n: -(-n // 5)}
 
 
-def _check_size(graph: Graph, builder: _Builder, compat: bool) -> None:
+def _check_size(graph: Graph, builder: _Builder, compat: bool, compact: bool) -> None:
     """Refuse, before building anything, a model whose constants alone pass protobuf's limit."""
     total = 0
     for name, c in graph.consts.items():
@@ -201,7 +204,8 @@ def _check_size(graph: Graph, builder: _Builder, compat: bool) -> None:
             total += builder.streams[name].size if encoding == "sparse" else _CODE_BYTES[encoding](c.data.size)
     if total > MAX_PROTO:
         hint = ("; without --compat its ternary codes take 2 bits each instead of 8" if compat else
-                "; the .tern file holds it")
+                "" if compact else "; --compact may store it in fewer bytes")
+        hint += "; the .tern file holds the model, and ternarize run runs it"
         raise ExportError(f"the ONNX model's constants would take {total} bytes, over protobuf's 2 GiB limit{hint}")
 
 

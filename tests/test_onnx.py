@@ -307,13 +307,28 @@ def test_a_model_over_protobufs_limit_is_refused_before_it_is_built(tmp_path, mo
     built = []
     monkeypatch.setattr(tonnx._Builder, "build", lambda self: built.append(1))
     monkeypatch.setattr(tonnx, "MAX_PROTO", 4096)
+    runs = r"; the \.tern file holds the model, and ternarize run runs it$"
     with pytest.raises(ExportError, match=r"constants would take 4608 bytes, over protobuf's 2 GiB limit; "
-                                          r"without --compat its ternary codes take 2 bits each"):
+                                          r"without --compat its ternary codes take 2 bits each instead of 8" + runs):
         tonnx.export(linear_graph(theta), tmp_path / "m.onnx", compat=True)
     monkeypatch.setattr(tonnx, "MAX_PROTO", 1024)
-    with pytest.raises(ExportError, match=r"constants would take 1536 bytes, .*; the \.tern file holds it"):
+    with pytest.raises(ExportError, match=r"constants would take 1536 bytes, .*limit; --compact may store it in "
+                                          r"fewer bytes" + runs):
         tonnx.export(linear_graph(theta), tmp_path / "m.onnx")
+    with pytest.raises(ExportError, match=r"constants would take 1536 bytes, over protobuf's 2 GiB limit" + runs):
+        tonnx.export(linear_graph(theta), tmp_path / "m.onnx", compact=True)
     assert not built and not os.listdir(tmp_path)
+
+
+def test_a_model_protobuf_cannot_serialize_is_one_error_and_no_file(tmp_path, monkeypatch):
+    def refuse(self, **kw):
+        raise ValueError("Message onnx.ModelProto exceeds maximum protobuf size of 2GB")
+
+    monkeypatch.setattr(tonnx, "_check", lambda *args: None)  # onnx.checker serializes the model too
+    monkeypatch.setattr(onnx.ModelProto, "SerializeToString", refuse)
+    with pytest.raises(ExportError, match=r"^protobuf cannot serialize the ONNX model \(ValueError: Message onnx"):
+        tonnx.export(linear_graph(rand_codes((4, 8))), tmp_path / "m.onnx")
+    assert not os.listdir(tmp_path)
 
 
 def test_unexpressible_nodes_raise_export_error(tmp_path, monkeypatch):
