@@ -30,6 +30,7 @@ done
 [ -d "$data" ] || fail "DATA_ROOT $data is not a folder; give the folder that holds mnist/ and fashion-mnist/"
 if [ -e "$out" ] && [ ! -d "$out" ]; then fail "OUT $out is not a folder; choose another OUT"; fi
 py=${PYTHON:-python3}
+if [[ $py == */* && $py != /* ]]; then py=$PWD/$py; fi  # a relative path, from here (the script moves on)
 "$py" -c "import torch, numpy" 2>/dev/null \
   || fail "$py cannot import torch and numpy; activate the environment that has them (or set PYTHON)"
 made=()  # the folders made here, deepest first: removed again when the run fails

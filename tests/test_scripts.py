@@ -405,11 +405,15 @@ def test_gpu_sh_says_when_its_python_lacks_torch(tmp_path):
     assert proc.returncode == 2 and proc.stderr == ("gpu.sh: python3 cannot import torch and numpy; activate the "
                                                     "environment that has them (or set PYTHON)\n"), proc.stderr
     assert not (tmp_path / "out").exists()
-    env["PYTHON"] = sys.executable  # PYTHON names the interpreter: the run goes on to paper.py's own check
-    proc = subprocess.run([str(ROOT / "bench" / "gpu.sh"), "data", "out", "--tiny"], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2 and f"not in {tmp_path}/data/mnist" in proc.stderr, proc.stderr
-    assert not (tmp_path / "out").exists()
+    (tmp_path / "py").mkdir()
+    (tmp_path / "py" / "python").write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
+    (tmp_path / "py" / "python").chmod(0o755)
+    for python in (sys.executable, "py/python"):  # PYTHON names the interpreter, a relative path from here
+        env["PYTHON"] = python  # the run goes on to paper.py's own check
+        proc = subprocess.run([str(ROOT / "bench" / "gpu.sh"), "data", "out", "--tiny"], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2 and f"not in {tmp_path}/data/mnist" in proc.stderr, proc.stderr
+        assert not (tmp_path / "out").exists()
 
 
 # ---------------------------------------------------------------------- the other bench scripts
