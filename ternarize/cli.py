@@ -256,20 +256,35 @@ def data_fetch(name: str, data_dir: str | None, download: bool) -> None:
 @data.command("list", context_settings=CONTEXT)
 @data_dir_option
 @click.option("--json", "as_json", is_flag=True, help="Print the list as JSON.")
-def data_list(data_dir: str | None, as_json: bool) -> None:
-    """List the named datasets and whether each is present.
+@click.option("--verify", is_flag=True, help="Also check the md5 of every file present (exit 1 if one differs).")
+def data_list(data_dir: str | None, as_json: bool, verify: bool) -> None:
+    """List the named datasets and whether each is present (by file name; --verify checks the
+    content too).
 
-    Example: ternarize data list
+    Example: ternarize data list --verify
     """
     from . import data as datasets
+    from .errors import DataError
 
     rows = datasets.status(data_dir)
+    damaged = False
+    if verify:
+        for row in rows:
+            if row["present"] and row["folder"] is not None:
+                try:
+                    datasets.verify_checksums(row["name"], data_dir)
+                    row["verified"] = True
+                except DataError as e:
+                    row["verified"], row["problem"], damaged = False, str(e), True
     if as_json:
         _echo_json(rows)
-        return
-    for row in rows:
-        state = "present" if row["present"] else f"missing: {row['fetch']}"
-        click.echo(f"{row['name']:<14} {state}  ({row['folder'] or 'inside scikit-learn'})")
+    else:
+        for row in rows:
+            state = "present" if row["present"] else f"missing: {row['fetch']}"
+            if "verified" in row:
+                state += ", md5 ok" if row["verified"] else f", damaged: {_one_line(row['problem'])}"
+            click.echo(f"{row['name']:<14} {state}  ({_printable(row['folder'] or 'inside scikit-learn')})")
+    sys.exit(1 if damaged else 0)
 
 
 def _log(message: str) -> None:

@@ -707,6 +707,42 @@ def test_status(tmp_path):
     assert {"name", "folder", "present", "files", "fetch", "source"} <= set(rows["digits"])
 
 
+def test_data_list_verify_checks_the_content(tmp_path):
+    import json
+
+    from click.testing import CliRunner
+
+    from ternarize.cli import cli
+
+    def invoke(*args):
+        return CliRunner().invoke(cli, ["data", "list", "--data-dir", str(tmp_path), *args], catch_exceptions=False)
+
+    assert invoke("--verify").exit_code == 0  # nothing present, nothing damaged
+    make_idx_dataset(tmp_path)  # MNIST's file names, other content: present, but not the official files
+    plain = invoke()
+    assert plain.exit_code == 0 and plain.stdout.splitlines()[1].startswith("mnist          present  (")
+    checked = invoke("--verify")
+    assert checked.exit_code == 1
+    line = checked.stdout.splitlines()[1]
+    assert line.startswith("mnist          present, damaged: ") and "differs from the official" in line, line
+    rows = {r["name"]: r for r in json.loads(invoke("--verify", "--json").stdout)}
+    assert rows["mnist"]["verified"] is False and "differs from the official" in rows["mnist"]["problem"]
+    assert "verified" not in rows["fashion-mnist"] and "verified" not in rows["digits"]
+
+
+@pytest.mark.mnist
+def test_data_list_verify_passes_the_real_mnist():
+    _real("mnist")
+    from click.testing import CliRunner
+
+    from ternarize.cli import cli
+
+    result = CliRunner().invoke(cli, ["data", "list", "--verify"], catch_exceptions=False)
+    assert result.exit_code in (0, 1)  # another dataset present may be damaged; mnist is checked here
+    assert [ln for ln in result.stdout.splitlines() if ln.startswith("mnist ")][0].startswith(
+        "mnist          present, md5 ok  (")
+
+
 def test_data_module_does_not_import_torch(tmp_path):
     np.savez(tmp_path / "d.npz", x=np.zeros((5, 2, 2), np.uint8), y=np.arange(5))
     code = ("import sys; sys.modules['torch'] = None\n"
