@@ -498,10 +498,10 @@ def verify(file, as_json):
         if as_json:
             _echo_json({"file": file, "sound": sound, "checks": [{"check": name, "ok": ok, "message": message}
                                                                   for name, ok, message in results]})
-            sys.exit(0 if sound else 1)
-        for name, ok, message in results:
-            click.echo(f"{'ok  ' if ok else 'FAIL'} {name}" + (f": {_one_line(message)}" if not ok else ""))
-        click.echo(f"{_printable(file)}: {'sound' if sound else 'NOT sound'}")
+        else:
+            for name, ok, message in results:
+                click.echo(f"{'ok  ' if ok else 'FAIL'} {name}" + (f": {_one_line(message)}" if not ok else ""))
+            click.echo(f"{_printable(file)}: {'sound' if sound else 'NOT sound'}")
     except BrokenPipeError:  # the reader stopped (| head -1): the exit code still says whether it is sound
         _quiet_stdout()
     sys.exit(0 if sound else 1)

@@ -487,9 +487,15 @@ def _refused_global(e: BaseException) -> str | None:
 
 
 def _load_allowing(p: Path, allowed: list):
-    with _safe_globals(allowed), warnings.catch_warnings():
-        # torch warns (two lines) that a plain pickle of another protocol may not load; the refusal
-        # or the load that follows says what matters
+    with _safe_globals(allowed):
+        return load_weights_only(p)
+
+
+def load_weights_only(p):
+    """``torch.load(p, weights_only=True)`` onto the CPU, without torch's two-line warning that a
+    plain pickle of another protocol may not load: the refusal or the load that follows says what
+    matters (model files and training checkpoints)."""
+    with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r"Detected pickle protocol")
         return torch.load(p, map_location="cpu", weights_only=True)
 

@@ -203,10 +203,13 @@ def _check_size(graph: Graph, builder: _Builder, compat: bool, compact: bool) ->
         else:
             total += builder.streams[name].size if encoding == "sparse" else _CODE_BYTES[encoding](c.data.size)
     if total > MAX_PROTO:
-        hint = ("; without --compat its ternary codes take 2 bits each instead of 8" if compat else
-                "" if compact else "; --compact may store it in fewer bytes")
-        hint += "; the .tern file holds the model, and ternarize run runs it"
-        raise ExportError(f"the ONNX model's constants would take {total} bytes, over protobuf's 2 GiB limit{hint}")
+        hint = ""
+        if compat:
+            hint = "; without --compat its ternary codes take 2 bits each instead of 8"
+        elif not compact:
+            hint = "; --compact may store it in fewer bytes"
+        raise ExportError(f"the ONNX model's constants would take {total} bytes, over protobuf's 2 GiB limit{hint}; "
+                          "the .tern file holds the model, and ternarize run runs it")
 
 
 def _check(model: onnx.ModelProto, graph: Graph, shapes: dict) -> None:

@@ -648,13 +648,20 @@ def test_fetch_offline_errors(tmp_path, monkeypatch):
     assert lines == ["digits ships inside scikit-learn; nothing to fetch"]
 
 
-def test_fetch_copies_from_the_debian_folder(tmp_path, monkeypatch):
-    """The installed-package route, end to end, on synthetic files with their own md5s."""
+@pytest.fixture
+def debian_fashion(tmp_path, monkeypatch) -> dict:
+    """A synthetic installed Debian package of Fashion-MNIST, its md5s made the official ones."""
     system = tmp_path / "usr-share"
     arrays = make_idx_dataset(system, folder="fashion-mnist", gz=True)
     md5 = {name: hashlib.md5(idx_bytes(arr)).hexdigest() for name, arr in arrays.items()}
     monkeypatch.setitem(data._SPECS, "fashion-mnist", replace(data._SPECS["fashion-mnist"], md5=md5))
     monkeypatch.setattr(data, "FASHION_SYSTEM_DIR", system / "fashion-mnist")
+    return md5
+
+
+def test_fetch_copies_from_the_debian_folder(tmp_path, debian_fashion):
+    """The installed-package route, end to end, on synthetic files with their own md5s."""
+    md5 = debian_fashion
     root = tmp_path / "root"
     (root / "fashion-mnist").mkdir(parents=True)
     (root / "fashion-mnist" / ".train-images-idx3-ubyte.gz.tmp.abc123").write_bytes(b"interrupted")
@@ -670,12 +677,7 @@ def test_fetch_copies_from_the_debian_folder(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("blocked", ["t10k-labels-idx1-ubyte", "train-images-idx3-ubyte.gz"])
-def test_fetch_refuses_a_folder_where_a_file_goes_before_writing_any(tmp_path, monkeypatch, blocked):
-    system = tmp_path / "usr-share"
-    arrays = make_idx_dataset(system, folder="fashion-mnist", gz=True)
-    md5 = {name: hashlib.md5(idx_bytes(arr)).hexdigest() for name, arr in arrays.items()}
-    monkeypatch.setitem(data._SPECS, "fashion-mnist", replace(data._SPECS["fashion-mnist"], md5=md5))
-    monkeypatch.setattr(data, "FASHION_SYSTEM_DIR", system / "fashion-mnist")
+def test_fetch_refuses_a_folder_where_a_file_goes_before_writing_any(tmp_path, debian_fashion, blocked):
     root = tmp_path / "root"
     (root / "fashion-mnist" / blocked).mkdir(parents=True)
     with pytest.raises(OutputError, match=rf"^{re.escape(str(root / 'fashion-mnist' / blocked))} is in the way: it "

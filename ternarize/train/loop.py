@@ -31,7 +31,6 @@ import math
 import numbers
 import os
 import time
-import warnings
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -42,6 +41,7 @@ from torch import nn
 from .._io import atomic_write
 from .._version import __version__
 from ..errors import ConfigError, TrainingError
+from ..load import load_weights_only
 from . import policy
 from .graphs import GraphedStep
 from .msa import MSA
@@ -774,9 +774,7 @@ def _load_checkpoint(config, origin=None) -> dict:
     if not os.path.isfile(path):
         raise ConfigError(f"there is no checkpoint to resume at {path}; run without --resume to start")
     try:
-        with warnings.catch_warnings():  # a plain pickle's protocol warning: the refusal below says it
-            warnings.filterwarnings("ignore", message=r"Detected pickle protocol")
-            state = torch.load(path, map_location="cpu", weights_only=True)
+        state = load_weights_only(path)
     except Exception as e:
         raise ConfigError(f"the checkpoint {path} cannot be read ({type(e).__name__}); delete it to start over") from e
     if not isinstance(state, dict) or state.get("format") != "ternarize-checkpoint":
@@ -854,6 +852,17 @@ def _layout(opt) -> tuple[list, list]:
 _ADAM_STATE = ("exp_avg", "exp_avg_sq")  # Adam keeps these, of the parameter's shape, and a step count
 
 
+def _same_kind(theirs, mine) -> bool:
+    """A loaded optimizer setting as this run's is: a finite number, a bool, or (a string) the same."""
+    if _finite_number(mine):
+        return _finite_number(theirs)
+    if isinstance(mine, bool):
+        return isinstance(theirs, bool)
+    if isinstance(mine, str):
+        return theirs == mine
+    return True
+
+
 def _check_optimizer(opt, layout, path) -> None:
     """After ``load_state_dict``: the groups' settings of the types this run's have (strings equal:
     they follow the checked config), and every per-parameter tensor there and of its shape."""
@@ -862,12 +871,8 @@ def _check_optimizer(opt, layout, path) -> None:
         for key, mine in ref.items():
             if key not in group or key in _GROUP_KEYS:
                 continue  # torch fills in settings older checkpoints lack; _GROUP_KEYS are this run's
-            theirs = group[key]
-            ok = (_finite_number(theirs) if _finite_number(mine) else
-                  isinstance(theirs, bool) if isinstance(mine, bool) else
-                  theirs == mine if isinstance(mine, str) else True)
-            if not ok:
-                raise _damaged(path, f"its optimizer setting {key} is {str(theirs)[:40]!r}")
+            if not _same_kind(group[key], mine):
+                raise _damaged(path, f"its optimizer setting {key} is {str(group[key])[:40]!r}")
     params = [p for g in opt.param_groups for p in g["params"]]
     for p, ref in zip(params, tensors):
         state = opt.state.get(p, {})
