@@ -727,7 +727,8 @@ def report(path, as_json, out, force):
         if there and not force:
             raise ConfigError(f"the folder {out} already holds {', '.join(there)}; "
                               f"pass --force to overwrite {'it' if len(there) == 1 else 'them'}")
-        rep.write(out)
+        # the folder's own model (checked above): its weights.png, drawn by compress, stays listed
+        rep.write(out, kept=("weights.png",) if os.path.lexists(theirs) else ())
     if as_json:
         _echo_json(rep.to_json())
     else:

@@ -112,8 +112,10 @@ class Report:
                                           ("weights.png", float_weights)) if drawn]
         return plots + ["report.json", "report.md"]
 
-    def write(self, folder: str, float_weights: dict | None = None) -> list[str]:
-        """Write report.json, report.md and the plots into ``folder``; return the paths. When one
+    def write(self, folder: str, float_weights: dict | None = None, kept: tuple[str, ...] = ()) -> list[str]:
+        """Write report.json, report.md and the plots into ``folder``; return the paths. ``kept``: plots
+        already in ``folder`` that this call does not draw but the report lists (a compress folder's
+        weights.png, which needs the float weights, when its report is written again). When a file
         cannot be written, the files this call wrote (and the folders it made) are removed and the
         error is raised."""
         created = missing_folders(folder)
@@ -123,7 +125,9 @@ class Report:
             raise OutputError(describe(e, folder)) from e
         written: list[str] = []
         try:
-            self.plots = plot(self, folder, float_weights, written)
+            drawn = plot(self, folder, float_weights, written)
+            self.plots = drawn + [name for name in kept
+                                  if name not in drawn and os.path.isfile(os.path.join(folder, name))]
             for name, text in (("report.json", json.dumps(self.to_json(), indent=2, sort_keys=True) + "\n"),
                                ("report.md", self.to_markdown())):
                 atomic_write(os.path.join(folder, name), text)

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -101,6 +102,20 @@ def test_report_command_on_folder_and_file(compressed):
     assert json.loads(result.output)["totals"]["tern_bytes"] == os.path.getsize(out / "model.tern")
     assert invoke("report", out / "model.tern").exit_code == 0
     assert invoke("inspect", out / "model.tern").exit_code == 0
+
+
+def test_report_written_again_keeps_the_weights_plot_of_its_folder(compressed, tmp_path):
+    out, _ = compressed
+    run = tmp_path / "run"
+    shutil.copytree(out, run)
+    before = (run / "report.md").read_text()
+    assert "![weights](weights.png)" in before
+    assert invoke("report", run, "--out", run, "--force").exit_code == 0
+    assert (run / "report.md").read_text() == before  # the same report, weights.png still listed
+    assert "weights.png" in json.loads((run / "report.json").read_text())["plots"]
+    elsewhere = tmp_path / "elsewhere"  # no float weights there: no weights plot
+    assert invoke("report", run, "--out", elsewhere).exit_code == 0
+    assert "weights.png" not in (elsewhere / "report.md").read_text() + "".join(os.listdir(elsewhere))
 
 
 def test_run_and_export_commands(compressed, tmp_path):
