@@ -173,10 +173,12 @@ def decode(buf, kind: str, encoding: str, shape, params) -> np.ndarray:
     check_params(encoding, shape, params)
     raw = _bytes(buf)
     r, k = rows_cols(shape)
-    if encoding == "t2":
-        return t2_rows(raw, shape, 0, r, kind).reshape(shape)
-    if encoding == "b1":
-        return b1_rows(raw, shape, 0, r).reshape(shape)
+    if encoding in ("t2", "b1"):
+        _check_length(raw, encoding, shape)  # before the dense allocation
+        out = np.empty((r, k), np.int8)
+        for r0, r1 in _row_chunks(r, k):
+            out[r0:r1] = t2_rows(raw, shape, r0, r1, kind) if encoding == "t2" else b1_rows(raw, shape, r0, r1)
+        return out.reshape(shape)
     if encoding == "ts":
         check(raw, kind, encoding, shape, params)  # validate fully before the dense allocation
         out = np.zeros((r, k), np.int8)
@@ -198,12 +200,11 @@ def check(buf, kind: str, encoding: str, shape, params) -> None:
     r, k = rows_cols(shape)
     if encoding in ("t2", "b1"):
         _check_length(raw, encoding, shape)
-        step = max(1, _CHUNK // k)  # rows per chunk: temporaries stay near _CHUNK weights
-        for r0 in range(0, r, step):
+        for r0, r1 in _row_chunks(r, k):
             if encoding == "t2":
-                t2_rows(raw, shape, r0, min(r, r0 + step), kind)
+                t2_rows(raw, shape, r0, r1, kind)
             else:
-                b1_rows(raw, shape, r0, min(r, r0 + step))
+                b1_rows(raw, shape, r0, r1)
     elif encoding == "ts":
         for _ in ts_blocks(raw, shape, params):
             pass
@@ -290,6 +291,12 @@ def _t2_encode(codes: np.ndarray) -> bytes:
     padded[:, :k] = u
     q = padded.reshape(r, -1, 4)
     return (q[..., 0] | q[..., 1] << 2 | q[..., 2] << 4 | q[..., 3] << 6).tobytes()
+
+
+def _row_chunks(r: int, k: int):
+    """Row ranges of about ``_CHUNK`` weights (at least one row each): temporaries stay near that."""
+    step = max(1, _CHUNK // k)
+    return [(r0, min(r, r0 + step)) for r0 in range(0, r, step)]
 
 
 def t2_rows(buf, shape, r0: int, r1: int, kind: str = "ternary") -> np.ndarray:

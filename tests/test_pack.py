@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import struct
+import tracemalloc
 
 import numpy as np
 import pytest
@@ -387,3 +388,19 @@ def test_docstring_examples():
 
     result = doctest.testmod(pack)
     assert result.attempted > 10 and result.failed == 0
+
+
+@pytest.mark.parametrize("kind,encoding", [("ternary", "t2"), ("binary", "b1"), ("binary", "t2")])
+def test_decoding_dense_codes_holds_little_beyond_the_result(kind, encoding):
+    """Rows are unpacked in chunks of about a million weights (TERN.md §6, Memory)."""
+    rng = np.random.default_rng(0)
+    codes = rng.choice(np.array([-1, 0, 1] if kind == "ternary" else [-1, 1], np.int8), (3000, 2000))
+    buf, params = pack.encode(codes, kind, encoding)
+    tracemalloc.start()
+    try:
+        out = pack.decode(buf, kind, encoding, codes.shape, params)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    np.testing.assert_array_equal(out, codes)
+    assert peak < codes.size + 4 * pack._CHUNK  # the result (1 byte per weight) and one chunk's temporaries
