@@ -277,8 +277,11 @@ def _finite(v) -> bool:
 
 
 def _check_elements(dims, where) -> None:
+    """Each dimension at most MAX_DIM, at most MAX_ELEMENTS in all (per sample)."""
     n = 1
     for d in dims:
+        if int(d) > MAX_DIM:
+            raise GraphError(f"{where} has a dimension of {int(d)}, more than the limit {MAX_DIM}")
         n *= int(d)
     if n > MAX_ELEMENTS:
         raise GraphError(f"{where} has {n} elements per sample, more than the limit {MAX_ELEMENTS}")
@@ -335,7 +338,7 @@ def _window(size, k, s, p, d, ceil_mode, where, pool: bool = False) -> int:
 
 @dataclass(frozen=True)
 class OpSpec:
-    attrs: dict  # name -> (type, required)
+    attrs: dict  # name -> type; every attribute is required
     infer: Any
 
 

@@ -46,6 +46,7 @@ PRELUDE = struct.Struct("<8sHHII")  # magic, version, flags, header_len, header 
 ALIGN = 64
 MAX_HEADER = 16 << 20
 MAX_JSON_DEPTH = 64
+DOUBLE_DIGITS = 309  # the largest double is below 10^309: a longer integer overflows (and int() may refuse it)
 TOP_FIELDS = ("graph", "metadata", "tensors")
 ENTRY_FIELDS = ("name", "kind", "encoding", "shape", "offset", "nbytes", "crc32", "params")
 
@@ -198,8 +199,7 @@ def _finite_float(text: str) -> float:
 
 
 def _double_int(text: str) -> int:
-    value = int(text)
-    if not _fits_double(value):
+    if len(text.lstrip("-")) > DOUBLE_DIGITS or not _fits_double(value := int(text)):
         raise TernFormatError(f"header integer of {len(text.lstrip('-'))} digits overflows a double")
     return value
 

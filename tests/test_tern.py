@@ -172,6 +172,17 @@ def test_write_refuses_an_invalid_graph_or_metadata(tmp_path):
     assert not list(tmp_path.iterdir())
 
 
+@pytest.mark.parametrize("node,dims", [
+    (Node("concat", "c", ["x", "x"], ["y"], {"axis": 1}), [1 << 30]),  # 2^31 elements: within the limit
+    (Node("reshape", "c", ["x"], ["y"], {"shape": [-1]}), [1 << 16, 1 << 15]),
+])
+def test_no_activation_dimension_beyond_the_limit(node, dims):
+    g = Graph([Value("x", (None, *dims))], ["y"], [node], {}, {})
+    with pytest.raises(GraphError, match=r"node 'c' \((concat|reshape)\) output has a dimension of 2147483648, "
+                                         r"more than the limit 2147483647"):
+        g.validate()
+
+
 def test_numpy_scalars_in_metadata_and_attributes(tmp_path):
     g = mlp()
     g.metadata = {"epochs": np.int64(3), "acc": np.float32(0.5)}

@@ -236,6 +236,9 @@ CASES = [
     ("overflowing negative integer",
      lambda: raw_header(header_text().replace('"accuracy":0.5', '"accuracy":-' + "1" + "0" * 309).encode()),
      r"header integer of 310 digits overflows a double"),
+    ("integer longer than int() converts",  # refused by its length, whatever the interpreter's digit limit
+     lambda: raw_header(header_text().replace('"accuracy":0.5', '"accuracy":' + "7" * 5000).encode()),
+     r"header integer of 5000 digits overflows a double"),
     ("too deep", lambda: edit(_set(["metadata", "deep"], _nested(80))), r"nests deeper than 64"),
     ("not an object", lambda: raw_header(b"[]"), r"header must be a JSON object, got list"),
     ("unknown top-level field", lambda: edit(_set(["extra"], 1)), r"header has unknown field 'extra'"),
@@ -338,6 +341,14 @@ def test_hostile_file(name, build, message):
     buf = build()
     with pytest.raises(TernFormatError, match=message):
         tern.parse(buf).graph()
+
+
+def test_an_integer_that_rounds_to_the_largest_double_is_read():
+    big = int(np.finfo(np.float64).max) + 1  # rounds down to the largest double: in range (TERN.md §3)
+    f = tern.parse(raw_header(header_text().replace('"accuracy":0.5', f'"accuracy":0.5,"big":{big}').encode()))
+    assert f.metadata["big"] == big
+    with pytest.raises(TernFormatError, match="header integer of 309 digits overflows a double"):
+        tern.parse(raw_header(header_text().replace('"accuracy":0.5', f'"accuracy":{2 ** 1024}').encode()))
 
 
 def test_table_size():
