@@ -220,8 +220,18 @@ def main() -> None:
 # ---------------------------------------------------------------------- shared options
 
 
+class _Path(click.Path):
+    """A path that must not be empty (an empty one would stand for the current folder, or for no
+    file, in a message that names nothing)."""
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, str) and not value:
+            self.fail("the path is empty; give a path", param, ctx)
+        return super().convert(value, param, ctx)
+
+
 def data_dir_option(f):
-    return click.option("--data-dir", type=click.Path(file_okay=False), default=None,
+    return click.option("--data-dir", type=_Path(file_okay=False), default=None,
                         help="Data root (default: $TERNARIZE_DATA, else the per-user cache).")(f)
 
 
@@ -345,7 +355,7 @@ def _train_options(kw: dict) -> dict:
 
 
 @cli.command(context_settings=CONTEXT)
-@click.argument("model", type=click.Path(dir_okay=True))
+@click.argument("model", type=_Path(dir_okay=True))
 @click.option("--data", "data_name", required=True, help="digits, mnist, fashion-mnist, cifar10, a .npz file or "
               "package.module:function.")
 @data_dir_option
@@ -441,7 +451,7 @@ def _existing_file(path: str, what: str) -> str:
 
 
 @cli.command(context_settings=CONTEXT)
-@click.argument("file", type=click.Path())
+@click.argument("file", type=_Path())
 @click.option("--json", "as_json", is_flag=True, help="Print the header and the tensor table as JSON.")
 def inspect(file, as_json):
     """Show a .tern file's header and a per-tensor table.
@@ -483,7 +493,7 @@ def inspect(file, as_json):
 
 
 @cli.command(context_settings=CONTEXT)
-@click.argument("file", type=click.Path())
+@click.argument("file", type=_Path())
 @click.option("--json", "as_json", is_flag=True, help="Print the checks and their results as JSON.")
 def verify(file, as_json):
     """Run every check of the .tern format on FILE; exit 0 when sound, 1 when not (2: no such file).
@@ -508,8 +518,8 @@ def verify(file, as_json):
 
 
 @cli.command(context_settings=CONTEXT)
-@click.argument("file", type=click.Path())
-@click.option("--input", "input_path", type=click.Path(), default=None,
+@click.argument("file", type=_Path())
+@click.option("--input", "input_path", type=_Path(), default=None,
               help="A .npy file of inputs (N, ...): floats as the model takes them, or uint8 pixels (scaled by 1/255).")
 @click.option("--data", "data_name", default=None, help="A dataset: report accuracy on its test set.")
 @data_dir_option
@@ -671,7 +681,7 @@ def _save_npy(path: str, y, overwrite: bool) -> None:
 
 
 @cli.command(context_settings=CONTEXT)
-@click.argument("file", type=click.Path())
+@click.argument("file", type=_Path())
 @click.option("--onnx", "onnx_path", required=True, type=click.Path(), help="Where to write the ONNX file.")
 @click.option("--compat", is_flag=True, help="int8 codes at opset 21 for runtimes without INT2.")
 @click.option("--compact", is_flag=True, help="Store sparse ternary weights as gap streams or base-3 codes "
@@ -693,7 +703,7 @@ def export(file, onnx_path, compat, compact, force):
 
 
 @cli.command(context_settings=CONTEXT)
-@click.argument("path", type=click.Path())
+@click.argument("path", type=_Path())
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("--out", type=click.Path(file_okay=False), default=None,
               help="Also write report.json, report.md and plots to this folder.")

@@ -387,3 +387,15 @@ def test_report_takes_the_neighbours_only_of_model_tern(tmp_path):
     for path in (run, run / "model.tern"):
         got = json.loads(invoke("report", path, "--json").stdout)
         assert got["totals"]["onnx_bytes"] == 1234 and got["training"]["history"] == HISTORY
+
+
+@pytest.mark.parametrize("args,name", [
+    (["verify", ""], "FILE"), (["inspect", ""], "FILE"), (["report", ""], "PATH"),
+    (["export", "", "--onnx", "m.onnx"], "FILE"), (["run", "", "--data", "digits"], "FILE"),
+    (["run", "m.tern", "--input", ""], "--input"), (["compress", "", "--data", "digits"], "MODEL"),
+    (["data", "list", "--data-dir", ""], "--data-dir"), (["data", "fetch", "mnist", "--data-dir", ""], "--data-dir"),
+])
+def test_an_empty_path_is_named(args, name, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    one_line_error(invoke(*args), rf"Invalid value for '{name}': the path is empty; give a path")
+    assert os.listdir(tmp_path) == []
