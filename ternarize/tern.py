@@ -613,6 +613,8 @@ def verify(path) -> list[Check]:
     results.append(("graph", *_attempt(r.graph)))
     if all(ok for _, ok, _ in results):
         results.append(("decode", *_attempt(lambda: f"{TernFile(r, str(path)).graph()!r}")))
+    else:
+        results.append(("decode", False, "not run: a check above failed"))
     return results
 
 
