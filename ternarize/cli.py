@@ -722,7 +722,10 @@ def report(path, as_json, out, force):
         raise ConfigError("--out is empty; give a folder for the report files")
     if force and out is None:
         raise ConfigError("--force replaces the report files in --out; give --out DIR, or leave out --force")
-    rep = reporting.load(path)
+    notes: list[str] = []
+    rep = reporting.load(path, notes)
+    for note in notes:
+        click.echo(f"ternarize: note: {_printable(note)}", err=True)
     if out is not None:
         if os.path.exists(out) and not os.path.isdir(out):  # click's file_okay=False lets devices through
             raise ConfigError(f"--out {out} exists and is not a folder; choose another path")

@@ -17,6 +17,7 @@ Example::
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import numbers
@@ -158,15 +159,19 @@ def build(tern_path: str, onnx_path: str | None = None, runtime=None, training: 
     model = {k: meta[k] for k in ("name", "dataset", "mode", "method", "source", "source_sha256", "source_bytes")
              if k in meta}
     model["file"] = os.path.basename(tern_path)
+    model["tern_sha256"] = _file_sha256(tern_path)
     accuracy = meta.get("accuracy")
     accuracy = {k: v for k, v in accuracy.items() if _number(v)} if isinstance(accuracy, dict) else {}
     return Report(layers, totals, accuracy, _usable_training(training or meta.get("training")), model)
 
 
-def load(path: str) -> Report:
+def load(path: str, notes: list | None = None) -> Report:
     """A report for ``path``: a .tern file, or a folder holding model.tern. A model.tern (given or
-    found) takes the model.onnx and the training history of the report.json beside it, which compress
-    wrote with it; a .tern file of another name is reported alone."""
+    found) takes the training history of the report.json beside it and the size of the model.onnx
+    beside it when that report.json was written for this very file (its ``model.tern_sha256``) and
+    names that ONNX file (its ``totals.onnx_sha256``), as compress writes them; a .tern file of
+    another name is reported alone. ``notes``, a list, receives a sentence for each file beside
+    model.tern that is left out because it belongs to another model."""
     if os.path.isdir(path):
         tern_path = os.path.join(path, "model.tern")
         if not os.path.isfile(tern_path):
@@ -178,24 +183,50 @@ def load(path: str) -> Report:
         raise ConfigError(f"{tern_path} {problem}")
     if os.path.basename(tern_path) != "model.tern":
         return build(tern_path)
+    notes = [] if notes is None else notes
     folder = os.path.dirname(os.path.abspath(tern_path))
+    saved = _saved_report(folder)
+    tern_hash = _file_sha256(tern_path)
+    if saved is not None and _field(saved, "model", "tern_sha256") != tern_hash:
+        notes.append(f"{os.path.join(folder, 'report.json')} was written for another model.tern; "
+                     "its training history is left out")
+        saved = None
     onnx_path = os.path.join(folder, "model.onnx")
-    return build(tern_path, onnx_path if os.path.isfile(onnx_path) else None, training=_saved_training(folder))
+    if input_problem(onnx_path):
+        onnx_path = None
+    elif saved is None or _field(saved, "totals", "onnx_sha256") != _file_sha256(onnx_path):
+        notes.append(f"{onnx_path} was not written with this model.tern (no report.json beside it says so); "
+                     "its size is left out")
+        onnx_path = None
+    training = _usable_training(saved.get("training")) if saved else {}
+    return build(tern_path, onnx_path, training=training if training.get("history") else None)
 
 
-def _saved_training(folder: str) -> dict | None:
-    """The training settings and history from a report.json that compress left beside the .tern
-    file, if there is one with a usable history (see :func:`_usable_training`)."""
+def _saved_report(folder: str) -> dict | None:
+    """The report.json beside a model.tern (of this schema), or None when there is none or it is
+    unreadable (see :func:`_usable_training` for its history)."""
     path = os.path.join(folder, "report.json")
     try:
         if input_problem(path) or os.path.getsize(path) > MAX_SAVED_BYTES:  # a FIFO would block, a device not end
             return None
         with open(path, encoding="utf-8") as f:
             saved = json.load(f)
-        training = _usable_training(saved.get("training") if saved.get("schema") == SCHEMA else None)
-        return training if training.get("history") else None
-    except (OSError, ValueError, AttributeError, RecursionError):  # RecursionError: absurdly deep JSON
+        return saved if isinstance(saved, dict) and saved.get("schema") == SCHEMA else None
+    except (OSError, ValueError, RecursionError):  # RecursionError: absurdly deep JSON
         return None
+
+
+def _field(obj: dict, section: str, key: str):
+    part = obj.get(section)
+    return part.get(key) if isinstance(part, dict) else None
+
+
+def _file_sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 _EPOCH_NUMBERS = ("epoch", "train_loss", "test_loss", "test_acc")  # what the plots and Markdown need
@@ -287,6 +318,7 @@ def _totals(tf, layers, onnx_path, runtime) -> dict:
     disc_bytes = sum(r["weight_bytes"] for r in discrete)
     float32_bytes = 4 * sum(e.count for e in tf.tensors)
     onnx_bytes = os.path.getsize(onnx_path) if onnx_path else None
+    onnx_sha256 = _file_sha256(onnx_path) if onnx_path else None
     weight_bytes, act_bytes = int(runtime.weight_bytes), int(runtime.activation_bytes(1))
     return {
         "layers": len(layers), "discrete_layers": len(discrete), "discrete_weights": n_disc,
@@ -295,7 +327,7 @@ def _totals(tf, layers, onnx_path, runtime) -> dict:
         "bits_per_discrete_weight": 8 * disc_bytes / n_disc if n_disc else None,
         "entropy_bits_per_discrete_weight": sum(r["entropy_bits"] * r["weights"] for r in discrete) / n_disc
         if n_disc else None,
-        "float32_bytes": float32_bytes, "tern_bytes": tf.size, "onnx_bytes": onnx_bytes,
+        "float32_bytes": float32_bytes, "tern_bytes": tf.size, "onnx_bytes": onnx_bytes, "onnx_sha256": onnx_sha256,
         "compression_tern": float32_bytes / tf.size,
         "compression_onnx": float32_bytes / onnx_bytes if onnx_bytes else None,
         "header_bytes": tf.data_start, "tensor_bytes": sum(e.nbytes for e in tf.tensors),

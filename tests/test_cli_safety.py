@@ -2,6 +2,7 @@
 half-written; text from a file printed as it is, never as rich markup or terminal control codes."""
 
 import errno
+import hashlib
 import json
 import os
 import re
@@ -66,7 +67,7 @@ def inputs(tmp_path):
 def test_os_error_is_one_line_with_the_path(model, tmp_path, monkeypatch):
     locked = tmp_path / "locked"
 
-    def refuse(path):
+    def refuse(*args):
         raise PermissionError(errno.EACCES, "Permission denied", str(locked))
 
     monkeypatch.setattr(reporting, "load", refuse)
@@ -252,8 +253,13 @@ def _compress_folder(tmp_path, history) -> str:
     run = tmp_path / "run"
     run.mkdir()
     tern.write(graph(), run / "model.tern")
-    (run / "report.json").write_text(json.dumps({"schema": reporting.SCHEMA, "training": {"history": history}}))
+    (run / "report.json").write_text(json.dumps({"schema": reporting.SCHEMA, "training": {"history": history},
+                                                 "model": {"tern_sha256": _sha256(run / "model.tern")}}))
     return run
+
+
+def _sha256(path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 @pytest.mark.parametrize("history", [[1, 2, 3], [{}], [{"epoch": "a", "loss": "x", "test_acc": None}], "nope",
@@ -316,6 +322,7 @@ def test_report_draws_a_sound_training_history(tmp_path):
 def test_report_says_when_a_resumed_run_changed_settings(tmp_path, resumed, says):
     run = _compress_folder(tmp_path, HISTORY)
     (run / "report.json").write_text(json.dumps({"schema": reporting.SCHEMA,
+                                                 "model": {"tern_sha256": _sha256(run / "model.tern")},
                                                  "training": {"history": HISTORY, "resumed": resumed}}))
     out = tmp_path / "out"
     assert invoke("report", run, "--out", out).exit_code == 0
@@ -382,11 +389,34 @@ def test_report_takes_the_neighbours_only_of_model_tern(tmp_path):
     run = _compress_folder(tmp_path, HISTORY)
     tern.write(graph(), run / "other.tern")
     (run / "model.onnx").write_bytes(b"x" * 1234)
+    saved = json.loads((run / "report.json").read_text())
+    saved["totals"] = {"onnx_sha256": _sha256(run / "model.onnx")}
+    (run / "report.json").write_text(json.dumps(saved))
     alone = json.loads(invoke("report", run / "other.tern", "--json").stdout)
     assert alone["totals"]["onnx_bytes"] is None and "history" not in alone["training"]
     for path in (run, run / "model.tern"):
-        got = json.loads(invoke("report", path, "--json").stdout)
+        result = invoke("report", path, "--json")
+        got = json.loads(result.stdout)
         assert got["totals"]["onnx_bytes"] == 1234 and got["training"]["history"] == HISTORY
+        assert got["totals"]["onnx_sha256"] == saved["totals"]["onnx_sha256"] and result.stderr == ""
+        assert got["model"]["tern_sha256"] == saved["model"]["tern_sha256"]
+
+
+def test_report_leaves_out_neighbours_written_for_another_model(tmp_path):
+    run = _compress_folder(tmp_path, HISTORY)
+    (run / "model.onnx").write_bytes(b"x" * 1234)  # no report.json names it
+    result = invoke("report", run, "--json")
+    got = json.loads(result.stdout)
+    assert got["totals"]["onnx_bytes"] is None and got["training"]["history"] == HISTORY
+    assert result.stderr == (f"ternarize: note: {run / 'model.onnx'} was not written with this model.tern (no "
+                             "report.json beside it says so); its size is left out\n")
+    tern.write(graph(metadata={"note": "another"}), run / "model.tern")  # another model over the folder's own
+    result = invoke("report", run, "--json")
+    got = json.loads(result.stdout)
+    assert got["totals"]["onnx_bytes"] is None and "history" not in got["training"]
+    assert result.stderr.splitlines()[0] == (f"ternarize: note: {run / 'report.json'} was written for another "
+                                             "model.tern; its training history is left out")
+    assert result.exit_code == 0 and len(result.stderr.splitlines()) == 2
 
 
 @pytest.mark.parametrize("args,name", [

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -98,8 +99,10 @@ def test_report_is_consistent_with_the_files(compressed):
 def test_report_command_on_folder_and_file(compressed):
     out, _ = compressed
     result = invoke("report", out, "--json")
-    assert result.exit_code == 0
-    assert json.loads(result.output)["totals"]["tern_bytes"] == os.path.getsize(out / "model.tern")
+    assert result.exit_code == 0 and result.stderr == ""
+    totals = json.loads(result.stdout)["totals"]
+    assert totals["tern_bytes"] == os.path.getsize(out / "model.tern")
+    assert totals["onnx_bytes"] == os.path.getsize(out / "model.onnx")  # the ONNX file compress wrote with it
     assert invoke("report", out / "model.tern").exit_code == 0
     assert invoke("inspect", out / "model.tern").exit_code == 0
 
@@ -221,3 +224,14 @@ def test_compress_under_torchrun_writes_once_from_rank_0(float_model, tmp_path):
     assert res.stderr.count("epoch 1/1") == 1 and res.stderr.count("float model") == 1, log  # only rank 0 logs
     assert invoke("verify", out / "model.tern").exit_code == 0, log
     assert (out / "report.json").is_file() and not (out / "checkpoint.pt").exists(), log
+
+
+def test_every_report_field_is_documented(compressed):
+    out, _ = compressed
+    doc = (Path(__file__).parent.parent / "formats" / "REPORT.md").read_text()
+    rep = json.loads((out / "report.json").read_text())
+    sections = {"top": rep, "model": rep["model"], "totals": rep["totals"], "layers[i]": rep["layers"][0],
+                "accuracy": rep["accuracy"], "training": rep["training"], "history": rep["training"]["history"][0]}
+    missing = [f"{where}.{key}" for where, obj in sections.items() for key in obj
+               if f"`{key}`" not in doc and f'"{key}"' not in doc]
+    assert not missing, missing
