@@ -65,11 +65,20 @@ class Report:
         if self.plots:
             lines += ["", "## Plots", ""] + [f"![{os.path.splitext(p)[0]}]({p})" for p in self.plots]
         hist = self.training.get("history") or []
+        settings = self.training.get("settings")
+        if hist or isinstance(settings, dict) and settings:
+            lines += ["", "## Training"]
+        if isinstance(settings, dict) and settings:
+            lines += ["", "| setting | value |", "|---|---|"]
+            lines += [f"| {_cell(key)} | {_cell(json.dumps(value, sort_keys=True))} |"
+                      for key, value in sorted(settings.items())]
         if hist:
-            lines += ["", "## Training", "", "| epoch | loss | test acc | non-zero | seconds |",
-                      "|---|---|---|---|---|"]
+            val = all(_number(h.get("val_acc")) for h in hist)  # a validation split was held out
+            lines += ["", f"| epoch | loss | test acc |{' val acc |' if val else ''} non-zero | seconds |",
+                      "|---|---|---|---|---|" + ("---|" if val else "")]
             lines += [f"| {h['epoch']} | {h['train_loss']:.4f} | {_pct(h.get('test_acc'))} | "
-                      f"{_pct(h.get('nonzero'))} | {h.get('seconds', 0):.1f} |" for h in hist]
+                      + (f"{_pct(h['val_acc'])} | " if val else "")
+                      + f"{_pct(h.get('nonzero'))} | {h.get('seconds', 0):.1f} |" for h in hist]
         for epoch, what in _resume_changes(self.training):
             lines += ["", f"Resumed after epoch {epoch} with changed settings (the epochs before used "
                       f"the old values): {what}."]
@@ -169,7 +178,9 @@ def load(path: str, notes: list | None = None) -> Report:
     """A report for ``path``: a .tern file, or a folder holding model.tern. A model.tern (given or
     found) takes the training history of the report.json beside it and the size of the model.onnx
     beside it when that report.json was written for this very file (its ``model.tern_sha256``) and
-    names that ONNX file (its ``totals.onnx_sha256``), as compress writes them; a .tern file of
+    names that ONNX file (its ``totals.onnx_sha256``), as compress writes them (a report.json
+    written before those fields names them by their sizes, ``totals.tern_bytes`` and
+    ``totals.onnx_bytes``); a .tern file of
     another name is reported alone. ``notes``, a list, receives a sentence for each file beside
     model.tern that is left out because it belongs to another model."""
     if os.path.isdir(path):
@@ -186,15 +197,14 @@ def load(path: str, notes: list | None = None) -> Report:
     notes = [] if notes is None else notes
     folder = os.path.dirname(os.path.abspath(tern_path))
     saved = _saved_report(folder)
-    tern_hash = _file_sha256(tern_path)
-    if saved is not None and _field(saved, "model", "tern_sha256") != tern_hash:
+    if saved is not None and not _names(saved, ("model", "tern_sha256"), "tern_bytes", tern_path):
         notes.append(f"{os.path.join(folder, 'report.json')} was written for another model.tern; "
                      "its training history is left out")
         saved = None
     onnx_path = os.path.join(folder, "model.onnx")
     if input_problem(onnx_path):
         onnx_path = None
-    elif saved is None or _field(saved, "totals", "onnx_sha256") != _file_sha256(onnx_path):
+    elif saved is None or not _names(saved, ("totals", "onnx_sha256"), "onnx_bytes", onnx_path):
         notes.append(f"{onnx_path} was not written with this model.tern (no report.json beside it says so); "
                      "its size is left out")
         onnx_path = None
@@ -214,6 +224,16 @@ def _saved_report(folder: str) -> dict | None:
         return saved if isinstance(saved, dict) and saved.get("schema") == SCHEMA else None
     except (OSError, ValueError, RecursionError):  # RecursionError: absurdly deep JSON
         return None
+
+
+def _names(saved: dict, hash_field: tuple[str, str], size_field: str, path: str) -> bool:
+    """Whether a saved report names the file ``path``: by its SHA-256 (``hash_field``: section, key),
+    or, in a report.json written before that field, by its size (``totals[size_field]``)."""
+    recorded = _field(saved, *hash_field)
+    if recorded is not None:
+        return recorded == _file_sha256(path)
+    size = _field(saved, "totals", size_field)
+    return isinstance(size, int) and not isinstance(size, bool) and size == os.path.getsize(path)
 
 
 def _field(obj: dict, section: str, key: str):
@@ -339,6 +359,14 @@ def _totals(tf, layers, onnx_path, runtime) -> dict:
 
 
 # ---------------------------------------------------------------------- formatting
+
+
+def _cell(text, limit: int = 80) -> str:
+    """``text`` as one Markdown table cell: one line, control characters escaped, ``|`` escaped, cut
+    at ``limit`` characters (a hand-edited report.json may hold anything)."""
+    text = one_line(text)
+    text = text if len(text) <= limit else text[:limit - 1] + "…"
+    return text.replace("|", "\\|")
 
 
 def _pct(v) -> str:

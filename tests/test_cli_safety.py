@@ -429,3 +429,35 @@ def test_an_empty_path_is_named(args, name, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     one_line_error(invoke(*args), rf"Invalid value for '{name}': the path is empty; give a path")
     assert os.listdir(tmp_path) == []
+
+
+def test_report_md_shows_the_settings_and_the_validation_accuracy(tmp_path):
+    run = _compress_folder(tmp_path, [dict(h, val_acc=h["test_acc"] - 0.05) for h in HISTORY])
+    saved = json.loads((run / "report.json").read_text())
+    saved["training"]["settings"] = {"lam": 1e-5, "epochs": 2, "note": "a|b\nc", "keep_float": ["fc"]}
+    (run / "report.json").write_text(json.dumps(saved))
+    out = tmp_path / "out"
+    assert invoke("report", run, "--out", out).exit_code == 0
+    md = (out / "report.md").read_text()
+    assert ('| setting | value |\n|---|---|\n| epochs | 2 |\n| keep_float | ["fc"] |\n| lam | 1e-05 |\n'
+            '| note | "a\\|b\\nc" |\n') in md
+    assert ("| epoch | loss | test acc | val acc | non-zero | seconds |\n|---|---|---|---|---|---|\n"
+            "| 1 | 0.9000 | 70.00% | 65.00% | 40.00% | 1.5 |\n") in md
+    saved["training"]["history"] = HISTORY  # no validation split: no column
+    (run / "report.json").write_text(json.dumps(saved))
+    assert invoke("report", run, "--out", out, "--force").exit_code == 0
+    assert "| epoch | loss | test acc | non-zero | seconds |\n" in (out / "report.md").read_text()
+
+
+def test_a_report_json_from_before_the_hashes_names_its_files_by_size(tmp_path):
+    run = _compress_folder(tmp_path, HISTORY)
+    (run / "model.onnx").write_bytes(b"x" * 1234)
+    size = os.path.getsize(run / "model.tern")
+    for tern_bytes, onnx_bytes, kept in [(size, 1234, True), (size + 1, 1234, False), (size, 1235, None)]:
+        (run / "report.json").write_text(json.dumps({"schema": reporting.SCHEMA, "training": {"history": HISTORY},
+                                                     "totals": {"tern_bytes": tern_bytes, "onnx_bytes": onnx_bytes}}))
+        result = invoke("report", run, "--json")
+        got = json.loads(result.stdout)
+        assert ("history" in got["training"]) == (kept is not False), (tern_bytes, onnx_bytes)
+        assert got["totals"]["onnx_bytes"] == (1234 if kept else None), (tern_bytes, onnx_bytes)
+        assert len(result.stderr.splitlines()) == {True: 0, False: 2, None: 1}[kept]
