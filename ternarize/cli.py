@@ -644,7 +644,7 @@ def _load_npy(path: str):
     """The array of the .npy file ``path`` as float32: numeric, finite, within float32's range
     (read by :func:`ternarize.data.read_npy`: no pickles, the header checked before the data),
     and a note for stderr or None: uint8 pixels are scaled by 1/255, as the datasets' are for
-    training."""
+    training; other integers above 1 are taken as they are, which the note says."""
     import numpy as np
 
     from .data import _to_unit_float, read_npy
@@ -659,11 +659,15 @@ def _load_npy(path: str):
         raise ConfigError(f"{path} holds {x.dtype}; the inputs must be a numeric array (integers or floats)")
     if x.dtype.kind == "f" and not np.isfinite(x).all():
         raise ConfigError(f"{path} contains NaN or infinite values; give finite inputs")
+    note = None
+    if x.dtype.kind in "iu" and x.size and int(x.max()) > 1:  # pixels as int64, say: not scaled
+        note = (f"{path} holds {x.dtype} values, taken as they are (up to {int(x.max())}); pixels are scaled "
+                "by 1/255 only when stored as uint8")
     with np.errstate(over="ignore"):
         x = x.astype(np.float32, copy=False)
     if not np.isfinite(x).all():
         raise ConfigError(f"{path} holds values beyond the float32 range (about 3.4e38); scale the inputs down")
-    return x, None
+    return x, note
 
 
 def _save_npy(path: str, y, overwrite: bool) -> None:

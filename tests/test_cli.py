@@ -419,6 +419,13 @@ def test_run_scales_uint8_pixels_as_the_datasets_are(tmp_path):
     assert floats.stderr == "" and scaled.stderr.strip() == (f"{tmp_path / 'pixels.npy'} holds uint8 pixels: scaled "
                                                              "by 1/255 to [0, 1], as the datasets are for training")
     assert json.loads(scaled.stdout)["predictions"] == json.loads(floats.stdout)["predictions"]
+    np.save(tmp_path / "ints.npy", pixels.astype(np.int64))  # not uint8: taken as they are, and said so
+    ints = invoke("run", conv, "--input", tmp_path / "ints.npy", "--json")
+    assert ints.exit_code == 0 and ints.stderr.strip() == (
+        f"{tmp_path / 'ints.npy'} holds int64 values, taken as they are (up to {pixels.max()}); pixels are scaled "
+        "by 1/255 only when stored as uint8")
+    np.save(tmp_path / "bits.npy", (pixels > 127).astype(np.int64))  # 0/1 integers: nothing to say
+    assert invoke("run", conv, "--input", tmp_path / "bits.npy").stderr == ""
     np.save(tmp_path / "wrong.npy", pixels[:, :, :4])  # the note waits until the inputs fit the model
     wrong = invoke("run", conv, "--input", tmp_path / "wrong.npy")
     assert wrong.exit_code == 2 and len(wrong.stderr.strip().splitlines()) == 1 and "uint8" not in wrong.stderr
