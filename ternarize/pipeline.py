@@ -174,7 +174,11 @@ def check_out(out: str, force: bool, resume: bool, inputs=(), resumable: bool = 
             raise ConfigError(f"the input {path} has the name of an output in {out}; move it or choose another --out")
     if resume:
         if CHECKPOINT not in present:
-            raise ConfigError(f"there is no {CHECKPOINT} in {out} to resume from; run without --resume")
+            finished = "model.tern" in present  # a finished run removes its checkpoint
+            raise ConfigError(f"there is no {CHECKPOINT} in {out} to resume from"
+                              + ("; the run there has finished: to train again, run without --resume and with "
+                                 "--force (it replaces the folder's files), or choose another --out" if finished
+                                 else "; run without --resume"))
         return
     if present and not force:
         raise ConfigError(f"the output folder {out} already holds {', '.join(sorted(present)[:3])}"

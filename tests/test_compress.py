@@ -235,3 +235,15 @@ def test_every_report_field_is_documented(compressed):
     missing = [f"{where}.{key}" for where, obj in sections.items() for key in obj
                if f"`{key}`" not in doc and f'"{key}"' not in doc]
     assert not missing, missing
+
+
+def test_resume_of_a_finished_run_says_how_to_train_again(compressed, float_model, tmp_path):
+    out, _ = compressed
+    before = sorted(os.listdir(out))
+    result = invoke("compress", float_model, "--data", "digits", "--out", out, "--resume", *FAST)
+    assert result.exit_code == 2 and result.stderr.strip() == (
+        f"ternarize: there is no checkpoint.pt in {out} to resume from; the run there has finished: to train "
+        "again, run without --resume and with --force (it replaces the folder's files), or choose another --out")
+    assert sorted(os.listdir(out)) == before
+    fresh = invoke("compress", float_model, "--data", "digits", "--out", tmp_path / "new", "--resume", *FAST)
+    assert fresh.exit_code == 2 and fresh.stderr.strip().endswith("to resume from; run without --resume")
