@@ -520,7 +520,8 @@ def verify(file, as_json):
 @cli.command(context_settings=CONTEXT)
 @click.argument("file", type=_Path())
 @click.option("--input", "input_path", type=_Path(), default=None,
-              help="A .npy file of inputs (N, ...): floats as the model takes them, or uint8 pixels (scaled by 1/255).")
+              help="A .npy file of inputs (N, ...): floats or integers as the model takes them, or uint8 pixels "
+                   "(scaled by 1/255).")
 @click.option("--data", "data_name", default=None, help="A dataset: report accuracy on its test set.")
 @data_dir_option
 @click.option("--output", type=click.Path(), default=None,
@@ -728,8 +729,6 @@ def report(path, as_json, out, force):
         raise ConfigError("--force replaces the report files in --out; give --out DIR, or leave out --force")
     notes: list[str] = []
     rep = reporting.load(path, notes)
-    for note in notes:
-        click.echo(f"ternarize: note: {_printable(note)}", err=True)
     if out is not None:
         if os.path.exists(out) and not os.path.isdir(out):  # click's file_okay=False lets devices through
             raise ConfigError(f"--out {out} exists and is not a folder; choose another path")
@@ -744,8 +743,11 @@ def report(path, as_json, out, force):
         if there and not force:
             raise ConfigError(f"the folder {out} already holds {', '.join(there)}; "
                               f"pass --force to overwrite {'it' if len(there) == 1 else 'them'}")
-        # the folder's own model (checked above): its weights.png, drawn by compress, stays listed
-        rep.write(out, kept=("weights.png",) if os.path.lexists(theirs) else ())
+    for note in notes:  # after the checks: a refusal stays one line
+        click.echo(f"ternarize: note: {_printable(note)}", err=True)
+    if out is not None:
+        # the folder's own model (checked above): the plots it keeps (compress's weights.png) stay listed
+        rep.write(out, kept=rep.kept if os.path.lexists(os.path.join(out, "model.tern")) else ())
     if as_json:
         _echo_json(rep.to_json())
     else:

@@ -181,6 +181,34 @@ def export(graph: Graph, path, compat: bool = False, *, binary: str = "bits", co
                       _nonzero(graph), len(model.graph.node))
 
 
+def metadata_props(metadata: dict, sparsity: float | None) -> dict[str, str]:
+    """The ONNX model's metadata_props: each entry of the graph's metadata as JSON, ``producer``
+    (this ternarize) and ``sparsity`` (non-zero fraction of the discrete weights, or null)."""
+    props = dict(metadata)
+    props.update(producer=f"ternarize {__version__}", sparsity=sparsity)
+    out = {}
+    for key in sorted(props):
+        try:
+            out[str(key)] = json.dumps(props[key], sort_keys=True, default=_jsonable)
+        except (TypeError, ValueError) as e:
+            raise ExportError(f"metadata entry {key!r} cannot be written as JSON: {e}") from None
+    return out
+
+
+def read_metadata_props(path) -> dict[str, str]:
+    """The metadata_props of the ONNX model at ``path`` (its weights are not loaded from external
+    files); ExportError when the file is not an ONNX model."""
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except MemoryError:
+        raise
+    except Exception as e:  # protobuf's DecodeError, OSError, ...: the class differs between implementations
+        raise ExportError(f"{path} is not an ONNX model this ternarize reads ({type(e).__name__})") from e
+    if not model.ir_version or not model.HasField("graph"):  # protobuf reads most bytes as unknown fields
+        raise ExportError(f"{path} is not an ONNX model (no IR version or no graph)")
+    return {p.key: p.value for p in model.metadata_props}
+
+
 def _nonzero(graph: Graph) -> float | None:
     names = graph.discrete_weights()
     total = sum(graph.consts[n].data.size for n in names)
@@ -267,15 +295,7 @@ class _Builder:
         return model
 
     def metadata(self) -> dict[str, str]:
-        props = dict(self.graph.metadata)
-        props.update(producer=f"ternarize {__version__}", sparsity=_nonzero(self.graph))
-        out = {}
-        for key in sorted(props):
-            try:
-                out[str(key)] = json.dumps(props[key], sort_keys=True, default=_jsonable)
-            except (TypeError, ValueError) as e:
-                raise ExportError(f"metadata entry {key!r} cannot be written as JSON: {e}") from None
-        return out
+        return metadata_props(self.graph.metadata, _nonzero(self.graph))
 
     # -- names, nodes, initializers
     def fresh(self, base: str) -> str:

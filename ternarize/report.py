@@ -17,11 +17,11 @@ Example::
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import math
 import numbers
 import os
+import re
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -45,6 +45,10 @@ class Report:
     training: dict = field(default_factory=dict)
     model: dict = field(default_factory=dict)
     plots: list[str] = field(default_factory=list)
+    # not in the JSON: the .tern file's metadata, and the plots beside a model.tern that belong to it
+    # but that a report cannot draw again (compress's weights.png needs the float weights)
+    metadata: dict = field(default_factory=dict, repr=False)
+    kept: tuple[str, ...] = ()
 
     def to_json(self) -> dict:
         return {"schema": SCHEMA, "producer": f"ternarize {__version__}", "model": self.model,
@@ -54,14 +58,14 @@ class Report:
     # -- Markdown
     def to_markdown(self) -> str:
         t, m = self.totals, self.model
-        lines = [f"# Compression report: {m.get('name', 'model')}", ""]
+        lines = [f"# Compression report: {_md(m.get('name', 'model'))}", ""]
         if m:
-            lines += [", ".join(f"**{k}**: {v}" for k, v in m.items() if k in ("dataset", "mode", "method")), ""]
+            lines += [", ".join(f"**{k}**: {_md(v)}" for k, v in m.items() if k in ("dataset", "mode", "method")), ""]
         lines += ["| | |", "|---|---|"]
         lines += [f"| {label} | {value} |" for label, value in _total_rows(t, self.accuracy)]
         lines += ["", "## Layers", "", "| " + " | ".join(h for h, _ in _LAYER_COLUMNS) + " |",
                   "|" + "---|" * len(_LAYER_COLUMNS)]
-        lines += ["| " + " | ".join(fmt(row) for _, fmt in _LAYER_COLUMNS) + " |" for row in self.layers]
+        lines += ["| " + " | ".join(_md(fmt(row)) for _, fmt in _LAYER_COLUMNS) + " |" for row in self.layers]
         if self.plots:
             lines += ["", "## Plots", ""] + [f"![{os.path.splitext(p)[0]}]({p})" for p in self.plots]
         hist = self.training.get("history") or []
@@ -168,19 +172,19 @@ def build(tern_path: str, onnx_path: str | None = None, runtime=None, training: 
     model = {k: meta[k] for k in ("name", "dataset", "mode", "method", "source", "source_sha256", "source_bytes")
              if k in meta}
     model["file"] = os.path.basename(tern_path)
-    model["tern_sha256"] = _file_sha256(tern_path)
+    model["tern_sha256"] = tf.sha256
     accuracy = meta.get("accuracy")
     accuracy = {k: v for k, v in accuracy.items() if _number(v)} if isinstance(accuracy, dict) else {}
-    return Report(layers, totals, accuracy, _usable_training(training or meta.get("training")), model)
+    return Report(layers, totals, accuracy, _usable_training(training or meta.get("training")), model,
+                  metadata=meta)
 
 
 def load(path: str, notes: list | None = None) -> Report:
     """A report for ``path``: a .tern file, or a folder holding model.tern. A model.tern (given or
-    found) takes the training history of the report.json beside it and the size of the model.onnx
-    beside it when that report.json was written for this very file (its ``model.tern_sha256``) and
-    names that ONNX file (its ``totals.onnx_sha256``), as compress writes them (a report.json
-    written before those fields names them by their sizes, ``totals.tern_bytes`` and
-    ``totals.onnx_bytes``); a .tern file of
+    found) takes what is beside it when it belongs to this very file: the training history of the
+    report.json that names it (``model.tern_sha256``; a report.json written before that field names
+    it by its size, ``totals.tern_bytes``), and the size of a model.onnx exported from it (its
+    metadata are the .tern file's, see :func:`ternarize.onnx.metadata_props`). A .tern file of
     another name is reported alone. ``notes``, a list, receives a sentence for each file beside
     model.tern that is left out because it belongs to another model."""
     if os.path.isdir(path):
@@ -192,24 +196,29 @@ def load(path: str, notes: list | None = None) -> Report:
     problem = input_problem(tern_path)
     if problem:
         raise ConfigError(f"{tern_path} {problem}")
+    rep = build(tern_path)
     if os.path.basename(tern_path) != "model.tern":
-        return build(tern_path)
+        return rep
     notes = [] if notes is None else notes
     folder = os.path.dirname(os.path.abspath(tern_path))
     saved = _saved_report(folder)
-    if saved is not None and not _names(saved, ("model", "tern_sha256"), "tern_bytes", tern_path):
+    if saved is not None and not _names_model(saved, rep.model["tern_sha256"], rep.totals["tern_bytes"]):
         notes.append(f"{os.path.join(folder, 'report.json')} was written for another model.tern; "
                      "its training history is left out")
-        saved = None
+    elif saved is not None:
+        training = _usable_training(saved.get("training"))
+        if training.get("history"):
+            rep.training = training
+        plots = saved.get("plots")
+        rep.kept = tuple(p for p in ("weights.png",) if isinstance(plots, list) and p in plots)
     onnx_path = os.path.join(folder, "model.onnx")
-    if input_problem(onnx_path):
-        onnx_path = None
-    elif saved is None or not _names(saved, ("totals", "onnx_sha256"), "onnx_bytes", onnx_path):
-        notes.append(f"{onnx_path} was not written with this model.tern (no report.json beside it says so); "
-                     "its size is left out")
-        onnx_path = None
-    training = _usable_training(saved.get("training")) if saved else {}
-    return build(tern_path, onnx_path, training=training if training.get("history") else None)
+    if not input_problem(onnx_path):
+        why = _onnx_mismatch(onnx_path, rep)
+        if why:
+            notes.append(f"{onnx_path} {why}; its size is left out")
+        else:
+            rep.totals.update(_onnx_totals(rep.totals["float32_bytes"], onnx_path))
+    return rep
 
 
 def _saved_report(folder: str) -> dict | None:
@@ -226,27 +235,35 @@ def _saved_report(folder: str) -> dict | None:
         return None
 
 
-def _names(saved: dict, hash_field: tuple[str, str], size_field: str, path: str) -> bool:
-    """Whether a saved report names the file ``path``: by its SHA-256 (``hash_field``: section, key),
-    or, in a report.json written before that field, by its size (``totals[size_field]``)."""
-    recorded = _field(saved, *hash_field)
+def _names_model(saved: dict, sha256: str, size: int) -> bool:
+    """Whether a saved report was written for the .tern file of this SHA-256 (or, written before
+    that field, of this size)."""
+    recorded = _field(saved, "model", "tern_sha256")
     if recorded is not None:
-        return recorded == _file_sha256(path)
-    size = _field(saved, "totals", size_field)
-    return isinstance(size, int) and not isinstance(size, bool) and size == os.path.getsize(path)
+        return str(recorded).lower() == sha256
+    recorded = _field(saved, "totals", "tern_bytes")
+    return isinstance(recorded, int) and not isinstance(recorded, bool) and recorded == size
+
+
+def _onnx_mismatch(onnx_path: str, rep: Report) -> str | None:
+    """None when the ONNX file was exported from the reported .tern file (its metadata_props are
+    the ones the exporter writes for it, the producer aside), else why not."""
+    from .errors import ExportError
+    from .onnx import metadata_props, read_metadata_props
+
+    try:
+        have = read_metadata_props(onnx_path)
+    except ExportError:
+        return "cannot be read as an ONNX model"
+    want = metadata_props(rep.metadata, rep.totals["nonzero_fraction"])
+    have.pop("producer", None)
+    want.pop("producer", None)
+    return None if have == want else "was not exported from this model.tern (its metadata differ)"
 
 
 def _field(obj: dict, section: str, key: str):
     part = obj.get(section)
     return part.get(key) if isinstance(part, dict) else None
-
-
-def _file_sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 _EPOCH_NUMBERS = ("epoch", "train_loss", "test_loss", "test_acc")  # what the plots and Markdown need
@@ -332,13 +349,16 @@ def _layer_row(tf, entries, node, shapes) -> dict:
     return row
 
 
+def _onnx_totals(float32_bytes: int, onnx_path: str | None) -> dict:
+    onnx_bytes = os.path.getsize(onnx_path) if onnx_path else None
+    return {"onnx_bytes": onnx_bytes, "compression_onnx": float32_bytes / onnx_bytes if onnx_bytes else None}
+
+
 def _totals(tf, layers, onnx_path, runtime) -> dict:
     discrete = [r for r in layers if r["kind"] != "float32"]
     n_disc = sum(r["weights"] for r in discrete)
     disc_bytes = sum(r["weight_bytes"] for r in discrete)
     float32_bytes = 4 * sum(e.count for e in tf.tensors)
-    onnx_bytes = os.path.getsize(onnx_path) if onnx_path else None
-    onnx_sha256 = _file_sha256(onnx_path) if onnx_path else None
     weight_bytes, act_bytes = int(runtime.weight_bytes), int(runtime.activation_bytes(1))
     return {
         "layers": len(layers), "discrete_layers": len(discrete), "discrete_weights": n_disc,
@@ -347,9 +367,9 @@ def _totals(tf, layers, onnx_path, runtime) -> dict:
         "bits_per_discrete_weight": 8 * disc_bytes / n_disc if n_disc else None,
         "entropy_bits_per_discrete_weight": sum(r["entropy_bits"] * r["weights"] for r in discrete) / n_disc
         if n_disc else None,
-        "float32_bytes": float32_bytes, "tern_bytes": tf.size, "onnx_bytes": onnx_bytes, "onnx_sha256": onnx_sha256,
+        "float32_bytes": float32_bytes, "tern_bytes": tf.size,
+        **_onnx_totals(float32_bytes, onnx_path),
         "compression_tern": float32_bytes / tf.size,
-        "compression_onnx": float32_bytes / onnx_bytes if onnx_bytes else None,
         "header_bytes": tf.data_start, "tensor_bytes": sum(e.nbytes for e in tf.tensors),
         "macs": sum(r["macs"] for r in layers), "add_only_macs": sum(r["add_only_macs"] for r in layers),
         "multiplies": sum(r["multiplies"] for r in layers),
@@ -361,12 +381,19 @@ def _totals(tf, layers, onnx_path, runtime) -> dict:
 # ---------------------------------------------------------------------- formatting
 
 
+_MARKUP = re.compile(r"([\\`*\[\]<>|!&])")  # what could make a link, an image, HTML or a new cell
+
+
+def _md(text) -> str:
+    """Text from the file or a report.json as Markdown that shows it as it is: one line, control
+    characters escaped, and a backslash before each character that could start markup."""
+    return _MARKUP.sub(r"\\\1", one_line(text))
+
+
 def _cell(text, limit: int = 80) -> str:
-    """``text`` as one Markdown table cell: one line, control characters escaped, ``|`` escaped, cut
-    at ``limit`` characters (a hand-edited report.json may hold anything)."""
+    """``text`` as one Markdown table cell (see :func:`_md`), cut at ``limit`` characters."""
     text = one_line(text)
-    text = text if len(text) <= limit else text[:limit - 1] + "…"
-    return text.replace("|", "\\|")
+    return _md(text if len(text) <= limit else text[:limit - 1] + "…")
 
 
 def _pct(v) -> str:

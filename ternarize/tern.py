@@ -23,6 +23,7 @@ allocation is sized from an unchecked field, and every defect raises
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import re
@@ -504,6 +505,11 @@ class TernFile:
         if name not in self._index:
             raise KeyError(f"{self.source} has no tensor {name!r}")
         return self.tensors[self._index[name]]
+
+    @property
+    def sha256(self) -> str:
+        """SHA-256 of the file's bytes as read (hex)."""
+        return hashlib.sha256(self._reader.buf).hexdigest()
 
     def raw(self, name: str) -> memoryview:
         """The encoded bytes of tensor ``name``, zero-copy (a read-only view of the file)."""

@@ -385,52 +385,6 @@ def test_report_out_refuses_another_models_compress_folder(model, tmp_path):
     assert "report.md" in os.listdir(run)
 
 
-def test_report_takes_the_neighbours_only_of_model_tern(tmp_path):
-    run = _compress_folder(tmp_path, HISTORY)
-    tern.write(graph(), run / "other.tern")
-    (run / "model.onnx").write_bytes(b"x" * 1234)
-    saved = json.loads((run / "report.json").read_text())
-    saved["totals"] = {"onnx_sha256": _sha256(run / "model.onnx")}
-    (run / "report.json").write_text(json.dumps(saved))
-    alone = json.loads(invoke("report", run / "other.tern", "--json").stdout)
-    assert alone["totals"]["onnx_bytes"] is None and "history" not in alone["training"]
-    for path in (run, run / "model.tern"):
-        result = invoke("report", path, "--json")
-        got = json.loads(result.stdout)
-        assert got["totals"]["onnx_bytes"] == 1234 and got["training"]["history"] == HISTORY
-        assert got["totals"]["onnx_sha256"] == saved["totals"]["onnx_sha256"] and result.stderr == ""
-        assert got["model"]["tern_sha256"] == saved["model"]["tern_sha256"]
-
-
-def test_report_leaves_out_neighbours_written_for_another_model(tmp_path):
-    run = _compress_folder(tmp_path, HISTORY)
-    (run / "model.onnx").write_bytes(b"x" * 1234)  # no report.json names it
-    result = invoke("report", run, "--json")
-    got = json.loads(result.stdout)
-    assert got["totals"]["onnx_bytes"] is None and got["training"]["history"] == HISTORY
-    assert result.stderr == (f"ternarize: note: {run / 'model.onnx'} was not written with this model.tern (no "
-                             "report.json beside it says so); its size is left out\n")
-    tern.write(graph(metadata={"note": "another"}), run / "model.tern")  # another model over the folder's own
-    result = invoke("report", run, "--json")
-    got = json.loads(result.stdout)
-    assert got["totals"]["onnx_bytes"] is None and "history" not in got["training"]
-    assert result.stderr.splitlines()[0] == (f"ternarize: note: {run / 'report.json'} was written for another "
-                                             "model.tern; its training history is left out")
-    assert result.exit_code == 0 and len(result.stderr.splitlines()) == 2
-
-
-@pytest.mark.parametrize("args,name", [
-    (["verify", ""], "FILE"), (["inspect", ""], "FILE"), (["report", ""], "PATH"),
-    (["export", "", "--onnx", "m.onnx"], "FILE"), (["run", "", "--data", "digits"], "FILE"),
-    (["run", "m.tern", "--input", ""], "--input"), (["compress", "", "--data", "digits"], "MODEL"),
-    (["data", "list", "--data-dir", ""], "--data-dir"), (["data", "fetch", "mnist", "--data-dir", ""], "--data-dir"),
-])
-def test_an_empty_path_is_named(args, name, tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    one_line_error(invoke(*args), rf"Invalid value for '{name}': the path is empty; give a path")
-    assert os.listdir(tmp_path) == []
-
-
 def test_report_md_shows_the_settings_and_the_validation_accuracy(tmp_path):
     run = _compress_folder(tmp_path, [dict(h, val_acc=h["test_acc"] - 0.05) for h in HISTORY])
     saved = json.loads((run / "report.json").read_text())
@@ -439,8 +393,8 @@ def test_report_md_shows_the_settings_and_the_validation_accuracy(tmp_path):
     out = tmp_path / "out"
     assert invoke("report", run, "--out", out).exit_code == 0
     md = (out / "report.md").read_text()
-    assert ('| setting | value |\n|---|---|\n| epochs | 2 |\n| keep_float | ["fc"] |\n| lam | 1e-05 |\n'
-            '| note | "a\\|b\\nc" |\n') in md
+    assert ('| setting | value |\n|---|---|\n| epochs | 2 |\n| keep_float | \\["fc"\\] |\n| lam | 1e-05 |\n'
+            '| note | "a\\|b\\\\nc" |\n') in md
     assert ("| epoch | loss | test acc | val acc | non-zero | seconds |\n|---|---|---|---|---|---|\n"
             "| 1 | 0.9000 | 70.00% | 65.00% | 40.00% | 1.5 |\n") in md
     saved["training"]["history"] = HISTORY  # no validation split: no column
@@ -449,15 +403,89 @@ def test_report_md_shows_the_settings_and_the_validation_accuracy(tmp_path):
     assert "| epoch | loss | test acc | non-zero | seconds |\n" in (out / "report.md").read_text()
 
 
-def test_a_report_json_from_before_the_hashes_names_its_files_by_size(tmp_path):
+def test_report_takes_the_neighbours_only_of_model_tern(tmp_path):
     run = _compress_folder(tmp_path, HISTORY)
-    (run / "model.onnx").write_bytes(b"x" * 1234)
-    size = os.path.getsize(run / "model.tern")
-    for tern_bytes, onnx_bytes, kept in [(size, 1234, True), (size + 1, 1234, False), (size, 1235, None)]:
-        (run / "report.json").write_text(json.dumps({"schema": reporting.SCHEMA, "training": {"history": HISTORY},
-                                                     "totals": {"tern_bytes": tern_bytes, "onnx_bytes": onnx_bytes}}))
+    tern.write(graph(), run / "other.tern")
+    assert invoke("export", run / "model.tern", "--onnx", run / "model.onnx").exit_code == 0
+    size = os.path.getsize(run / "model.onnx")
+    alone = json.loads(invoke("report", run / "other.tern", "--json").stdout)
+    assert alone["totals"]["onnx_bytes"] is None and "history" not in alone["training"]
+    for path in (run, run / "model.tern"):
+        result = invoke("report", path, "--json")
+        got = json.loads(result.stdout)
+        assert got["totals"]["onnx_bytes"] == size and got["training"]["history"] == HISTORY
+        assert got["model"]["tern_sha256"] == _sha256(run / "model.tern") and result.stderr == ""
+    # written again in another form (as the README shows): still exported from this model.tern
+    assert invoke("export", run / "model.tern", "--onnx", run / "model.onnx", "--compat", "--force").exit_code == 0
+    result = invoke("report", run, "--json")
+    assert json.loads(result.stdout)["totals"]["onnx_bytes"] == os.path.getsize(run / "model.onnx") != size
+    assert result.stderr == ""
+
+
+def test_report_leaves_out_neighbours_written_for_another_model(tmp_path):
+    run = _compress_folder(tmp_path, HISTORY)
+    other = graph(metadata={"note": "another"})
+    onnx_path = run / "model.onnx"
+    for content, why in [(b"x" * 1234, "cannot be read as an ONNX model"),
+                         (None, "was not exported from this model.tern (its metadata differ)")]:
+        if content is None:
+            tern.write(other, tmp_path / "other.tern")
+            assert invoke("export", tmp_path / "other.tern", "--onnx", onnx_path, "--force").exit_code == 0
+        else:
+            onnx_path.write_bytes(content)
         result = invoke("report", run, "--json")
         got = json.loads(result.stdout)
-        assert ("history" in got["training"]) == (kept is not False), (tern_bytes, onnx_bytes)
-        assert got["totals"]["onnx_bytes"] == (1234 if kept else None), (tern_bytes, onnx_bytes)
-        assert len(result.stderr.splitlines()) == {True: 0, False: 2, None: 1}[kept]
+        assert got["totals"]["onnx_bytes"] is None and got["training"]["history"] == HISTORY
+        assert result.stderr == f"ternarize: note: {onnx_path} {why}; its size is left out\n"
+    tern.write(other, run / "model.tern")  # another model over the folder's own: the ONNX file is its now
+    result = invoke("report", run, "--json")
+    got = json.loads(result.stdout)
+    assert got["totals"]["onnx_bytes"] == os.path.getsize(onnx_path) and "history" not in got["training"]
+    assert result.exit_code == 0 and result.stderr == (f"ternarize: note: {run / 'report.json'} was written for "
+                                                       "another model.tern; its training history is left out\n")
+    # a refusal stays one line: the notes come after the checks
+    one_line_error(invoke("report", run, "--out", run), r"already holds .*; pass --force")
+
+
+def test_an_unreadable_onnx_file_is_left_out_with_a_note(tmp_path, monkeypatch):
+    import onnx
+
+    run = _compress_folder(tmp_path, HISTORY)
+    assert invoke("export", run / "model.tern", "--onnx", run / "model.onnx").exit_code == 0
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(onnx, "load", refuse)
+    result = invoke("report", run, "--json")
+    assert result.exit_code == 0 and json.loads(result.stdout)["totals"]["onnx_bytes"] is None
+    assert result.stderr == (f"ternarize: note: {run / 'model.onnx'} cannot be read as an ONNX model; "
+                             "its size is left out\n")
+
+
+def test_a_report_json_from_before_the_hash_names_its_model_by_size(tmp_path):
+    run = _compress_folder(tmp_path, HISTORY)
+    size = os.path.getsize(run / "model.tern")
+    for tern_bytes, kept in [(size, True), (size + 1, False), (True, False), ("x", False)]:
+        (run / "report.json").write_text(json.dumps({"schema": reporting.SCHEMA, "training": {"history": HISTORY},
+                                                     "totals": {"tern_bytes": tern_bytes}}))
+        result = invoke("report", run, "--json")
+        assert ("history" in json.loads(result.stdout)["training"]) == kept, tern_bytes
+        assert len(result.stderr.splitlines()) == (0 if kept else 1)
+    saved = {"schema": reporting.SCHEMA, "training": {"history": HISTORY},  # the hash decides, not the size
+             "model": {"tern_sha256": _sha256(run / "model.tern").upper()}, "totals": {"tern_bytes": size + 1}}
+    (run / "report.json").write_text(json.dumps(saved))
+    assert "history" in json.loads(invoke("report", run, "--json").stdout)["training"]
+
+
+def test_report_md_shows_text_from_the_file_as_it_is(tmp_path):
+    evil = "![x](http://evil.example/t.png) <img src=x> `a` *b*"
+    run = _compress_folder(tmp_path, HISTORY)
+    tern.write(graph(first=evil, metadata={"name": evil, "dataset": evil}), run / "model.tern")
+    out = tmp_path / "out"
+    assert invoke("report", run, "--out", out).exit_code == 0
+    md = (out / "report.md").read_text()
+    assert not re.search(r"(?<!\\)(!\[x|<img|`a)", md)  # no unescaped image, HTML or code
+    escaped = "\\!\\[x\\](http://evil.example/t.png) \\<img src=x\\> \\`a\\` \\*b\\*"
+    assert md.startswith(f"# Compression report: {escaped}\n") and f"| {escaped} | 16x20 |" in md
+

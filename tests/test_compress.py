@@ -119,6 +119,11 @@ def test_report_written_again_keeps_the_weights_plot_of_its_folder(compressed, t
     elsewhere = tmp_path / "elsewhere"  # no float weights there: no weights plot
     assert invoke("report", run, "--out", elsewhere).exit_code == 0
     assert "weights.png" not in (elsewhere / "report.md").read_text() + "".join(os.listdir(elsewhere))
+    graph = tern.read(run / "model.tern")  # another model over the folder's own: its weights.png is stale
+    graph.metadata["note"] = "another model"
+    tern.write(graph, run / "model.tern")
+    assert invoke("report", run, "--out", run, "--force").exit_code == 0
+    assert "weights.png" not in (run / "report.md").read_text()
 
 
 def test_run_and_export_commands(compressed, tmp_path):
