@@ -74,7 +74,7 @@ class Report:
             lines += ["", "## Training"]
         if isinstance(settings, dict) and settings:
             lines += ["", "| setting | value |", "|---|---|"]
-            lines += [f"| {_cell(key)} | {_cell(json.dumps(value, sort_keys=True))} |"
+            lines += [f"| {_md(key, 80)} | {_md(json.dumps(value, sort_keys=True), 80)} |"
                       for key, value in sorted(settings.items())]
         if hist:
             val = all(_number(h.get("val_acc")) for h in hist)  # a validation split was held out
@@ -384,16 +384,14 @@ def _totals(tf, layers, onnx_path, runtime) -> dict:
 _MARKUP = re.compile(r"([\\`*\[\]<>|!&])")  # what could make a link, an image, HTML or a new cell
 
 
-def _md(text) -> str:
+def _md(text, limit: int | None = None) -> str:
     """Text from the file or a report.json as Markdown that shows it as it is: one line, control
-    characters escaped, and a backslash before each character that could start markup."""
-    return _MARKUP.sub(r"\\\1", one_line(text))
-
-
-def _cell(text, limit: int = 80) -> str:
-    """``text`` as one Markdown table cell (see :func:`_md`), cut at ``limit`` characters."""
+    characters escaped, cut at ``limit`` characters, and a backslash before each character that
+    could start markup."""
     text = one_line(text)
-    return _md(text if len(text) <= limit else text[:limit - 1] + "…")
+    if limit is not None and len(text) > limit:
+        text = text[:limit - 1] + "…"
+    return _MARKUP.sub(r"\\\1", text)
 
 
 def _pct(v) -> str:
