@@ -503,14 +503,15 @@ def verify(file, as_json):
     from . import tern
 
     results = tern.verify(_existing_file(file, ".tern file"))
-    sound = all(ok for _, ok, _ in results)
+    sound = all(ok is True for _, ok, _ in results)
     try:
         if as_json:
             _echo_json({"file": file, "sound": sound, "checks": [{"check": name, "ok": ok, "message": message}
                                                                   for name, ok, message in results]})
         else:
             for name, ok, message in results:
-                click.echo(f"{'ok  ' if ok else 'FAIL'} {name}" + (f": {_one_line(message)}" if not ok else ""))
+                mark = "ok  " if ok else "skip" if ok is None else "FAIL"
+                click.echo(f"{mark} {name}" + (f": {_one_line(message)}" if not ok else ""))
             click.echo(f"{_printable(file)}: {'sound' if sound else 'NOT sound'}")
     except BrokenPipeError:  # the reader stopped (| head -1): the exit code still says whether it is sound
         _quiet_stdout()

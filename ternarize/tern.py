@@ -51,7 +51,7 @@ DOUBLE_DIGITS = 309  # the largest double is below 10^309: a longer integer over
 TOP_FIELDS = ("graph", "metadata", "tensors")
 ENTRY_FIELDS = ("name", "kind", "encoding", "shape", "offset", "nbytes", "crc32", "params")
 
-Check = tuple[str, bool, str]
+Check = tuple[str, "bool | None", str]  # (check, passed: True, False, or None when not run, message)
 
 
 def align(n: int) -> int:
@@ -600,7 +600,9 @@ def read(path) -> Graph:
 def verify(path) -> list[Check]:
     """Run every check and report ``(check, ok, message)``; format problems never raise.
 
-    A failed prelude, header, table or layout check stops the checks that depend on it.
+    ``ok`` is True (passed), False (failed) or None (not run). A failed prelude, header, table or
+    layout check stops the checks that depend on it; they are listed as not run, as is the final
+    decode after any failure. The file is sound when every check passed.
     """
     try:
         r = _Reader(_read_file(path))
@@ -611,7 +613,7 @@ def verify(path) -> list[Check]:
                        ("layout", r.layout)):
         results.append((name, *_attempt(step)))
         if not results[-1][1]:
-            results.append(("remaining checks", False, f"not run: the {name} check failed"))
+            results.append(("remaining checks", None, f"not run: the {name} check failed"))
             return results
     for i, e in enumerate(r.entries):
         results.append((f"tensors[{i}] {e.name!r} crc32", *_attempt(lambda i=i: r.crc(i))))
@@ -620,7 +622,7 @@ def verify(path) -> list[Check]:
     if all(ok for _, ok, _ in results):
         results.append(("decode", *_attempt(lambda: f"{TernFile(r, str(path)).graph()!r}")))
     else:
-        results.append(("decode", False, "not run: a check above failed"))
+        results.append(("decode", None, "not run: a check above failed"))
     return results
 
 

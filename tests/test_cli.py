@@ -305,6 +305,10 @@ def test_inspect_verify_and_run_print_json(tmp_path):
     assert result.exit_code == 1 and checks["sound"] is False
     failed = [c for c in checks["checks"] if not c["ok"]]
     assert failed and failed[0]["check"].endswith("crc32") and "CRC32" in failed[0]["message"]
+    assert checks["checks"][-1] == {"check": "decode", "ok": None, "message": "not run: a check above failed"}
+    lines = invoke("verify", tmp_path / "damaged.tern").stdout.splitlines()
+    assert lines[-2:] == ["skip decode: not run: a check above failed", f"{tmp_path / 'damaged.tern'}: NOT sound"]
+    assert sum(line.startswith("FAIL ") for line in lines) == 1
 
     acc = json.loads(invoke("run", conv, "--data", "digits", "--json").stdout)
     plain = invoke("run", conv, "--data", "digits").stdout

@@ -279,12 +279,14 @@ def test_verify_reports_instead_of_raising(tmp_path):
     buf[f.data_start + f.entry("fc2.w").offset] ^= 0xFF  # corrupt one tensor: its CRC check fails
     (tmp_path / "bad.tern").write_bytes(bytes(buf))
     results = tern.verify(tmp_path / "bad.tern")
-    failed = [(name, msg) for name, ok, msg in results if not ok]
-    assert failed[0] == ("tensors[2] 'fc2.w' crc32", failed[0][1]) and "computed" in failed[0][1]
-    assert failed[1:] == [("decode", "not run: a check above failed")]  # listed, not left out
+    failed = [(name, msg) for name, ok, msg in results if ok is False]
+    assert failed == [("tensors[2] 'fc2.w' crc32", failed[0][1])] and "computed" in failed[0][1]
+    assert results[-1] == ("decode", None, "not run: a check above failed")  # listed as not run, not left out
     assert ("graph", True, "8 nodes valid") in results
     (tmp_path / "worse.tern").write_bytes(b"GIF89a" + bytes(30))
-    assert tern.verify(tmp_path / "worse.tern")[0][:2] == ("prelude", False)
+    assert tern.verify(tmp_path / "worse.tern") == [
+        ("prelude", False, tern.verify(tmp_path / "worse.tern")[0][2]),
+        ("remaining checks", None, "not run: the prelude check failed")]
 
 
 def test_load_names_the_file(tmp_path):
