@@ -137,6 +137,18 @@ def test_discrete_tensor_is_kept_with_unit_scale():
     assert opt.state[v]["scale"].tolist() == [0.5, 2.0]
 
 
+def test_one_weight_per_row_is_discrete_only_with_one_magnitude():
+    """Every row of one float weight is trivially ±s_c: such a tensor (Linear(1, N)) starts from
+    random codes with unit scale, as any float layer does, unless all its magnitudes are equal."""
+    w = torch.nn.Parameter(torch.tensor([[0.8], [-0.0075], [0.3], [-0.5]]))
+    opt = MSA([w], seed=1)
+    assert opt.state[w]["scale"].tolist() == [1.0] * 4 and set(w.flatten().tolist()) <= {-1.0, 0.0, 1.0}
+    kept = torch.nn.Parameter(torch.tensor([[0.5], [0.0], [-0.5], [0.5]]))
+    opt = MSA([kept])
+    assert kept.flatten().tolist() == [0.5, 0.0, -0.5, 0.5]
+    assert opt.state[kept]["scale"].tolist() == [0.5, 1.0, 0.5, 0.5]
+
+
 def test_twn_initialisation():
     w = torch.nn.Parameter(torch.tensor([[1.0, -0.1, 0.9, -1.1], [0.1, 0.1, 0.1, 3.0]]))
     opt = MSA([w], init="twn")
@@ -254,3 +266,24 @@ def test_cuda_step_matches_cpu():  # pragma: no cover - GPU machines only
     a.step()
     b.step()
     torch.testing.assert_close(gpu.detach().cpu(), cpu.detach())
+
+
+def test_learned_scales_of_float16_weights_stay_finite_and_positive():
+    """The scales' Adam moments are float32: in float16, small gradients square to 0 and eps rounds
+    to 0, which sent every scale to NaN or 0 within a few steps."""
+    scales = {}
+    for dtype in (torch.float32, torch.float16):
+        torch.manual_seed(0)
+        p = torch.nn.Parameter((torch.randn(8, 16) * 0.05).to(dtype))
+        opt = MSA([p], mode="ternary", scale="learned", fused=False)
+        for step in range(4):
+            p.grad = (torch.randn(8, 16) * 1e-5).to(dtype)
+            opt.step()
+            if step == 1:  # as after a checkpoint resume: torch casts the state to the parameter's dtype
+                opt.load_state_dict(opt.state_dict())
+                assert opt.state[p]["scale_m"].dtype == dtype
+        state = opt.state[p]
+        assert state["scale_m"].dtype == state["scale_v"].dtype == torch.float32
+        assert torch.isfinite(state["scale"]).all() and (state["scale"] > 0).all()
+        scales[dtype] = state["scale"].float()
+    torch.testing.assert_close(scales[torch.float16], scales[torch.float32], rtol=0.1, atol=0)  # θ differs a little

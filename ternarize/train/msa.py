@@ -229,8 +229,8 @@ class MSA(torch.optim.Optimizer):
         state["scale"] = scale.to(device=p.device, dtype=p.dtype)
         if group["scale"] == "learned":
             state["scale_step"] = torch.zeros((), device=p.device)
-            state["scale_m"] = torch.zeros_like(state["scale"])
-            state["scale_v"] = torch.zeros_like(state["scale"])
+            state["scale_m"] = torch.zeros_like(state["scale"], dtype=torch.float32)  # see _adam_positive
+            state["scale_v"] = torch.zeros_like(state["scale"], dtype=torch.float32)
         p.copy_((scale.unsqueeze(1) * theta).reshape(p.shape).to(p.dtype))
 
     # -- schedule
@@ -353,10 +353,16 @@ def _check(ok: bool, message: str) -> None:
 
 
 def _as_discrete(rows: torch.Tensor, mode: str):
-    """(θ, s) if every row already holds only 0 and ±s_c (no zeros for binary), else (None, None)."""
+    """(θ, s) if every row already holds only 0 and ±s_c (no zeros for binary), else (None, None).
+
+    A row of one weight always looks so; a tensor of such rows (``Linear(1, N)``, a 1×1 depthwise
+    convolution) counts as discrete only when its non-zero weights share one magnitude.
+    """
     a = rows.abs()
     s = a.amax(dim=1)
     ok = ((a == s.unsqueeze(1)) | (a == 0)).all() and (s > 0).any()
+    if rows.shape[1] == 1:
+        ok = ok and bool((s[s > 0] == s.max()).all())
     if mode == "binary":
         ok = ok and bool((a > 0).all())
     if not ok:
@@ -384,12 +390,21 @@ def _initial_codes(rows: torch.Tensor, mode: str, init: str, generator: torch.Ge
 
 
 def _adam_positive(scale, grad, state, lr, betas=(0.9, 0.999), eps=1e-8) -> None:
-    """An Adam step on the scales, kept above a tiny positive floor (s_c > 0 always)."""
+    """An Adam step on the scales, kept above a tiny positive floor (s_c > 0 always).
+
+    The moments and the step are float32 whatever the scale's dtype: in float16, g² underflows to 0
+    below |g| ≈ 2.4e-4 and eps rounds to 0, which would divide by zero. (Moments restored from a
+    checkpoint come back in the parameter's dtype; they are widened again here.)
+    """
+    for key in ("scale_m", "scale_v"):
+        if state[key].dtype != torch.float32:
+            state[key] = state[key].float()
     state["scale_step"] += 1
     step = state["scale_step"]
-    m, v = state["scale_m"], state["scale_v"]
-    m.lerp_(grad, 1 - betas[0])
-    v.mul_(betas[1]).addcmul_(grad, grad, value=1 - betas[1])
+    m, v, g = state["scale_m"], state["scale_v"], grad.float()
+    m.lerp_(g, 1 - betas[0])
+    v.mul_(betas[1]).addcmul_(g, g, value=1 - betas[1])
     m_hat = m / (1 - betas[0] ** step)
     v_hat = v / (1 - betas[1] ** step)
-    scale.sub_(lr * m_hat / (v_hat.sqrt() + eps)).clamp_(min=1e-8)
+    new = scale.float() - lr * m_hat / (v_hat.sqrt() + eps)
+    scale.copy_(new.clamp_(min=max(1e-8, torch.finfo(scale.dtype).tiny)))
