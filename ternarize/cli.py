@@ -316,13 +316,17 @@ def _training_options(f):
         click.option("--batch-size", type=click.IntRange(min=2), default=100, show_default=True,
                      help="Samples per step (the paper's MNIST runs: 100)."),
         click.option("--loss", type=click.Choice(["cross_entropy", "squared_hinge"]), default="cross_entropy",
-                     show_default=True, help="Training loss (the paper's binary MNIST run: squared_hinge)."),
+                     show_default=True, help="Training loss (the paper: cross_entropy for ternary MNIST, squared_hinge "
+                     "in its other runs)."),
         click.option("--rho", type=click.FloatRange(min=0, min_open=True), default=None,
                      help="E-MSA ρ (default 0.25 ternary, 0.5 binary)."),
         click.option("--lam", type=click.FloatRange(min=0), default=1e-7, show_default=True,
                      help="E-MSA L1 price λ of a non-zero ternary weight."),
         click.option("--ema-decay", type=click.FloatRange(0, 1, max_open=True), default=0.999, show_default=True,
                      help="Initial moving-average decay α of E-MSA."),
+        click.option("--ema-anneal", type=click.FloatRange(0, 1, min_open=True), default=None,
+                     help="E-MSA's schedule: (1 - α) is multiplied by this after every epoch (default: the "
+                     "paper's, 0.98 for cifar10, 0.95 otherwise)."),
         click.option("--init", type=click.Choice(["random", "twn"]), default="random", show_default=True,
                      help="Initial codes: uniform random (paper) or thresholded float weights."),
         click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-3, show_default=True,
@@ -349,6 +353,9 @@ def _training_options(f):
 def _train_options(kw: dict) -> dict:
     out = {k: kw.pop(k) for k in ("mode", "method", "epochs", "batch_size", "loss", "rho", "lam", "ema_decay", "init",
                                   "lr", "distill", "device", "precision", "cuda_graphs", "seed")}
+    anneal = kw.pop("ema_anneal")
+    if anneal is not None:  # else the dataset's (pipeline.PAPER_ANNEAL)
+        out["ema_anneal"] = anneal
     out["keep_float"] = tuple(kw.pop("keep_float"))
     out["progress"] = not kw.pop("no_progress")
     return out

@@ -181,6 +181,20 @@ def test_loss_option_reaches_the_training(float_model, tmp_path):
     assert (settings["mode"], settings["loss"]) == ("binary", "squared_hinge")
     res = invoke("compress", float_model, "--data", "digits", "--out", tmp_path / "o2", "--loss", "hinge", *FAST)
     assert res.exit_code == 2 and "hinge" in res.output and not (tmp_path / "o2").exists()
+    assert settings["ema_anneal"] == 0.95  # the paper's η for MNIST (and any dataset but cifar10)
+    res = invoke("compress", float_model, "--data", "digits", "--out", tmp_path / "o3", "--ema-anneal", "0.9", *FAST)
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "o3" / "report.json").read_text())["training"]["settings"]["ema_anneal"] == 0.9
+    res = invoke("compress", float_model, "--data", "digits", "--out", tmp_path / "o4", "--ema-anneal", "0", *FAST)
+    assert res.exit_code == 2 and "--ema-anneal" in res.stderr and not (tmp_path / "o4").exists()
+
+
+def test_the_paper_anneal_follows_the_dataset_name():
+    from ternarize.pipeline import paper_defaults
+
+    assert paper_defaults("cifar10", {"epochs": 2}) == {"epochs": 2, "ema_anneal": 0.98}
+    assert paper_defaults("cifar10", {"ema_anneal": 0.9}) == {"ema_anneal": 0.9}  # the user's wins
+    assert paper_defaults("mnist", {}) == {} and paper_defaults("x.npz", {}) == {}
 
 
 def test_a_model_with_every_discrete_weight_zero_is_warned_about(float_model, tmp_path):
