@@ -62,6 +62,10 @@ def lower(model: nn.Module, example_input: torch.Tensor, discrete: dict[str, str
     model.eval()  # before tracing: fx bakes `if self.training:` branches into the graph
     try:
         traced = _trace(model)
+        inputs = [n.name for n in traced.graph.nodes if n.op == "placeholder"]
+        if len(inputs) > 1:
+            raise LoweringError(f"{type(model).__name__}.forward takes {len(inputs)} inputs ({', '.join(inputs)}); "
+                                "only models of one input tensor are supported")
         with torch.no_grad():
             traced_out = _propagate(traced, sample.clone())
             builder = _Builder(traced, dict(traced.named_modules()), discrete, model)
@@ -311,8 +315,11 @@ class _Builder:
         elif isinstance(m, nn.LeakyReLU):
             self._emit(n, "leaky_relu", [x()], {"alpha": float(m.negative_slope)}, name=path)
         elif isinstance(m, nn.Hardtanh):
-            self._emit(n, "hardtanh", [x()], {"min_val": float(m.min_val), "max_val": float(m.max_val)}, name=path)
+            self._hardtanh(n, f"Hardtanh at {path!r}", x(), m.min_val, m.max_val, name=path)
         elif isinstance(m, nn.MaxPool2d):
+            if m.return_indices:
+                raise LoweringError(f"MaxPool2d at {path!r} has return_indices=True, which is not supported; "
+                                    "use return_indices=False (the indices only serve MaxUnpool)")
             self._pool(n, "maxpool2d", path, x(), m.kernel_size, m.stride, m.padding, m.ceil_mode, m.dilation)
         elif isinstance(m, nn.AvgPool2d):
             if m.divisor_override:
@@ -320,12 +327,12 @@ class _Builder:
             self._pool(n, "avgpool2d", path, x(), m.kernel_size, m.stride, m.padding, m.ceil_mode,
                        count_include_pad=m.count_include_pad)
         elif isinstance(m, nn.AdaptiveAvgPool2d):
-            self._adaptive(n, path, x(), m.output_size)
+            self._adaptive(n, f"AdaptiveAvgPool2d at {path!r}", path, x())
         elif isinstance(m, nn.Flatten):
-            self._reshape(n, x(), path)
+            self._reshape(n, f"Flatten at {path!r}", x(), path)
         elif isinstance(m, (nn.Softmax, nn.LogSoftmax)):
             op = "softmax" if isinstance(m, nn.Softmax) else "log_softmax"
-            self._softmax(n, op, path, x(), m.dim)
+            self._softmax(n, f"{type(m).__name__} at {path!r}", op, path, x(), m.dim)
         else:
             raise LoweringError(f"unsupported module {type(m).__name__} at {path!r}; supported: Linear, "
                                 "Conv2d, BatchNorm1d/2d, ReLU, ReLU6, LeakyReLU, Hardtanh, MaxPool2d, AvgPool2d, "
@@ -383,21 +390,27 @@ class _Builder:
             attrs["count_include_pad"] = bool(count_include_pad)
         self._emit(n, op, [x], attrs, name=path)
 
-    def _adaptive(self, n, path, x, size) -> None:
-        """From the traced shapes (``size`` may be an int, a pair with None, or a traced shape)."""
+    def _hardtanh(self, n, where, x, lo, hi, name=None) -> None:
+        if not float(lo) < float(hi):
+            raise LoweringError(f"{where} clamps to [{lo}, {hi}]: min_val must be below max_val (an output that "
+                                "is one constant is not supported)")
+        self._emit(n, "hardtanh", [x], {"min_val": float(lo), "max_val": float(hi)}, name=name)
+
+    def _adaptive(self, n, where, path, x) -> None:
+        """From the traced shapes (the output size may be an int, a pair with None, or a traced shape)."""
         src, dst = self._shape(n.args[0]), self._shape(n)
         if len(src) == 4 and dst[2:] == src[2:]:
             self.alias[n.name] = x  # adaptive pool to the input size is the identity
             return
         if len(src) != 4 or dst[2:] != (1, 1):
-            raise LoweringError(f"AdaptiveAvgPool2d at {path!r} has output size {list(dst[2:])}; only 1 (or the "
-                                "input's size) is supported")
+            raise LoweringError(f"{where} has output size {list(dst[2:])}; only 1 (or the input's size) is "
+                                "supported")
         self._emit(n, "global_avgpool", [x], name=path)
 
-    def _reshape(self, n, x, path) -> None:
+    def _reshape(self, n, where, x, path) -> None:
         src, dst = self._shape(n.args[0]), self._shape(n)
         if not dst or dst[0] != src[0]:
-            raise LoweringError(f"{path}: a reshape from {list(src)} to {list(dst)} changes the batch "
+            raise LoweringError(f"{where}: a reshape from {list(src)} to {list(dst)} changes the batch "
                                 "dimension; keep dimension 0 as the batch")
         if len(dst) == 2:
             self._emit(n, "flatten", [x], name=path)
@@ -406,20 +419,21 @@ class _Builder:
         else:
             self._emit(n, "reshape", [x], {"shape": [int(d) for d in dst[1:]]}, name=path)
 
-    def _softmax(self, n, op, path, x, dim) -> None:
+    def _softmax(self, n, where, op, path, x, dim) -> None:
         rank = len(self._shape(n))
         if dim is None:
-            raise LoweringError(f"{path}: softmax without an explicit dim is not supported")
+            raise LoweringError(f"{where}: {op} without an explicit dim is not supported; pass dim=1 (or -1)")
         axis = dim % rank if rank else dim
         if axis == 0:
-            raise LoweringError(f"{path}: softmax over the batch dimension is not supported")
+            raise LoweringError(f"{where}: {op} over the batch dimension is not supported")
         self._emit(n, op, [x], {"axis": int(axis)}, name=path)
 
     # -- functions and methods
     def _lower_call(self, n: fx.Node, kind: str | None, what: str) -> None:
         path = n.name
+        where = f"{what} at {n.name!r}{_in_module(n)}"
         if kind is None:
-            raise LoweringError(f"unsupported operation {what} at {n.name!r}{_in_module(n)}")
+            raise LoweringError(f"unsupported operation {where}")
         x = self._x(n.args[0]) if kind not in ("concat",) else None
         if n.target is F.dropout and _arg(n, 2, "training", True) and _arg(n, 1, "p", 0.5) != 0:
             raise LoweringError(f"F.dropout at {n.name!r}{_in_module(n)} has training=True, so it drops values at "
@@ -434,30 +448,32 @@ class _Builder:
             alpha = _arg(n, 1, "negative_slope", 0.01)
             self._emit(n, "leaky_relu", [x], {"alpha": float(alpha)})
         elif kind == "hardtanh":
-            self._emit(n, "hardtanh", [x], {"min_val": float(_arg(n, 1, "min_val", -1.0)),
-                                            "max_val": float(_arg(n, 2, "max_val", 1.0))})
+            self._hardtanh(n, where, x, _arg(n, 1, "min_val", -1.0), _arg(n, 2, "max_val", 1.0))
         elif kind in ("flatten", "reshape"):
-            self._reshape(n, x, path)
+            self._reshape(n, where, x, path)
         elif kind == "add":
             self._add(n, what)
         elif kind == "concat":
-            self._concat(n)
+            self._concat(n, where)
         elif kind in ("softmax", "log_softmax"):
-            self._softmax(n, kind, path, x, _arg(n, 1, "dim", None))
+            self._softmax(n, where, kind, path, x, _arg(n, 1, "dim", None))
         elif kind == "maxpool2d":
             k = _arg(n, 1, "kernel_size", None)
+            if _arg(n, 6, "return_indices", False):
+                raise LoweringError(f"{where} has return_indices=True, which is not supported; use "
+                                    "return_indices=False (the indices only serve MaxUnpool)")
             self._pool(n, "maxpool2d", path, x, k, _arg(n, 2, "stride", None) or k, _arg(n, 3, "padding", 0),
                        _arg(n, 5, "ceil_mode", False), _arg(n, 4, "dilation", 1))
         elif kind == "avgpool2d":
             k = _arg(n, 1, "kernel_size", None)
             if _arg(n, 6, "divisor_override", None):
-                raise LoweringError(f"avg_pool2d at {path!r} uses divisor_override, which is not supported")
+                raise LoweringError(f"{where} uses divisor_override, which is not supported")
             self._pool(n, "avgpool2d", path, x, k, _arg(n, 2, "stride", None) or k, _arg(n, 3, "padding", 0),
                        _arg(n, 4, "ceil_mode", False), count_include_pad=_arg(n, 5, "count_include_pad", True))
         elif kind == "adaptive_avgpool":
-            self._adaptive(n, path, x, _arg(n, 1, "output_size", None))
+            self._adaptive(n, where, path, x)
         else:  # linear_fn / conv2d_fn with parameters read through get_attr
-            self._functional_weighted(n, kind, x)
+            self._functional_weighted(n, where, kind, x)
 
     def _add(self, n, what) -> None:
         a, b = n.args[0], n.args[1]
@@ -465,25 +481,25 @@ class _Builder:
             raise LoweringError(f"unsupported operation {what} at {n.name!r}{_in_module(n)}: only the sum of "
                                 "two tensors computed from the input is supported")
         if self._shape(a) != self._shape(b):
-            raise LoweringError(f"unsupported broadcasting add at {n.name!r}: shapes {list(self._shape(a))} "
-                                f"and {list(self._shape(b))}")
+            raise LoweringError(f"unsupported broadcasting add at {n.name!r}{_in_module(n)}: shapes "
+                                f"{list(self._shape(a))} and {list(self._shape(b))}")
         self._emit(n, "add", [self._x(a), self._x(b)])
 
-    def _concat(self, n) -> None:
+    def _concat(self, n, where) -> None:
         tensors = n.args[0]
         dim = _arg(n, 1, "dim", 0)
         rank = len(self._shape(n))
         axis = dim % rank
         if axis == 0:
-            raise LoweringError(f"concatenation along the batch dimension at {n.name!r} is not supported")
+            raise LoweringError(f"{where} concatenates along the batch dimension, which is not supported")
         self._emit(n, "concat", [self._x(t) for t in tensors], {"axis": int(axis)})
 
-    def _functional_weighted(self, n, kind, x) -> None:
+    def _functional_weighted(self, n, where, kind, x) -> None:
         wnode = _arg(n, 1, "weight", None)
         bnode = _arg(n, 2, "bias", None)
         for role, v in (("weight", wnode), ("bias", bnode)):
             if (v is not None or role == "weight") and (not isinstance(v, fx.Node) or v.op != "get_attr"):
-                raise LoweringError(f"{n.name}{_in_module(n)}: the {role} of a functional linear/conv must be "
+                raise LoweringError(f"{where}: the {role} of a functional linear/conv must be "
                                     "a module parameter or buffer")
         # constants are named after the parameters (``layer.w1``; ``fc.weight`` keeps the path ``fc``)
         pname = wnode.target
@@ -497,7 +513,7 @@ class _Builder:
         stride, padding = _arg(n, 3, "stride", 1), _arg(n, 4, "padding", 0)
         dilation, groups = _arg(n, 5, "dilation", 1), _arg(n, 6, "groups", 1)
         if isinstance(padding, str):
-            raise LoweringError(f"{n.name}: string padding in F.conv2d is not supported; use numbers")
+            raise LoweringError(f"{where}: string padding in F.conv2d is not supported; use numbers")
         attrs = {"strides": _pair(stride), "pads": _pair(padding), "dilations": _pair(dilation), "groups": int(groups)}
         self._weighted(n, "conv2d", path, weight, bias, x, attrs, **names)
 

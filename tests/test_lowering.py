@@ -161,6 +161,48 @@ def test_unsupported_things_are_named(model, message):
         lower(model, torch.zeros(1, 1, 4, 4))
 
 
+class _Inner(nn.Module):
+    def __init__(self, fn):
+        super().__init__()
+        self.conv, self.fn = nn.Conv2d(1, 2, 1), fn
+
+    def forward(self, x):
+        return self.fn(self.conv(x))
+
+
+class _TwoInputs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(16, 2)
+
+    def forward(self, x, y):
+        return self.fc(x.flatten(1)) + y
+
+
+@pytest.mark.parametrize("fn, message", [
+    (lambda x: F.softmax(x), "F.softmax at 'softmax' in module '1.1': softmax without an explicit dim"),
+    (lambda x: F.log_softmax(x, 0), "F.log_softmax at 'log_softmax' in module '1.1': log_softmax over the "
+                                    "batch dimension"),
+    (lambda x: torch.cat([x, x], 0), "torch.cat at 'cat' in module '1.1' concatenates along the batch"),
+    (lambda x: x.view(-1, 8), r"\.view\(\) at 'view' in module '1.1': a reshape from \[2, 2, 4, 4\] to \[8, 8\]"),
+    (lambda x: F.adaptive_avg_pool2d(x, 2), r"F.adaptive_avg_pool2d at 'adaptive_avg_pool2d' in module '1.1' "
+                                            r"has output size \[2, 2\]"),
+    (lambda x: F.hardtanh(x, 0.5, 0.5), r"F.hardtanh at 'hardtanh' in module '1.1' clamps to \[0.5, 0.5\]"),
+], ids=["softmax-no-dim", "log-softmax-batch", "cat-batch", "view-batch", "adaptive-2", "hardtanh-constant"])
+def test_functional_calls_are_named_with_their_module(fn, message):
+    """A call inside a submodule is named as the call, its fx node and the module it sits in."""
+    model = nn.Sequential(nn.Identity(), nn.Sequential(nn.ReLU(), _Inner(fn)))  # the call sits in '1.1'
+    with pytest.raises(LoweringError, match=message):
+        lower(model, torch.zeros(1, 1, 4, 4))
+
+
+def test_pool_indices_and_two_inputs_are_refused_by_name():
+    with pytest.raises(LoweringError, match=r"MaxPool2d at '1' has return_indices=True, which is not supported"):
+        lower(nn.Sequential(nn.Conv2d(1, 2, 1), nn.MaxPool2d(2, return_indices=True)), torch.zeros(1, 1, 4, 4))
+    with pytest.raises(LoweringError, match=r"_TwoInputs.forward takes 2 inputs \(x, y\); only models of one input"):
+        lower(_TwoInputs(), torch.zeros(1, 1, 4, 4))
+
+
 def test_unsupported_function_and_batch_mixing_reshape():
     class Sig(nn.Module):
         def forward(self, x):
