@@ -6,7 +6,9 @@ the file names, so :func:`load_model` never unpickles anything it has not checke
 1. The path is checked (exists, a regular file, not empty) and the first bytes are sniffed: a zip
    archive (``torch.save`` since 1.6, TorchScript) or a bare pickle (the legacy ``torch.save``
    format). Anything else is refused before torch sees it, and so is a zip record whose CRC-32
-   fails (torch's reader does not check them: a changed weight would load silently).
+   fails (torch's reader does not check them: a changed weight would load silently), a compressed
+   record (torch.save never writes one, and inflating it is how a small file fills the memory) and
+   a record listed twice or overlapping another.
 2. A TorchScript archive is refused unless ``trust=True``: it holds compiled TorchScript, and
    methods such as ``__setstate__`` run while ``torch.jit.load`` reads it, so it is code too (and
    it cannot be retrained: TorchScript cannot be lowered). With ``trust`` it loads as TorchScript.
@@ -23,8 +25,10 @@ the file names, so :func:`load_model` never unpickles anything it has not checke
    Names are matched against objects already imported; the file never makes this module import
    anything. A name off the list raises :class:`~ternarize.errors.UnsafeModelError`, and so does a
    pickle that calls a layer class (``REDUCE``) where torch.save rebuilds a layer from its state: the
-   file would choose the size and number of layers built. Pickle protocols 4 and 5, which torch's
-   safe loader cannot read, are named as such.
+   file would choose the size and number of layers built. Pickle protocols 0, 1, 4 and 5, which
+   torch's safe loader cannot read, are named as such. A loaded tensor without data (on the
+   ``meta`` device) or whose elements share memory (an ``expand``ed view: a tiny file can declare
+   a huge layer that way) is refused before anything copies it.
 4. ``trust=True`` (``--trust`` on the command line) loads with ``weights_only=False``: the file may
    then run any code, so pass it only for files from a trusted source.
 
@@ -139,6 +143,7 @@ def load_model(path, arch: str | None = None, trust: bool = False, log=None) -> 
         model = _guarded(path, lambda: _load_torchscript(path))
     else:
         obj = _guarded(path, lambda: _unpickle(path, trust))
+        _check_tensors(obj, path)
         model = _to_module(obj, path, arch)
         if arch is not None and log is not None and _find_state_dict(obj) is None:
             log(f"warning: {path} holds a whole module, so --arch {printable(arch)} is not used")
@@ -210,8 +215,8 @@ def _sniff(p: Path) -> str:
         raise ModelLoadError(f"cannot read model file {p}: {e.strerror or e}") from e
     if head in (b"PK\x03\x04", b"PK\x05\x06"):  # a zip archive (or an empty one)
         return _zip_kind(p)
-    if head.startswith(b"\x80"):  # a pickle (protocol 2+): the legacy torch.save format
-        return "pickle"
+    if len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= pickle.HIGHEST_PROTOCOL:
+        return "pickle"  # a pickle (protocol 2+): the legacy torch.save format
     if head == MAGIC[:4]:
         raise ModelLoadError(f"{p} is a .tern file, what ternarize compress writes, not a PyTorch model; give the "
                              "float model it was made from (a .tern file runs with ternarize run)")
@@ -254,12 +259,26 @@ def _zip_kind(p: Path) -> str:
 
 
 def _check_records(z: zipfile.ZipFile, p: Path) -> None:
-    """Read every stored record once: torch's reader skips the zip's CRC-32s, so a changed byte of a
-    weight would load silently. (torch.save stores records uncompressed; a compressed one is left
-    to torch, which refuses it, rather than inflated here.)"""
-    for info in z.infolist():
+    """Read every record once: torch's reader skips the zip's CRC-32s, so a changed byte of a weight
+    would load silently. torch.save stores every record uncompressed, each once: a compressed data
+    record (which torch would inflate, a zip bomb's way to fill the memory) and a record listed
+    twice or overlapping another (to be read again and again) are refused. (TorchScript archives
+    compress their code, which loads only with trust: it is not inflated here.)"""
+    records = sorted(z.infolist(), key=lambda i: i.header_offset)
+    seen: set[str] = set()
+    for prev, info in zip([None, *records], records):
+        if info.filename in seen or prev is not None and info.header_offset < prev.header_offset + 30 + \
+                prev.compress_size:
+            what = f"lists {info.filename} twice" if info.filename in seen else \
+                f"has {info.filename} overlapping {prev.filename}"
+            raise ModelLoadError(f"{p} is not a zip archive torch.save writes: it {what}; save the model again "
+                                 "with torch.save")
+        seen.add(info.filename)
         if info.compress_type != zipfile.ZIP_STORED:
-            continue
+            if "/code/" in info.filename:
+                continue
+            raise ModelLoadError(f"{p} holds {info.filename} compressed (zip method {info.compress_type}), which "
+                                 "torch.save never writes; save the model again with torch.save")
         try:
             with z.open(info) as f:
                 while f.read(1 << 20):
@@ -320,11 +339,16 @@ def _unpickle(p: Path, trust: bool):
                 "make the module that defines it importable (on PYTHONPATH; a class defined in a script run as "
                 "__main__ must move to a module)") from e
     protocol = _pickle_protocol(p)
-    if protocol is not None and protocol > _SAFE_PROTOCOL:
+    if protocol is not None and not 2 <= protocol <= _SAFE_PROTOCOL:
         raise ModelLoadError(
-            f"{p} was saved with pickle protocol {protocol}, which torch's safe loader cannot read; save it again "
-            f"with torch.save's default protocol (no pickle_protocol argument), or {_HINT_TRUST}")
+            f"{p} was saved with pickle protocol {protocol if protocol > 1 else '0 or 1'}, which torch's safe loader "
+            f"cannot read; save it again with torch.save's default protocol (no pickle_protocol argument), or "
+            f"{_HINT_TRUST}")
     called = _called_layer(p)
+    if called and called.startswith(_ALLOCATES):
+        raise UnsafeModelError(
+            f"{p} calls {called[len(_ALLOCATES):]} with a size of its own, which torch.save never writes, so it "
+            f"could fill the memory from a few bytes; save the model again with torch.save(model), or {_HINT_TRUST}")
     if called:
         raise UnsafeModelError(
             f"{p} calls the layer class {called} with arguments of its own, which torch.save never writes (a saved "
@@ -364,17 +388,22 @@ def _pickles(p: Path) -> Iterator[tuple]:
 
 
 def _pickle_protocol(p: Path) -> int | None:
-    """The pickle protocol of the file's data record (zip) or of the file (legacy), None if unclear."""
+    """The pickle protocol of the file's data record (zip) or of the file (legacy), None if unclear;
+    1 for a record that does not start with PROTO (protocols 0 and 1 have none)."""
     try:
         with _pickles(p) as (f, _):
             head = f.read(2) if f else b""
     except _ZIP_ERRORS:
         return None
-    return head[1] if len(head) == 2 and head[0] == 0x80 else None
+    if len(head) == 2 and head[0] == 0x80:
+        return head[1]
+    return 1 if head and zipfile.is_zipfile(p) else None
 
 
 def _called_layer(p: Path) -> str | None:
-    """The first layer class (a torch.nn.Module subclass) the file's pickle calls, or None.
+    """The first layer class (a torch.nn.Module subclass) the file's pickle calls, or None; or
+    ``_ALLOCATES`` + the name of an allocating call torch's safe loader allows but torch.save never
+    writes: a legacy tensor constructor (``torch.FloatTensor(n, m)``), or ``bytearray(n)``.
 
     torch.save pickles a module as its class and its state (``NEWOBJ``: ``cls.__new__``, then the
     state), never as a call of the class (``REDUCE``), which would run ``__init__`` with the file's
@@ -394,6 +423,10 @@ def _called_layer(p: Path) -> str | None:
 
 
 _MARK = object()
+_INT, _INTS = object(), object()  # an integer, and a tuple holding one (the size of an allocation)
+_INT_OPS = ("INT", "BININT", "BININT1", "BININT2", "LONG", "LONG1", "LONG4")
+_ALLOCATES = "allocating:"
+_TENSOR_TYPE = re.compile(r"torch\.(cuda\.)?(sparse\.)?[A-Za-z0-9]*Tensor")
 _POPS = {"APPEND": 1, "SETITEM": 2, "BUILD": 1, "POP": 1}
 _KEEPS = ("PROTO", "FRAME", "BINPERSID")  # no change to the depth of the stack (BINPERSID: id → object)
 
@@ -409,20 +442,27 @@ def _called_in_pickle(f) -> str | None:
         elif name == "MARK":
             stack.append(_MARK)
         elif name in ("TUPLE", "APPENDS", "SETITEMS", "POP_MARK"):
-            while stack.pop() is not _MARK:
-                pass
+            items = []
+            while (item := stack.pop()) is not _MARK:
+                items.append(item)
             if name == "TUPLE":
-                stack.append(None)
+                stack.append(_INTS if _INT in items else None)
         elif name in ("TUPLE1", "TUPLE2", "TUPLE3"):
+            items = stack[len(stack) - int(name[-1]):]
             del stack[len(stack) - int(name[-1]):]
-            stack.append(None)
+            stack.append(_INTS if _INT in items else None)
+        elif name in _INT_OPS:
+            stack.append(_INT)
         elif name in ("BINPUT", "LONG_BINPUT", "PUT"):
             memo[arg] = stack[-1]
         elif name in ("BINGET", "LONG_BINGET", "GET"):
             stack.append(memo.get(arg))
         elif name in ("REDUCE", "NEWOBJ"):
-            stack.pop()
+            args = stack.pop()
             func = stack.pop()
+            if name == "REDUCE" and isinstance(func, str) and (
+                    _TENSOR_TYPE.fullmatch(func) or func == "builtins.bytearray" and args is _INTS):
+                return _ALLOCATES + func
             if name == "REDUCE" and isinstance(func, str):
                 obj = _allowed_global(func)
                 if isinstance(obj, type) and issubclass(obj, nn.Module):
@@ -561,6 +601,43 @@ def _unsafe(p: Path, names: list[str]) -> UnsafeModelError:
 
 # ---------------------------------------------------------------------------------------------
 # What the file held: a module, or a state_dict for an architecture
+
+
+def _check_tensors(obj, p: Path, depth: int = 0) -> None:
+    """Refuse a tensor without data (``meta``) or whose elements overlap in memory (a stride-0 or
+    otherwise self-overlapping view), in a module, a state_dict or a checkpoint dict, before
+    anything copies it: a few bytes of file could otherwise stand for gigabytes."""
+    if depth > 8:
+        return
+    if isinstance(obj, nn.Module):
+        items = [*obj.named_parameters(), *obj.named_buffers()]
+    elif isinstance(obj, Mapping):
+        for v in obj.values():
+            if isinstance(v, (Mapping, nn.Module)):
+                _check_tensors(v, p, depth + 1)
+        items = [(str(k), v) for k, v in obj.items() if isinstance(v, torch.Tensor)]
+    else:
+        return
+    for name, t in items:
+        if t.is_meta:
+            raise ModelLoadError(f"{p}: tensor {printable(name)} has no data (it is on the meta device); save the "
+                                 "model after its weights are materialised (e.g. after to_empty() and loading them)")
+        if _overlaps(t):
+            raise ModelLoadError(f"{p}: tensor {printable(name)} of shape {list(t.shape)} has elements that share "
+                                 f"memory (strides {list(t.stride())}), which torch.save never writes for a model's "
+                                 "weights; save a copy with .contiguous() (or .clone())")
+
+
+def _overlaps(t: torch.Tensor) -> bool:
+    """Whether two elements of ``t`` share memory: sorted by stride, each dimension of size > 1 must
+    step over everything the smaller ones span."""
+    dims = sorted((st, n) for st, n in zip(t.stride(), t.shape) if n > 1)
+    span = 1
+    for stride, n in dims:
+        if stride < span:
+            return True
+        span = stride * n
+    return False
 
 
 def _to_module(obj, p: Path, arch: str | None) -> nn.Module:

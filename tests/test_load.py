@@ -3,6 +3,7 @@ pickle never runs."""
 
 from __future__ import annotations
 
+import copy
 import os
 import sys
 import zipfile
@@ -266,6 +267,82 @@ def test_a_pickle_calling_a_layer_class_is_refused(tmp_path, mode, times, monkey
     assert built == []
 
 
+
+
+def _with_data_pkl(path, pkl: bytes):
+    """A torch.save zip of a small layer whose data.pkl is replaced by ``pkl``."""
+    src = tmp = path.with_suffix(".src")
+    torch.save(nn.Linear(2, 2), tmp)
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as z:
+        for n in zin.namelist():
+            z.writestr(n, pkl if n.endswith("/data.pkl") else zin.read(n))
+    return path
+
+
+@pytest.mark.parametrize("pkl, name", [
+    (b"\x80\x02cbuiltins\nbytearray\nJ\x00\x00\x00\x40\x85R.", "builtins.bytearray"),  # bytearray(2**30)
+    (b"\x80\x02ctorch\nFloatTensor\nJ\x00\x00\x10\x00J\x00\x04\x00\x00\x86R.", "torch.FloatTensor"),
+], ids=["bytearray", "FloatTensor"])
+def test_a_pickle_allocating_a_size_of_its_own_is_refused(tmp_path, mode, pkl, name):
+    """torch's safe loader allows these calls; a few bytes of file would fill gigabytes."""
+    with pytest.raises(UnsafeModelError, match=rf"calls {name} with a size of its own, which torch\.save never"):
+        load_model(_with_data_pkl(tmp_path / "alloc.pt", pkl))
+    model = nn.Linear(2, 2)
+    model.note = bytearray(b"kept")  # a bytearray with content is data, and loads
+    torch.save(model, tmp_path / "fine.pt")
+    assert load_model(tmp_path / "fine.pt").note == bytearray(b"kept")
+
+
+def test_archives_torch_save_never_writes_are_refused(tmp_path):
+    torch.save(small_mlp(), tmp_path / "m.pt")
+    with zipfile.ZipFile(tmp_path / "m.pt") as zin:
+        records = [(n, zin.read(n)) for n in zin.namelist()]
+    with zipfile.ZipFile(tmp_path / "deflated.pt", "w", zipfile.ZIP_DEFLATED) as z:  # how a zip bomb fits
+        for n, data in records:
+            z.writestr(n, data)
+    with pytest.raises(ModelLoadError, match=r"holds m/\S+ compressed \(zip method 8\), which torch\.save "):
+        load_model(tmp_path / "deflated.pt")
+    with pytest.warns(UserWarning, match="Duplicate name"), \
+            zipfile.ZipFile(tmp_path / "twice.pt", "w", zipfile.ZIP_STORED) as z:
+        for n, data in records + records[-1:]:
+            z.writestr(n, data)
+    with pytest.raises(ModelLoadError, match=r"is not a zip archive torch\.save writes: it lists \S+ twice"):
+        load_model(tmp_path / "twice.pt")
+    (tmp_path / "again.pt").write_bytes((tmp_path / "m.pt").read_bytes())
+    with zipfile.ZipFile(tmp_path / "again.pt", "a") as z:  # directory entries pointing at one record
+        for i in range(3):
+            entry = copy.copy(z.getinfo(records[0][0]))
+            entry.filename = f"{entry.filename}{i}"
+            z.filelist.append(entry)
+            z._didModify = True
+    with pytest.raises(ModelLoadError, match=r"is not a zip archive torch\.save writes: it has \S+ overlapping "):
+        load_model(tmp_path / "again.pt")
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: nn.Linear(4, 3, device="meta"), r"tensor weight has no data \(it is on the meta device\)"),
+    (lambda: _expanded(nn.Linear(64, 1000)), r"tensor weight of shape \[1000, 64\] has elements that share memory "
+                                            r"\(strides \[0, 0\]\)"),
+    (lambda: {"state_dict": {"fc.weight": torch.zeros(1).expand(1000, 64)}}, r"tensor fc\.weight of shape"),
+], ids=["meta", "expanded", "expanded-in-state-dict"])
+def test_tensors_without_their_own_data_are_refused_before_a_copy(tmp_path, make, message):
+    torch.save(make(), tmp_path / "m.pt")
+    with pytest.raises(ModelLoadError, match=message):
+        load_model(tmp_path / "m.pt", arch=MLP_SPEC)
+
+
+def _expanded(layer):
+    layer.weight = nn.Parameter(torch.zeros(1).expand_as(layer.weight))  # 4 bytes standing for 256 KB
+    return layer
+
+
+def test_files_that_only_look_like_pickles_are_named(tmp_path):
+    (tmp_path / "x80.pt").write_bytes(b"\x80\xffthis is not a pickle")
+    with pytest.raises(ModelLoadError, match=r"is not a PyTorch model file \(it looks like an unknown binary"):
+        load_model(tmp_path / "x80.pt")
+    torch.save({"fc.weight": torch.zeros(2, 2)}, tmp_path / "p0.pt", pickle_protocol=0)
+    with pytest.raises(ModelLoadError, match=r"saved with pickle protocol 0 or 1, which torch's safe loader cannot"):
+        load_model(tmp_path / "p0.pt", arch=MLP_SPEC)
 
 
 @pytest.mark.parametrize("payload, name", [
