@@ -76,11 +76,12 @@ def compress(model, data, out: str = "out", *, arch: str | None = None, trust: b
     config = _config(paper_defaults(data, options), out)
     if _rank() != 0:
         log = _quiet  # under torchrun, rank 0 alone speaks
-    source = _source_info(model)
     model_path = model if isinstance(model, (str, os.PathLike)) else None
     if model_path is not None:
         model = load_model(model_path, arch=arch, trust=trust, log=log)
-    elif not isinstance(model, torch.nn.Module):
+    # the file is hashed once the load has checked it (a 5 GB file that is no model is refused first)
+    source = _source_info(model_path if model_path is not None else model)
+    if not isinstance(model, torch.nn.Module):
         raise ConfigError(f"model must be a torch nn.Module or the path of a model file, got {type(model).__name__}")
     dataset = data if isinstance(data, Dataset) else load_dataset(data, data_dir=data_dir)
     if val_fraction:
@@ -211,7 +212,8 @@ class OutputFolder:
     (``_recover``), :func:`check_out` again, stale temp files of a killed run are removed, with
     ``force`` the previous outputs are set aside (in ``PREVIOUS``, inside the folder), and a
     probe file shows that the folder can be written (a read-only folder or file system fails here,
-    before training). On success the previous outputs are deleted. On a failure or an interrupt
+    before training). On success this run's checkpoint and the previous outputs are deleted (in
+    one step that a signal waits for). On a failure or an interrupt
     inside, the outputs written so far are removed, the previous ones are put back (a signal
     meanwhile waits for the end: ``_io.signals_deferred``), and the folders
     this run made are removed again if they are left empty. A checkpoint this run wrote stays for
@@ -264,9 +266,10 @@ class OutputFolder:
                     os.mkdir(self.previous)
                 for name in present:  # a signal midway: _restore puts back what PREVIOUS holds
                     os.replace(os.path.join(out, name), os.path.join(self.previous, name))
-            fd, probe = tempfile.mkstemp(prefix=PROBE, dir=out)
-            os.close(fd)
-            os.remove(probe)
+            with signals_deferred():  # an interrupt between the two leaves no probe behind
+                fd, probe = tempfile.mkstemp(prefix=PROBE, dir=out)
+                os.close(fd)
+                os.remove(probe)
         except BaseException as e:
             with signals_deferred():
                 self._restore()
@@ -288,8 +291,10 @@ class OutputFolder:
         kept = os.path.join(self.out, CHECKPOINT)
         with signals_deferred():  # a signal now waits until the folder is as it should be
             try:
-                if kind is None:
-                    if not self.nested:  # the new outputs are in place: the previous ones can go
+                if kind is None:  # the new outputs are in place: the checkpoint and the previous ones can go
+                    with contextlib.suppress(FileNotFoundError):
+                        os.remove(kept)
+                    if not self.nested:
                         with contextlib.suppress(OSError):
                             shutil.rmtree(self.previous)
                     return
@@ -405,7 +410,6 @@ def _write_outputs(out, graph, model, dataset, result, float_acc, acc, float_wei
     rep = reporting.build(tern_path, onnx_path, runtime=Runtime.load(tern_path), training=training)
     files = [tern_path, onnx_path] + rep.write(out, float_weights)
     log(f"wrote {', '.join(os.path.basename(f) for f in files)} to {out}")
-    _remove_checkpoint(out)
     return CompressResult(out, tern_path, onnx_path, rep, result, float_acc, acc, runtime_acc, files)
 
 
@@ -427,8 +431,4 @@ def _update_accuracy(tern_path: str, graph, accuracy: dict) -> None:
     tern.write(graph, tern_path)
 
 
-def _remove_checkpoint(out: str) -> None:
-    path = os.path.join(out, CHECKPOINT)
-    if os.path.exists(path):
-        os.remove(path)
 

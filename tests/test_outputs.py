@@ -478,6 +478,27 @@ def test_a_signal_while_the_previous_outputs_are_set_aside_puts_them_all_back(ti
     assert {n: (out / n).read_bytes() for n in os.listdir(out)} == before
 
 
+def test_an_interrupt_after_the_last_output_keeps_the_checkpoint(tiny, finished, monkeypatch):
+    """The checkpoint goes only with the commit of the new outputs: an interrupt just before it
+    puts the previous outputs back and keeps the training for --resume."""
+    out, before = finished
+    write = pipeline._write_outputs
+
+    def written_then_interrupted(*args, **kwargs):
+        write(*args, **kwargs)  # every output is written; the folder is not committed yet
+        raise KeyboardInterrupt
+    monkeypatch.setattr(pipeline, "_write_outputs", written_then_interrupted)
+    with pytest.raises(KeyboardInterrupt, match="the training is kept in .*checkpoint.pt: rerun with --resume"):
+        ternarize.compress(str(tiny), "digits", out=str(out), force=True, epochs=1, progress=False,
+                           log=lambda m: None)
+    monkeypatch.setattr(pipeline, "_write_outputs", write)
+    kept = {n: (out / n).read_bytes() for n in os.listdir(out)}
+    assert kept.pop("checkpoint.pt") and kept == before
+    ternarize.compress(str(tiny), "digits", out=str(out), force=True, resume=True, progress=False, epochs=1,
+                       log=lambda m: None)
+    assert not (out / "checkpoint.pt").exists() and sorted(os.listdir(out)) == sorted(before)
+
+
 def test_another_thread_is_refused_as_another_process_is(tmp_path):
     import threading
     errors = []
