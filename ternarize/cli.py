@@ -581,7 +581,8 @@ def run(file, input_path, data_name, data_dir, output, sparse, force, as_json):
         if as_json:
             _echo_json({"file": file, "dataset": ds.name, "examples": len(ds.y_test), "accuracy": acc})
         else:
-            click.echo(f"{file} on {ds.name}: test accuracy {100 * acc:.2f}% ({len(ds.y_test)} examples)")
+            click.echo(f"{_printable(file)} on {_printable(ds.name)}: test accuracy {100 * acc:.2f}% "
+                       f"({len(ds.y_test)} examples)")
         return
     x, note = _load_npy(input_path)
     if x.ndim == 0 or len(x) == 0:
@@ -712,7 +713,7 @@ def export(file, onnx_path, compat, compact, force):
     _check_new(check_output(onnx_path, inputs=[_existing_file(file, ".tern file")]), force)
     graph = tern.read(file)
     info = onnx_export.export(graph, onnx_path, compat=compat, compact=compact, overwrite=force)
-    click.echo(f"wrote {onnx_path} ({info.size:,} bytes, opset {info.opset})")
+    click.echo(f"wrote {_printable(onnx_path)} ({info.size:,} bytes, opset {info.opset})")
 
 
 @cli.command(context_settings=CONTEXT)

@@ -67,7 +67,7 @@ import numpy as np
 
 from . import _io
 from ._io import atomic_path, input_problem, missing_folders, remove_empty
-from ._text import byte_size
+from ._text import byte_size, printable
 from .errors import ConfigError, DataError, OutputError
 
 # ----------------------------------------------------------------------------------------------
@@ -1057,7 +1057,7 @@ def fetch(name: str, data_dir: str | os.PathLike | None = None, download: bool =
     folder = data_root(data_dir) / spec.folder
     with contextlib.suppress(DataError):
         verify_checksums(spec.name, data_dir)
-        log(f"{spec.name}: already present and verified in {folder}")
+        log(f"{spec.name}: already present and verified in {printable(folder)}")
         return folder
     made = missing_folders(folder)
     try:
@@ -1075,7 +1075,7 @@ def fetch(name: str, data_dir: str | os.PathLike | None = None, download: bool =
     except BaseException:
         remove_empty(made)  # the folders this call made, if nothing landed in them
         raise
-    log(f"{spec.name}: ready in {folder}")
+    log(f"{spec.name}: ready in {printable(folder)}")
     return folder
 
 

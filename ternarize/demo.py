@@ -19,6 +19,7 @@ import os
 import torch
 
 from . import zoo
+from ._text import printable
 from .data import load_dataset
 from .load import save_model
 from .pipeline import FLOAT_MODEL, CompressResult, OutputFolder, check_out, compress
@@ -44,5 +45,5 @@ def run(out: str = "demo", force: bool = False, epochs: int | None = None, progr
         settings = dict(DEMO_SETTINGS, progress=progress)
         if epochs is not None:
             settings["epochs"] = epochs
-        log(f"compressing {path} (ternary E-MSA, {settings['epochs']} epochs)")
+        log(f"compressing {printable(path)} (ternary E-MSA, {settings['epochs']} epochs)")
         return compress(path, data, out=out, force=True, log=log, resumable=False, **settings)

@@ -29,6 +29,7 @@ import torch
 
 from . import tern
 from ._io import LOCK, check_target, folder_lock, is_temp_of, missing_folders, remove_empty, same_file, signals_deferred
+from ._text import printable
 from .data import Dataset, load_dataset
 from .errors import ConfigError, OutputError, VerificationError
 from .load import load_model
@@ -409,7 +410,7 @@ def _write_outputs(out, graph, model, dataset, result, float_acc, acc, float_wei
     training = dict(graph.metadata["training"], history=result.history)
     rep = reporting.build(tern_path, onnx_path, runtime=Runtime.load(tern_path), training=training)
     files = [tern_path, onnx_path] + rep.write(out, float_weights)
-    log(f"wrote {', '.join(os.path.basename(f) for f in files)} to {out}")
+    log(f"wrote {', '.join(os.path.basename(f) for f in files)} to {printable(out)}")
     return CompressResult(out, tern_path, onnx_path, rep, result, float_acc, acc, runtime_acc, files)
 
 

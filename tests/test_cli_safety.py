@@ -246,6 +246,13 @@ def test_inspect_and_report_print_file_text_literally(tmp_path):
     assert f"{tmp_path / '[x].tern'}: .tern" in invoke("inspect", tmp_path / "[x].tern", env=WIDE).stdout
 
 
+def test_paths_with_control_characters_are_printed_escaped(tmp_path):
+    odd = tmp_path / "n\nname\x1b[31m"
+    tern.write(graph(), odd.with_suffix(".tern"))
+    wrote = invoke("export", odd.with_suffix(".tern"), "--onnx", odd.with_suffix(".onnx"), env=WIDE).stdout
+    assert wrote.startswith(f"wrote {tmp_path}/n\\nname\\x1b[31m.onnx (") and wrote.count("\n") == 1
+
+
 # ---------------------------------------------------------------------- report
 
 
