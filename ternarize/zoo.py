@@ -155,7 +155,8 @@ _VGG_WIDTH_MAX = 1024.0
 
 
 def _check_sizes(name: str, kwargs: dict) -> None:
-    """Refuse a size argument that is not a positive (finite, whole where it counts) number in range."""
+    """Refuse a size argument that is not a positive (finite, whole where it counts) number in range,
+    a ``num_classes`` below 1 and an ``in_shape`` that is not three positive whole numbers."""
     for key, value in kwargs.items():
         if key not in _SIZES:
             continue
@@ -167,6 +168,18 @@ def _check_sizes(name: str, kwargs: dict) -> None:
             raise ConfigError(f"zoo model {name!r}: {key} must be {kind} above 0 and at most {most}, got {value!r}")
         if whole:
             kwargs[key] = int(value)
+    if "num_classes" in kwargs:
+        n = kwargs["num_classes"]
+        if not (isinstance(n, numbers.Integral) and not isinstance(n, bool) and 1 <= n <= 1 << 20):
+            raise ConfigError(f"zoo model {name!r}: num_classes must be a whole number from 1 to {1 << 20:,}, "
+                              f"got {n!r}")
+    if "in_shape" in kwargs:
+        shape = kwargs["in_shape"]
+        if not (isinstance(shape, (tuple, list)) and len(shape) == 3 and all(
+                isinstance(d, numbers.Integral) and not isinstance(d, bool) and 1 <= d <= 1 << 16 for d in shape)):
+            raise ConfigError(f"zoo model {name!r}: in_shape must be (channels, height, width), three whole numbers "
+                              f"from 1 to {1 << 16:,}, got {shape!r}")
+        kwargs["in_shape"] = tuple(int(d) for d in shape)
 
 
 def classes() -> tuple[type, ...]:

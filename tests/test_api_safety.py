@@ -127,6 +127,11 @@ def test_writers_need_a_graph(tmp_path):
     ("mlp", {"depth": float("nan")}, "depth must be a whole number"),
     ("vgg", {"width": -1}, "width must be a number above 0 and at most 1024, got -1"),
     ("resnet", {"blocks": True}, "blocks must be a whole number"),
+    ("mlp", {"num_classes": 0}, r"num_classes must be a whole number from 1 to 1,048,576, got 0"),
+    ("lenet", {"num_classes": -3}, r"num_classes must be a whole number from 1"),
+    ("mlp", {"in_shape": (1, 0, 8)}, r"in_shape must be \(channels, height, width\), three whole numbers from 1 "
+                                     r"to 65,536, got \(1, 0, 8\)"),
+    ("vgg", {"in_shape": (3, 32)}, r"in_shape must be \(channels, height, width\)"),
 ])
 def test_zoo_sizes_are_checked(name, kwargs, message):
     with pytest.raises(ConfigError, match=message):
