@@ -528,8 +528,8 @@ def verify(file, as_json):
 @cli.command(context_settings=CONTEXT)
 @click.argument("file", type=_Path())
 @click.option("--input", "input_path", type=_Path(), default=None,
-              help="A .npy file of inputs (N, ...): floats or integers as the model takes them, or uint8 pixels "
-                   "(scaled by 1/255).")
+              help="A .npy file of inputs (N, ...): floats, integers or bools (0/1) as the model takes them, or "
+                   "uint8 pixels (scaled by 1/255).")
 @click.option("--data", "data_name", default=None, help="A dataset: report accuracy on its test set.")
 @data_dir_option
 @click.option("--output", type=click.Path(), default=None,
@@ -654,7 +654,7 @@ def _load_npy(path: str):
     """The array of the .npy file ``path`` as float32: numeric, finite, within float32's range
     (read by :func:`ternarize.data.read_npy`: no pickles, the header checked before the data),
     and a note for stderr or None: uint8 pixels are scaled by 1/255, as the datasets' are for
-    training; other integers above 1 are taken as they are, which the note says."""
+    training; other integers above 1 are taken as they are, which the note says; bools are 0 and 1."""
     import numpy as np
 
     from .data import _to_unit_float, read_npy
@@ -665,8 +665,6 @@ def _load_npy(path: str):
     if x.dtype == np.uint8:
         note = f"{path} holds uint8 pixels: scaled by 1/255 to [0, 1], as the datasets are for training"
         return _to_unit_float(x, 255.0), note
-    if x.dtype.kind not in "iuf":
-        raise ConfigError(f"{path} holds {x.dtype}; the inputs must be a numeric array (integers or floats)")
     if x.dtype.kind == "f" and not np.isfinite(x).all():
         raise ConfigError(f"{path} contains NaN or infinite values; give finite inputs")
     note = None

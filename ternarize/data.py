@@ -567,8 +567,8 @@ def _from_arrays(name: str, train: tuple, test: tuple | None, origin: str) -> Da
     if test is None:
         keep, take = _stratified_split(y_train, _FIXED_TEST_FRACTION, _FIXED_SPLIT_SEED)
         if len(keep) == 0 or len(take) == 0:
-            raise DataError(f"{origin}: {len(y_train)} examples are too few for an 80/20 train/test split; "
-                            "provide x_test and y_test")
+            raise DataError(f"{origin}: {len(y_train)} example{'s are' if len(y_train) != 1 else ' is'} too few for "
+                            "an 80/20 train/test split; provide x_test and y_test")
         x_test, y_test, x_train, y_train = x_train[take], y_train[take], x_train[keep], y_train[keep]
     else:
         x_test = _as_images(test[0], "x_test", origin)

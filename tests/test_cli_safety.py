@@ -183,7 +183,6 @@ BAD_NPY = [
      r"the \.npy header cannot be read"),
     ("code in header", lambda p: p.write_bytes(_header("__import__('os').system('false')")),
      r"the \.npy header cannot be read"),
-    ("bool", _npy(np.ones((2, 20), bool)), r"holds bool; the inputs must be a numeric array \(integers or floats\)$"),
     ("complex", _npy(np.ones((2, 20), complex)), r"holds complex128; only arrays of integers, floats or bools"),
     ("str", _npy(np.full((2, 20), "a")), r"holds <U1; only arrays of integers, floats or bools"),
     ("structured", _npy(np.zeros(2, [("a", "f4"), ("b", "i4")])), r"holds .*; only arrays of integers"),
@@ -200,6 +199,16 @@ def test_run_rejects_bad_inputs(model, tmp_path, name, make, message):
     make(path)
     err = one_line_error(invoke("run", model, "--input", path), message)
     assert "allow_pickle" not in err
+
+
+def test_run_takes_bool_inputs_as_zeros_and_ones(model, tmp_path):
+    x = np.random.default_rng(0).random((3, 20)) > 0.5
+    np.save(tmp_path / "b.npy", x)
+    np.save(tmp_path / "f.npy", x.astype(np.float32))
+    for name in ("b", "f"):
+        result = invoke("run", model, "--input", tmp_path / f"{name}.npy", "--output", tmp_path / f"{name}-y.npy")
+        assert result.exit_code == 0, result.output
+    np.testing.assert_array_equal(np.load(tmp_path / "b-y.npy"), np.load(tmp_path / "f-y.npy"))
 
 
 @pytest.mark.filterwarnings("error")  # numpy's overflow RuntimeWarnings would fail the command
