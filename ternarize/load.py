@@ -25,12 +25,15 @@ the file names, so :func:`load_model` never unpickles anything it has not checke
    Names are matched against objects already imported; the file never makes this module import
    anything. A name off the list raises :class:`~ternarize.errors.UnsafeModelError`, and so does a
    pickle that calls a layer class (``REDUCE``) where torch.save rebuilds a layer from its state: the
-   file would choose the size and number of layers built. Pickle protocols 0, 1, 4 and 5, which
-   torch's safe loader cannot read, are named as such. A loaded tensor without data (on the
-   ``meta`` device) or whose elements share memory (an ``expand``ed view: a tiny file can declare
-   a huge layer that way) is refused before anything copies it.
+   file would choose the size and number of layers built, and one that calls an allocation with a
+   size of the file's (``bytearray(n)``, a legacy tensor or storage constructor). Pickle protocols
+   0 and 1 (in a torch.save archive), 4 and 5, which torch's safe loader cannot read, are named as
+   such.
 4. ``trust=True`` (``--trust`` on the command line) loads with ``weights_only=False``: the file may
    then run any code, so pass it only for files from a trusted source.
+5. Either way, a loaded module's parameter or buffer without data (on the ``meta`` device) or
+   whose elements share memory (a small storage standing for a large tensor, as an ``expand``ed
+   view does) is refused before anything copies it.
 
 A file may also hold a state_dict (or a checkpoint dict wrapping one under ``state_dict``,
 ``model_state_dict`` or ``model``); then ``arch`` names the architecture to build and fill.
@@ -143,8 +146,8 @@ def load_model(path, arch: str | None = None, trust: bool = False, log=None) -> 
         model = _guarded(path, lambda: _load_torchscript(path))
     else:
         obj = _guarded(path, lambda: _unpickle(path, trust))
-        _check_tensors(obj, path)
         model = _to_module(obj, path, arch)
+        _check_tensors(model, path)
         if arch is not None and log is not None and _find_state_dict(obj) is None:
             log(f"warning: {path} holds a whole module, so --arch {printable(arch)} is not used")
     model.cpu()
@@ -275,7 +278,7 @@ def _check_records(z: zipfile.ZipFile, p: Path) -> None:
                                  "with torch.save")
         seen.add(info.filename)
         if info.compress_type != zipfile.ZIP_STORED:
-            if "/code/" in info.filename:
+            if info.filename.split("/")[1:2] == ["code"]:  # <archive>/code/...: TorchScript's
                 continue
             raise ModelLoadError(f"{p} holds {info.filename} compressed (zip method {info.compress_type}), which "
                                  "torch.save never writes; save the model again with torch.save")
@@ -403,7 +406,8 @@ def _pickle_protocol(p: Path) -> int | None:
 def _called_layer(p: Path) -> str | None:
     """The first layer class (a torch.nn.Module subclass) the file's pickle calls, or None; or
     ``_ALLOCATES`` + the name of an allocating call torch's safe loader allows but torch.save never
-    writes: a legacy tensor constructor (``torch.FloatTensor(n, m)``), or ``bytearray(n)``.
+    writes: a legacy tensor or storage constructor (``torch.FloatTensor(n, m)``,
+    ``torch.UntypedStorage(n)``), or ``bytearray(n)``.
 
     torch.save pickles a module as its class and its state (``NEWOBJ``: ``cls.__new__``, then the
     state), never as a call of the class (``REDUCE``), which would run ``__init__`` with the file's
@@ -426,7 +430,7 @@ _MARK = object()
 _INT, _INTS = object(), object()  # an integer, and a tuple holding one (the size of an allocation)
 _INT_OPS = ("INT", "BININT", "BININT1", "BININT2", "LONG", "LONG1", "LONG4")
 _ALLOCATES = "allocating:"
-_TENSOR_TYPE = re.compile(r"torch\.(cuda\.)?(sparse\.)?[A-Za-z0-9]*Tensor")
+_ALLOCATING = re.compile(r"torch\.((cuda\.)?(sparse\.)?[A-Za-z0-9]*Tensor|(storage\.|cuda\.)?[A-Za-z0-9_]*Storage)")
 _POPS = {"APPEND": 1, "SETITEM": 2, "BUILD": 1, "POP": 1}
 _KEEPS = ("PROTO", "FRAME", "BINPERSID")  # no change to the depth of the stack (BINPERSID: id → object)
 
@@ -461,8 +465,8 @@ def _called_in_pickle(f) -> str | None:
             args = stack.pop()
             func = stack.pop()
             if name == "REDUCE" and isinstance(func, str) and (
-                    _TENSOR_TYPE.fullmatch(func) or func == "builtins.bytearray" and args is _INTS):
-                return _ALLOCATES + func
+                    _ALLOCATING.fullmatch(func) or _canonical(func) == "builtins.bytearray" and args is _INTS):
+                return _ALLOCATES + _canonical(func)
             if name == "REDUCE" and isinstance(func, str):
                 obj = _allowed_global(func)
                 if isinstance(obj, type) and issubclass(obj, nn.Module):
@@ -603,22 +607,11 @@ def _unsafe(p: Path, names: list[str]) -> UnsafeModelError:
 # What the file held: a module, or a state_dict for an architecture
 
 
-def _check_tensors(obj, p: Path, depth: int = 0) -> None:
-    """Refuse a tensor without data (``meta``) or whose elements overlap in memory (a stride-0 or
-    otherwise self-overlapping view), in a module, a state_dict or a checkpoint dict, before
-    anything copies it: a few bytes of file could otherwise stand for gigabytes."""
-    if depth > 8:
-        return
-    if isinstance(obj, nn.Module):
-        items = [*obj.named_parameters(), *obj.named_buffers()]
-    elif isinstance(obj, Mapping):
-        for v in obj.values():
-            if isinstance(v, (Mapping, nn.Module)):
-                _check_tensors(v, p, depth + 1)
-        items = [(str(k), v) for k, v in obj.items() if isinstance(v, torch.Tensor)]
-    else:
-        return
-    for name, t in items:
+def _check_tensors(model: nn.Module, p: Path) -> None:
+    """Refuse a parameter or buffer without data (``meta``) or whose elements overlap in memory,
+    before anything copies it: a few bytes of file could otherwise stand for gigabytes. (A
+    state_dict's tensors are copied into the architecture's own, whose sizes the file does not set.)"""
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
         if t.is_meta:
             raise ModelLoadError(f"{p}: tensor {printable(name)} has no data (it is on the meta device); save the "
                                  "model after its weights are materialised (e.g. after to_empty() and loading them)")
@@ -629,15 +622,20 @@ def _check_tensors(obj, p: Path, depth: int = 0) -> None:
 
 
 def _overlaps(t: torch.Tensor) -> bool:
-    """Whether two elements of ``t`` share memory: sorted by stride, each dimension of size > 1 must
-    step over everything the smaller ones span."""
-    dims = sorted((st, n) for st, n in zip(t.stride(), t.shape) if n > 1)
-    span = 1
-    for stride, n in dims:
-        if stride < span:
-            return True
-        span = stride * n
-    return False
+    """Whether two elements of a dense tensor certainly share memory: a stride of 0 over more than
+    one element, a storage too small for its elements, or what torch itself finds (sparse and
+    nested tensors have no strides and are left alone)."""
+    if t.layout != torch.strided or t.is_nested or t.numel() <= 1:
+        return False
+    if any(st == 0 and n > 1 for st, n in zip(t.stride(), t.shape)):
+        return True
+    if t.untyped_storage().nbytes() < t.numel() * t.element_size():
+        return True
+    internal = getattr(torch, "_debug_has_internal_overlap", None)  # 0 no, 1 yes, 2 too hard to tell
+    try:
+        return internal is not None and internal(t) == 1
+    except RuntimeError:
+        return False
 
 
 def _to_module(obj, p: Path, arch: str | None) -> nn.Module:
