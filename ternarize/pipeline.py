@@ -31,6 +31,7 @@ from . import tern
 from ._io import LOCK, check_target, folder_lock, is_temp_of, missing_folders, remove_empty, same_file, signals_deferred
 from ._text import printable
 from .data import Dataset, load_dataset
+from .data import _canonical as dataset_name
 from .errors import ConfigError, OutputError, VerificationError
 from .load import load_model
 from .lowering import lower
@@ -123,10 +124,11 @@ def compress(model, data, out: str = "out", *, arch: str | None = None, trust: b
 
 
 def paper_defaults(data, options: dict) -> dict:
-    """``options`` with the paper's η for a dataset given by name (``PAPER_ANNEAL``) unless set."""
-    if "ema_anneal" in options or not isinstance(data, str) or data not in PAPER_ANNEAL:
+    """``options`` with the paper's η for a dataset given by name or alias (``PAPER_ANNEAL``) unless set."""
+    name = dataset_name(data) if isinstance(data, str) else None
+    if "ema_anneal" in options or name not in PAPER_ANNEAL:
         return options
-    return {**options, "ema_anneal": PAPER_ANNEAL[data]}
+    return {**options, "ema_anneal": PAPER_ANNEAL[name]}
 
 
 def _config(options: dict, out: str) -> TrainConfig:

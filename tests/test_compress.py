@@ -193,6 +193,7 @@ def test_the_paper_anneal_follows_the_dataset_name():
     from ternarize.pipeline import paper_defaults
 
     assert paper_defaults("cifar10", {"epochs": 2}) == {"epochs": 2, "ema_anneal": 0.98}
+    assert paper_defaults(" CIFAR-10", {}) == {"ema_anneal": 0.98}  # any spelling load_dataset takes
     assert paper_defaults("cifar10", {"ema_anneal": 0.9}) == {"ema_anneal": 0.9}  # the user's wins
     assert paper_defaults("mnist", {}) == {} and paper_defaults("x.npz", {}) == {}
 

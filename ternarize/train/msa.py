@@ -233,6 +233,18 @@ class MSA(torch.optim.Optimizer):
             state["scale_v"] = torch.zeros_like(state["scale"], dtype=torch.float32)
         p.copy_((scale.unsqueeze(1) * theta).reshape(p.shape).to(p.dtype))
 
+    def load_state_dict(self, state_dict: dict) -> None:
+        """torch's restore, but the learned scales' Adam moments stay float32 (torch casts every
+        state tensor to its parameter's dtype: float16 would flush a small second moment to 0)."""
+        super().load_state_dict(state_dict)
+        ids = [i for group in state_dict["param_groups"] for i in group["params"]]
+        params = [p for group in self.param_groups for p in group["params"]]
+        for i, p in zip(ids, params):
+            saved = state_dict["state"].get(i, {})
+            for key in ("scale_m", "scale_v"):
+                if isinstance(saved.get(key), torch.Tensor):
+                    self.state[p][key] = saved[key].detach().to(device=p.device, dtype=torch.float32, copy=True)
+
     # -- schedule
     def end_epoch(self) -> None:
         """Anneal the moving average: (1 − α) ← η·(1 − α)."""
@@ -393,8 +405,8 @@ def _adam_positive(scale, grad, state, lr, betas=(0.9, 0.999), eps=1e-8) -> None
     """An Adam step on the scales, kept above a tiny positive floor (s_c > 0 always).
 
     The moments and the step are float32 whatever the scale's dtype: in float16, g² underflows to 0
-    below |g| ≈ 2.4e-4 and eps rounds to 0, which would divide by zero. (Moments restored from a
-    checkpoint come back in the parameter's dtype; they are widened again here.)
+    below |g| ≈ 2.4e-4 and eps rounds to 0, which would divide by zero (``MSA.load_state_dict``
+    restores them as float32; moments of another origin are widened here).
     """
     for key in ("scale_m", "scale_v"):
         if state[key].dtype != torch.float32:
