@@ -610,7 +610,7 @@ def run(file, input_path, data_name, data_dir, output, sparse, force, as_json):
         return
     if y.ndim != 2:  # not (N, classes): nothing to take an argmax over
         click.echo(f"the outputs have shape {y.shape}, not (N, classes): no class predictions; "
-                   + (f"they are in {output}" if output is not None else "save them with --output"))
+                   + (f"they are in {_printable(output)}" if output is not None else "save them with --output"))
         return
     for label in y.argmax(axis=1):
         click.echo(int(label))
@@ -663,14 +663,14 @@ def _load_npy(path: str):
     with open(path, "rb") as f:
         x = read_npy(f, path, os.fstat(f.fileno()).st_size)
     if x.dtype == np.uint8:
-        note = f"{path} holds uint8 pixels: scaled by 1/255 to [0, 1], as the datasets are for training"
+        note = f"{_printable(path)} holds uint8 pixels: scaled by 1/255 to [0, 1], as the datasets are for training"
         return _to_unit_float(x, 255.0), note
     if x.dtype.kind == "f" and not np.isfinite(x).all():
         raise ConfigError(f"{path} contains NaN or infinite values; give finite inputs")
     note = None
     if x.dtype.kind in "iu" and x.size and int(x.max()) > 1:  # pixels as int64, say: not scaled
-        note = (f"{path} holds {x.dtype} values, taken as they are (up to {int(x.max())}); pixels are scaled "
-                "by 1/255 only when stored as uint8")
+        note = (f"{_printable(path)} holds {x.dtype} values, taken as they are (up to {int(x.max())}); pixels are "
+                "scaled by 1/255 only when stored as uint8")
     with np.errstate(over="ignore"):
         x = x.astype(np.float32, copy=False)
     if not np.isfinite(x).all():

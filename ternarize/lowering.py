@@ -205,6 +205,9 @@ class _Builder:
             pass  # parameters are read where they are used
         elif n.op == "call_module":
             self._lower_module(n, self.modules[n.target])
+        elif n.op == "call_function" and getattr(n.target, "__name__", "") == "max_pool2d_with_indices":
+            raise LoweringError(f"F.max_pool2d at {n.name!r}{_in_module(n)} has return_indices=True, which is not "
+                                "supported; use return_indices=False (the indices only serve MaxUnpool)")
         elif n.op in ("call_function", "call_method") and not isinstance(n.meta.get("value"), torch.Tensor):
             return  # x.shape, x.size(0), ...: only feed a reshape's target, which reads the traced shape
         elif n.op == "call_function":
@@ -459,9 +462,6 @@ class _Builder:
             self._softmax(n, where, kind, path, x, _arg(n, 1, "dim", None))
         elif kind == "maxpool2d":
             k = _arg(n, 1, "kernel_size", None)
-            if _arg(n, 6, "return_indices", False):
-                raise LoweringError(f"{where} has return_indices=True, which is not supported; use "
-                                    "return_indices=False (the indices only serve MaxUnpool)")
             self._pool(n, "maxpool2d", path, x, k, _arg(n, 2, "stride", None) or k, _arg(n, 3, "padding", 0),
                        _arg(n, 5, "ceil_mode", False), _arg(n, 4, "dilation", 1))
         elif kind == "avgpool2d":

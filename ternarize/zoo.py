@@ -176,9 +176,9 @@ def _check_sizes(name: str, kwargs: dict) -> None:
     if "in_shape" in kwargs:
         shape = kwargs["in_shape"]
         if not (isinstance(shape, (tuple, list)) and len(shape) == 3 and all(
-                isinstance(d, numbers.Integral) and not isinstance(d, bool) and 1 <= d <= 1 << 16 for d in shape)):
+                isinstance(d, numbers.Integral) and not isinstance(d, bool) and 1 <= d <= 1 << 24 for d in shape)):
             raise ConfigError(f"zoo model {name!r}: in_shape must be (channels, height, width), three whole numbers "
-                              f"from 1 to {1 << 16:,}, got {shape!r}")
+                              f"from 1 to {1 << 24:,}, got {shape!r}")
         kwargs["in_shape"] = tuple(int(d) for d in shape)
 
 

@@ -199,6 +199,10 @@ def test_functional_calls_are_named_with_their_module(fn, message):
 def test_pool_indices_and_two_inputs_are_refused_by_name():
     with pytest.raises(LoweringError, match=r"MaxPool2d at '1' has return_indices=True, which is not supported"):
         lower(nn.Sequential(nn.Conv2d(1, 2, 1), nn.MaxPool2d(2, return_indices=True)), torch.zeros(1, 1, 4, 4))
+    pooled = nn.Sequential(nn.Identity(), _Inner(lambda x: F.max_pool2d(x, 2, return_indices=True)[0]))
+    with pytest.raises(LoweringError, match=r"F.max_pool2d at 'max_pool2d_with_indices' in module '1' has "
+                                            r"return_indices=True, which is not supported"):
+        lower(pooled, torch.zeros(1, 1, 4, 4))
     with pytest.raises(LoweringError, match=r"_TwoInputs.forward takes 2 inputs \(x, y\); only models of one input"):
         lower(_TwoInputs(), torch.zeros(1, 1, 4, 4))
 
