@@ -290,8 +290,11 @@ def test_resume_with_changed_settings_applies_warns_and_records_them(float_mlp, 
     assert used == [] and done.resumed == again.resumed  # nothing trained: the new lam is not recorded
     assert "resuming after epoch 4 of 4" in lines[-2] and "no epoch remains" in lines[-2]
     assert lines[-1].startswith("warning: settings changed since the checkpoint (lam) are not used")
-    for key, value in (("scale", "learned"), ("ema_decay", 0.99), ("ema_anneal", 0.9)):  # these must match
-        with pytest.raises(ConfigError, match=f"made with {key}="):
+    must_match = [("scale", "learned", ""),
+                  ("ema_decay", 0.99, r" \(on the command line: --ema-decay 0\.999\)"),
+                  ("ema_anneal", 0.9, r" \(on the command line: --ema-anneal 0\.95\)")]
+    for key, value, hint in must_match:
+        with pytest.raises(ConfigError, match=f"made with {key}=.*; use the same settings to resume{hint}, or start"):
             fit(copy.deepcopy(float_mlp), digits, TrainConfig(epochs=5, checkpoint=ck, resume=True,
                                                               **{key: value}, **QUIET), log=_silent)
 

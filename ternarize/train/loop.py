@@ -784,8 +784,10 @@ def _load_checkpoint(config, origin=None) -> dict:
     mine = config.to_json()
     for key in _CHECKPOINT_KEYS:
         if saved.get(key) != mine.get(key):
+            flag = "" if key in ("keep_float", "distill", "scale") or saved.get(key) is None else \
+                f" (on the command line: --{key.replace('_', '-')} {saved[key]})"
             raise ConfigError(f"the checkpoint {path} was made with {key}={saved.get(key)!r}, not {mine.get(key)!r}; "
-                              "use the same settings to resume, or start over")
+                              f"use the same settings to resume{flag}, or start over")
     theirs = state.get("origin")  # absent in checkpoints written before it was kept
     for key, what in (("model", "another float model (its weights differ)"), ("data", "other training data")):
         if isinstance(theirs, dict) and origin is not None and theirs.get(key) not in (None, origin[key]):
