@@ -26,7 +26,9 @@ the file names, so :func:`load_model` never unpickles anything it has not checke
    anything. A name off the list raises :class:`~ternarize.errors.UnsafeModelError`, and so does a
    pickle that calls a layer class (``REDUCE``) where torch.save rebuilds a layer from its state: the
    file would choose the size and number of layers built, and one that calls an allocation with a
-   size of the file's (``bytearray(n)``, a legacy tensor or storage constructor). Pickle protocols
+   size of the file's (``bytearray(n)``, a legacy tensor or storage constructor). The calls torch's
+   safe loader allows can still build large objects from small files in other ways, so that load
+   runs with its address space capped (Linux: ``LOAD_MEMORY``). Pickle protocols
    0 and 1 (in a torch.save archive), 4 and 5, which torch's safe loader cannot read, are named as
    such.
 4. ``trust=True`` (``--trust`` on the command line) loads with ``weights_only=False``: the file may
@@ -436,7 +438,8 @@ _KEEPS = ("PROTO", "FRAME", "BINPERSID")  # no change to the depth of the stack 
 
 
 def _called_in_pickle(f) -> str | None:
-    """One pickle from ``f`` (left after its STOP): the first REDUCE of a GLOBAL naming a layer class."""
+    """One pickle from ``f`` (left after its STOP): the first REDUCE of a GLOBAL naming a layer
+    class, or of an allocating call (see ``_called_layer``), or None."""
     stack: list = []
     memo: dict = {}
     for op, arg, _ in pickletools.genops(f):
@@ -531,8 +534,47 @@ def _refused_global(e: BaseException) -> str | None:
 
 
 def _load_allowing(p: Path, allowed: list):
-    with _safe_globals(allowed):
+    with _safe_globals(allowed), _memory_capped(p):
         return load_weights_only(p)
+
+
+LOAD_MEMORY = (2, 512 << 20)  # the safe unpickling may map at most 2 × the file's size + 512 MiB more
+
+
+@contextlib.contextmanager
+def _memory_capped(p: Path) -> Iterator[None]:
+    """While torch's safe loader reads ``p``: the process's address space may grow by at most
+    ``LOAD_MEMORY`` (Linux; elsewhere no cap). The calls that loader allows can still build large
+    objects from small arguments (a nested ``_codecs.encode``, a ``set`` over an expanded view);
+    a model's tensors need about the file's size. Past the cap an allocation fails, and the
+    failure becomes one line (see ``_guarded``)."""
+    try:
+        import resource
+
+        with open("/proc/self/statm") as f:
+            mapped = int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+        soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    except (ImportError, OSError, ValueError, AttributeError):
+        yield
+        return
+    factor, extra = LOAD_MEMORY
+    cap = mapped + factor * p.stat().st_size + extra
+    if soft != resource.RLIM_INFINITY and soft <= cap or hard != resource.RLIM_INFINITY and hard < cap:
+        yield
+        return
+    resource.setrlimit(resource.RLIMIT_AS, (cap, hard))
+    try:
+        yield
+    except MemoryError as e:
+        raise ModelLoadError(f"{p} needs more memory to unpickle than a model file of its size can ({_one_line(e)}); "
+                             "it is damaged or built to fill the memory: save the model again with torch.save") from e
+    except RuntimeError as e:
+        if "alloc" not in str(e).lower() and "memory" not in str(e).lower():
+            raise
+        raise ModelLoadError(f"{p} needs more memory to unpickle than a model file of its size can; it is damaged or "
+                             "built to fill the memory: save the model again with torch.save") from e
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
 
 
 def load_weights_only(p):
@@ -608,17 +650,29 @@ def _unsafe(p: Path, names: list[str]) -> UnsafeModelError:
 
 
 def _check_tensors(model: nn.Module, p: Path) -> None:
-    """Refuse a parameter or buffer without data (``meta``) or whose elements overlap in memory,
-    before anything copies it: a few bytes of file could otherwise stand for gigabytes. (A
-    state_dict's tensors are copied into the architecture's own, whose sizes the file does not set.)"""
-    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+    """Refuse a parameter or buffer (or a tensor in a layer's attributes, where one could shadow
+    its registered weight) without data (``meta``), whose elements overlap in memory, or a sparse
+    or nested parameter, before anything copies it: a few bytes of file could otherwise stand for
+    gigabytes. (A state_dict's tensors are copied into the architecture's own, whose sizes the file
+    does not set.) Lazy modules' uninitialised parameters are left to their first forward."""
+    items = [*model.named_parameters(), *model.named_buffers()]
+    for path, m in model.named_modules():
+        items += [(f"{path}.{k}" if path else k, v) for k, v in vars(m).items() if isinstance(v, torch.Tensor)]
+    for name, t in items:
+        if isinstance(t, nn.parameter.UninitializedParameter):
+            continue
         if t.is_meta:
             raise ModelLoadError(f"{p}: tensor {printable(name)} has no data (it is on the meta device); save the "
                                  "model after its weights are materialised (e.g. after to_empty() and loading them)")
+        if isinstance(t, nn.Parameter) and (t.layout != torch.strided or t.is_nested):
+            raise ModelLoadError(f"{p}: parameter {printable(name)} is a {'nested' if t.is_nested else 'sparse'} "
+                                 "tensor, which cannot be retrained here; save the model with dense weights "
+                                 "(.to_dense())")
         if _overlaps(t):
             raise ModelLoadError(f"{p}: tensor {printable(name)} of shape {list(t.shape)} has elements that share "
-                                 f"memory (strides {list(t.stride())}), which torch.save never writes for a model's "
-                                 "weights; save a copy with .contiguous() (or .clone())")
+                                 f"memory (strides {list(t.stride())}), as an expanded view does: training writes "
+                                 "into a model's tensors, which such a view cannot take; save the model with "
+                                 "each one made .contiguous()")
 
 
 def _overlaps(t: torch.Tensor) -> bool:

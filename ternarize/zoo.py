@@ -176,9 +176,10 @@ def _check_sizes(name: str, kwargs: dict) -> None:
     if "in_shape" in kwargs:
         shape = kwargs["in_shape"]
         if not (isinstance(shape, (tuple, list)) and len(shape) == 3 and all(
-                isinstance(d, numbers.Integral) and not isinstance(d, bool) and 1 <= d <= 1 << 24 for d in shape)):
+                isinstance(d, numbers.Integral) and not isinstance(d, bool) and d >= 1 for d in shape)
+                and math.prod(shape) <= 1 << 32):
             raise ConfigError(f"zoo model {name!r}: in_shape must be (channels, height, width), three whole numbers "
-                              f"from 1 to {1 << 24:,}, got {shape!r}")
+                              f"of at least 1 whose product is at most {1 << 32:,}, got {shape!r}")
         kwargs["in_shape"] = tuple(int(d) for d in shape)
 
 

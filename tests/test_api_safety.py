@@ -129,8 +129,9 @@ def test_writers_need_a_graph(tmp_path):
     ("resnet", {"blocks": True}, "blocks must be a whole number"),
     ("mlp", {"num_classes": 0}, r"num_classes must be a whole number from 1 to 1,048,576, got 0"),
     ("lenet", {"num_classes": -3}, r"num_classes must be a whole number from 1"),
-    ("mlp", {"in_shape": (1, 0, 8)}, r"in_shape must be \(channels, height, width\), three whole numbers from 1 "
-                                     r"to 16,777,216, got \(1, 0, 8\)"),
+    ("mlp", {"in_shape": (1, 0, 8)}, r"in_shape must be \(channels, height, width\), three whole numbers of at "
+                                     r"least 1 whose product is at most 4,294,967,296, got \(1, 0, 8\)"),
+    ("mlp", {"in_shape": (1 << 24,) * 3}, r"in_shape must be \(channels, height, width\)"),
     ("vgg", {"in_shape": (3, 32)}, r"in_shape must be \(channels, height, width\)"),
 ])
 def test_zoo_sizes_are_checked(name, kwargs, message):

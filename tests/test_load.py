@@ -353,6 +353,48 @@ def test_weights_that_view_other_memory_without_overlap_load(tmp_path):
     torch.testing.assert_close(loaded(torch.ones(1, 1, 8, 8)), model(torch.ones(1, 1, 8, 8)))
 
 
+def _encodes(doublings: int) -> bytes:
+    """A data.pkl of ``_codecs.encode`` called on its own result ``doublings`` times ("hex" doubles
+    the size): a few hundred bytes that torch's safe loader turns into 64 × 2^doublings bytes."""
+    ops = bytearray(b"\x80\x02c_codecs\nencode\nq\x00" + b"h\x00" * doublings)
+    ops += b"X\x40\x00\x00\x00" + b"a" * 64 + b"X\x06\x00\x00\x00latin1\x86R"
+    ops += b"X\x03\x00\x00\x00hex\x86R" * doublings
+    return bytes(ops + b".")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="the cap is set on Linux")
+def test_the_safe_load_runs_with_its_address_space_capped(tmp_path, monkeypatch):
+    import resource
+
+    from ternarize import load
+
+    monkeypatch.setattr(load, "LOAD_MEMORY", (2, 96 << 20))  # the cap's margin, small for the test
+    limits = resource.getrlimit(resource.RLIMIT_AS)
+    with pytest.raises(ModelLoadError, match=r"needs more memory to unpickle than a model file of its size can"):
+        load_model(_with_data_pkl(tmp_path / "grows.pt", _encodes(22)))  # 256 MiB from 0.7 KB
+    assert resource.getrlimit(resource.RLIMIT_AS) == limits  # restored
+    torch.save(small_mlp(), tmp_path / "fine.pt")
+    assert isinstance(load_model(tmp_path / "fine.pt"), nn.Module)
+
+
+def test_a_tensor_shadowing_a_registered_weight_is_checked_too(tmp_path):
+    layer = nn.Linear(64, 2)
+    layer.__dict__["weight"] = torch.zeros(1).expand(1 << 22, 64)  # what layer.weight reads: 1 GiB when used
+    torch.save(layer, tmp_path / "shadow.pt")
+    with pytest.raises(ModelLoadError, match=r"tensor weight of shape \[4194304, 64\] has elements that share"):
+        load_model(tmp_path / "shadow.pt")
+
+
+def test_sparse_parameters_are_refused_and_lazy_ones_left_to_the_forward(tmp_path):
+    layer = nn.Linear(4, 2, bias=False)
+    layer.weight = nn.Parameter(torch.eye(2, 4).to_sparse())
+    torch.save(layer, tmp_path / "sparse.pt")
+    with pytest.raises(ModelLoadError, match=r"parameter weight is a sparse tensor, which cannot be retrained here"):
+        load_model(tmp_path / "sparse.pt")
+    torch.save(nn.Sequential(nn.Flatten(), nn.LazyLinear(2)), tmp_path / "lazy.pt")
+    assert isinstance(load_model(tmp_path / "lazy.pt", trust=True)[1], nn.LazyLinear)
+
+
 def _expanded(layer):
     layer.weight = nn.Parameter(torch.zeros(1).expand_as(layer.weight))  # 4 bytes standing for 256 KB
     return layer

@@ -282,7 +282,7 @@ def test_learned_scales_of_float16_weights_stay_finite_and_positive():
             if step == 1:  # a checkpoint resume: the moments come back as they were, float32
                 saved = {k: v.clone() for k, v in opt.state[p].items()}
                 opt.load_state_dict(opt.state_dict())
-                for key in ("scale_m", "scale_v"):
+                for key in ("scale_m", "scale_v", "scale_step"):
                     assert torch.equal(opt.state[p][key], saved[key]) and opt.state[p][key].dtype == torch.float32
         state = opt.state[p]
         assert state["scale_m"].dtype == state["scale_v"].dtype == torch.float32

@@ -234,14 +234,16 @@ class MSA(torch.optim.Optimizer):
         p.copy_((scale.unsqueeze(1) * theta).reshape(p.shape).to(p.dtype))
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """torch's restore, but the learned scales' Adam moments stay float32 (torch casts every
-        state tensor to its parameter's dtype: float16 would flush a small second moment to 0)."""
+        """torch's restore, but the learned scales' Adam moments and step count stay float32 (torch
+        casts every state tensor but ``step`` to its parameter's dtype: float16 would flush a small
+        second moment to 0, and a bfloat16 count stops at 256). They are taken from ``state_dict``
+        as given, so a load_state_dict pre-hook's changes to these three are not seen."""
         super().load_state_dict(state_dict)
         ids = [i for group in state_dict["param_groups"] for i in group["params"]]
         params = [p for group in self.param_groups for p in group["params"]]
         for i, p in zip(ids, params):
             saved = state_dict["state"].get(i, {})
-            for key in ("scale_m", "scale_v"):
+            for key in ("scale_m", "scale_v", "scale_step"):
                 if isinstance(saved.get(key), torch.Tensor):
                     self.state[p][key] = saved[key].detach().to(device=p.device, dtype=torch.float32, copy=True)
 
@@ -408,7 +410,7 @@ def _adam_positive(scale, grad, state, lr, betas=(0.9, 0.999), eps=1e-8) -> None
     below |g| ≈ 2.4e-4 and eps rounds to 0, which would divide by zero (``MSA.load_state_dict``
     restores them as float32; moments of another origin are widened here).
     """
-    for key in ("scale_m", "scale_v"):
+    for key in ("scale_m", "scale_v", "scale_step"):
         if state[key].dtype != torch.float32:
             state[key] = state[key].float()
     state["scale_step"] += 1
