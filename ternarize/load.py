@@ -26,9 +26,11 @@ the file names, so :func:`load_model` never unpickles anything it has not checke
    anything. A name off the list raises :class:`~ternarize.errors.UnsafeModelError`, and so does a
    pickle that calls a layer class (``REDUCE``) where torch.save rebuilds a layer from its state: the
    file would choose the size and number of layers built, and one that calls an allocation with a
-   size of the file's (``bytearray(n)``, a legacy tensor or storage constructor). The calls torch's
+   size of the file's (``bytearray(n)``, a legacy tensor or storage constructor), and objects
+   nested more than ``MAX_NESTING`` deep (hashing them overflows the C stack). The calls torch's
    safe loader allows can still build large objects from small files in other ways, so that load
-   runs with its address space capped (Linux: ``LOAD_MEMORY``). Pickle protocols
+   runs with the growth of the address space capped (Linux: ``LOAD_MEMORY``; one such load at a
+   time, as the limit and torch's allowlist are the process's). Pickle protocols
    0 and 1 (in a torch.save archive), 4 and 5, which torch's safe loader cannot read, are named as
    such.
 4. ``trust=True`` (``--trust`` on the command line) loads with ``weights_only=False``: the file may
@@ -64,6 +66,7 @@ import pickle
 import pickletools
 import re
 import sys
+import threading
 import warnings
 import zipfile
 from collections.abc import Callable, Iterator, Mapping
@@ -75,6 +78,7 @@ from torch import nn
 
 from . import zoo
 from ._io import atomic_write, input_problem
+from ._text import byte_size as _size
 from ._text import printable
 from .errors import Error, ModelLoadError, UnsafeModelError
 from .tern import MAGIC
@@ -147,7 +151,8 @@ def load_model(path, arch: str | None = None, trust: bool = False, log=None) -> 
                 "(in Python, load_model(path, trust=True) loads it as TorchScript)")
         model = _guarded(path, lambda: _load_torchscript(path))
     else:
-        obj = _guarded(path, lambda: _unpickle(path, trust))
+        with _LOAD_LOCK:  # torch's allowlist of safe globals and the memory cap are the process's
+            obj = _guarded(path, lambda: _unpickle(path, trust))
         model = _to_module(obj, path, arch)
         _check_tensors(model, path)
         if arch is not None and log is not None and _find_state_dict(obj) is None:
@@ -350,6 +355,10 @@ def _unpickle(p: Path, trust: bool):
             f"cannot read; save it again with torch.save's default protocol (no pickle_protocol argument), or "
             f"{_HINT_TRUST}")
     called = _called_layer(p)
+    if called == _TOO_DEEP:
+        raise UnsafeModelError(
+            f"{p} nests objects more than {MAX_NESTING} deep, which no model needs and which can crash the reader; "
+            f"save the model again with torch.save(model), or {_HINT_TRUST}")
     if called and called.startswith(_ALLOCATES):
         raise UnsafeModelError(
             f"{p} calls {called[len(_ALLOCATES):]} with a size of its own, which torch.save never writes, so it "
@@ -432,6 +441,8 @@ _MARK = object()
 _INT, _INTS = object(), object()  # an integer, and a tuple holding one (the size of an allocation)
 _INT_OPS = ("INT", "BININT", "BININT1", "BININT2", "LONG", "LONG1", "LONG4")
 _ALLOCATES = "allocating:"
+_TOO_DEEP = "too deep"
+MAX_NESTING = 1000  # containers in containers: torch.save's deepest are a few per level of modules
 _ALLOCATING = re.compile(r"torch\.((cuda\.)?(sparse\.)?[A-Za-z0-9]*Tensor|(storage\.|cuda\.)?[A-Za-z0-9_]*Storage)")
 _POPS = {"APPEND": 1, "SETITEM": 2, "BUILD": 1, "POP": 1}
 _KEEPS = ("PROTO", "FRAME", "BINPERSID")  # no change to the depth of the stack (BINPERSID: id → object)
@@ -439,48 +450,68 @@ _KEEPS = ("PROTO", "FRAME", "BINPERSID")  # no change to the depth of the stack 
 
 def _called_in_pickle(f) -> str | None:
     """One pickle from ``f`` (left after its STOP): the first REDUCE of a GLOBAL naming a layer
-    class, or of an allocating call (see ``_called_layer``), or None."""
+    class, or of an allocating call (see ``_called_layer``), ``_TOO_DEEP`` for objects nested
+    more than ``MAX_NESTING`` deep (hashing such a tuple overflows the C stack), or None.
+
+    Each stack entry is a cell ``[value, depth]`` (shared with the memo, so that filling a list or
+    dict after it was memoised deepens what the memo holds too)."""
     stack: list = []
     memo: dict = {}
+
+    def deepen(cell, items) -> None:
+        cell[1] = max(cell[1], 1 + max((c[1] for c in items), default=0))
+
     for op, arg, _ in pickletools.genops(f):
         name = op.name
         if name == "GLOBAL":
-            stack.append(arg.replace(" ", "."))
+            stack.append([arg.replace(" ", "."), 0])
         elif name == "MARK":
-            stack.append(_MARK)
+            stack.append([_MARK, 0])
         elif name in ("TUPLE", "APPENDS", "SETITEMS", "POP_MARK"):
             items = []
-            while (item := stack.pop()) is not _MARK:
+            while (item := stack.pop())[0] is not _MARK:
                 items.append(item)
             if name == "TUPLE":
-                stack.append(_INTS if _INT in items else None)
+                stack.append([_INTS if any(c[0] is _INT for c in items) else None, 0])
+                deepen(stack[-1], items)
+            elif name != "POP_MARK":  # the list or dict below takes the items
+                deepen(stack[-1], items)
         elif name in ("TUPLE1", "TUPLE2", "TUPLE3"):
             items = stack[len(stack) - int(name[-1]):]
             del stack[len(stack) - int(name[-1]):]
-            stack.append(_INTS if _INT in items else None)
+            stack.append([_INTS if any(c[0] is _INT for c in items) else None, 0])
+            deepen(stack[-1], items)
         elif name in _INT_OPS:
-            stack.append(_INT)
+            stack.append([_INT, 0])
         elif name in ("BINPUT", "LONG_BINPUT", "PUT"):
             memo[arg] = stack[-1]
         elif name in ("BINGET", "LONG_BINGET", "GET"):
-            stack.append(memo.get(arg))
+            stack.append(memo.get(arg) or [None, 0])
         elif name in ("REDUCE", "NEWOBJ"):
             args = stack.pop()
-            func = stack.pop()
-            if name == "REDUCE" and isinstance(func, str) and (
-                    _ALLOCATING.fullmatch(func) or _canonical(func) == "builtins.bytearray" and args is _INTS):
+            func = stack.pop()[0]
+            if isinstance(func, str) and (_ALLOCATING.fullmatch(func) and (name == "REDUCE" or args[0] is _INTS)
+                                          or _canonical(func) == "builtins.bytearray" and args[0] is _INTS):
                 return _ALLOCATES + _canonical(func)
             if name == "REDUCE" and isinstance(func, str):
                 obj = _allowed_global(func)
                 if isinstance(obj, type) and issubclass(obj, nn.Module):
                     return _canonical(func)
-            stack.append(None)
+            stack.append([None, 0])
+            deepen(stack[-1], [args])
+        elif name in ("APPEND", "SETITEM", "BUILD"):  # the object below takes the item(s) or state
+            n = _POPS[name]
+            items = stack[len(stack) - n:]
+            del stack[len(stack) - n:]
+            deepen(stack[-1], items)
         elif name in _POPS:
             del stack[len(stack) - _POPS[name]:]
         elif name == "STOP":
             return None
         elif name not in _KEEPS:
-            stack.append(None)  # every other opcode torch's loader reads pushes one value
+            stack.append([None, 0])  # every other opcode torch's loader reads pushes one value
+        if stack and stack[-1][1] > MAX_NESTING:
+            return _TOO_DEEP
     return None
 
 
@@ -534,47 +565,59 @@ def _refused_global(e: BaseException) -> str | None:
 
 
 def _load_allowing(p: Path, allowed: list):
-    with _safe_globals(allowed), _memory_capped(p):
+    with _LOAD_LOCK, _safe_globals(allowed), _memory_capped(p):  # (load_model holds the lock already)
         return load_weights_only(p)
 
 
-LOAD_MEMORY = (2, 512 << 20)  # the safe unpickling may map at most 2 × the file's size + 512 MiB more
+LOAD_MEMORY = (2, 4096, 512 << 20)  # bytes per byte of file, per zip record (a tensor's storage), and more
+LEGACY_PER_BYTE = 32  # the legacy format lists no records: its small tensors cost this much per byte
+_LOAD_LOCK = threading.RLock()  # the allowlist and the cap are the process's: one safe load at a time
 
 
 @contextlib.contextmanager
 def _memory_capped(p: Path) -> Iterator[None]:
-    """While torch's safe loader reads ``p``: the process's address space may grow by at most
-    ``LOAD_MEMORY`` (Linux; elsewhere no cap). The calls that loader allows can still build large
-    objects from small arguments (a nested ``_codecs.encode``, a ``set`` over an expanded view);
-    a model's tensors need about the file's size. Past the cap an allocation fails, and the
-    failure becomes one line (see ``_guarded``)."""
+    """While torch's safe loader reads ``p`` (Linux; elsewhere no cap): the process's address space
+    may grow by at most 2 bytes per byte of file, 4 KiB per record of the archive (each tensor's
+    storage comes with a few KiB of bookkeeping) and 512 MiB (``LOAD_MEMORY``). The calls that
+    loader allows can still build large objects from small arguments (a nested
+    ``_codecs.encode``, a ``set`` over an expanded view); past the cap an allocation fails, and
+    the failure becomes one line. The limit is the whole process's, so such loads take turns; a
+    lower limit already in force is kept as it is."""
     try:
         import resource
 
         with open("/proc/self/statm") as f:
+            f.read()
+    except (ImportError, OSError):
+        yield
+        return
+    with _LOAD_LOCK:
+        with open("/proc/self/statm") as f:
             mapped = int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+        per_byte, per_record, extra = LOAD_MEMORY
+        size = p.stat().st_size
+        try:
+            with zipfile.ZipFile(p) as z:
+                growth = per_byte * size + per_record * len(z.infolist()) + extra
+        except (zipfile.BadZipFile, OSError):
+            growth = LEGACY_PER_BYTE * size + extra
+        cap = mapped + growth
         soft, hard = resource.getrlimit(resource.RLIMIT_AS)
-    except (ImportError, OSError, ValueError, AttributeError):
-        yield
-        return
-    factor, extra = LOAD_MEMORY
-    cap = mapped + factor * p.stat().st_size + extra
-    if soft != resource.RLIM_INFINITY and soft <= cap or hard != resource.RLIM_INFINITY and hard < cap:
-        yield
-        return
-    resource.setrlimit(resource.RLIMIT_AS, (cap, hard))
-    try:
-        yield
-    except MemoryError as e:
-        raise ModelLoadError(f"{p} needs more memory to unpickle than a model file of its size can ({_one_line(e)}); "
-                             "it is damaged or built to fill the memory: save the model again with torch.save") from e
-    except RuntimeError as e:
-        if "alloc" not in str(e).lower() and "memory" not in str(e).lower():
-            raise
-        raise ModelLoadError(f"{p} needs more memory to unpickle than a model file of its size can; it is damaged or "
-                             "built to fill the memory: save the model again with torch.save") from e
-    finally:
-        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+        if soft != resource.RLIM_INFINITY and soft <= cap or hard != resource.RLIM_INFINITY and hard < cap:
+            yield
+            return
+        try:
+            resource.setrlimit(resource.RLIMIT_AS, (cap, hard))
+            yield
+        except (MemoryError, RuntimeError) as e:
+            if isinstance(e, RuntimeError) and "alloc" not in str(e).lower():
+                raise
+            raise ModelLoadError(
+                f"{p} needs more than {_size(growth)} of memory to unpickle, more than a model file of its size and "
+                f"number of tensors holds; it may be damaged or built to fill the memory: save the model again with "
+                f"torch.save, or {_HINT_TRUST} (it then loads without this limit)") from e
+        finally:
+            resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
 
 
 def load_weights_only(p):

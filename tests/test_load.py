@@ -368,13 +368,44 @@ def test_the_safe_load_runs_with_its_address_space_capped(tmp_path, monkeypatch)
 
     from ternarize import load
 
-    monkeypatch.setattr(load, "LOAD_MEMORY", (2, 96 << 20))  # the cap's margin, small for the test
+    monkeypatch.setattr(load, "LOAD_MEMORY", (2, 4096, 96 << 20))  # the cap's margin, small for the test
     limits = resource.getrlimit(resource.RLIMIT_AS)
-    with pytest.raises(ModelLoadError, match=r"needs more memory to unpickle than a model file of its size can"):
+    with pytest.raises(ModelLoadError, match=r"needs more than 96\.\d MiB of memory to unpickle, more than a model "
+                                             r"file of its size and number of tensors holds; .* --trust"):
         load_model(_with_data_pkl(tmp_path / "grows.pt", _encodes(22)))  # 256 MiB from 0.7 KB
     assert resource.getrlimit(resource.RLIMIT_AS) == limits  # restored
-    torch.save(small_mlp(), tmp_path / "fine.pt")
-    assert isinstance(load_model(tmp_path / "fine.pt"), nn.Module)
+    many = nn.Sequential(*(nn.Linear(2, 2) for _ in range(3000)))  # 6,000 small tensors: 2 KiB or so each
+    torch.save(many, tmp_path / "many.pt")
+    monkeypatch.setattr(load, "LOAD_MEMORY", (0, 4096, 0))  # only what their records allow
+    assert len(load_model(tmp_path / "many.pt")) == 3000
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="the cap is set on Linux")
+def test_capped_loads_in_two_threads_leave_the_limit_as_it_was(tmp_path):
+    import resource
+    import threading
+
+    torch.save(small_mlp(), tmp_path / "a.pt")
+    limits = resource.getrlimit(resource.RLIMIT_AS)
+    loaded = []
+    threads = [threading.Thread(target=lambda: loaded.append(load_model(tmp_path / "a.pt"))) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(loaded) == 4 and resource.getrlimit(resource.RLIMIT_AS) == limits
+
+
+def test_objects_nested_too_deep_are_refused_before_unpickling(tmp_path):
+    """Hashing a tuple nested millions deep overflows the C stack: the walker counts the depth."""
+    deep = b"\x80\x02K\x01" + b"\x85" * 2000 + b"."  # (((1,),),) ... 2,000 deep
+    with pytest.raises(UnsafeModelError, match=r"nests objects more than 1000 deep, which no model needs"):
+        load_model(_with_data_pkl(tmp_path / "deep.pt", deep))
+    nested = small_mlp()
+    for _ in range(30):  # modules in modules: a few levels of the pickle each
+        nested = nn.Sequential(nested)
+    torch.save(nested, tmp_path / "nested.pt")
+    assert isinstance(load_model(tmp_path / "nested.pt"), nn.Sequential)
 
 
 def test_a_tensor_shadowing_a_registered_weight_is_checked_too(tmp_path):
