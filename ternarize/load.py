@@ -444,7 +444,7 @@ _ALLOCATES = "allocating:"
 _TOO_DEEP = "too deep"
 MAX_NESTING = 1000  # containers in containers: torch.save's deepest are a few per level of modules
 _ALLOCATING = re.compile(r"torch\.((cuda\.)?(sparse\.)?[A-Za-z0-9]*Tensor|(storage\.|cuda\.)?[A-Za-z0-9_]*Storage)")
-_POPS = {"APPEND": 1, "SETITEM": 2, "BUILD": 1, "POP": 1}
+_TAKES = {"APPEND": 1, "SETITEM": 2, "BUILD": 1}  # values the object below the stack's top takes in
 _KEEPS = ("PROTO", "FRAME", "BINPERSID")  # no change to the depth of the stack (BINPERSID: id → object)
 
 
@@ -499,13 +499,13 @@ def _called_in_pickle(f) -> str | None:
                     return _canonical(func)
             stack.append([None, 0])
             deepen(stack[-1], [args])
-        elif name in ("APPEND", "SETITEM", "BUILD"):  # the object below takes the item(s) or state
-            n = _POPS[name]
+        elif name in _TAKES:  # the object below takes the item(s) or state
+            n = _TAKES[name]
             items = stack[len(stack) - n:]
             del stack[len(stack) - n:]
             deepen(stack[-1], items)
-        elif name in _POPS:
-            del stack[len(stack) - _POPS[name]:]
+        elif name == "POP":
+            stack.pop()
         elif name == "STOP":
             return None
         elif name not in _KEEPS:
@@ -565,13 +565,13 @@ def _refused_global(e: BaseException) -> str | None:
 
 
 def _load_allowing(p: Path, allowed: list):
-    with _LOAD_LOCK, _safe_globals(allowed), _memory_capped(p):  # (load_model holds the lock already)
+    with _safe_globals(allowed), _memory_capped(p):  # under load_model's _LOAD_LOCK
         return load_weights_only(p)
 
 
 LOAD_MEMORY = (2, 4096, 512 << 20)  # bytes per byte of file, per zip record (a tensor's storage), and more
 LEGACY_PER_BYTE = 32  # the legacy format lists no records: its small tensors cost this much per byte
-_LOAD_LOCK = threading.RLock()  # the allowlist and the cap are the process's: one safe load at a time
+_LOAD_LOCK = threading.Lock()  # the allowlist and the cap are the process's: one load at a time
 
 
 @contextlib.contextmanager
@@ -582,42 +582,39 @@ def _memory_capped(p: Path) -> Iterator[None]:
     loader allows can still build large objects from small arguments (a nested
     ``_codecs.encode``, a ``set`` over an expanded view); past the cap an allocation fails, and
     the failure becomes one line. The limit is the whole process's, so such loads take turns; a
-    lower limit already in force is kept as it is."""
+    lower limit already in force is kept as it is (the caller holds ``_LOAD_LOCK``)."""
     try:
         import resource
 
         with open("/proc/self/statm") as f:
-            f.read()
-    except (ImportError, OSError):
+            mapped = int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+    except (ImportError, OSError, ValueError):
         yield
         return
-    with _LOAD_LOCK:
-        with open("/proc/self/statm") as f:
-            mapped = int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
-        per_byte, per_record, extra = LOAD_MEMORY
-        size = p.stat().st_size
-        try:
-            with zipfile.ZipFile(p) as z:
-                growth = per_byte * size + per_record * len(z.infolist()) + extra
-        except (zipfile.BadZipFile, OSError):
-            growth = LEGACY_PER_BYTE * size + extra
-        cap = mapped + growth
-        soft, hard = resource.getrlimit(resource.RLIMIT_AS)
-        if soft != resource.RLIM_INFINITY and soft <= cap or hard != resource.RLIM_INFINITY and hard < cap:
-            yield
-            return
-        try:
-            resource.setrlimit(resource.RLIMIT_AS, (cap, hard))
-            yield
-        except (MemoryError, RuntimeError) as e:
-            if isinstance(e, RuntimeError) and "alloc" not in str(e).lower():
-                raise
-            raise ModelLoadError(
-                f"{p} needs more than {_size(growth)} of memory to unpickle, more than a model file of its size and "
-                f"number of tensors holds; it may be damaged or built to fill the memory: save the model again with "
-                f"torch.save, or {_HINT_TRUST} (it then loads without this limit)") from e
-        finally:
-            resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+    per_byte, per_record, extra = LOAD_MEMORY
+    size = p.stat().st_size
+    try:
+        with zipfile.ZipFile(p) as z:
+            growth = per_byte * size + per_record * len(z.infolist()) + extra
+    except (zipfile.BadZipFile, OSError):
+        growth = LEGACY_PER_BYTE * size + extra
+    cap = mapped + growth
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    if soft != resource.RLIM_INFINITY and soft <= cap or hard != resource.RLIM_INFINITY and hard < cap:
+        yield
+        return
+    try:
+        resource.setrlimit(resource.RLIMIT_AS, (cap, hard))
+        yield
+    except (MemoryError, RuntimeError) as e:
+        if isinstance(e, RuntimeError) and "alloc" not in str(e).lower():
+            raise
+        raise ModelLoadError(
+            f"{p} needs more than {_size(growth)} of memory to unpickle, more than a model file of its size and "
+            f"number of tensors holds; it may be damaged or built to fill the memory: save the model again with "
+            f"torch.save, or {_HINT_TRUST} (it then loads without this limit)") from e
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
 
 
 def load_weights_only(p):

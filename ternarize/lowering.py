@@ -206,8 +206,7 @@ class _Builder:
         elif n.op == "call_module":
             self._lower_module(n, self.modules[n.target])
         elif n.op == "call_function" and getattr(n.target, "__name__", "") == "max_pool2d_with_indices":
-            raise LoweringError(f"F.max_pool2d at {n.name!r}{_in_module(n)} has return_indices=True, which is not "
-                                "supported; use return_indices=False (the indices only serve MaxUnpool)")
+            raise LoweringError(f"F.max_pool2d at {n.name!r}{_in_module(n)} {_RETURN_INDICES}")
         elif n.op in ("call_function", "call_method") and not isinstance(n.meta.get("value"), torch.Tensor):
             return  # x.shape, x.size(0), ...: only feed a reshape's target, which reads the traced shape
         elif n.op == "call_function":
@@ -321,8 +320,7 @@ class _Builder:
             self._hardtanh(n, f"Hardtanh at {path!r}", x(), m.min_val, m.max_val, name=path)
         elif isinstance(m, nn.MaxPool2d):
             if m.return_indices:
-                raise LoweringError(f"MaxPool2d at {path!r} has return_indices=True, which is not supported; "
-                                    "use return_indices=False (the indices only serve MaxUnpool)")
+                raise LoweringError(f"MaxPool2d at {path!r} {_RETURN_INDICES}")
             self._pool(n, "maxpool2d", path, x(), m.kernel_size, m.stride, m.padding, m.ceil_mode, m.dilation)
         elif isinstance(m, nn.AvgPool2d):
             if m.divisor_override:
@@ -522,6 +520,10 @@ class _Builder:
         for part in target.split("."):
             obj = getattr(obj, part)
         return obj
+
+
+_RETURN_INDICES = "has return_indices=True, which is not supported; use return_indices=False (the indices only " \
+    "serve MaxUnpool)"
 
 
 def _fn_name(fn) -> str:

@@ -432,6 +432,3 @@ def _update_accuracy(tern_path: str, graph, accuracy: dict) -> None:
     """Rewrite the .tern with the runtime's accuracy in its metadata (same tensors, atomic)."""
     graph.metadata["accuracy"] = accuracy
     tern.write(graph, tern_path)
-
-
-

@@ -406,13 +406,10 @@ def _initial_codes(rows: torch.Tensor, mode: str, init: str, generator: torch.Ge
 def _adam_positive(scale, grad, state, lr, betas=(0.9, 0.999), eps=1e-8) -> None:
     """An Adam step on the scales, kept above a tiny positive floor (s_c > 0 always).
 
-    The moments and the step are float32 whatever the scale's dtype: in float16, g² underflows to 0
-    below |g| ≈ 2.4e-4 and eps rounds to 0, which would divide by zero (``MSA.load_state_dict``
-    restores them as float32; moments of another origin are widened here).
+    The moments and the step are float32 whatever the scale's dtype (``_initialise`` makes them so
+    and ``MSA.load_state_dict`` restores them so): in float16, g² underflows to 0 below
+    |g| ≈ 2.4e-4 and eps rounds to 0, which would divide by zero.
     """
-    for key in ("scale_m", "scale_v", "scale_step"):
-        if state[key].dtype != torch.float32:
-            state[key] = state[key].float()
     state["scale_step"] += 1
     step = state["scale_step"]
     m, v, g = state["scale_m"], state["scale_v"], grad.float()
