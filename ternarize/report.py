@@ -162,12 +162,13 @@ def build(tern_path: str, onnx_path: str | None = None, runtime=None, training: 
     graph_json = tf.header["graph"]
     entries = {e.name: e for e in tf.tensors}
     shapes = _activation_shapes(tf)
-    layers = [_layer_row(tf, entries, node, shapes) for node in graph_json["nodes"] if node["op"] in _WEIGHTED]
+    weighted = [node for node in graph_json["nodes"] if node["op"] in _WEIGHTED]
+    layers = [_layer_row(tf, entries, node, shapes) for node in weighted]
     if runtime is None:
         from .runtime import Runtime
 
         runtime = Runtime.load(tern_path)
-    totals = _totals(tf, layers, onnx_path, runtime)
+    totals = _totals(tf, layers, [node["inputs"][1] for node in weighted], onnx_path, runtime)
     meta = tf.metadata
     model = {k: meta[k] for k in ("name", "dataset", "mode", "method", "source", "source_sha256", "source_bytes")
              if k in meta}
@@ -354,14 +355,19 @@ def _onnx_totals(float32_bytes: int, onnx_path: str | None) -> dict:
     return {"onnx_bytes": onnx_bytes, "compression_onnx": float32_bytes / onnx_bytes if onnx_bytes else None}
 
 
-def _totals(tf, layers, onnx_path, runtime) -> dict:
-    discrete = [r for r in layers if r["kind"] != "float32"]
+def _totals(tf, layers, weight_names, onnx_path, runtime) -> dict:
+    """The totals of formats/REPORT.md. ``weight_names``: each layer's weight tensor. A tensor that
+    several layers share (a module called twice) counts once in the sums over tensors, and once
+    per call in the sums over layers (MACs)."""
+    tensors = dict(zip(weight_names, layers))  # one row per weight tensor
+    discrete = [r for r in tensors.values() if r["kind"] != "float32"]
     n_disc = sum(r["weights"] for r in discrete)
     disc_bytes = sum(r["weight_bytes"] for r in discrete)
     float32_bytes = 4 * sum(e.count for e in tf.tensors)
     weight_bytes, act_bytes = int(runtime.weight_bytes), int(runtime.activation_bytes(1))
     return {
-        "layers": len(layers), "discrete_layers": len(discrete), "discrete_weights": n_disc,
+        "layers": len(layers), "discrete_layers": sum(r["kind"] != "float32" for r in layers),
+        "discrete_weights": n_disc,
         "float_weights": sum(e.count for e in tf.tensors) - n_disc,
         "nonzero_fraction": sum(r["nonzero"] for r in discrete) / n_disc if n_disc else None,
         "bits_per_discrete_weight": 8 * disc_bytes / n_disc if n_disc else None,

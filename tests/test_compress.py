@@ -86,8 +86,9 @@ def test_report_is_consistent_with_the_files(compressed):
             assert row["nonzero"] == np.count_nonzero(codes)
             assert row["plus_fraction"] == pytest.approx(np.mean(codes == 1))
     disc = [r for r in rep["layers"] if r["kind"] != "float32"]
-    assert t["discrete_weights"] == sum(r["weights"] for r in disc)
-    assert t["nonzero_fraction"] == pytest.approx(sum(r["nonzero"] for r in disc) / t["discrete_weights"])
+    codes = [graph.consts[e.name].data for e in tf.tensors if e.kind != "float32"]
+    assert t["discrete_weights"] == sum(r["weights"] for r in disc) == sum(c.size for c in codes)
+    assert t["nonzero_fraction"] == pytest.approx(sum(np.count_nonzero(c) for c in codes) / t["discrete_weights"])
     assert t["peak_ram_bytes"] == t["runtime_weight_bytes"] + t["runtime_activation_bytes"]
     md = (out / "report.md").read_text()
     assert "![layers](layers.png)" in md and "| non-zero |" in md
