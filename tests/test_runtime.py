@@ -704,6 +704,10 @@ _NO_TORCH = textwrap.dedent("""
         rt = Runtime.load(sys.argv[1] + f"/{name}.tern")
         x = np.linspace(-2, 2, 3 * int(np.prod(rt.input_shape)), dtype=np.float32).reshape(3, *rt.input_shape)
         out[name] = rt.run(x).tolist()
+        # the rest of the API too: sizes, memory estimates, batched prediction and accuracy
+        assert rt.weight_bytes > 0 and rt.memory_bytes(2) >= rt.activation_bytes(2) > 0
+        assert rt.fitting_batch(1 << 30) >= 1 and repr(rt)
+        assert 0 <= rt.accuracy(x, rt.predict(x, batch=2)) == 1.0
     assert not any(m == "torch" or m.startswith("torch.") for m in sys.modules)
     print(json.dumps(out))
 """)
