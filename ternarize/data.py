@@ -135,8 +135,9 @@ def _hash_keys(n: int, seed: int) -> np.ndarray:
 
 
 def _stratified_split(y: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Indices (keep, take), both sorted: ``round(n * fraction)`` examples are taken, spread over the
-    classes in proportion (largest remainder), each class's share being the first in hash order.
+    """Indices (keep, take), both sorted: ``int(n * fraction + 0.5)`` examples (halves round up) are
+    taken, spread over the classes in proportion (largest remainder), each class's share being the
+    first in hash order.
 
     Example: ``keep, take = _stratified_split(np.array([0, 0, 1, 1, 1]), 0.4, seed=0)``.
     """
@@ -490,6 +491,7 @@ def _load_cifar10(data_dir=None) -> Dataset:
 # ----------------------------------------------------------------------------------------------
 
 _FIXED_TEST_FRACTION = 0.2
+DIGITS_TOP = 16  # the digits' pixel values are 0..16, scaled by 1/16
 _NEEDS_SKLEARN = "dataset 'digits' needs scikit-learn; install it with: pip install scikit-learn"
 _FIXED_SPLIT_SEED = 0
 
@@ -501,7 +503,7 @@ def _load_digits() -> Dataset:
     except ImportError as e:
         raise DataError(_NEEDS_SKLEARN) from e
     bunch = load_digits()
-    x = _to_unit_float(np.asarray(bunch.images), 16.0)[:, None]
+    x = _to_unit_float(np.asarray(bunch.images), float(DIGITS_TOP))[:, None]
     y = np.asarray(bunch.target, dtype=np.int64)
     keep, take = _stratified_split(y, _FIXED_TEST_FRACTION, _FIXED_SPLIT_SEED)
     return Dataset("digits", x[keep], y[keep], x[take], y[take], 10)
@@ -518,8 +520,8 @@ def _as_images(x: object, what: str, origin: str) -> np.ndarray:
         x = np.asarray(x)
     except Exception as e:  # __array__ of a foreign object can raise anything
         raise DataError(f"{origin}: {what} cannot be converted to an array ({e})") from e
-    if x.ndim not in (2, 3, 4) or len(x) == 0:
-        raise DataError(f"{origin}: {what} must have shape (N, F), (N, H, W) or (N, C, H, W) with N > 0, "
+    if x.ndim not in (2, 3, 4) or 0 in x.shape:
+        raise DataError(f"{origin}: {what} must have shape (N, F), (N, H, W) or (N, C, H, W), every size > 0, "
                         f"found {x.shape}")
     if x.dtype == np.uint8:
         out = _to_unit_float(x, 255.0)

@@ -318,16 +318,23 @@ def _vector(graph, name, n, where, role) -> None:
             raise GraphError(f"{where}: {role} {name!r} has shape {list(c.shape)}, expected [{n}]")
 
 
-def _window(size, k, s, p, d, ceil_mode, where, pool: bool = False) -> int:
-    """Output size along one axis, by torch's rules: a pool's padding is at most half its kernel (a
-    convolution's may be larger: it pads with zeros), ``ceil_mode`` drops a last window that
-    starts in the right padding."""
-    if pool and 2 * p > k:
-        raise GraphError(f"{where}: padding {p} is more than half the kernel {k}")
-    span = size + 2 * p - d * (k - 1) - 1  # negative: the kernel is larger than the padded input
-    out = (-(-span // s) if ceil_mode else span // s) + 1  # ceil_mode may still give one clipped window
+def out_size(size: int, k: int, s: int, p: int, d: int, ceil_mode: bool) -> int:
+    """torch's output size of a window op along one axis (below 1: the kernel is larger than the
+    padded input): ``ceil_mode`` keeps a last, clipped window only when it starts inside the input
+    or its left padding."""
+    span = size + 2 * p - d * (k - 1) - 1
+    out = (-(-span // s) if ceil_mode else span // s) + 1
     if ceil_mode and (out - 1) * s >= size + p:
         out -= 1
+    return out
+
+
+def _window(size, k, s, p, d, ceil_mode, where, pool: bool = False) -> int:
+    """:func:`out_size`, checked: a pool's padding is at most half its kernel (a convolution's may
+    be larger: it pads with zeros), and one window at least."""
+    if pool and 2 * p > k:
+        raise GraphError(f"{where}: padding {p} is more than half the kernel {k}")
+    out = out_size(size, k, s, p, d, ceil_mode)
     if out < 1:
         raise GraphError(f"{where}: kernel {k} (dilation {d}) is larger than the padded input {size + 2 * p}")
     return out

@@ -341,10 +341,15 @@ class _Builder:
 
     def _weighted(self, n, op, path, weight, bias, x, attrs, pname=None, bname=None) -> None:
         pname = pname or self.param_names.get(id(weight)) or (f"{path}.weight" if path else "weight")
+        where = f"{'Linear' if op == 'linear' else 'Conv2d'} at {path!r}"
+        where += _in_module(n) if n.op != "call_module" else ""
+        if weight.numel() == 0:
+            raise LoweringError(f"{where} has a weight of shape {tuple(weight.shape)}, which holds no weights; "
+                                "remove the layer or give it inputs and outputs")
         rank = len(self._shape(n.args[0])) if op == "linear" and isinstance(n.args[0], fx.Node) else 2
         if rank not in (0, 2):  # 0: no recorded value (the graph's own check then applies)
-            raise LoweringError(f"Linear at {path!r}{_in_module(n) if n.op != 'call_module' else ''} takes an "
-                                f"input of rank {rank}; only (batch, features) inputs are supported: flatten first")
+            raise LoweringError(f"{where} takes an input of rank {rank}; only (batch, features) inputs are "
+                                "supported: flatten first")
         kind = self._kind(pname, weight)
         w = weight.detach().cpu().to(torch.float32).numpy()
         inputs = [x]
@@ -574,14 +579,21 @@ def _conv_attrs(m: nn.Conv2d, path: str) -> dict:
 
 
 def detect_kind(w: np.ndarray) -> str:
-    """'ternary', 'binary' or 'float32': whether every row of ``w`` holds only 0 and ±s_row."""
+    """'ternary', 'binary' or 'float32': whether every row of ``w`` holds only 0 and ±s_row.
+
+    A row of one weight always looks so: a tensor of such rows (``Linear(1, N)``, a 1×1 depthwise
+    convolution) counts as discrete only when its non-zero weights share one magnitude. An
+    all-zero or empty tensor carries no evidence either way: float32. E-MSA takes a weight for
+    already discrete by the same rule (``ternarize.train.msa``)."""
+    if w.size == 0:
+        return "float32"
     rows = w.reshape(w.shape[0], -1)
     a = np.abs(rows)
     s = a.max(axis=1, keepdims=True)
-    if rows.size == 0 or not np.all((a == s) | (a == 0)):
+    if not np.all((a == s) | (a == 0)) or not np.any(s > 0):
         return "float32"
-    if not np.any(s > 0):
-        return "float32"  # an all-zero tensor carries no evidence either way
+    if rows.shape[1] == 1 and np.any((s != 0) & (s != s.max())):
+        return "float32"
     return "binary" if np.all(a == s) and np.all(s > 0) else "ternary"  # an all-zero row is ternary
 
 

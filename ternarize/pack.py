@@ -41,8 +41,6 @@ from .errors import TernFormatError
 ENCODINGS = ("t2", "b1", "ts", "f32", "f16")
 KIND_ENCODINGS = {"float32": ("f32", "f16"), "ternary": ("t2", "ts"), "binary": ("b1", "t2")}
 MAX_RANK = 8
-MAX_DIM = (1 << 31) - 1
-MAX_ELEMENTS = 1 << 31
 TS_MAX_K = 20
 TS_BLOCK_CELLS = 65536  # the writer's target number of weights per ts block
 TS_MAX_WEIGHTS_PER_BYTE = 1 << 14  # R·K ≤ 2^14·nbytes: bounds the dense size a ts stream may claim

@@ -39,7 +39,7 @@ from . import pack
 from ._io import atomic_write
 from ._version import __version__
 from .errors import ConfigError, GraphError, TernFormatError
-from .graph import KINDS, Const, ConstSpec, Graph
+from .graph import KINDS, MAX_DIM, MAX_ELEMENTS, Const, ConstSpec, Graph
 
 MAGIC = b"\x89TERN\r\n\x1a"
 VERSION = 1
@@ -305,12 +305,12 @@ def _read_shape(value, where: str) -> tuple[int, ...]:
     _expect(value, list, where)
     if not 1 <= len(value) <= pack.MAX_RANK:
         raise TernFormatError(f"{where} has {len(value)} dimensions, expected 1..{pack.MAX_RANK}")
-    dims = tuple(_int_field(d, 1, pack.MAX_DIM, f"{where}[{j}]") for j, d in enumerate(value))
+    dims = tuple(_int_field(d, 1, MAX_DIM, f"{where}[{j}]") for j, d in enumerate(value))
     count = 1
     for d in dims:
         count *= d
-    if count > pack.MAX_ELEMENTS:
-        raise TernFormatError(f"{where} {list(dims)} has {count} elements, more than {pack.MAX_ELEMENTS}")
+    if count > MAX_ELEMENTS:
+        raise TernFormatError(f"{where} {list(dims)} has {count} elements, more than {MAX_ELEMENTS}")
     return dims
 
 

@@ -372,6 +372,8 @@ def test_npz_flat_features_and_floats_kept(tmp_path):
     ({"x": np.zeros((4, 2, 2), np.uint8), "y": np.array([0, -1, 0, 0])}, r"negative label -1"),
     ({"x": np.zeros((4, 2, 2), np.uint8), "y": np.array([0, 0.5, 0, 0])}, r"integer class indices"),
     ({"x": np.zeros(4, np.uint8), "y": np.zeros(4, int)}, r"x must have shape \(N, F\)"),
+    ({"x": np.zeros((4, 0), np.float32), "y": np.zeros(4, int)}, r"every size > 0, found \(4, 0\)"),
+    ({"x": np.zeros((4, 2, 0, 2), np.uint8), "y": np.zeros(4, int)}, r"every size > 0, found \(4, 2, 0, 2\)"),
     ({"x": np.full((4, 2), np.nan), "y": np.zeros(4, int)}, r"NaN or infinite"),
     ({"x": np.full((4, 2), 1e300), "y": np.zeros(4, int)},
      r"x holds values beyond float32's range \(largest magnitude 1e\+300\); scale the inputs"),

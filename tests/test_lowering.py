@@ -64,6 +64,9 @@ def test_theta_and_scale_are_recovered_bit_for_bit():
     assert np.array_equal(scale[:, None] * theta, w)
     assert detect_kind(w) == "ternary" and detect_kind(np.abs(w[2:]) + 1) == "binary"
     assert detect_kind(np.array([[0.1, 0.2]], np.float32)) == "float32"
+    assert detect_kind(np.array([[0.8], [-0.0075], [0.3]], np.float32)) == "float32"  # Linear(1, N) of floats
+    assert detect_kind(np.array([[0.5], [0.0], [-0.5]], np.float32)) == "ternary"
+    assert detect_kind(np.zeros((0, 3), np.float32)) == detect_kind(np.zeros((2, 2), np.float32)) == "float32"
     dense_but_one_zero_row = np.array([[0.5, -0.5], [0, 0], [-0.25, 0.25]], np.float32)
     assert detect_kind(dense_but_one_zero_row) == "ternary"  # not binary: a binary weight holds no 0
     model = nn.Sequential(nn.Linear(2, 3))
@@ -238,3 +241,9 @@ def test_lowering_leaves_the_model_as_it_was():
     assert model.training
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
+
+
+@pytest.mark.parametrize("layer, shape", [(nn.Linear(0, 2), (1, 0)), (nn.Linear(3, 0), (1, 3))])
+def test_a_layer_without_weights_is_refused_by_name(layer, shape):
+    with pytest.raises(LoweringError, match=r"at '0' has a weight of shape \(.*0.*\), which holds no weights"):
+        lower(nn.Sequential(layer), torch.zeros(shape))

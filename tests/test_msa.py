@@ -10,7 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ternarize import MSA, ConfigError
-from ternarize.train.msa import binary_rule, ternary_rule, threshold
+from ternarize.lowering import detect_kind
+from ternarize.train.msa import _as_discrete, binary_rule, ternary_rule, threshold
 
 floats = st.floats(min_value=-10, max_value=10, allow_nan=False, width=32)
 
@@ -147,6 +148,19 @@ def test_one_weight_per_row_is_discrete_only_with_one_magnitude():
     opt = MSA([kept])
     assert kept.flatten().tolist() == [0.5, 0.0, -0.5, 0.5]
     assert opt.state[kept]["scale"].tolist() == [0.5, 1.0, 0.5, 0.5]
+
+
+@pytest.mark.parametrize("w", [
+    [[0.8], [-0.0075], [0.3], [-0.5]], [[0.5], [0.0], [-0.5], [0.5]], [[0.0], [0.0]], [[0.5, -0.5], [0.0, 0.0]],
+    [[0.5, -0.5], [0.25, 0.25]], [[0.5, 0.0], [0.25, -0.25]], [[0.5, 0.25]], [[1.0, -1.0, 1.0]], [[2.0], [2.0]],
+])
+@pytest.mark.parametrize("mode", ["ternary", "binary"])
+def test_msa_and_lowering_take_the_same_weights_for_discrete(w, mode):
+    """A weight E-MSA keeps as it is, lowering stores as discrete, and the other way round."""
+    t = torch.tensor(w)
+    kind = detect_kind(t.numpy())
+    theta, _ = _as_discrete(t, mode)
+    assert (theta is not None) == (kind == "binary" or (mode == "ternary" and kind == "ternary"))
 
 
 def test_twn_initialisation():

@@ -221,6 +221,12 @@ def test_choose():
     assert pack.choose(floats, "float32") == "f32"
     assert pack.choose(floats, "float32", allow_lossy=True) == "f16"
     assert pack.choose(np.array([1e6], np.float32), "float32", allow_lossy=True) == "f32"  # overflows f16
+    tie = np.zeros((3, 16), np.int8)  # 12 bytes either way: the dense code is kept
+    tie[0, 6], tie[1, 15], tie[2, 8:10] = 1, -1, 1
+    assert pack.encoded_size(tie, "ternary", "ts") == pack.dense_size("t2", tie.shape) == 12
+    assert pack.choose(tie, "ternary") == "t2"
+    tie[1:] = 0  # fewer bytes in ts
+    assert pack.encoded_size(tie, "ternary", "ts") < 12 and pack.choose(tie, "ternary") == "ts"
 
 
 # ---------------------------------------------------------------------- property test

@@ -16,16 +16,15 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..graph import out_size
+
 PATCH_BYTES = 16 << 20  # bound on one chunk of the im2col patch matrix
 
 
-def out_size(size: int, k: int, s: int, p: int, d: int, ceil_mode: bool) -> int:
-    """torch's output size of a window op (graph.py's rule, including the ceil_mode correction)."""
-    span = size + 2 * p - d * (k - 1) - 1
-    out = (-(-span // s) if ceil_mode else span // s) + 1
-    if ceil_mode and (out - 1) * s >= size + p:  # the last window must start inside input or left pad
-        out -= 1
-    return out
+def samples_per_chunk(c: int, kh: int, kw: int, oh: int, ow: int) -> int:
+    """Samples of a convolution whose im2col patches (a zero row included) fit ``PATCH_BYTES``, one
+    at least: :func:`conv2d` works in chunks of that many, ``plan.node_temp_bytes`` counts them."""
+    return max(1, PATCH_BYTES // (4 * (c * kh * kw + 1) * oh * ow))
 
 
 # ---------------------------------------------------------------------- weighted layers
@@ -54,8 +53,7 @@ def conv2d(x: np.ndarray, weight, scale, bias, kshape, strides, pads, dilations)
     ow = out_size(w, kw, strides[1], pads[1], dilations[1], False)
     if pads[0] or pads[1]:
         x = _pad(x, pads[0], pads[0], pads[1], pads[1], 0.0)
-    per_sample = 4 * c * kh * kw * oh * ow
-    step = max(1, PATCH_BYTES // per_sample)
+    step = samples_per_chunk(c, kh, kw, oh, ow)
     zero_row = getattr(weight, "zero_row", False)  # sparse ops read a zero row for their padding
     out = None if n == 1 else np.empty((n, o, oh, ow), np.float32)
     for n0 in range(0, n, step):

@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import math
 
-from .kernels import PATCH_BYTES, out_size
+from ..graph import out_size
+from .kernels import samples_per_chunk
 
 VIEW_OPS = ("flatten", "reshape")
 FLOAT_BYTES = 4
@@ -104,7 +105,7 @@ def node_temp_bytes(graph, shapes: dict, node, batch: int = 1) -> int:
         oh = out_size(h, kh, a["strides"][0], pads[0], a["dilations"][0], False)
         ow = out_size(w, kw, a["strides"][1], pads[1], a["dilations"][1], False)
         patches = FLOAT_BYTES * (c * kh * kw + 1) * oh * ow  # one input's, with the zero row
-        chunk = min(batch, max(1, PATCH_BYTES // patches))
+        chunk = min(batch, samples_per_chunk(c, kh, kw, oh, ow))
         return batch * FLOAT_BYTES * padded + chunk * (patches + 3 * FLOAT_BYTES * o * oh * ow) + out
     if node.op in ("maxpool2d", "avgpool2d"):
         c, h, w = shapes[node.inputs[0]][1:]

@@ -63,6 +63,8 @@ import warnings
 import torch
 
 from ..errors import ConfigError
+from ..lowering import detect_kind
+from .ste import TWN_DELTA
 
 MODES = ("ternary", "binary")
 DEFAULT_RHO = {"ternary": 0.25, "binary": 0.5}
@@ -367,20 +369,12 @@ def _check(ok: bool, message: str) -> None:
 
 
 def _as_discrete(rows: torch.Tensor, mode: str):
-    """(θ, s) if every row already holds only 0 and ±s_c (no zeros for binary), else (None, None).
-
-    A row of one weight always looks so; a tensor of such rows (``Linear(1, N)``, a 1×1 depthwise
-    convolution) counts as discrete only when its non-zero weights share one magnitude.
-    """
-    a = rows.abs()
-    s = a.amax(dim=1)
-    ok = ((a == s.unsqueeze(1)) | (a == 0)).all() and (s > 0).any()
-    if rows.shape[1] == 1:
-        ok = ok and bool((s[s > 0] == s.max()).all())
-    if mode == "binary":
-        ok = ok and bool((a > 0).all())
-    if not ok:
+    """(θ, s) if every row already holds only 0 and ±s_c (no zeros for binary), else (None, None):
+    the rule by which lowering takes a weight for discrete (``ternarize.lowering.detect_kind``)."""
+    kind = detect_kind(rows.detach().float().cpu().numpy())
+    if kind == "float32" or (mode == "binary" and kind != "binary"):
         return None, None
+    s = rows.abs().amax(dim=1)
     return torch.sign(rows), torch.where(s > 0, s, torch.ones_like(s))
 
 
@@ -395,7 +389,7 @@ def _initial_codes(rows: torch.Tensor, mode: str, init: str, generator: torch.Ge
         return theta, fallback
     if mode == "binary":
         return torch.where(rows >= 0, 1.0, -1.0), fallback
-    delta = 0.7 * mean_abs.unsqueeze(1)
+    delta = TWN_DELTA * mean_abs.unsqueeze(1)
     theta = torch.where(rows > delta, 1.0, torch.where(rows < -delta, -1.0, 0.0))
     big = theta != 0
     count = big.sum(dim=1)
