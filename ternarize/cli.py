@@ -503,7 +503,7 @@ def inspect(file, as_json):
 @click.argument("file", type=_Path())
 @click.option("--json", "as_json", is_flag=True, help="Print the checks and their results as JSON.")
 def verify(file, as_json):
-    """Run every check of the .tern format on FILE; exit 0 when sound, 1 when not (2: no such file).
+    """Run every check of the .tern format on FILE; exit 0 when sound, 1 when not, 2 on no file or bad usage.
 
     Example: ternarize verify out/model.tern
     """
@@ -529,7 +529,7 @@ def verify(file, as_json):
 @click.argument("file", type=_Path())
 @click.option("--input", "input_path", type=_Path(), default=None,
               help="A .npy file of inputs (N, ...): floats, integers or bools (0/1) as the model takes them, or "
-                   "uint8 pixels (scaled by 1/255).")
+                   "uint8 pixels (scaled to [0, 1] as the model's training set was: by 1/16 for digits, else 1/255).")
 @click.option("--data", "data_name", default=None, help="A dataset: report accuracy on its test set.")
 @data_dir_option
 @click.option("--output", type=click.Path(), default=None,
@@ -584,7 +584,7 @@ def run(file, input_path, data_name, data_dir, output, sparse, force, as_json):
             click.echo(f"{_printable(file)} on {_printable(ds.name)}: test accuracy {100 * acc:.2f}% "
                        f"({len(ds.y_test)} examples)")
         return
-    x, note = _load_npy(input_path)
+    x, note = _load_npy(input_path, model.graph.metadata.get("dataset"))
     if x.ndim == 0 or len(x) == 0:
         raise ConfigError(f"{input_path} holds no inputs (shape {x.shape}); give an array of shape "
                           f"(N, {', '.join(map(str, model.input_shape))}) with N >= 1")
@@ -650,27 +650,37 @@ def _echo_json(obj) -> None:
     click.echo(json.dumps(obj, indent=2, sort_keys=True))
 
 
-def _load_npy(path: str):
+def _load_npy(path: str, dataset=None):
     """The array of the .npy file ``path`` as float32: numeric, finite, within float32's range
     (read by :func:`ternarize.data.read_npy`: no pickles, the header checked before the data),
-    and a note for stderr or None: uint8 pixels are scaled by 1/255, as the datasets' are for
-    training; other integers above 1 are taken as they are, which the note says; bools are 0 and 1."""
+    and a note for stderr or None. uint8 pixels are scaled to [0, 1] as the model's training set
+    (``dataset``, the name in its metadata) had them: by 1/16 for ``digits`` (values 0..16; larger
+    values are taken for 0..255 pixels), by 1/255 for every other; other integers above 1 are taken
+    as they are, which the note says; bools are 0 and 1."""
     import numpy as np
 
-    from .data import _to_unit_float, read_npy
+    from .data import DIGITS_TOP, _to_unit_float, read_npy
     from .errors import ConfigError
 
     with open(path, "rb") as f:
         x = read_npy(f, path, os.fstat(f.fileno()).st_size)
     if x.dtype == np.uint8:
-        note = f"{_printable(path)} holds uint8 pixels: scaled by 1/255 to [0, 1], as the datasets are for training"
-        return _to_unit_float(x, 255.0), note
+        top = int(x.max(initial=0))
+        if dataset == "digits" and top <= DIGITS_TOP:
+            note = "scaled by 1/16 to [0, 1], as the digits this model was trained on were"
+            return _to_unit_float(x, float(DIGITS_TOP)), f"{_printable(path)} holds uint8 pixels: {note}"
+        if dataset == "digits":
+            note = (f"values up to {top}, more than the digits' 0..16 this model was trained on: taken for 0..255 "
+                    "pixels and scaled by 1/255")
+        else:
+            note = "scaled by 1/255 to [0, 1], as mnist, fashion-mnist, cifar10 and uint8 .npz data are for training"
+        return _to_unit_float(x, 255.0), f"{_printable(path)} holds uint8 pixels: {note}"
     if x.dtype.kind == "f" and not np.isfinite(x).all():
         raise ConfigError(f"{path} contains NaN or infinite values; give finite inputs")
     note = None
     if x.dtype.kind in "iu" and x.size and int(x.max()) > 1:  # pixels as int64, say: not scaled
         note = (f"{_printable(path)} holds {x.dtype} values, taken as they are (up to {int(x.max())}); pixels are "
-                "scaled by 1/255 only when stored as uint8")
+                "scaled only when stored as uint8")
     with np.errstate(over="ignore"):
         x = x.astype(np.float32, copy=False)
     if not np.isfinite(x).all():

@@ -12,7 +12,10 @@ the file names, so :func:`load_model` never unpickles anything it has not checke
 2. A TorchScript archive is refused unless ``trust=True``: it holds compiled TorchScript, and
    methods such as ``__setstate__`` run while ``torch.jit.load`` reads it, so it is code too (and
    it cannot be retrained: TorchScript cannot be lowered). With ``trust`` it loads as TorchScript.
-3. Everything else loads with ``torch.load(weights_only=True)``. A full module saved with
+3. Everything else loads with ``torch.load(weights_only=True)``, but for a full module in the
+   legacy format, which stores the module's source code beside it: torch's safe loader cannot
+   read that, so it is refused (re-save it with a current ``torch.save``, or trust it); a
+   legacy-format state_dict loads. A full module saved with
    ``torch.save(model)`` names the classes it is built from; each name must be on the allowlist
    before anything is unpickled:
 

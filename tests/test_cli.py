@@ -420,16 +420,37 @@ def test_run_scales_uint8_pixels_as_the_datasets_are(tmp_path):
     np.save(tmp_path / "pixels.npy", pixels)
     floats = invoke("run", conv, "--input", tmp_path / "floats.npy", "--json")
     scaled = invoke("run", conv, "--input", tmp_path / "pixels.npy", "--json")
-    assert floats.stderr == "" and scaled.stderr.strip() == (f"{tmp_path / 'pixels.npy'} holds uint8 pixels: scaled "
-                                                             "by 1/255 to [0, 1], as the datasets are for training")
+    assert floats.stderr == "" and scaled.stderr.strip() == (
+        f"{tmp_path / 'pixels.npy'} holds uint8 pixels: scaled by 1/255 to [0, 1], as mnist, fashion-mnist, cifar10 "
+        "and uint8 .npz data are for training")
     assert json.loads(scaled.stdout)["predictions"] == json.loads(floats.stdout)["predictions"]
     np.save(tmp_path / "ints.npy", pixels.astype(np.int64))  # not uint8: taken as they are, and said so
     ints = invoke("run", conv, "--input", tmp_path / "ints.npy", "--json")
     assert ints.exit_code == 0 and ints.stderr.strip() == (
         f"{tmp_path / 'ints.npy'} holds int64 values, taken as they are (up to {pixels.max()}); pixels are scaled "
-        "by 1/255 only when stored as uint8")
+        "only when stored as uint8")
     np.save(tmp_path / "bits.npy", (pixels > 127).astype(np.int64))  # 0/1 integers: nothing to say
     assert invoke("run", conv, "--input", tmp_path / "bits.npy").stderr == ""
+    # a model trained on digits (values 0..16, scaled by 1/16 for training) takes its uint8 pixels so
+    from ternarize import tern
+
+    g = tern.read(conv)
+    g.metadata["dataset"] = "digits"
+    tern.write(g, tmp_path / "digits.tern")
+    sixteenths = np.round(x * 16).astype(np.uint8)
+    np.save(tmp_path / "sixteenths.npy", sixteenths)
+    np.save(tmp_path / "sixteenths_f.npy", sixteenths.astype(np.float32) / np.float32(16))
+    digits = invoke("run", tmp_path / "digits.tern", "--input", tmp_path / "sixteenths.npy", "--output",
+                    tmp_path / "y_pixels.npy")
+    assert digits.stderr.strip() == (f"{tmp_path / 'sixteenths.npy'} holds uint8 pixels: scaled by 1/16 to [0, 1], "
+                                     "as the digits this model was trained on were")
+    invoke("run", tmp_path / "digits.tern", "--input", tmp_path / "sixteenths_f.npy", "--output", tmp_path / "y.npy")
+    assert np.array_equal(np.load(tmp_path / "y_pixels.npy"), np.load(tmp_path / "y.npy"))
+    wide = invoke("run", tmp_path / "digits.tern", "--input", tmp_path / "pixels.npy", "--json")
+    assert wide.stderr.strip() == (f"{tmp_path / 'pixels.npy'} holds uint8 pixels: values up to {pixels.max()}, more "
+                                   "than the digits' 0..16 this model was trained on: taken for 0..255 pixels and "
+                                   "scaled by 1/255")
+    assert json.loads(wide.stdout)["predictions"] == json.loads(floats.stdout)["predictions"]
     np.save(tmp_path / "wrong.npy", pixels[:, :, :4])  # the note waits until the inputs fit the model
     wrong = invoke("run", conv, "--input", tmp_path / "wrong.npy")
     assert wrong.exit_code == 2 and len(wrong.stderr.strip().splitlines()) == 1 and "uint8" not in wrong.stderr

@@ -263,7 +263,8 @@ def test_paths_with_control_characters_are_printed_escaped(tmp_path):
     np.save(odd.with_suffix(".npy"), np.zeros((2, 20), np.uint8))  # a uint8 input: a note names the file
     result = invoke("run", odd.with_suffix(".tern"), "--input", odd.with_suffix(".npy"))
     assert result.exit_code == 0 and result.stderr == (f"{tmp_path}/n\\nname\\x1b[31m.npy holds uint8 pixels: "
-                                                       "scaled by 1/255 to [0, 1], as the datasets are for training\n")
+                                                       "scaled by 1/255 to [0, 1], as mnist, fashion-mnist, "
+                                                       "cifar10 and uint8 .npz data are for training\n")
 
 
 # ---------------------------------------------------------------------- report
