@@ -99,7 +99,8 @@ def compress(model, data, out: str = "out", *, arch: str | None = None, trust: b
     example = torch.from_numpy(dataset.x_test[:2])
     check_fits(model, dataset)
     policy.discrete_layers(model, config.keep_float, config.scale)  # a --keep-float that matches nothing
-    lower(model, example)  # an unsupported op fails here, before any training
+    probe = lower(model, example)  # an unsupported op fails here, before any training
+    config.outputs = _outputs(probe)
     with OutputFolder(out, force=force, resume=config.resume, active=writer, resumable=resumable,
                       inputs=inputs) as folder:
         float_acc = _accuracy(model, dataset)
@@ -121,6 +122,16 @@ def compress(model, data, out: str = "out", *, arch: str | None = None, trust: b
 
 
 # ---------------------------------------------------------------------- before training
+
+
+def _outputs(graph) -> str:
+    """"probabilities" when the model's output is a softmax's (the loss then takes its log), else
+    "logits" (a log-softmax's output is its own log-softmax: cross-entropy takes it as it is)."""
+    made = {out: n for n in graph.nodes for out in n.outputs}
+    last = made.get(graph.outputs[0])
+    while last is not None and last.op in ("flatten", "reshape"):  # a view of the softmax's output
+        last = made.get(last.inputs[0])
+    return "probabilities" if last is not None and last.op == "softmax" else "logits"
 
 
 def paper_defaults(data, options: dict) -> dict:

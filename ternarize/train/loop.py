@@ -48,6 +48,7 @@ from .msa import MSA
 from .ste import STE
 
 LOSSES = ("cross_entropy", "squared_hinge")
+OUTPUTS = ("logits", "probabilities")
 MAX_LR, MAX_RHO, MAX_LAM = 1e3, 1e3, 1e6  # upper bounds of the steering settings (validate)
 
 
@@ -72,6 +73,7 @@ class TrainConfig:
     scale: str = "auto"            # auto (fixed where BatchNorm follows) | fixed | learned
     lr: float = 1e-3               # Adam: continuous parameters, learned scales, STE latents
     loss: str = "cross_entropy"    # cross_entropy | squared_hinge
+    outputs: str = "logits"        # logits | probabilities (the model ends in a softmax): the loss takes their log
     keep_float: tuple = ()         # globs, or "first" / "last"
     distill: bool = False          # learn from the float model's outputs too
     distill_temperature: float = 4.0
@@ -103,6 +105,7 @@ class TrainConfig:
         _one_of("init", self.init, ("random", "twn"))
         _one_of("scale", self.scale, ("auto", "fixed", "learned"))
         _one_of("loss", self.loss, LOSSES)
+        _one_of("outputs", self.outputs, OUTPUTS)
         _one_of("compile", self.compile, ("auto", "on", "off"))
         _one_of("cuda_graphs", self.cuda_graphs, ("auto", "on", "off"))
         _one_of("precision", self.precision, ("fp32", "tf32", "bf16"))
@@ -271,8 +274,10 @@ def fit_float(model: nn.Module, data, epochs: int = 5, lr: float = 1e-3, batch_s
     return history
 
 
-def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 1000) -> tuple[float, float]:
-    """(mean cross-entropy, accuracy) of ``model`` in eval mode; restores the training flag."""
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 1000,
+             outputs: str = "logits") -> tuple[float, float]:
+    """(mean cross-entropy, accuracy) of ``model`` in eval mode; restores the training flag.
+    ``outputs``: what the model returns, as ``TrainConfig.outputs``."""
     was = model.training
     model.eval()
     loss = torch.zeros((), device=x.device)
@@ -280,7 +285,8 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 10
     with torch.no_grad():
         for i in range(0, len(x), batch):
             out = model(x[i:i + batch])
-            loss += F.cross_entropy(out, y[i:i + batch], reduction="sum")
+            scores = _log_probabilities(out) if outputs == "probabilities" else out
+            loss += F.cross_entropy(scores, y[i:i + batch], reduction="sum")
             correct += (out.argmax(1) == y[i:i + batch]).sum()
     model.train(was)
     n = max(1, len(x))
@@ -544,7 +550,16 @@ def _teacher_logits(teacher: nn.Module, tensors: _Tensors, device) -> torch.Tens
         return torch.cat([teacher(tensors.x[i:i + 1000]) for i in range(0, len(tensors.x), 1000)])
 
 
+def _log_probabilities(p: torch.Tensor) -> torch.Tensor:
+    """The log of a softmax's outputs: scores whose own log-softmax they are (they sum to 1), so
+    cross-entropy, distillation and the hinge take them as they take logits."""
+    return torch.log(p.float().clamp_min(torch.finfo(torch.float32).tiny))
+
+
 def _loss(out, y, config, teacher_out=None) -> torch.Tensor:
+    if config.outputs == "probabilities":  # cross-entropy over probabilities would apply softmax twice
+        out = _log_probabilities(out)
+        teacher_out = None if teacher_out is None else _log_probabilities(teacher_out)
     if config.loss == "squared_hinge":
         # ±1 targets; a comparison, not F.one_hot, which may check the labels on the host (a sync)
         target = (y.unsqueeze(1) == torch.arange(out.shape[1], device=y.device)).to(out.dtype) * 2 - 1
@@ -645,11 +660,12 @@ class _Run:
         return loss
 
     def record(self, epoch: int, train_loss: float, seconds: float) -> dict:
-        test_loss, test_acc = evaluate(self.model, self.t.x_test, self.t.y_test)
+        outputs = self.config.outputs
+        test_loss, test_acc = evaluate(self.model, self.t.x_test, self.t.y_test, outputs=outputs)
         rec = {"epoch": epoch + 1, "train_loss": train_loss, "test_loss": test_loss, "test_acc": test_acc,
                "seconds": seconds}
         if self.t.x_val is not None:
-            rec["val_loss"], rec["val_acc"] = evaluate(self.model, self.t.x_val, self.t.y_val)
+            rec["val_loss"], rec["val_acc"] = evaluate(self.model, self.t.x_val, self.t.y_val, outputs=outputs)
         if self.opt is not None:
             rec.update(_sparsity(self.model, self.opt))
         return rec
