@@ -1,7 +1,8 @@
 """Datasets by name, from an ``.npz`` file or from ``module:function``; and the offline ``fetch``.
 
 Every loader returns a :class:`Dataset`: float32 images shaped (N, C, H, W) with values in [0, 1]
-(except float inputs from ``.npz`` / entry points, which are kept as given) and int64 labels.
+(except float inputs from ``.npz`` / entry points, which are kept as given; flat features (N, F)
+from those stay (N, F)) and int64 labels.
 This module needs numpy only (scikit-learn is imported lazily, for ``digits``); it never imports torch.
 
 Sources accepted by :func:`load_dataset`:
@@ -87,7 +88,7 @@ class Dataset:
     """
 
     name: str
-    x_train: np.ndarray  # float32 (N, C, H, W)
+    x_train: np.ndarray  # float32 (N, C, H, W), or (N, F) for flat features
     y_train: np.ndarray  # int64 (N,)
     x_test: np.ndarray
     y_test: np.ndarray
@@ -97,7 +98,7 @@ class Dataset:
 
     @property
     def in_shape(self) -> tuple[int, ...]:
-        """The shape of one example, (C, H, W): ``load_dataset("mnist").in_shape == (1, 28, 28)``."""
+        """The shape of one example, (C, H, W) or (F,): ``load_dataset("mnist").in_shape == (1, 28, 28)``."""
         return tuple(int(d) for d in self.x_train.shape[1:])
 
     def split_validation(self, fraction: float, seed: int = 0) -> Dataset:
@@ -510,10 +511,10 @@ def _load_digits() -> Dataset:
 
 
 def _as_images(x: object, what: str, origin: str) -> np.ndarray:
-    """Array-like to float32 (N, C, H, W).
+    """Array-like to float32 (N, C, H, W), or (N, F) for flat features.
 
-    (N, H, W) gets a channel axis, (N, C, H, W) is kept (channels first), flat features (N, F)
-    become (N, 1, 1, F); uint8 is scaled by 1/255, bool becomes 0/1, floats are kept as they are.
+    (N, H, W) gets a channel axis, (N, C, H, W) and (N, F) are kept (channels first); uint8 is
+    scaled by 1/255, bool becomes 0/1, floats are kept as they are.
     Example: ``_as_images(np.zeros((5, 28, 28), np.uint8), "x", "f.npz").shape == (5, 1, 28, 28)``.
     """
     try:
@@ -537,7 +538,7 @@ def _as_images(x: object, what: str, origin: str) -> np.ndarray:
     else:
         raise DataError(f"{origin}: {what} has dtype {x.dtype}; use uint8 pixels (0..255, scaled by 1/255) "
                         "or floats (kept as they are)")
-    return out.reshape(len(out), 1, 1, -1) if out.ndim == 2 else out[:, None] if out.ndim == 3 else out
+    return out[:, None] if out.ndim == 3 else out
 
 
 def _as_labels(y: object, n: int, what: str, origin: str) -> np.ndarray:

@@ -268,3 +268,32 @@ def test_resume_of_a_finished_run_says_how_to_train_again(compressed, float_mode
     assert sorted(os.listdir(out)) == before
     fresh = invoke("compress", float_model, "--data", "digits", "--out", tmp_path / "new", "--resume", *FAST)
     assert fresh.exit_code == 2 and fresh.stderr.strip().endswith("to resume from; run without --resume")
+
+
+def test_flat_features_compress_and_run_as_they_are(tmp_path):
+    """An .npz of flat features (N, F) trains a model of Linear layers without a Flatten, and the
+    .tern and ONNX files take (N, F) inputs."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((300, 12)).astype(np.float32)
+    y = (x[:, :3].argmax(1)).astype(np.int64)  # three classes a linear model separates
+    np.savez(tmp_path / "flat.npz", x=x[:240], y=y[:240], x_test=x[240:], y_test=y[240:])
+    torch.manual_seed(0)
+    torch.save(torch.nn.Sequential(torch.nn.Linear(12, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3)),
+               tmp_path / "flat.pt")
+    out = tmp_path / "out"
+    done = invoke("compress", tmp_path / "flat.pt", "--data", tmp_path / "flat.npz", "--epochs", "2",
+                  "--out", out, "--no-progress")
+    assert done.exit_code == 0, done.output
+    np.save(tmp_path / "x.npy", x[240:])
+    ran = invoke("run", out / "model.tern", "--input", tmp_path / "x.npy", "--json")
+    assert ran.exit_code == 0, ran.output
+    from ternarize.runtime import Runtime
+
+    rt = Runtime.load(out / "model.tern")
+    assert rt.input_shape == (12,)
+    assert json.loads(ran.stdout)["predictions"] == rt.run(x[240:]).argmax(1).tolist()
+    onnxruntime = pytest.importorskip("onnxruntime")
+    session = onnxruntime.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    assert session.get_inputs()[0].shape[1:] == [12]
+    got = session.run(None, {session.get_inputs()[0].name: x[240:]})[0]
+    np.testing.assert_allclose(got, rt.run(x[240:]), atol=1e-4 * np.abs(got).max())

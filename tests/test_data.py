@@ -358,8 +358,8 @@ def test_npz_flat_features_and_floats_kept(tmp_path):
     x = np.linspace(-2, 3, 40, dtype=np.float32).reshape(10, 4)
     np.savez(tmp_path / "f.npz", x=x, y=np.arange(10) % 2, x_test=x[:3], y_test=np.array([0.0, 1.0, 1.0]))
     ds = data.load_dataset(str(tmp_path / "f.npz"))
-    assert ds.in_shape == (1, 1, 4)
-    np.testing.assert_array_equal(ds.x_train[:, 0, 0], x)  # floats are not rescaled
+    assert ds.in_shape == (4,)  # flat features stay flat: a model of Linear layers takes them as they are
+    np.testing.assert_array_equal(ds.x_train, x)  # floats are not rescaled
     assert ds.y_test.tolist() == [0, 1, 1]
 
 
