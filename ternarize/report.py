@@ -109,7 +109,7 @@ class Report:
 
     def summary(self) -> str:
         t = self.totals
-        text = (f"{_size(t['tern_bytes'])} .tern ({t['compression_tern']:.1f}x smaller than float32), "
+        text = (f"{_size(t['tern_bytes'])} .tern ({_ratio(t['compression_tern'])} than float32), "
                 f"{_pct(t['nonzero_fraction'])} non-zero discrete weights, "
                 f"{_bits(t['bits_per_discrete_weight'])} bits/weight "
                 f"(entropy {_bits(t['entropy_bits_per_discrete_weight'])})")
@@ -412,6 +412,12 @@ def _count(n) -> str:
     return "-" if n is None else f"{n:,}"
 
 
+def _ratio(r: float) -> str:
+    """float32 size ÷ file size in words: "30.6x smaller", or "1.7x larger" for a file larger
+    than the float32 weights (a tiny model, whose header outweighs them)."""
+    return f"{r:.1f}x smaller" if r >= 1 else f"{1 / r:.1f}x larger"
+
+
 def _bits(v) -> str:
     return "-" if v is None else f"{v:.3f}"
 
@@ -436,9 +442,9 @@ _LAYER_COLUMNS = [
 def _total_rows(t: dict, acc: dict) -> list[tuple[str, str]]:
     rows = [
         ("float32 size", _size(t["float32_bytes"])),
-        (".tern size", f"{_size(t['tern_bytes'])} ({t['compression_tern']:.1f}x smaller)"),
+        (".tern size", f"{_size(t['tern_bytes'])} ({_ratio(t['compression_tern'])})"),
         ("ONNX size", "-" if t["onnx_bytes"] is None else
-         f"{_size(t['onnx_bytes'])} ({t['compression_onnx']:.1f}x smaller)"),
+         f"{_size(t['onnx_bytes'])} ({_ratio(t['compression_onnx'])})"),
         ("discrete weights", f"{_count(t['discrete_weights'])} in {t['discrete_layers']} layers"),
         ("non-zero", _pct(t["nonzero_fraction"])),
         ("bits per discrete weight", f"{_bits(t['bits_per_discrete_weight'])} "

@@ -97,3 +97,12 @@ def test_a_weight_two_layers_share_counts_once(tmp_path):
     h_a, h_b = (_entropy(g.consts[n].data.ravel().tolist()) for n in ("a.weight", "b.weight"))
     assert t["entropy_bits_per_discrete_weight"] == pytest.approx((64 * h_a + 32 * h_b) / 96)
     assert t["macs"] == 64 + 64 + 32 and t["add_only_macs"] == 16 + 16 + 32  # per call
+
+
+def test_a_file_larger_than_its_float_weights_is_called_larger(tmp_path):
+    model = nn.Sequential(nn.Linear(2, 2))
+    tern.write(lower(model, torch.zeros(1, 2)), tmp_path / "model.tern")
+    rep = report.build(str(tmp_path / "model.tern"))
+    ratio = rep.totals["float32_bytes"] / rep.totals["tern_bytes"]
+    assert ratio < 1 and f"({1 / ratio:.1f}x larger than float32)" in rep.summary()
+    assert report._ratio(30.64) == "30.6x smaller" and report._ratio(0.5) == "2.0x larger"
