@@ -537,9 +537,10 @@ def verify(file, as_json):
 @click.option("--force", is_flag=True, help="Overwrite the --output file if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print the predictions or the accuracy as JSON.")
 @click.option("--sparse", type=click.Choice(["auto", "stream", "gaps", "indices"]), default="auto", show_default=True,
-              help="How sparse (ts) weights are held: auto = re-encoded as bytes within 1.2x the file's "
-                   "weight bytes; stream = as stored (least memory); gaps = all re-encoded; indices = "
-                   "decoded int32 indices (fastest, about 4 bytes per non-zero).")
+              help="How sparse (ts) weights are held: auto = re-encoded as a byte per non-zero (sparse "
+                   "weights) or as 2-bit codes (dense ones) within 1.2x the file's weight bytes; stream = as "
+                   "stored (least memory); gaps = all re-encoded as bytes; indices = decoded int32 indices "
+                   "(about 4 bytes per non-zero).")
 def run(file, input_path, data_name, data_dir, output, sparse, force, as_json):
     """Run a .tern file with the numpy reference runtime: predictions for --input, or
     accuracy on the test set of --data.

@@ -137,6 +137,37 @@ def test_zoo_sparse_forms_match_torch(tmp_path, name, in_shape, kw, form):
     assert_close(rt.run(x[:1]), torch_out(model, x[:1]))
 
 
+@pytest.mark.parametrize("name,in_shape,kw", ZOO, ids=[f"{z[0]}-{'x'.join(map(str, z[1]))}" for z in ZOO])
+def test_dense_ts_weights_are_held_as_t2_codes(tmp_path, name, in_shape, kw):
+    """At 85 % non-zero the writer keeps ts (smaller than t2 by about 7 %), and "auto" holds such
+    weights as dense 2-bit codes: within the budget, and as torch computes them."""
+    torch.manual_seed(0)
+    model = zoo.create(name, in_shape=in_shape, **kw)
+    compile_model(model, in_shape, project(model, "ternary", density=0.85), tmp_path / "m.tern")
+    rt = Runtime.load(tmp_path / "m.tern")
+    assert rt.forms and set(rt.forms.values()) <= {"t2", "gaps"} and "t2" in rt.forms.values(), rt.forms
+    assert rt.weight_bytes <= 1.2 * rt.encoded_bytes
+    x = inputs(in_shape)
+    assert_close(rt.run(x), torch_out(model, x))
+    assert_close(rt.run(x[:1]), torch_out(model, x[:1]))
+
+
+def test_half_dense_weights_take_t2_codes_while_the_budget_lasts(tmp_path):
+    """At 50 % non-zero t2 codes are 1.33× the ts stream: some weights fit within 1.2×, the rest
+    stay streams; a budget of 1.4 holds them all as t2; "gaps" never picks t2."""
+    _sparse_mlp(tmp_path / "m.tern", seed=2, width=128, density=0.5)
+    x = inputs((1, 28, 28), n=5)
+    ref = Runtime.load(tmp_path / "m.tern", sparse="stream")
+    auto = Runtime.load(tmp_path / "m.tern")
+    assert set(auto.forms.values()) == {"t2", "stream"}, auto.forms
+    assert auto.weight_bytes <= 1.2 * auto.encoded_bytes
+    roomy = Runtime.load(tmp_path / "m.tern", budget=1.4)
+    assert set(roomy.forms.values()) == {"t2"} and roomy.weight_bytes <= 1.4 * roomy.encoded_bytes
+    assert set(Runtime.load(tmp_path / "m.tern", sparse="gaps").forms.values()) == {"gaps"}
+    for rt in (auto, roomy):
+        assert_close(rt.run(x), ref.run(x), 1e-6)
+
+
 def test_mixed_float_and_discrete(tmp_path):
     torch.manual_seed(1)
     model = zoo.create("lenet", in_shape=(1, 28, 28))

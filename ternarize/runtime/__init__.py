@@ -16,8 +16,12 @@ Design
     :mod:`ternarize.runtime.sparse`);
   - ``"gaps"``: re-encoded at load as one byte per non-zero weight, decoded in a few passes
     (:mod:`ternarize.runtime.gaps`), about 1.1–1.2× the stream at 2–5 % non-zero;
-  - ``"auto"`` (default): ``"gaps"`` for as many weights as fit while the resident weights stay
-    within ``budget`` (default 1.2) × the encoded size, the fewest extra bytes per non-zero first;
+  - ``"auto"`` (default): per weight the smaller of ``"gaps"`` and ``"t2"`` (the dense 2-bit codes
+    of the dense path, 2 bits per weight: the smaller and much the faster of the two above about
+    25 % non-zero), for as many weights as fit while the resident weights stay within ``budget``
+    (default 1.2) × the encoded size, the fewest extra bytes per encoded byte first; the rest
+    ``"stream"``. Within 1.2×, ``"gaps"`` fits at about 5 % non-zero and less, ``"t2"`` at about
+    70 % and more;
   - ``"indices"``: the decoded gather indices (int32, about 4 bytes per non-zero weight).
 
   A zero weight adds nothing, so an infinite input meets no 0 · ∞: where torch's dense product
@@ -51,14 +55,14 @@ import math
 
 import numpy as np
 
-from .. import _io, tern
+from .. import _io, pack, tern
 from .._text import byte_size as _size
 from ..errors import ConfigError
 from ..graph import ConstSpec, Graph
 from . import kernels, plan
 from .gaps import GapCodes
 from .sparse import SparseCodes
-from .weights import Store, weight_op
+from .weights import DenseCodes, Store, weight_op
 
 SPARSE_FORMS = ("auto", "stream", "gaps", "indices")
 BUDGET = 1.2  # "auto": resident weights at most this × the encoded size
@@ -92,11 +96,10 @@ class Runtime:
         self._conv_weights = {node.inputs[1] for node in self.graph.nodes if node.op == "conv2d"}
         self._build(tf, sparse == "indices", {})
         if sparse in ("auto", "gaps"):
-            gaps = self._gap_forms(tf, budget if sparse == "auto" else None)
-            if gaps:
-                self._build(tf, False, gaps)
-        self.forms = {name: "gaps" if isinstance(op, GapCodes) else "indices" if op.cache is not None else "stream"
-                      for name, op in self._ops.items() if isinstance(op, (GapCodes, SparseCodes))}
+            held = self._reencoded(tf, budget if sparse == "auto" else None)
+            if held:
+                self._build(tf, False, held)
+        self.forms = {name: _form(op) for name, op in self._ops.items() if self._store.entries[name].encoding == "ts"}
         self._steps = [self._step(node) for node in self.graph.nodes]
         self.check_memory = True  # run refuses a batch the free memory cannot hold (see memory_bytes)
         self._unchecked = self._most(CHECK_BYTES)  # batches up to this size need no look at the free memory
@@ -138,28 +141,35 @@ class Runtime:
                 names.update(node.inputs[1:3])
         return names
 
-    def _gap_forms(self, tf, budget) -> dict:
-        """``ts`` weights re-encoded as byte steps: all that can be (budget None), or those that fit
-        ``budget`` × the encoded size, taken by fewest extra bytes per non-zero weight."""
+    def _reencoded(self, tf, budget) -> dict:
+        """``ts`` weights held in a faster form: all that can be as byte steps (budget None), or per
+        weight the smaller of byte steps and dense 2-bit codes, for those that fit ``budget`` ×
+        the encoded size, taken by fewest extra bytes per encoded byte."""
+        # dropping bytes from the store can add up to 3 bytes of alignment before each float tensor
+        aligned = sum(e.encoding in ("f32", "f16") for e in self._store.entries.values())
+        room = None if budget is None else budget * self.encoded_bytes - self.weight_bytes - 3 * aligned
         options = []
         for name, groups in self._weights.items():
             op = self._ops[name]
             if not isinstance(op, SparseCodes):
                 continue
             index, starts = op.decode_all()
-            g = GapCodes.build(index, starts, op.rows, 2 * groups * op.cols, split=name in self._conv_weights)
-            if g is not None:
-                extra = g.nbytes - self._store.entries[name].nbytes - op.nbytes
-                options.append((extra / max(1, index.size), extra, name, g))
-        if budget is None:
+            forms = [GapCodes.build(index, starts, op.rows, 2 * groups * op.cols, split=name in self._conv_weights)]
+            entry = self._store.entries[name]
+            stored = entry.nbytes
+            if room is not None and pack.dense_size("t2", entry.shape) - stored <= room:
+                forms.append(_t2_codes(index, starts, entry.shape, groups))
+            forms = [f for f in forms if f is not None]
+            if forms:
+                best = min(forms, key=lambda f: f.nbytes)
+                extra = best.nbytes - stored - op.nbytes
+                options.append((extra / max(1, stored), extra, name, best))
+        if room is None:
             return {name: g for _, _, name, g in options}
-        # dropping bytes from the store can add up to 3 bytes of alignment before each float tensor
-        aligned = sum(e.encoding in ("f32", "f16") for e in self._store.entries.values())
-        room = budget * self.encoded_bytes - self.weight_bytes - 3 * aligned
         chosen = {}
-        for _, extra, name, g in sorted(options, key=lambda o: o[:2]):
+        for _, extra, name, held in sorted(options, key=lambda o: o[:3]):
             if extra <= room:
-                chosen[name] = g
+                chosen[name] = held
                 room -= extra
         return chosen
 
@@ -306,6 +316,28 @@ class Runtime:
     def __repr__(self) -> str:
         return (f"Runtime({self.source!r}, input {list(self.input_shape)}, {len(self.graph.nodes)} nodes, "
                 f"{self.weight_bytes} weight bytes)")
+
+
+def _form(op) -> str:
+    """How a ``ts`` weight is held (``Runtime.forms``)."""
+    if isinstance(op, GapCodes):
+        return "gaps"
+    if isinstance(op, DenseCodes):
+        return "t2"
+    return "indices" if op.cache is not None else "stream"
+
+
+def _t2_codes(index: np.ndarray, starts: np.ndarray, shape, groups: int) -> DenseCodes:
+    """A ``ts`` weight's codes in the dense ``t2`` encoding (2 bits per weight, rows on whole
+    bytes), from its decoded points (``SparseCodes.decode_all``: per row, 2·c + 1 for −1, c the
+    input row, which counts the inputs of earlier groups too)."""
+    r, k = pack.rows_cols(shape)
+    codes = np.zeros((r, k), np.int8)
+    per_row = np.diff(np.append(np.asarray(starts, np.int64), index.size))
+    row = np.repeat(np.arange(r), per_row)
+    codes[row, (index >> 1) - k * (row // (r // groups))] = 1 - 2 * (index & 1).astype(np.int8)
+    raw = np.frombuffer(pack.encode(codes, "ternary", "t2")[0], np.uint8).copy()
+    return DenseCodes(raw, shape, "t2", groups, owned=True)
 
 
 def _settle_allocator() -> None:

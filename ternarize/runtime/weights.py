@@ -126,11 +126,12 @@ class FloatWeight:
 
 
 class DenseCodes:
-    """A t2, b1 or f16 weight, unpacked one block of output rows at a time and multiplied."""
+    """A t2, b1 or f16 weight, unpacked one block of output rows at a time and multiplied.
+    ``owned``: ``raw`` is its own memory (a ``ts`` weight held as t2 codes), not a view of the
+    store, and counts in ``nbytes``."""
 
-    nbytes = 0
-
-    def __init__(self, raw: np.ndarray, shape, encoding: str, groups: int):
+    def __init__(self, raw: np.ndarray, shape, encoding: str, groups: int, owned: bool = False):
+        self.nbytes = raw.nbytes if owned else 0
         self.rows, self.cols = rows_cols(shape)
         self.groups, self.encoding = groups, encoding
         if encoding == "f16":
