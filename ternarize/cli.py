@@ -577,6 +577,9 @@ def run(file, input_path, data_name, data_dir, output, sparse, force, as_json):
             raise ConfigError(f"{file} gives outputs of shape {list(scores)} per input, not scores for the "
                               f"{ds.num_classes} classes of {ds.name}; give the dataset the model was trained on, or "
                               "run it on --input x.npy")
+        trained = model.graph.metadata.get("dataset")
+        if trained in UNIT_RANGE and trained != ds.name:  # said once the data fit the model
+            _log(f"ternarize: warning: {_printable(file)} was trained on {trained}, not {ds.name}")
         with _progress_bar(f"running {ds.name}") as advance:
             acc = model.accuracy(ds.x_test, ds.y_test, batch=model.fitting_batch(RUN_BATCH), progress=advance)
         if as_json:
@@ -586,6 +589,10 @@ def run(file, input_path, data_name, data_dir, output, sparse, force, as_json):
                        f"({len(ds.y_test)} examples)")
         return
     x, note = _load_npy(input_path, model.graph.metadata.get("dataset"))
+    if x.shape == tuple(model.input_shape):  # one input without its batch axis
+        x = x[None]
+        one = f"{_printable(input_path)} holds one input of shape {list(model.input_shape)}: run as a batch of one"
+        note = f"{note}\n{one}" if note else one
     if x.ndim == 0 or len(x) == 0:
         raise ConfigError(f"{input_path} holds no inputs (shape {x.shape}); give an array of shape "
                           f"(N, {', '.join(map(str, model.input_shape))}) with N >= 1")
@@ -651,13 +658,17 @@ def _echo_json(obj) -> None:
     click.echo(json.dumps(obj, indent=2, sort_keys=True))
 
 
+UNIT_RANGE = ("digits", "mnist", "fashion-mnist", "cifar10")  # named datasets whose inputs are in [0, 1]
+
+
 def _load_npy(path: str, dataset=None):
     """The array of the .npy file ``path`` as float32: numeric, finite, within float32's range
     (read by :func:`ternarize.data.read_npy`: no pickles, the header checked before the data),
     and a note for stderr or None. uint8 pixels are scaled to [0, 1] as the model's training set
     (``dataset``, the name in its metadata) had them: by 1/16 for ``digits`` (values 0..16; larger
     values are taken for 0..255 pixels), by 1/255 for every other; other integers above 1 are taken
-    as they are, which the note says; bools are 0 and 1."""
+    as they are, which the note says, as it says floats far outside [0, 1] for a model trained on
+    one of ``UNIT_RANGE``; bools are 0 and 1."""
     import numpy as np
 
     from .data import DIGITS_TOP, _to_unit_float, read_npy
@@ -686,6 +697,10 @@ def _load_npy(path: str, dataset=None):
         x = x.astype(np.float32, copy=False)
     if not np.isfinite(x).all():
         raise ConfigError(f"{path} holds values beyond the float32 range (about 3.4e38); scale the inputs down")
+    if note is None and dataset in UNIT_RANGE and x.size and (x.min() < -0.5 or x.max() > 1.5):
+        note = (f"{_printable(path)} holds values from {x.min():g} to {x.max():g}, taken as they are; this model "
+                f"was trained on {dataset}, whose inputs are in [0, 1]: scale them so (uint8 pixels are scaled "
+                "for you)")
     return x, note
 
 

@@ -44,6 +44,7 @@ from __future__ import annotations
 import ast
 import codecs
 import contextlib
+import difflib
 import gzip
 import hashlib
 import importlib
@@ -231,11 +232,16 @@ def _canonical(name: str) -> str | None:
 
 
 def _unknown(source: object, named_only: bool = False) -> DataError:
-    """``named_only``: where only the named datasets make sense (``fetch``)."""
+    """``named_only``: where only the named datasets make sense (``fetch``). A name close to a
+    named dataset's (a typo) is suggested first."""
+    key = str(source).strip().lower()
+    close = [_canonical(c) for c in difflib.get_close_matches(key, [*names(), *_ALIASES], n=1, cutoff=0.75)]
+    # a longer name that starts as a named one is another dataset (cifar100), not a typo
+    hint = f" (did you mean {close[0]}?)" if close and isinstance(source, str) and not key.startswith(close[0]) else ""
     if named_only:
-        return DataError(f"unknown dataset {source!r}: the named datasets are {', '.join(names())}")
+        return DataError(f"unknown dataset {source!r}{hint}: the named datasets are {', '.join(names())}")
     folder = " is a folder;" if isinstance(source, (str, os.PathLike)) and os.path.isdir(source) else ":"
-    return DataError(f"unknown dataset {source!r}{folder} use one of {', '.join(names())}, a path to an .npz "
+    return DataError(f"unknown dataset {source!r}{hint}{folder} use one of {', '.join(names())}, a path to an .npz "
                      "file (arrays x, y and optionally x_test, y_test), or package.module:function")
 
 

@@ -406,6 +406,43 @@ def test_tables_on_a_narrow_terminal_lose_no_value(monkeypatch):
     assert "…" not in invoke("inspect", conv, env={"COLUMNS": "40", "FORCE_COLOR": "1"}).stdout
 
 
+def test_run_notes_one_input_far_off_values_and_another_dataset(tmp_path):
+    import numpy as np
+
+    from ternarize import tern
+
+    g = tern.read(os.path.join(GOLDEN, "conv.tern"))
+    g.metadata["dataset"] = "digits"
+    tern.write(g, tmp_path / "digits.tern")
+    shape = tuple(g.inputs[0].shape[1:])
+    x = np.random.default_rng(0).random((1, *shape)).astype(np.float32)
+    np.save(tmp_path / "one.npy", x[0])  # one input without its batch axis
+    np.save(tmp_path / "batch.npy", x)
+    one = invoke("run", tmp_path / "digits.tern", "--input", tmp_path / "one.npy", "--output", tmp_path / "y1.npy")
+    assert one.exit_code == 0 and one.stderr.strip() == (
+        f"{tmp_path / 'one.npy'} holds one input of shape {list(shape)}: run as a batch of one")
+    invoke("run", tmp_path / "digits.tern", "--input", tmp_path / "batch.npy", "--output", tmp_path / "y.npy")
+    assert np.array_equal(np.load(tmp_path / "y1.npy"), np.load(tmp_path / "y.npy"))
+    np.save(tmp_path / "wide.npy", x * 255)  # pixels as floats: taken as they are, and said so
+    wide = invoke("run", tmp_path / "digits.tern", "--input", tmp_path / "wide.npy")
+    assert wide.exit_code == 0 and wide.stderr.strip().startswith(f"{tmp_path / 'wide.npy'} holds values from ")
+    assert "this model was trained on digits, whose inputs are in [0, 1]: scale them so" in wide.stderr
+    assert invoke("run", os.path.join(GOLDEN, "conv.tern"), "--input", tmp_path / "wide.npy").stderr == ""  # no dataset
+    with_mnist = invoke("run", tmp_path / "digits.tern", "--data", "mnist")  # another shape: one line, the error
+    assert with_mnist.exit_code == 2 and len(with_mnist.stderr.strip().splitlines()) == 1
+
+
+def test_run_warns_when_the_data_is_not_what_the_model_was_trained_on(tmp_path):
+    from ternarize import tern
+
+    g = tern.read(os.path.join(GOLDEN, "conv.tern"))
+    g.metadata["dataset"] = "mnist"
+    tern.write(g, tmp_path / "mnist.tern")
+    ran = invoke("run", tmp_path / "mnist.tern", "--data", "digits")  # the golden conv model takes 8x8 digits
+    assert ran.exit_code == 0, ran.output
+    assert ran.stderr.strip() == f"ternarize: warning: {tmp_path / 'mnist.tern'} was trained on mnist, not digits"
+
+
 def test_run_scales_uint8_pixels_as_the_datasets_are(tmp_path):
     import json
 

@@ -231,6 +231,12 @@ def test_unknown_dataset(source):
 
 
 def test_a_folder_given_as_dataset_is_named_as_such(tmp_path):
+    for typo, meant in (("Fasion_MNIST", "fashion-mnist"), ("digit", "digits"), ("cifar", "cifar10")):
+        with pytest.raises(DataError, match=rf"unknown dataset '{typo}' \(did you mean {meant}\?\): use one of"):
+            data.load_dataset(typo)
+    for other in ("cifar100", "svhn", "imagenet"):  # another dataset, not a typo: no suggestion
+        with pytest.raises(DataError, match=rf"unknown dataset '{other}': use one of"):
+            data.load_dataset(other)
     with pytest.raises(DataError, match=r"unknown dataset '.*' is a folder; use one of digits"):
         data.load_dataset(str(tmp_path))
 
@@ -658,6 +664,8 @@ def test_fetch_offline_errors(tmp_path, monkeypatch):
     with pytest.raises(DataError, match=r"unknown dataset 'svhn': the named datasets are digits, mnist, "
                                         r"fashion-mnist, cifar10$"):
         data.fetch("svhn", **quiet)
+    with pytest.raises(DataError, match=r"unknown dataset 'minst' \(did you mean mnist\?\): the named datasets"):
+        data.fetch("minst", **quiet)
     assert os.listdir(tmp_path) == []  # a failed fetch leaves no empty folders
     lines: list[str] = []
     assert (data.fetch("digits", log=lines.append) / "digits.csv.gz").is_file()
