@@ -346,8 +346,7 @@ def folder_lock(folder: str):
             raise OutputError(f"cannot write to the output folder {folder}: {e.strerror or e}; {os_hint(e)}") from e
         if not _try_lock(fd):
             os.close(fd)
-            raise OutputError(f"another ternarize run is writing to {folder}; wait for it to finish or choose "
-                              "another output folder")
+            raise busy_error(folder)
         try:
             same = os.path.samestat(os.fstat(fd), os.stat(path))
         except OSError:
@@ -369,6 +368,26 @@ def folder_lock(folder: str):
             os.unlink(path)  # POSIX: before the lock goes, so a run that takes it sees a new file
         if os.name != "nt":
             os.close(fd)
+
+
+def busy(folder: str) -> bool:
+    """Whether another run holds ``folder``'s lock now (:func:`folder_lock`), asked without
+    creating anything: the lock is taken and let go at once when it is free."""
+    if (threading.get_ident(), os.path.realpath(folder)) in _HELD:
+        return False
+    try:
+        fd = os.open(os.path.join(folder, LOCK), os.O_RDWR)
+    except OSError:  # no lock file (or none this user may open): no run that could be asked
+        return False
+    try:
+        return not _try_lock(fd)
+    finally:
+        os.close(fd)  # lets go of the lock, if taken
+
+
+def busy_error(folder: str) -> OutputError:
+    return OutputError(f"another ternarize run is writing to {folder}; wait for it to finish or choose "
+                       "another output folder")
 
 
 def _try_lock(fd: int) -> bool:

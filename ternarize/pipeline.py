@@ -28,7 +28,18 @@ import numpy as np
 import torch
 
 from . import tern
-from ._io import LOCK, check_target, folder_lock, is_temp_of, missing_folders, remove_empty, same_file, signals_deferred
+from ._io import (
+    LOCK,
+    busy,
+    busy_error,
+    check_target,
+    folder_lock,
+    is_temp_of,
+    missing_folders,
+    remove_empty,
+    same_file,
+    signals_deferred,
+)
 from ._text import printable
 from .data import Dataset, load_dataset
 from .data import _canonical as dataset_name
@@ -188,6 +199,8 @@ def check_out(out: str, force: bool, resume: bool, inputs=(), resumable: bool = 
         present = [f for f in os.listdir(out) if not _own_temp(f)] if os.path.isdir(out) else []
     except OSError as e:
         raise OutputError(f"cannot list the output folder {out}: {e.strerror or e}; choose another --out") from e
+    if os.path.isdir(out) and busy(out):  # what it holds is that run's, not a finished or killed one's
+        raise busy_error(out)
     for name in OUTPUTS + (CHECKPOINT,):
         path = os.path.join(out, name)
         if name not in present:

@@ -385,6 +385,15 @@ def test_a_second_run_into_a_locked_folder_stops_and_a_stale_lock_does_not_block
         res = invoke("compress", tiny, "--data", "digits", "--out", out, "--epochs", "1")
         assert res.exit_code == 2 and "another ternarize run is writing" in res.stderr
         assert "\n" not in res.stderr.strip()
+        # what the running run has written so far is its own: not a folder to --force or --resume
+        (out / "checkpoint.pt").write_bytes(b"")
+        for extra in ([], ["--resume"], ["--force"]):
+            res = invoke("compress", tiny, "--data", "digits", "--out", out, "--epochs", "1", *extra)
+            assert res.exit_code == 2 and res.stderr.startswith("ternarize: another ternarize run is writing"), extra
+        before = sorted(os.listdir(tmp_path))
+        assert not _io.busy(str(tmp_path))  # a folder without a lock file: nobody to ask, nothing made
+        assert sorted(os.listdir(tmp_path)) == before
+        (out / "checkpoint.pt").unlink()
     finally:
         holder.kill()  # killed: its lock file stays, but the operating system drops the lock
         holder.wait()
