@@ -110,8 +110,7 @@ def compress(model, data, out: str = "out", *, arch: str | None = None, trust: b
     example = torch.from_numpy(dataset.x_test[:2])
     check_fits(model, dataset)
     policy.discrete_layers(model, config.keep_float, config.scale)  # a --keep-float that matches nothing
-    probe = lower(model, example)  # an unsupported op fails here, before any training
-    config.outputs = _outputs(probe)
+    lower(model, example)  # an unsupported op fails here, before any training
     with OutputFolder(out, force=force, resume=config.resume, active=writer, resumable=resumable,
                       inputs=inputs) as folder:
         float_acc = _accuracy(model, dataset)
@@ -133,16 +132,6 @@ def compress(model, data, out: str = "out", *, arch: str | None = None, trust: b
 
 
 # ---------------------------------------------------------------------- before training
-
-
-def _outputs(graph) -> str:
-    """"probabilities" when the model's output is a softmax's (the loss then takes its log), else
-    "logits" (a log-softmax's output is its own log-softmax: cross-entropy takes it as it is)."""
-    made = {out: n for n in graph.nodes for out in n.outputs}
-    last = made.get(graph.outputs[0])
-    while last is not None and last.op in ("flatten", "reshape"):  # a view of the softmax's output
-        last = made.get(last.inputs[0])
-    return "probabilities" if last is not None and last.op == "softmax" else "logits"
 
 
 def paper_defaults(data, options: dict) -> dict:
@@ -400,7 +389,8 @@ def _rank() -> int:
 def _metadata(source, dataset, config, result, float_acc, acc) -> dict:
     """What the .tern header keeps about its making: small on purpose (the per-epoch history, which
     can outweigh a small model's tensors, goes to report.json instead)."""
-    settings = {k: v for k, v in config.to_json().items() if k not in ("checkpoint", "resume", "progress")}
+    used = getattr(result, "config", None) or config  # as fit resolved it (outputs="auto")
+    settings = {k: v for k, v in used.to_json().items() if k not in ("checkpoint", "resume", "progress")}
     return {**source, "name": source.get("source", "model"), "dataset": dataset.name, "mode": config.mode,
             "method": config.method, "training": {"settings": settings, "epochs": len(result.history),
                                                   "seconds": round(result.seconds, 3),

@@ -411,20 +411,65 @@ def test_a_model_ending_in_softmax_trains_on_the_log_of_its_outputs(float_mlp, d
     soft = nn.Sequential(copy.deepcopy(float_mlp), nn.Softmax(dim=1))
     assert evaluate(soft, x, y, outputs="probabilities")[0] == pytest.approx(evaluate(plain, x, y)[0], rel=1e-4)
     config = dict(epochs=2, seed=3, **QUIET)
-    a = fit(plain, digits, TrainConfig(**config), log=_silent).history
-    b = fit(soft, digits, TrainConfig(outputs="probabilities", **config), log=_silent).history
-    for ra, rb in zip(a, b):
+    a = fit(plain, digits, TrainConfig(**config), log=_silent)
+    asked = TrainConfig(**config)  # outputs="auto": fit finds the softmax
+    b = fit(soft, digits, asked, log=_silent)
+    assert (asked.outputs, a.config.outputs, b.config.outputs) == ("auto", "logits", "probabilities")
+    for ra, rb in zip(a.history, b.history):
         assert rb["train_loss"] == pytest.approx(ra["train_loss"], rel=0.02)
         assert rb["test_acc"] == pytest.approx(ra["test_acc"], abs=0.02)
+    told = fit(copy.deepcopy(soft), digits, TrainConfig(outputs="logits", **config), log=_silent)
+    assert told.history[-1]["train_loss"] > 1.5 * a.history[-1]["train_loss"]  # softmax twice, as asked
     with pytest.raises(ConfigError, match="outputs"):
         TrainConfig(outputs="scores").validate()
 
 
-@pytest.mark.parametrize("tail, outputs", [((), "logits"), ((nn.Softmax(dim=1),), "probabilities"),
-                                           ((nn.LogSoftmax(dim=1),), "logits"),
-                                           ((nn.Softmax(dim=1), nn.Flatten()), "probabilities")])
-def test_compress_tells_probabilities_from_logits(tail, outputs):
-    from ternarize import lower, pipeline
+class _SoftmaxCall(nn.Module):
+    def __init__(self, dim=1, how="function"):
+        super().__init__()
+        self.fc, self.dim, self.how = nn.Linear(4, 3), dim, how
 
-    model = nn.Sequential(nn.Linear(4, 3), *tail)
-    assert pipeline._outputs(lower(model, torch.zeros(1, 4))) == outputs
+    def forward(self, x):
+        y = self.fc(x)
+        if self.how == "method":
+            return y.softmax(dim=self.dim).view(-1, 3)
+        return torch.nn.functional.softmax(y, self.dim)
+
+
+@pytest.mark.parametrize("model, outputs", [
+    (nn.Sequential(nn.Linear(4, 3)), "logits"),
+    (nn.Sequential(nn.Linear(4, 3), nn.Softmax(dim=1)), "probabilities"),
+    (nn.Sequential(nn.Linear(4, 3), nn.LogSoftmax(dim=1)), "logits"),
+    (nn.Sequential(nn.Linear(4, 3), nn.Softmax(dim=-1), nn.Flatten(), nn.Dropout()), "probabilities"),
+    (nn.Sequential(nn.Linear(4, 3), nn.Softmax(dim=0)), "logits"),  # not over the classes
+    (_SoftmaxCall(), "probabilities"), (_SoftmaxCall(how="method"), "probabilities"),
+    (_SoftmaxCall(dim=0), "logits"),
+])
+def test_fit_tells_probabilities_from_logits(model, outputs):
+    assert loop.model_outputs(model) == outputs
+
+
+def test_a_checkpoint_from_before_outputs_resumes_and_records_the_loss_change(float_mlp, digits, tmp_path):
+    """A checkpoint written before TrainConfig.outputs existed trained on logits; a softmax model
+    resumed from it now trains on log-probabilities, which is said and recorded."""
+    soft = nn.Sequential(copy.deepcopy(float_mlp), nn.Softmax(dim=1))
+    ck = str(tmp_path / "c.pt")
+    fit(copy.deepcopy(soft), digits, TrainConfig(epochs=1, outputs="logits", checkpoint=ck, **QUIET), log=_silent)
+    state = torch.load(ck, weights_only=False)
+    del state["config"]["outputs"]  # as written before the field
+    torch.save(state, ck)
+    lines = []
+    result = fit(copy.deepcopy(soft), digits, TrainConfig(epochs=2, checkpoint=ck, resume=True, **QUIET),
+                 log=lines.append)
+    assert result.resumed == [{"after_epoch": 1, "changed": {"outputs": ["logits", "probabilities"]}}]
+    assert any("outputs 'logits' -> 'probabilities'" in line for line in lines)
+
+
+def test_checkpoints_of_flat_features_keep_their_fingerprint():
+    """Flat features were held as (N, 1, 1, F) before: the data fingerprint is the same either way."""
+    rng = np.random.default_rng(0)
+    x, y = rng.random((20, 6)).astype(np.float32), np.arange(20) % 2
+    flat = Dataset("f", x, y, x[:4], y[:4], 2)
+    old = Dataset("f", x.reshape(20, 1, 1, 6), y, x[:4].reshape(4, 1, 1, 6), y[:4], 2)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(6, 2))
+    assert loop._origin(model, flat) == loop._origin(model, old)

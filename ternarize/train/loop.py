@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import gc
 import hashlib
 import io
@@ -48,7 +49,7 @@ from .msa import MSA
 from .ste import STE
 
 LOSSES = ("cross_entropy", "squared_hinge")
-OUTPUTS = ("logits", "probabilities")
+OUTPUTS = ("auto", "logits", "probabilities")
 MAX_LR, MAX_RHO, MAX_LAM = 1e3, 1e3, 1e6  # upper bounds of the steering settings (validate)
 
 
@@ -73,7 +74,8 @@ class TrainConfig:
     scale: str = "auto"            # auto (fixed where BatchNorm follows) | fixed | learned
     lr: float = 1e-3               # Adam: continuous parameters, learned scales, STE latents
     loss: str = "cross_entropy"    # cross_entropy | squared_hinge
-    outputs: str = "logits"        # logits | probabilities (the model ends in a softmax): the loss takes their log
+    outputs: str = "auto"          # logits | probabilities (the model ends in a softmax: the loss takes their
+    #                                log) | auto: probabilities when the model's last operation is a softmax
     keep_float: tuple = ()         # globs, or "first" / "last"
     distill: bool = False          # learn from the float model's outputs too
     distill_temperature: float = 4.0
@@ -185,6 +187,7 @@ def fit(model: nn.Module, data, config: TrainConfig | None = None, teacher: nn.M
         raise ConfigError(f"config must be a TrainConfig, got {type(config).__name__}")
     config.validate()
     check_fits(model, data, teacher)
+    config = _resolved(config, model)
     dist = _Distributed.setup(config.device)
     if config.distill and teacher is None:
         teacher = copy.deepcopy(model)
@@ -233,6 +236,48 @@ def fit(model: nn.Module, data, config: TrainConfig | None = None, teacher: nn.M
     return result
 
 
+def _resolved(config: TrainConfig, model: nn.Module) -> TrainConfig:
+    """``config`` with ``outputs="auto"`` made ``logits`` or ``probabilities`` (a copy: the
+    caller's object is left as it is)."""
+    if config.outputs != "auto":
+        return config
+    return dataclasses.replace(config, outputs=model_outputs(model))
+
+
+_VIEWS = {"flatten", "reshape", "view", "squeeze", "contiguous"}
+
+
+def model_outputs(model: nn.Module) -> str:
+    """"probabilities" when ``model`` returns a softmax over its class axis (through views of it),
+    else "logits" (a log-softmax's output is its own log-softmax: cross-entropy takes it as it is).
+    Read from the model's torch.fx graph, without running it; a model fx cannot trace counts as
+    giving logits."""
+    from torch import fx
+
+    from ..errors import LoweringError
+    from ..lowering import _trace
+
+    try:
+        traced = _trace(model)
+    except LoweringError:
+        return "logits"
+    modules = dict(traced.named_modules())
+    node = next(n for n in traced.graph.nodes if n.op == "output").args[0]
+    while isinstance(node, fx.Node):
+        module = modules.get(node.target) if node.op == "call_module" else None
+        name = getattr(node.target, "__name__", node.target) if node.op != "call_module" else None
+        if isinstance(module, nn.Softmax):
+            return "probabilities" if module.dim in (None, 1, -1) else "logits"
+        if name == "softmax" and node.op in ("call_function", "call_method"):
+            dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
+            return "probabilities" if dim in (None, 1, -1) else "logits"
+        if isinstance(module, (nn.Flatten, nn.Identity, nn.Dropout)) or name in _VIEWS:
+            node = node.args[0]
+            continue
+        return "logits"
+    return "logits"
+
+
 def _use_graphs(config, dist) -> bool:
     """Whether the steps are captured in a CUDA graph: asked for (or ``auto``), on CUDA, one process."""
     return config.cuda_graphs != "off" and dist.device.type == "cuda" and dist.world == 1
@@ -261,6 +306,7 @@ def fit_float(model: nn.Module, data, epochs: int = 5, lr: float = 1e-3, batch_s
                          cuda_graphs=cuda_graphs)
     config.validate()
     check_fits(model, data)
+    config = _resolved(config, model)
     dist = _Distributed.setup(device)
     torch.manual_seed(seed)
     model.to(dist.device)
@@ -742,7 +788,8 @@ class _Progress:
 _CHECKPOINT_KEYS = ("method", "mode", "batch_size", "seed", "init", "loss", "keep_float", "distill", "scale",
                     "ema_decay", "ema_anneal")
 # settings a resumed run may change that steer the updates: they take effect, and are logged and recorded
-_TUNED_KEYS = ("rho", "lam", "lr", "distill_temperature", "distill_weight", "precision")
+_TUNED_KEYS = ("rho", "lam", "lr", "distill_temperature", "distill_weight", "precision", "outputs")
+_BEFORE = {"outputs": "logits"}  # the value of a setting a checkpoint written before it existed ran with
 # the optimizers' group entries that follow them (load_state_dict would restore the checkpoint's),
 # and Adam's capturable, fused and foreach, which follow this run's device and use of CUDA graphs,
 # not the checkpoint's (a GPU run's fused Adam resumes on a CPU as the CPU run's default Adam)
@@ -758,7 +805,10 @@ def _origin(model, data) -> dict:
         t = t.detach().cpu().contiguous()
         h.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    d = hashlib.sha256(f"{data.x_train.shape}{data.num_classes}".encode())
+    shape = data.x_train.shape
+    if len(shape) == 2:  # flat features, once held as (N, 1, 1, F): their checkpoints still resume
+        shape = (shape[0], 1, 1, shape[1])
+    d = hashlib.sha256(f"{shape}{data.num_classes}".encode())
     d.update(np.ascontiguousarray(data.y_train).tobytes())
     d.update(np.ascontiguousarray(data.x_train.reshape(-1)[::997]).tobytes())
     return {"model": h.hexdigest(), "data": d.hexdigest()}
@@ -963,7 +1013,8 @@ def _restore(state, discrete_opt, adam, result, config, log, dist) -> int:
     ok = isinstance(seconds, (int, float)) and math.isfinite(seconds) and seconds >= 0
     result.seconds = float(seconds) if ok else float(sum(h["seconds"] for h in result.history))
     saved, mine = state["config"], config.to_json()
-    changed = {k: [saved.get(k), mine.get(k)] for k in _TUNED_KEYS if saved.get(k) != mine.get(k)}
+    changed = {k: [saved.get(k, _BEFORE.get(k)), mine.get(k)] for k in _TUNED_KEYS
+               if saved.get(k, _BEFORE.get(k)) != mine.get(k)}
     result.resumed = list(state.get("resumed") or [])
     if changed and epoch < config.epochs:
         result.resumed.append({"after_epoch": epoch, "changed": changed})
