@@ -569,7 +569,8 @@ def run(file, input_path, data_name, data_dir, output, sparse, force, as_json):
         from .data import load_dataset
 
         ds = load_dataset(data_name, data_dir=data_dir)
-        if tuple(ds.in_shape) != tuple(model.input_shape):
+        x_test = _as_old_flat(ds.x_test, model.input_shape)
+        if tuple(x_test.shape[1:]) != tuple(model.input_shape):
             raise ConfigError(f"{file} takes inputs of shape {list(model.input_shape)} and {ds.name} has "
                               f"{list(ds.in_shape)}; give the dataset the model was trained on")
         scores = tuple(model.shapes[model.graph.outputs[0]][1:])
@@ -581,7 +582,7 @@ def run(file, input_path, data_name, data_dir, output, sparse, force, as_json):
         if trained in UNIT_RANGE and trained != ds.name:  # said once the data fit the model
             _log(f"ternarize: warning: {_printable(file)} was trained on {trained}, not {ds.name}")
         with _progress_bar(f"running {ds.name}") as advance:
-            acc = model.accuracy(ds.x_test, ds.y_test, batch=model.fitting_batch(RUN_BATCH), progress=advance)
+            acc = model.accuracy(x_test, ds.y_test, batch=model.fitting_batch(RUN_BATCH), progress=advance)
         if as_json:
             _echo_json({"file": file, "dataset": ds.name, "examples": len(ds.y_test), "accuracy": acc})
         else:
@@ -589,6 +590,7 @@ def run(file, input_path, data_name, data_dir, output, sparse, force, as_json):
                        f"({len(ds.y_test)} examples)")
         return
     x, note = _load_npy(input_path, model.graph.metadata.get("dataset"))
+    x = _as_old_flat(x, model.input_shape)
     if x.shape == tuple(model.input_shape):  # one input without its batch axis
         x = x[None]
         one = f"{_printable(input_path)} holds one input of shape {list(model.input_shape)}: run as a batch of one"
@@ -659,6 +661,14 @@ def _echo_json(obj) -> None:
 
 
 UNIT_RANGE = ("digits", "mnist", "fashion-mnist", "cifar10")  # named datasets whose inputs are in [0, 1]
+
+
+def _as_old_flat(x, input_shape):
+    """Flat features (N, F) as (N, 1, 1, F) for a model that takes those: flat data used to be held
+    so, and the .tern files compressed from it then still take it."""
+    if x.ndim == 2 and tuple(input_shape) == (1, 1, x.shape[1]):
+        return x.reshape(len(x), 1, 1, -1)
+    return x
 
 
 def _load_npy(path: str, dataset=None):

@@ -1,6 +1,7 @@
 """The command line: help everywhere, one-line errors with exit code 2, the bad-input table."""
 
 import gzip
+import json
 import os
 import pickle
 import subprocess
@@ -538,3 +539,23 @@ def test_a_closed_pipe_ends_quietly(tmp_path, args, code):
     proc.stdout.close()  # before the interpreter has started: every write meets a closed pipe
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=120) == code and err == "", err
+
+
+def test_a_tern_file_of_flat_features_held_as_images_still_runs_on_them(tmp_path):
+    """Flat features used to be held as (N, 1, 1, F): a model compressed then takes (N, F) data too."""
+    import numpy as np
+
+    from ternarize import lower, tern
+    from ternarize.runtime import Runtime
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(6, 3))
+    tern.write(lower(model, torch.zeros(1, 1, 1, 6)), tmp_path / "old.tern")
+    x = np.random.default_rng(0).random((30, 6)).astype(np.float32)
+    y = Runtime.load(tmp_path / "old.tern").run(x.reshape(30, 1, 1, 6)).argmax(1)
+    np.savez(tmp_path / "flat.npz", x=x, y=y, x_test=x, y_test=y)
+    ran = invoke("run", tmp_path / "old.tern", "--data", tmp_path / "flat.npz")
+    assert ran.exit_code == 0 and "test accuracy 100.00% (30 examples)" in ran.stdout, ran.output
+    np.save(tmp_path / "x.npy", x)
+    ran = invoke("run", tmp_path / "old.tern", "--input", tmp_path / "x.npy", "--json")
+    assert ran.exit_code == 0 and json.loads(ran.stdout)["predictions"] == y.tolist()
