@@ -793,3 +793,25 @@ def test_runs_reuse_heap_pages(tmp_path):
     if control < 50:
         pytest.skip(f"this allocator reuses pages on its own ({control} faults in 10 runs)")
     assert faults("settled") <= 5, control
+
+
+@pytest.mark.parametrize("budget", [1.0, 1.2])
+def test_t2_codes_that_free_memory_are_taken_within_any_budget(tmp_path, budget):
+    """A small weight at 99 % non-zero: its stream and the stream's block table take more than its t2
+    codes would, so even a budget of 1.0 holds it as t2."""
+    from ternarize import lower, tern
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(300, 3, bias=False))
+    with torch.no_grad():
+        w = torch.sign(torch.randn(3, 300))
+        w[0, 0] = 0
+        model[0].weight.copy_(0.5 * w)
+    tern.write(lower(model, torch.zeros(1, 300), {"0.weight": "ternary"}), tmp_path / "m.tern",
+               encodings={"0.weight": "ts"})
+    rt = Runtime.load(tmp_path / "m.tern", budget=budget)
+    stream = Runtime.load(tmp_path / "m.tern", sparse="stream")
+    assert rt.forms == {"0.weight": "t2"} and rt.weight_bytes < stream.weight_bytes
+    assert rt.weight_bytes <= budget * rt.encoded_bytes
+    x = inputs((300,), n=4)
+    assert_close(rt.run(x), torch_out(model, x))

@@ -154,15 +154,21 @@ class Runtime:
             if not isinstance(op, SparseCodes):
                 continue
             index, starts = op.decode_all()
-            forms = [GapCodes.build(index, starts, op.rows, 2 * groups * op.cols, split=name in self._conv_weights)]
             entry = self._store.entries[name]
-            stored = entry.nbytes
-            if room is not None and pack.dense_size("t2", entry.shape) - stored <= room:
+            stored = entry.nbytes + op.nbytes  # what holding it in another form frees
+            dense = pack.dense_size("t2", entry.shape)
+            forms = []
+            if room is not None and dense - stored <= room:
                 forms.append(_t2_codes(index, starts, entry.shape, groups))
+            # byte steps take a byte per non-zero weight at least: built only where they may fit and
+            # may be smaller than the t2 codes
+            if room is None or (index.size - stored <= room and not (forms and index.size >= dense)):
+                forms.append(GapCodes.build(index, starts, op.rows, 2 * groups * op.cols,
+                                            split=name in self._conv_weights))
             forms = [f for f in forms if f is not None]
             if forms:
                 best = min(forms, key=lambda f: f.nbytes)
-                extra = best.nbytes - stored - op.nbytes
+                extra = best.nbytes - stored
                 options.append((extra / max(1, stored), extra, name, best))
         if room is None:
             return {name: g for _, _, name, g in options}
@@ -334,8 +340,11 @@ def _t2_codes(index: np.ndarray, starts: np.ndarray, shape, groups: int) -> Dens
     r, k = pack.rows_cols(shape)
     codes = np.zeros((r, k), np.int8)
     per_row = np.diff(np.append(np.asarray(starts, np.int64), index.size))
-    row = np.repeat(np.arange(r), per_row)
-    codes[row, (index >> 1) - k * (row // (r // groups))] = 1 - 2 * (index & 1).astype(np.int8)
+    row = np.repeat(np.arange(r, dtype=np.int32), per_row)
+    col = (index >> 1).astype(np.int32)
+    if groups > 1:
+        col -= k * (row // (r // groups))
+    codes[row, col] = 1 - 2 * (index & 1).astype(np.int8)
     raw = np.frombuffer(pack.encode(codes, "ternary", "t2")[0], np.uint8).copy()
     return DenseCodes(raw, shape, "t2", groups, owned=True)
 
