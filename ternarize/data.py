@@ -235,9 +235,13 @@ def _unknown(source: object, named_only: bool = False) -> DataError:
     """``named_only``: where only the named datasets make sense (``fetch``). A name close to a
     named dataset's (a typo) is suggested first."""
     key = str(source).strip().lower()
-    close = [_canonical(c) for c in difflib.get_close_matches(key, [*names(), *_ALIASES], n=1, cutoff=0.75)]
-    # a longer name that starts as a named one is another dataset (cifar100), not a typo
-    hint = f" (did you mean {close[0]}?)" if close and isinstance(source, str) and not key.startswith(close[0]) else ""
+    close = difflib.get_close_matches(key, [*names(), *_ALIASES], n=1, cutoff=0.75)
+    # a name holding a named one and more is another dataset (cifar100, emnist), not a typo; a path
+    # is a file that is missing, not a misspelt name
+    path_like = any(c in key for c in "/\\.:")
+    other = close and (close[0] in key or _canonical(close[0]) in key)
+    hint = "" if not close or not isinstance(source, str) or path_like or other else \
+        f" (did you mean {_canonical(close[0])}?)"
     if named_only:
         return DataError(f"unknown dataset {source!r}{hint}: the named datasets are {', '.join(names())}")
     folder = " is a folder;" if isinstance(source, (str, os.PathLike)) and os.path.isdir(source) else ":"

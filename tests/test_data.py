@@ -234,7 +234,8 @@ def test_a_folder_given_as_dataset_is_named_as_such(tmp_path):
     for typo, meant in (("Fasion_MNIST", "fashion-mnist"), ("digit", "digits"), ("cifar", "cifar10")):
         with pytest.raises(DataError, match=rf"unknown dataset '{typo}' \(did you mean {meant}\?\): use one of"):
             data.load_dataset(typo)
-    for other in ("cifar100", "svhn", "imagenet"):  # another dataset, not a typo: no suggestion
+    for other in ("cifar100", "cifar-100", "emnist", "kmnist", "fashion_mnist2", "svhn", "./mnist", "a/minst"):
+        # another dataset, not a typo, or a path: no suggestion
         with pytest.raises(DataError, match=rf"unknown dataset '{other}': use one of"):
             data.load_dataset(other)
     with pytest.raises(DataError, match=r"unknown dataset '.*' is a folder; use one of digits"):
