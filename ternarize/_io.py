@@ -27,6 +27,7 @@ import re
 import secrets
 import stat
 import threading
+import time
 
 from .errors import OutputError
 
@@ -323,6 +324,7 @@ def signals_deferred():
 
 
 LOCK = ".ternarize.lock"  # in an output folder while a run writes it
+LOCK_TRIES, LOCK_WAIT = 20, 0.005  # a lock held for a moment (by busy()) is waited for: up to 0.1 s
 _HELD: set[tuple] = set()  # (thread, folder) locked by this process
 
 
@@ -344,7 +346,11 @@ def folder_lock(folder: str):
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
         except OSError as e:
             raise OutputError(f"cannot write to the output folder {folder}: {e.strerror or e}; {os_hint(e)}") from e
-        if not _try_lock(fd):
+        for _ in range(LOCK_TRIES):
+            if _try_lock(fd):
+                break
+            time.sleep(LOCK_WAIT)
+        else:
             os.close(fd)
             raise busy_error(folder)
         try:
@@ -372,17 +378,28 @@ def folder_lock(folder: str):
 
 def busy(folder: str) -> bool:
     """Whether another run holds ``folder``'s lock now (:func:`folder_lock`), asked without
-    creating anything: the lock is taken and let go at once when it is free."""
+    creating anything: a shared lock on the lock file, read-only, taken and let go at once when
+    it is free (a run taking the lock meanwhile waits for that, see ``LOCK_TRIES``). False where
+    there is no lock file or no file locks."""
     if (threading.get_ident(), os.path.realpath(folder)) in _HELD:
         return False
     try:
-        fd = os.open(os.path.join(folder, LOCK), os.O_RDWR)
-    except OSError:  # no lock file (or none this user may open): no run that could be asked
+        import fcntl
+    except ImportError:
         return False
     try:
-        return not _try_lock(fd)
+        fd = os.open(os.path.join(folder, LOCK), os.O_RDONLY)
+    except OSError:  # no lock file (or none this user may read): no run that could be asked
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:  # a file system without locks
+        return False
     finally:
         os.close(fd)  # lets go of the lock, if taken
+    return False
 
 
 def busy_error(folder: str) -> OutputError:

@@ -755,3 +755,33 @@ def test_inputs_that_are_not_files_are_named_for_what_they_are(tiny, tmp_path, n
     if hasattr(os, "symlink"):
         res = invoke("compress", tiny, "--data", "digits", "--out", tmp_path / "l1.npz")
         assert res.exit_code == 2 and "a link that leads to no folder" in res.stderr
+
+
+PROBE = """
+import sys, time
+from ternarize._io import busy
+end = time.monotonic() + float(sys.argv[2])
+print("probing", flush=True)
+n = 0
+while time.monotonic() < end:
+    busy(sys.argv[1])
+    n += 1
+print(n)
+"""
+
+
+def test_asking_whether_a_folder_is_busy_never_refuses_a_run_taking_it(tmp_path):
+    """busy() takes the lock for a moment (shared, read-only); a run taking it then waits instead
+    of being refused."""
+    prober = subprocess.Popen([sys.executable, "-c", PROBE, str(tmp_path), "1.5"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert prober.stdout.readline() == "probing\n"
+        taken = 0
+        end = time.monotonic() + 1.0
+        while time.monotonic() < end:
+            with _io.folder_lock(str(tmp_path)):
+                taken += 1
+    finally:
+        probes = int(prober.stdout.read() or 0)
+        prober.wait()
+    assert taken > 20 and probes > 100
