@@ -372,10 +372,12 @@ def _train_options(kw: dict) -> dict:
 @click.option("--trust", is_flag=True, help="Allow unpickling arbitrary code from MODEL. Only for files you trust.")
 @click.option("--val-fraction", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True,
               help="Hold out this share of the training set and report accuracy on it every epoch.")
+@click.option("--keep-best", is_flag=True, help="With --val-fraction: end with the weights of the epoch of best "
+              "validation accuracy, not the last epoch's.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run from OUT/checkpoint.pt.")
 @click.option("--force", is_flag=True, help="Overwrite the outputs in an existing OUT folder.")
 @_training_options
-def compress(model, data_name, data_dir, out, arch, trust, val_fraction, resume, force, **kw):
+def compress(model, data_name, data_dir, out, arch, trust, val_fraction, keep_best, resume, force, **kw):
     """Retrain MODEL with discrete weights and write OUT/model.tern, OUT/model.onnx and a report.
 
     MODEL is a torch.save'd module or a state_dict (with --arch); a TorchScript file cannot be
@@ -387,6 +389,8 @@ def compress(model, data_name, data_dir, out, arch, trust, val_fraction, resume,
     from .pipeline import compress as run
 
     options = _train_options(kw)
+    if keep_best:
+        options["keep_best"] = True
     result = run(model, data_name, out=out, arch=arch, trust=trust, data_dir=data_dir, val_fraction=val_fraction,
                  force=force, resume=resume, log=_log, **options)
     if result is not None:

@@ -99,6 +99,9 @@ def compress(model, data, out: str = "out", *, arch: str | None = None, trust: b
     dataset = data if isinstance(data, Dataset) else load_dataset(data, data_dir=data_dir)
     if val_fraction:
         dataset = dataset.split_validation(val_fraction, seed=config.seed)
+    if config.keep_best and dataset.x_val is None:
+        raise ConfigError("--keep-best picks the epoch of best validation accuracy: hold out a validation set "
+                          "with --val-fraction (0.1, say)")
     writer = _rank() == 0  # the other ranks of a torchrun job only train
     inputs = [p for p in (model_path, data) if isinstance(p, (str, os.PathLike))]
     if writer:
@@ -395,6 +398,8 @@ def _metadata(source, dataset, config, result, float_acc, acc) -> dict:
             "method": config.method, "training": {"settings": settings, "epochs": len(result.history),
                                                   "seconds": round(result.seconds, 3),
                                                   **({"resumed": result.resumed} if result.resumed else {}),
+                                                  **({"kept_epoch": result.kept_epoch}
+                                                     if getattr(result, "kept_epoch", None) else {}),
                                                   **({"cuda_graphs": result.cuda_graphs}
                                                      if result.cuda_graphs != "off" else {})},
             "accuracy": {"float": float_acc, "trained": acc}}

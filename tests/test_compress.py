@@ -297,3 +297,20 @@ def test_flat_features_compress_and_run_as_they_are(tmp_path):
     assert session.get_inputs()[0].shape[1:] == [12]
     got = session.run(None, {session.get_inputs()[0].name: x[240:]})[0]
     np.testing.assert_allclose(got, rt.run(x[240:]), atol=1e-4 * np.abs(got).max())
+
+
+def test_keep_best_writes_the_best_epoch_and_needs_a_validation_split(float_model, tmp_path):
+    bad = invoke("compress", float_model, "--data", "digits", "--keep-best", "--out", tmp_path / "no")
+    assert bad.exit_code == 2 and bad.stderr.strip() == ("ternarize: --keep-best picks the epoch of best validation "
+                                                          "accuracy: hold out a validation set with --val-fraction "
+                                                          "(0.1, say)")
+    assert not (tmp_path / "no").exists()
+    out = tmp_path / "best"
+    done = invoke("compress", float_model, "--data", "digits", "--keep-best", "--val-fraction", "0.2", "--epochs", "3",
+                  "--batch-size", "50", "--out", out, "--no-progress")
+    assert done.exit_code == 0, done.output
+    rep = json.loads((out / "report.json").read_text())
+    vals = [h["val_acc"] for h in rep["training"]["history"]]
+    assert rep["training"]["settings"]["keep_best"] is True
+    assert rep["training"]["kept_epoch"] == 1 + vals.index(max(vals))
+    assert f"kept the weights of epoch {rep['training']['kept_epoch']}" in done.stderr

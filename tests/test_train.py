@@ -473,3 +473,48 @@ def test_checkpoints_of_flat_features_keep_their_fingerprint():
     old = Dataset("f", x.reshape(20, 1, 1, 6), y, x[:4].reshape(4, 1, 1, 6), y[:4], 2)
     model = nn.Sequential(nn.Flatten(), nn.Linear(6, 2))
     assert loop._origin(model, flat) == loop._origin(model, old)
+
+
+def test_keep_best_ends_with_the_epoch_of_best_validation_accuracy(float_mlp, digits, tmp_path, monkeypatch):
+    data = digits.split_validation(0.2, seed=0)
+    accs = iter([0.5, 0.9, 0.7])  # the validation accuracies the three epochs report
+    real = loop.evaluate
+    snapshots = []
+
+    def spy(model, x, y, batch=1000, outputs="logits"):
+        loss, acc = real(model, x, y, batch, outputs)
+        if x is tensors_val[-1]:
+            snapshots.append({k: v.clone() for k, v in model.state_dict().items()})
+            return loss, next(accs)
+        return loss, acc
+
+    tensors_val = []
+    real_from = loop._Tensors.from_dataset
+
+    def capture(dataset, device):
+        t = real_from(dataset, device)
+        tensors_val.append(t.x_val)
+        return t
+
+    monkeypatch.setattr(loop._Tensors, "from_dataset", staticmethod(capture))
+    monkeypatch.setattr(loop, "evaluate", spy)
+    lines = []
+    model = copy.deepcopy(float_mlp)
+    ck = str(tmp_path / "c.pt")
+    result = fit(model, data, TrainConfig(epochs=3, keep_best=True, checkpoint=ck, **QUIET), log=lines.append)
+    assert result.kept_epoch == 2 and [h["val_acc"] for h in result.history] == [0.5, 0.9, 0.7]
+    assert all(torch.equal(v, snapshots[1][k]) for k, v in model.state_dict().items())  # epoch 2's weights
+    assert not all(torch.equal(v, snapshots[2][k]) for k, v in model.state_dict().items())
+    assert lines[-1] == "kept the weights of epoch 2, the best validation accuracy (90.00%) of the 3 epochs"
+    state = torch.load(ck, weights_only=False)
+    assert state["best"]["epoch"] == 2  # a resume keeps comparing with it
+    accs = iter([0.8])
+    again = copy.deepcopy(float_mlp)
+    resumed = fit(again, data, TrainConfig(epochs=4, keep_best=True, checkpoint=ck, resume=True, **QUIET),
+                  log=_silent)
+    assert resumed.kept_epoch == 2 and len(resumed.history) == 4
+    assert all(torch.equal(v, snapshots[1][k]) for k, v in again.state_dict().items())
+    with pytest.raises(ConfigError, match="keep_best=True, not False"):
+        fit(copy.deepcopy(float_mlp), data, TrainConfig(epochs=4, checkpoint=ck, resume=True, **QUIET), log=_silent)
+    with pytest.raises(ConfigError, match="keep_best picks the epoch of best validation accuracy"):
+        fit(copy.deepcopy(float_mlp), digits, TrainConfig(epochs=1, keep_best=True, **QUIET), log=_silent)

@@ -85,6 +85,7 @@ class TrainConfig:
     compile: str = "auto"          # fuse the MSA update with torch.compile: auto | on | off
     cuda_graphs: str = "auto"      # replay each step from a CUDA graph: auto (on CUDA, one process) | on | off
     precision: str = "fp32"        # fp32 | tf32 (CUDA matmuls and convs in TF32) | bf16 (autocast)
+    keep_best: bool = False        # with a validation split: end with the epoch of best validation accuracy
     time_budget: float | None = None  # seconds of training (a resumed run's earlier epochs count too);
     #                                   stops after the epoch that exceeds it
     checkpoint: str | None = None  # path of the per-epoch checkpoint
@@ -166,6 +167,7 @@ class TrainResult:
     seconds: float = 0.0  # wall time of the epochs (evaluation included), a resumed run's earlier processes too
     # one {"after_epoch": n, "changed": {setting: [old, new]}} per resume that changed a setting
     resumed: list = field(default_factory=list)
+    kept_epoch: int | None = None  # keep_best: the epoch whose weights the model ends with
     # "on": the steps were replayed from a CUDA graph; "off": not asked for or not possible (CPU,
     # torchrun, too few full batches); "failed: <reason>": the capture failed and the steps ran eagerly
     cuda_graphs: str = "off"
@@ -187,6 +189,9 @@ def fit(model: nn.Module, data, config: TrainConfig | None = None, teacher: nn.M
         raise ConfigError(f"config must be a TrainConfig, got {type(config).__name__}")
     config.validate()
     check_fits(model, data, teacher)
+    if config.keep_best and getattr(data, "x_val", None) is None:
+        raise ConfigError("keep_best picks the epoch of best validation accuracy, and the data has no validation "
+                          "split: hold one out (--val-fraction 0.1, or Dataset.split_validation)")
     config = _resolved(config, model)
     dist = _Distributed.setup(config.device)
     if config.distill and teacher is None:
@@ -212,8 +217,10 @@ def fit(model: nn.Module, data, config: TrainConfig | None = None, teacher: nn.M
     start_epoch = 0
     if on_start is not None:
         on_start()
+    best = None  # keep_best: {"epoch", "acc", "model"} of the best validation accuracy so far
     if resume_state is not None:
         start_epoch = _restore(resume_state, discrete_opt, adam, result, config, log, dist)
+        best = resume_state.get("best") if config.keep_best else None
     net = dist.wrap(model)
     run = _Run(net, model, discrete_opt, adam, tensors, teacher_logits, config, dist, log, graphs)
     t0, earlier = time.perf_counter(), result.seconds  # a resumed run's earlier processes count too
@@ -222,13 +229,23 @@ def fit(model: nn.Module, data, config: TrainConfig | None = None, teacher: nn.M
             record = run.epoch(epoch)
             result.history.append(record)
             result.seconds = earlier + time.perf_counter() - t0
+            if config.keep_best and (best is None or record["val_acc"] > best["acc"]):
+                best = {"epoch": epoch + 1, "acc": record["val_acc"],
+                        "model": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}}
             if config.checkpoint and dist.rank == 0:
-                _save_checkpoint(config, model, discrete_opt, adam, result, epoch, origin)
+                _save_checkpoint(config, model, discrete_opt, adam, result, epoch, origin, best)
             spent = sum(h["seconds"] for h in result.history)
             if config.time_budget and dist.agree(spent > config.time_budget) and epoch + 1 < config.epochs:
                 if dist.rank == 0:
                     log(f"stopping after epoch {epoch + 1}: the time budget of {config.time_budget:g}s is spent")
                 break
+    if best is not None:
+        result.kept_epoch = best["epoch"]
+        if best["epoch"] != len(result.history):
+            model.load_state_dict(best["model"])  # copied into the model's own tensors, on its device
+        if dist.rank == 0:
+            log(f"kept the weights of epoch {best['epoch']}, the best validation accuracy "
+                f"({100 * best['acc']:.2f}%) of the {len(result.history)} epochs")
     result.cuda_graphs = run.graph_state()
     del run, net  # a DistributedDataParallel wrapper goes before its process group (see close)
     dist.close()
@@ -786,10 +803,10 @@ class _Progress:
 
 # settings a resumed run must share with its checkpoint (α and η: the optimizer holds the annealed α)
 _CHECKPOINT_KEYS = ("method", "mode", "batch_size", "seed", "init", "loss", "keep_float", "distill", "scale",
-                    "ema_decay", "ema_anneal")
+                    "ema_decay", "ema_anneal", "keep_best")
 # settings a resumed run may change that steer the updates: they take effect, and are logged and recorded
 _TUNED_KEYS = ("rho", "lam", "lr", "distill_temperature", "distill_weight", "precision", "outputs")
-_BEFORE = {"outputs": "logits"}  # the value of a setting a checkpoint written before it existed ran with
+_BEFORE = {"outputs": "logits", "keep_best": False}  # what a checkpoint from before a setting existed ran with
 # the optimizers' group entries that follow them (load_state_dict would restore the checkpoint's),
 # and Adam's capturable, fused and foreach, which follow this run's device and use of CUDA graphs,
 # not the checkpoint's (a GPU run's fused Adam resumes on a CPU as the CPU run's default Adam)
@@ -814,13 +831,13 @@ def _origin(model, data) -> dict:
     return {"model": h.hexdigest(), "data": d.hexdigest()}
 
 
-def _save_checkpoint(config, model, discrete_opt, adam, result, epoch, origin=None) -> None:
+def _save_checkpoint(config, model, discrete_opt, adam, result, epoch, origin=None, best=None) -> None:
     state = {
         "format": "ternarize-checkpoint", "version": __version__, "epoch": epoch,
         "config": config.to_json(), "model": model.state_dict(),
         "discrete_opt": discrete_opt.state_dict(), "adam": adam.state_dict() if adam is not None else None,
         "history": result.history, "rng": torch.get_rng_state(), "resumed": result.resumed,
-        "seconds": result.seconds, "origin": origin,
+        "seconds": result.seconds, "origin": origin, "best": best,
     }
     path = config.checkpoint
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -849,10 +866,11 @@ def _load_checkpoint(config, origin=None) -> dict:
     saved = state["config"]
     mine = config.to_json()
     for key in _CHECKPOINT_KEYS:
-        if saved.get(key) != mine.get(key):
-            flag = "" if key in ("keep_float", "distill", "scale") or saved.get(key) is None else \
-                f" (on the command line: --{key.replace('_', '-')} {saved[key]})"
-            raise ConfigError(f"the checkpoint {path} was made with {key}={saved.get(key)!r}, not {mine.get(key)!r}; "
+        theirs = saved.get(key, _BEFORE.get(key))
+        if theirs != mine.get(key):
+            flag = "" if key in ("keep_float", "distill", "scale", "keep_best") or theirs is None else \
+                f" (on the command line: --{key.replace('_', '-')} {theirs})"
+            raise ConfigError(f"the checkpoint {path} was made with {key}={theirs!r}, not {mine.get(key)!r}; "
                               f"use the same settings to resume{flag}, or start over")
     theirs = state.get("origin")  # absent in checkpoints written before it was kept
     for key, what in (("model", "another float model (its weights differ)"), ("data", "other training data")):
@@ -906,6 +924,13 @@ def _check_checkpoint(state: dict, path) -> None:
     resumed = state.get("resumed")
     need(resumed is None or (isinstance(resumed, list) and all(isinstance(r, dict) for r in resumed)),
          "its list of resumes is not one")
+    best = state.get("best")
+    need(best is None or (
+        isinstance(best, dict) and isinstance(best.get("epoch"), int) and 1 <= best["epoch"] <= epoch + 1
+        and _number(best.get("acc")) and isinstance(best.get("model"), dict)
+        and list(best["model"]) == list(model) and all(isinstance(v, torch.Tensor) and v.shape == model[k].shape
+                                                       for k, v in best["model"].items())),
+         "its best epoch's weights are not the model's")
 
 
 def _layout(opt) -> tuple[list, list]:
