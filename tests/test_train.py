@@ -518,3 +518,26 @@ def test_keep_best_ends_with_the_epoch_of_best_validation_accuracy(float_mlp, di
         fit(copy.deepcopy(float_mlp), data, TrainConfig(epochs=4, checkpoint=ck, resume=True, **QUIET), log=_silent)
     with pytest.raises(ConfigError, match="keep_best picks the epoch of best validation accuracy"):
         fit(copy.deepcopy(float_mlp), digits, TrainConfig(epochs=1, keep_best=True, **QUIET), log=_silent)
+
+
+def _damage_first_weight(state, value):
+    first = next(iter(state["best"]["model"]))
+    state["best"]["model"][first] = value(state["best"]["model"][first])
+
+
+@pytest.mark.parametrize("damage", [
+    lambda s: s["best"].update(acc=float("nan")), lambda s: s["best"].update(acc=2.0),
+    lambda s: s["best"].update(epoch=0), lambda s: s["best"].update(model={}),
+    lambda s: _damage_first_weight(s, lambda t: torch.full_like(t, float("nan"))),
+    lambda s: _damage_first_weight(s, lambda t: t.double()),
+], ids=["acc NaN", "acc 2", "epoch 0", "no weights", "NaN weights", "float64 weights"])
+def test_resume_refuses_a_damaged_best_epoch(float_mlp, digits, tmp_path, damage):
+    data = digits.split_validation(0.2, seed=0)
+    ck = str(tmp_path / "c.pt")
+    config = dict(keep_best=True, checkpoint=ck, **QUIET)
+    fit(copy.deepcopy(float_mlp), data, TrainConfig(epochs=1, **config), log=_silent)
+    state = torch.load(ck, weights_only=True)
+    damage(state)
+    torch.save(state, ck)
+    with pytest.raises(ConfigError, match=r"is damaged \(its best epoch's weights are not the model's\)"):
+        fit(copy.deepcopy(float_mlp), data, TrainConfig(epochs=2, resume=True, **config), log=_silent)

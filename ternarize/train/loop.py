@@ -927,9 +927,10 @@ def _check_checkpoint(state: dict, path) -> None:
     best = state.get("best")
     need(best is None or (
         isinstance(best, dict) and isinstance(best.get("epoch"), int) and 1 <= best["epoch"] <= epoch + 1
-        and _number(best.get("acc")) and isinstance(best.get("model"), dict)
-        and list(best["model"]) == list(model) and all(isinstance(v, torch.Tensor) and v.shape == model[k].shape
-                                                       for k, v in best["model"].items())),
+        and _finite_number(best.get("acc")) and 0 <= best["acc"] <= 1 and isinstance(best.get("model"), dict)
+        and list(best["model"]) == list(model) and all(
+            isinstance(v, torch.Tensor) and v.shape == model[k].shape and v.dtype == model[k].dtype
+            and (not v.is_floating_point() or bool(torch.isfinite(v).all())) for k, v in best["model"].items())),
          "its best epoch's weights are not the model's")
 
 
