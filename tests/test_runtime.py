@@ -815,3 +815,19 @@ def test_t2_codes_that_free_memory_are_taken_within_any_budget(tmp_path, budget)
     assert rt.weight_bytes <= budget * rt.encoded_bytes
     x = inputs((300,), n=4)
     assert_close(rt.run(x), torch_out(model, x))
+
+
+def test_t2_codes_that_free_memory_are_taken_where_the_streams_pass_the_budget(tmp_path):
+    """Convolutions at 99 % non-zero with their scales and shifts: the streams' block tables alone
+    pass a budget of 1.0, and t2 codes, smaller than the streams, are still taken."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 3, groups=2))
+    discrete = project(model, "ternary", density=0.99)
+    path = tmp_path / "m.tern"
+    compile_model(model, (2, 8, 8), discrete, path, encodings={n: "ts" for n in discrete})
+    stream = Runtime.load(path, sparse="stream")
+    assert stream.weight_bytes > stream.encoded_bytes
+    rt = Runtime.load(path, budget=1.0)
+    assert set(rt.forms.values()) == {"t2"} and rt.weight_bytes < stream.weight_bytes
+    x = inputs((2, 8, 8), n=3)
+    assert_close(rt.run(x), torch_out(model.eval(), x))

@@ -144,10 +144,13 @@ class Runtime:
     def _reencoded(self, tf, budget) -> dict:
         """``ts`` weights held in a faster form: all that can be as byte steps (budget None), or per
         weight the smaller of byte steps and dense 2-bit codes, for those that fit ``budget`` ×
-        the encoded size, taken by fewest extra bytes per encoded byte."""
+        the encoded size, taken by fewest extra bytes per encoded byte (where the streams' small
+        tables alone pass the budget, those that take fewer bytes than their stream)."""
         # dropping bytes from the store can add up to 3 bytes of alignment before each float tensor
         aligned = sum(e.encoding in ("f32", "f16") for e in self._store.entries.values())
         room = None if budget is None else budget * self.encoded_bytes - self.weight_bytes - 3 * aligned
+        if room is not None:  # over the budget already (small tables): still take what saves memory
+            room = max(room, -3 * aligned)
         options = []
         for name, groups in self._weights.items():
             op = self._ops[name]
