@@ -668,10 +668,12 @@ UNIT_RANGE = ("digits", "mnist", "fashion-mnist", "cifar10")  # named datasets w
 
 
 def _as_old_flat(x, input_shape):
-    """Flat features (N, F) as (N, 1, 1, F) for a model that takes those: flat data used to be held
-    so, and the .tern files compressed from it then still take it."""
+    """Flat features (N, F) as (N, 1, 1, F) (and one input (F,) as (1, 1, F)) for a model that takes
+    those: flat data used to be held so, and the .tern files compressed from it then still take it."""
     if x.ndim == 2 and tuple(input_shape) == (1, 1, x.shape[1]):
         return x.reshape(len(x), 1, 1, -1)
+    if x.ndim == 1 and tuple(input_shape) == (1, 1, x.shape[0]):  # one input: its batch axis comes next
+        return x.reshape(1, 1, -1)
     return x
 
 

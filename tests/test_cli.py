@@ -559,3 +559,16 @@ def test_a_tern_file_of_flat_features_held_as_images_still_runs_on_them(tmp_path
     np.save(tmp_path / "x.npy", x)
     ran = invoke("run", tmp_path / "old.tern", "--input", tmp_path / "x.npy", "--json")
     assert ran.exit_code == 0 and json.loads(ran.stdout)["predictions"] == y.tolist()
+
+
+def test_one_flat_input_runs_on_a_tern_file_of_flat_features_held_as_images(tmp_path):
+    import numpy as np
+
+    from ternarize import lower, tern
+
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(5, 2))
+    tern.write(lower(model, torch.zeros(1, 1, 1, 5)), tmp_path / "old.tern")
+    np.save(tmp_path / "one.npy", np.ones(5, np.float32))
+    ran = invoke("run", tmp_path / "old.tern", "--input", tmp_path / "one.npy", "--json")
+    assert ran.exit_code == 0 and len(json.loads(ran.stdout)["predictions"]) == 1, ran.output
+    assert "holds one input of shape [1, 1, 5]: run as a batch of one" in ran.stderr
