@@ -570,7 +570,7 @@ def run(file, input_path, data_name, data_dir, output, sparse, force, as_json):
         _check_new(check_output(output, inputs=[file, input_path]), force)
     model = rt.Runtime.load(file, sparse=sparse)
     if data_name is not None:
-        from .data import load_dataset
+        from .data import load_dataset, names
 
         ds = load_dataset(data_name, data_dir=data_dir)
         x_test = _as_old_flat(ds.x_test, model.input_shape)
@@ -583,7 +583,7 @@ def run(file, input_path, data_name, data_dir, output, sparse, force, as_json):
                               f"{ds.num_classes} classes of {ds.name}; give the dataset the model was trained on, or "
                               "run it on --input x.npy")
         trained = model.graph.metadata.get("dataset")
-        if trained in UNIT_RANGE and trained != ds.name:  # said once the data fit the model
+        if trained in names() and trained != ds.name:  # said once the data fit the model
             _log(f"ternarize: warning: {_printable(file)} was trained on {trained}, not {ds.name}")
         with _progress_bar(f"running {ds.name}") as advance:
             acc = model.accuracy(x_test, ds.y_test, batch=model.fitting_batch(RUN_BATCH), progress=advance)
@@ -664,9 +664,6 @@ def _echo_json(obj) -> None:
     click.echo(json.dumps(obj, indent=2, sort_keys=True))
 
 
-UNIT_RANGE = ("digits", "mnist", "fashion-mnist", "cifar10")  # named datasets whose inputs are in [0, 1]
-
-
 def _as_old_flat(x, input_shape):
     """Flat features (N, F) as (N, 1, 1, F) (and one input (F,) as (1, 1, F)) for a model that takes
     those: flat data used to be held so, and the .tern files compressed from it then still take it."""
@@ -684,10 +681,10 @@ def _load_npy(path: str, dataset=None):
     (``dataset``, the name in its metadata) had them: by 1/16 for ``digits`` (values 0..16; larger
     values are taken for 0..255 pixels), by 1/255 for every other; other integers above 1 are taken
     as they are, which the note says, as it says floats far outside [0, 1] for a model trained on
-    one of ``UNIT_RANGE``; bools are 0 and 1."""
+    a named dataset (their inputs are in [0, 1]); bools are 0 and 1."""
     import numpy as np
 
-    from .data import DIGITS_TOP, _to_unit_float, read_npy
+    from .data import DIGITS_TOP, _to_unit_float, names, read_npy
     from .errors import ConfigError
 
     with open(path, "rb") as f:
@@ -713,7 +710,7 @@ def _load_npy(path: str, dataset=None):
         x = x.astype(np.float32, copy=False)
     if not np.isfinite(x).all():
         raise ConfigError(f"{path} holds values beyond the float32 range (about 3.4e38); scale the inputs down")
-    if note is None and dataset in UNIT_RANGE and x.size and (x.min() < -0.5 or x.max() > 1.5):
+    if note is None and dataset in names() and x.size and (x.min() < -0.5 or x.max() > 1.5):
         note = (f"{_printable(path)} holds values from {x.min():g} to {x.max():g}, taken as they are; this model "
                 f"was trained on {dataset}, whose inputs are in [0, 1]: scale them so (uint8 pixels are scaled "
                 "for you)")

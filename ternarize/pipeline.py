@@ -392,14 +392,14 @@ def _rank() -> int:
 def _metadata(source, dataset, config, result, float_acc, acc) -> dict:
     """What the .tern header keeps about its making: small on purpose (the per-epoch history, which
     can outweigh a small model's tensors, goes to report.json instead)."""
-    used = getattr(result, "config", None) or config  # as fit resolved it (outputs="auto")
+    used = result.config or config  # as fit resolved it (outputs="auto")
     settings = {k: v for k, v in used.to_json().items() if k not in ("checkpoint", "resume", "progress")}
     return {**source, "name": source.get("source", "model"), "dataset": dataset.name, "mode": config.mode,
             "method": config.method, "training": {"settings": settings, "epochs": len(result.history),
                                                   "seconds": round(result.seconds, 3),
                                                   **({"resumed": result.resumed} if result.resumed else {}),
                                                   **({"kept_epoch": result.kept_epoch}
-                                                     if getattr(result, "kept_epoch", None) else {}),
+                                                     if result.kept_epoch is not None else {}),
                                                   **({"cuda_graphs": result.cuda_graphs}
                                                      if result.cuda_graphs != "off" else {})},
             "accuracy": {"float": float_acc, "trained": acc}}

@@ -463,7 +463,8 @@ def test_file_metadata_says_whether_steps_were_graphed():
     from ternarize import pipeline
 
     def training(state):
-        result = SimpleNamespace(history=[{}], seconds=1.0, resumed=[], cuda_graphs=state)
+        result = SimpleNamespace(history=[{}], seconds=1.0, resumed=[], cuda_graphs=state, config=None,
+                                 kept_epoch=None)
         meta = pipeline._metadata({}, SimpleNamespace(name="mnist"), TrainConfig(), result, 0.9, 0.9)
         return meta["training"]
 

@@ -162,7 +162,7 @@ class Runtime:
             dense = pack.dense_size("t2", entry.shape)
             forms = []
             if room is not None and dense - stored <= room:
-                forms.append(_t2_codes(index, starts, entry.shape, groups))
+                forms.append(_t2_codes(tf, name, groups))
             # byte steps take a byte per non-zero weight at least: built only where they may fit and
             # may be smaller than the t2 codes
             if room is None or (index.size - stored <= room and not (forms and index.size >= dense)):
@@ -336,20 +336,10 @@ def _form(op) -> str:
     return "indices" if op.cache is not None else "stream"
 
 
-def _t2_codes(index: np.ndarray, starts: np.ndarray, shape, groups: int) -> DenseCodes:
-    """A ``ts`` weight's codes in the dense ``t2`` encoding (2 bits per weight, rows on whole
-    bytes), from its decoded points (``SparseCodes.decode_all``: per row, 2·c + 1 for −1, c the
-    input row, which counts the inputs of earlier groups too)."""
-    r, k = pack.rows_cols(shape)
-    codes = np.zeros((r, k), np.int8)
-    per_row = np.diff(np.append(np.asarray(starts, np.int64), index.size))
-    row = np.repeat(np.arange(r, dtype=np.int32), per_row)
-    col = (index >> 1).astype(np.int32)
-    if groups > 1:
-        col -= k * (row // (r // groups))
-    codes[row, col] = 1 - 2 * (index & 1).astype(np.int8)
-    raw = np.frombuffer(pack.encode(codes, "ternary", "t2")[0], np.uint8).copy()
-    return DenseCodes(raw, shape, "t2", groups, owned=True)
+def _t2_codes(tf, name: str, groups: int) -> DenseCodes:
+    """A ``ts`` weight's codes re-encoded as ``t2`` (2 bits per weight, rows on whole bytes)."""
+    raw = np.frombuffer(pack.encode(tf.decode(name), "ternary", "t2")[0], np.uint8)
+    return DenseCodes(raw, tf.entry(name).shape, "t2", groups, owned=True)
 
 
 def _settle_allocator() -> None:

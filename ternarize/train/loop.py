@@ -807,6 +807,11 @@ _CHECKPOINT_KEYS = ("method", "mode", "batch_size", "seed", "init", "loss", "kee
 # settings a resumed run may change that steer the updates: they take effect, and are logged and recorded
 _TUNED_KEYS = ("rho", "lam", "lr", "distill_temperature", "distill_weight", "precision", "outputs")
 _BEFORE = {"outputs": "logits", "keep_best": False}  # what a checkpoint from before a setting existed ran with
+
+
+def _saved_setting(saved: dict, key: str):
+    """A setting of a checkpoint's config (``_BEFORE``'s value where it predates the setting)."""
+    return saved.get(key, _BEFORE.get(key))
 # the optimizers' group entries that follow them (load_state_dict would restore the checkpoint's),
 # and Adam's capturable, fused and foreach, which follow this run's device and use of CUDA graphs,
 # not the checkpoint's (a GPU run's fused Adam resumes on a CPU as the CPU run's default Adam)
@@ -866,7 +871,7 @@ def _load_checkpoint(config, origin=None) -> dict:
     saved = state["config"]
     mine = config.to_json()
     for key in _CHECKPOINT_KEYS:
-        theirs = saved.get(key, _BEFORE.get(key))
+        theirs = _saved_setting(saved, key)
         if theirs != mine.get(key):
             flag = "" if key in ("keep_float", "distill", "scale", "keep_best") or theirs is None else \
                 f" (on the command line: --{key.replace('_', '-')} {theirs})"
@@ -1039,8 +1044,8 @@ def _restore(state, discrete_opt, adam, result, config, log, dist) -> int:
     ok = isinstance(seconds, (int, float)) and math.isfinite(seconds) and seconds >= 0
     result.seconds = float(seconds) if ok else float(sum(h["seconds"] for h in result.history))
     saved, mine = state["config"], config.to_json()
-    changed = {k: [saved.get(k, _BEFORE.get(k)), mine.get(k)] for k in _TUNED_KEYS
-               if saved.get(k, _BEFORE.get(k)) != mine.get(k)}
+    changed = {k: [_saved_setting(saved, k), mine.get(k)] for k in _TUNED_KEYS
+               if _saved_setting(saved, k) != mine.get(k)}
     result.resumed = list(state.get("resumed") or [])
     if changed and epoch < config.epochs:
         result.resumed.append({"after_epoch": epoch, "changed": changed})
