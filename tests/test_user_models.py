@@ -94,6 +94,7 @@ def test_an_augmented_add_that_fx_traces_out_of_place_is_refused():
 
 def test_forward_hooks_are_refused():
     model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    nn.init.ones_(model[0].bias)  # else a zero input may leave every ReLU output 0, which doubling keeps
     model[1].register_forward_hook(lambda module, inputs, output: output * 2)
     with pytest.raises(LoweringError, match="ReLU at '1' has a forward hook"):
         lower(model, torch.zeros(1, 4))
@@ -105,6 +106,7 @@ def test_forward_hooks_are_refused():
 
 def test_hooks_that_change_nothing_are_fine_and_pre_hooks_that_do_are_refused(tmp_path):
     model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    nn.init.ones_(model[0].bias)  # some ReLU output must be non-zero for the doubling to show
     seen = []
     model[0].register_forward_hook(lambda module, inputs, output: seen.append(output.shape))  # observes only
     _agree(tmp_path, model, (4,))
