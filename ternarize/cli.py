@@ -376,8 +376,11 @@ def _train_options(kw: dict) -> dict:
               "validation accuracy, not the last epoch's.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run from OUT/checkpoint.pt.")
 @click.option("--force", is_flag=True, help="Overwrite the outputs in an existing OUT folder.")
+@click.option("--float16", is_flag=True, help="Store the .tern file's float tensors (scales, biases, float-kept "
+              "layers) in half precision: half their bytes, outputs rounded accordingly (the report's runtime "
+              "accuracy is the file's).")
 @_training_options
-def compress(model, data_name, data_dir, out, arch, trust, val_fraction, keep_best, resume, force, **kw):
+def compress(model, data_name, data_dir, out, arch, trust, val_fraction, keep_best, resume, force, float16, **kw):
     """Retrain MODEL with discrete weights and write OUT/model.tern, OUT/model.onnx and a report.
 
     MODEL is a torch.save'd module or a state_dict (with --arch); a TorchScript file cannot be
@@ -392,7 +395,7 @@ def compress(model, data_name, data_dir, out, arch, trust, val_fraction, keep_be
     if keep_best:
         options["keep_best"] = True
     result = run(model, data_name, out=out, arch=arch, trust=trust, data_dir=data_dir, val_fraction=val_fraction,
-                 force=force, resume=resume, log=_log, **options)
+                 force=force, resume=resume, float16=float16, log=_log, **options)
     if result is not None:
         _print_report(result.report)
 

@@ -18,6 +18,7 @@ Example::
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import os
 import shutil
@@ -40,7 +41,7 @@ from ._io import (
     same_file,
     signals_deferred,
 )
-from ._text import printable
+from ._text import byte_size, printable
 from .data import Dataset, load_dataset
 from .data import _canonical as dataset_name
 from .errors import ConfigError, OutputError, VerificationError
@@ -56,6 +57,7 @@ PROBE = ".ternarize-probe-"  # a file made and removed to see that the output fo
 PREVIOUS = ".ternarize-previous"  # with --force, the previous outputs wait here until the new ones are written
 VERIFY_SAMPLES = 512
 RTOL = 1e-4
+F16_MAX_CHANGED = 0.01  # with float16: the most held-out inputs whose predicted class may change
 PAPER_ANNEAL = {"cifar10": 0.98}  # η of the paper's CIFAR-10 runs; MNIST and SVHN: 0.95, TrainConfig's default
 
 
@@ -74,12 +76,15 @@ class CompressResult:
 
 def compress(model, data, out: str = "out", *, arch: str | None = None, trust: bool = False,
              data_dir: str | None = None, val_fraction: float = 0.0, force: bool = False, log=print,
-             resumable: bool = True, **options) -> CompressResult | None:
+             resumable: bool = True, float16: bool = False, **options) -> CompressResult | None:
     """Compress ``model`` (an nn.Module or a model file path) on ``data`` (a Dataset or a name).
 
     ``val_fraction`` holds out that share of the training set (the same split for the same seed)
     and reports accuracy on it after every epoch. ``resumable`` False removes the checkpoint too
-    when the run fails (for callers that cannot resume).
+    when the run fails (for callers that cannot resume). ``float16`` stores the float tensors
+    (scales, biases, float-kept layers) of the .tern file as IEEE binary16, half their bytes, unless
+    that changes the predicted class of more than ``F16_MAX_CHANGED`` of the held-out inputs (then
+    they stay float32, with a warning); the .onnx file holds the same rounded values.
 
     ``options`` are :class:`ternarize.TrainConfig` fields (mode, method, epochs, rho, lam,
     keep_float, distill, device, seed, resume, ...). Without ``ema_anneal``, a dataset named in
@@ -131,7 +136,7 @@ def compress(model, data, out: str = "out", *, arch: str | None = None, trust: b
         graph = lower(model, example, discrete=result.discrete)
         graph.metadata.update(_metadata(source, dataset, config, result, float_acc, acc))
         return _write_outputs(out, graph, model, dataset, result, float_acc, acc,
-                              {k: float_weights[k] for k in result.discrete}, log, folder)
+                              {k: float_weights[k] for k in result.discrete}, log, folder, float16=bool(float16))
 
 
 # ---------------------------------------------------------------------- before training
@@ -409,7 +414,7 @@ def _metadata(source, dataset, config, result, float_acc, acc) -> dict:
 
 
 def _write_outputs(out, graph, model, dataset, result, float_acc, acc, float_weights, log,
-                   folder: OutputFolder) -> CompressResult:
+                   folder: OutputFolder, float16: bool = False) -> CompressResult:
     """Write and check the outputs; any failure removes them (``folder`` does, on leaving)."""
     from . import onnx as onnx_export
     from . import report as reporting
@@ -422,12 +427,19 @@ def _write_outputs(out, graph, model, dataset, result, float_acc, acc, float_wei
     x = dataset.x_test[:VERIFY_SAMPLES]
     with torch.no_grad():
         reference = model(torch.from_numpy(x)).numpy()
-    _agree("the .tern file (numpy runtime)", runtime.run(x), reference)
+    got = runtime.run(x)
+    _agree("the .tern file (numpy runtime)", got, reference)
+    against, half = "the trained torch model", None
+    if float16:
+        half = _write_half(graph, tern_path, x, got, log)
+        if half is not None:  # from here on, the file's own (rounded) outputs are the reference
+            graph, runtime, reference = half
+            against = "the .tern file with float16 tensors"
     runtime_acc = runtime.accuracy(dataset.x_test, dataset.y_test)
     accuracy = graph.metadata["accuracy"] | {"runtime": runtime_acc}
-    _update_accuracy(tern_path, graph, accuracy)
+    _update_accuracy(tern_path, graph, accuracy, allow_lossy=half is not None)
     onnx_export.export(graph, onnx_path)  # the .tern's metadata: `ternarize export` gives the same file
-    _agree("the .onnx file (onnxruntime)", onnx_export.run(onnx_export.session(onnx_path), x), reference)
+    _agree("the .onnx file (onnxruntime)", onnx_export.run(onnx_export.session(onnx_path), x), reference, against)
     training = dict(graph.metadata["training"], history=result.history)
     rep = reporting.build(tern_path, onnx_path, runtime=Runtime.load(tern_path), training=training)
     files = [tern_path, onnx_path] + rep.write(out, float_weights)
@@ -435,19 +447,61 @@ def _write_outputs(out, graph, model, dataset, result, float_acc, acc, float_wei
     return CompressResult(out, tern_path, onnx_path, rep, result, float_acc, acc, runtime_acc, files)
 
 
-def _agree(what: str, got: np.ndarray, reference: np.ndarray) -> None:
+def halved(graph):
+    """A copy of ``graph`` whose float32 constants are rounded to the nearest IEEE binary16 values,
+    which the .tern writer then stores as f16 (two bytes each). A constant with a value beyond
+    binary16's range (|x| > 65504) keeps its float32 values. The input graph is left unchanged."""
+    from .graph import Const
+
+    consts = {}
+    for name, const in graph.consts.items():
+        if isinstance(const, Const) and const.kind == "float32":
+            with np.errstate(over="ignore"):
+                rounded = const.data.astype(np.float16)
+            if np.isfinite(rounded).all():
+                const = Const("float32", rounded.astype(np.float32))
+        consts[name] = const
+    return dataclasses.replace(graph, consts=consts, metadata=dict(graph.metadata))
+
+
+def _write_half(graph, tern_path: str, x: np.ndarray, full: np.ndarray, log):
+    """Rewrite ``tern_path`` with the float tensors in f16; return (graph, runtime, outputs on ``x``)
+    for it, or None (the float32 file written back) when that changes the predicted class of more
+    than ``F16_MAX_CHANGED`` of ``x``. ``full``: the float32 file's outputs on ``x``."""
+    from .runtime import Runtime
+
+    before = os.path.getsize(tern_path)
+    half = halved(graph)
+    tern.write(half, tern_path, allow_lossy=True)
+    runtime = Runtime.load(tern_path, sparse="indices")
+    got = runtime.run(x)
+    changed = float((got.argmax(1) != full.argmax(1)).mean()) if np.isfinite(got).all() else 1.0
+    if changed > F16_MAX_CHANGED:
+        tern.write(graph, tern_path)
+        log(f"warning: float16 tensors changed the predicted class of {100 * changed:.1f}% of {len(x)} held-out "
+            f"inputs (more than {100 * F16_MAX_CHANGED:g}%); model.tern keeps its float tensors in float32")
+        return None
+    scale = float(np.abs(full).max()) or 1.0
+    moved = float(np.abs(got - full).max()) / scale
+    log(f"float16 tensors: model.tern {byte_size(before)} -> {byte_size(os.path.getsize(tern_path))}; outputs "
+        f"moved by at most {moved:.2g} of their largest value, the predicted class changed on "
+        f"{100 * changed:.1f}% of {len(x)} held-out inputs")
+    return half, runtime, got
+
+
+def _agree(what: str, got: np.ndarray, reference: np.ndarray, against: str = "the trained torch model") -> None:
     scale = float(np.abs(reference).max()) or 1.0
     err = float(np.abs(got - reference).max()) if got.shape == reference.shape else float("inf")
     if not err <= RTOL * scale:
-        raise VerificationError(f"{what} disagrees with the trained torch model: max |difference| {err:.3g} "
+        raise VerificationError(f"{what} disagrees with {against}: max |difference| {err:.3g} "
                                 f"> {RTOL:g} x {scale:.3g}; the output files were removed (please report this)")
     same = float((got.argmax(1) == reference.argmax(1)).mean())
     if same < 0.999:
-        raise VerificationError(f"{what} predicts a different class than the trained torch model on "
+        raise VerificationError(f"{what} predicts a different class than {against} on "
                                 f"{100 * (1 - same):.2f}% of held-out inputs; the output files were removed")
 
 
-def _update_accuracy(tern_path: str, graph, accuracy: dict) -> None:
+def _update_accuracy(tern_path: str, graph, accuracy: dict, allow_lossy: bool = False) -> None:
     """Rewrite the .tern with the runtime's accuracy in its metadata (same tensors, atomic)."""
     graph.metadata["accuracy"] = accuracy
-    tern.write(graph, tern_path)
+    tern.write(graph, tern_path, allow_lossy=allow_lossy)

@@ -377,6 +377,8 @@ def _totals(tf, layers, weight_names, onnx_path, runtime) -> dict:
         **_onnx_totals(float32_bytes, onnx_path),
         "compression_tern": float32_bytes / tf.size,
         "header_bytes": tf.data_start, "tensor_bytes": sum(e.nbytes for e in tf.tensors),
+        "float_bytes": sum(e.nbytes for e in tf.tensors if e.kind == "float32"),
+        "float_encodings": sorted({e.encoding for e in tf.tensors if e.kind == "float32"}),
         "macs": sum(r["macs"] for r in layers), "add_only_macs": sum(r["add_only_macs"] for r in layers),
         "multiplies": sum(r["multiplies"] for r in layers),
         "runtime_weight_bytes": weight_bytes, "runtime_activation_bytes": act_bytes,
@@ -446,6 +448,8 @@ def _total_rows(t: dict, acc: dict) -> list[tuple[str, str]]:
         ("ONNX size", "-" if t["onnx_bytes"] is None else
          f"{_size(t['onnx_bytes'])} ({_ratio(t['compression_onnx'])})"),
         ("discrete weights", f"{_count(t['discrete_weights'])} in {t['discrete_layers']} layers"),
+        ("float values", f"{_count(t['float_weights'])} in {_size(t['float_bytes'])}"
+                         + (f" ({', '.join(t['float_encodings'])})" if t["float_encodings"] else "")),
         ("non-zero", _pct(t["nonzero_fraction"])),
         ("bits per discrete weight", f"{_bits(t['bits_per_discrete_weight'])} "
                                      f"(entropy bound {_bits(t['entropy_bits_per_discrete_weight'])})"),

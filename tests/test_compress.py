@@ -90,6 +90,9 @@ def test_report_is_consistent_with_the_files(compressed):
     assert t["discrete_weights"] == sum(r["weights"] for r in disc) == sum(c.size for c in codes)
     assert t["nonzero_fraction"] == pytest.approx(sum(np.count_nonzero(c) for c in codes) / t["discrete_weights"])
     assert t["peak_ram_bytes"] == t["runtime_weight_bytes"] + t["runtime_activation_bytes"]
+    floats = [e for e in tf.tensors if e.kind == "float32"]
+    assert t["float_bytes"] == sum(e.nbytes for e in floats) == 4 * sum(e.count for e in floats)
+    assert t["float_encodings"] == ["f32"]
     md = (out / "report.md").read_text()
     assert "![layers](layers.png)" in md and "| non-zero |" in md
     assert len(rep["training"]["history"]) == 2
@@ -314,3 +317,85 @@ def test_keep_best_writes_the_best_epoch_and_needs_a_validation_split(float_mode
     assert rep["training"]["settings"]["keep_best"] is True
     assert rep["training"]["kept_epoch"] == 1 + vals.index(max(vals))
     assert f"kept the weights of epoch {rep['training']['kept_epoch']}" in done.stderr
+
+
+def test_float16_halves_the_float_tensors_and_every_output_agrees_with_the_file(float_model, compressed, tmp_path):
+    out = tmp_path / "half"
+    lines = []
+    result = ternarize.compress(str(float_model), "digits", out=str(out), epochs=2, batch_size=50, progress=False,
+                                val_fraction=0.1, float16=True, log=lines.append)
+    full = tern.load(str(compressed[0] / "model.tern"))
+    half = tern.load(str(out / "model.tern"))
+    floats = {e.name: e for e in full.tensors if e.kind == "float32"}
+    assert floats and all(e.encoding == "f16" and e.nbytes == 2 * e.count for e in half.tensors if e.kind == "float32")
+    assert [e.name for e in half.tensors if e.kind == "float32"] == list(floats)
+    # the same training (same seed): the discrete codes are equal, the floats are their binary16 roundings
+    g_full, g_half = tern.read(str(compressed[0] / "model.tern")), tern.read(str(out / "model.tern"))
+    for name, const in g_full.consts.items():
+        want = const.data.astype(np.float16).astype(np.float32) if name in floats else const.data
+        assert np.array_equal(g_half.consts[name].data, want), name
+    saved = sum(e.nbytes for e in floats.values()) // 2
+    assert half.size <= full.size - saved + 64 * len(floats)  # alignment padding may take back a little
+    assert half.size < full.size
+    assert any(line.startswith("float16 tensors: model.tern ") for line in lines), lines
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["totals"]["float_encodings"] == ["f16"] and rep["totals"]["float_bytes"] == saved
+    assert "(f16)" in (out / "report.md").read_text()
+    # the runtime's accuracy is measured on the file as written, and the ONNX file holds the same values
+    assert rep["accuracy"]["runtime"] == result.runtime_accuracy
+    assert abs(result.runtime_accuracy - result.accuracy) <= 0.01
+    x = load_dataset("digits").x_test[:64]
+    from ternarize import onnx as onnx_export
+    from ternarize.runtime import Runtime
+    got = Runtime.load(str(out / "model.tern")).run(x)
+    ort = onnx_export.run(onnx_export.session(str(out / "model.onnx")), x)
+    assert np.abs(got - ort).max() <= 1e-5 * np.abs(got).max()
+    assert invoke("verify", out / "model.tern").exit_code == 0
+
+
+def test_float16_option_of_the_command(float_model, tmp_path):
+    out = tmp_path / "o"
+    res = invoke("compress", float_model, "--data", "digits", "--out", out, "--float16", *FAST)
+    assert res.exit_code == 0, res.output
+    assert "float16 tensors: model.tern " in res.output
+    shown = invoke("inspect", out / "model.tern").output
+    assert " f16 " in shown and " f32 " not in shown
+
+
+def test_float16_that_changes_predictions_keeps_float32(float_model, tmp_path, monkeypatch):
+    from ternarize import pipeline
+
+    monkeypatch.setattr(pipeline, "F16_MAX_CHANGED", -1.0)  # any rounding counts as too much
+    lines = []
+    ternarize.compress(str(float_model), "digits", out=str(tmp_path / "o"), epochs=1, batch_size=50, progress=False,
+                       float16=True, log=lines.append)
+    tf = tern.load(str(tmp_path / "o" / "model.tern"))
+    assert {e.encoding for e in tf.tensors if e.kind == "float32"} == {"f32"}
+    assert any(line.startswith("warning: float16 tensors changed the predicted class") and "keeps its float tensors "
+               "in float32" in line for line in lines), lines
+    rep = json.loads((tmp_path / "o" / "report.json").read_text())
+    assert rep["totals"]["float_encodings"] == ["f32"]
+
+
+def test_halved_rounds_float_constants_and_keeps_those_beyond_binary16():
+    from ternarize.graph import Const
+    from ternarize.pipeline import halved
+
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 3))
+    with torch.no_grad():
+        model[1].weight.copy_(torch.tensor([[0.1, -1.0 / 3, 70000.0, 1.0]] * 3))
+        model[1].bias.copy_(torch.tensor([0.1, 1e-8, -2.0 / 3]))
+    graph = ternarize.lower(model, torch.zeros(1, 4))
+    graph.consts["extra"] = Const("ternary", np.array([[1, 0, -1]], np.int8))
+    before = {k: c.data.copy() for k, c in graph.consts.items()}
+    half = halved(graph)
+    assert all(np.array_equal(graph.consts[k].data, v) for k, v in before.items())  # the input is unchanged
+    weight = next(k for k in graph.consts if k.endswith("weight"))
+    bias = next(k for k in graph.consts if k.endswith("bias"))
+    assert np.array_equal(half.consts[weight].data, before[weight])  # 70000 overflows binary16: kept
+    assert np.array_equal(half.consts[bias].data, np.array([0.1, 1e-8, -2.0 / 3], np.float16).astype(np.float32))
+    assert half.consts[bias].data[0] != np.float32(0.1)
+    assert half.consts["extra"] is graph.consts["extra"]
+    del half.consts["extra"]  # not used by any node: no file would hold it
+    encodings = {e.name: e.encoding for e in tern.parse(tern.dumps(half, allow_lossy=True)[0]).tensors}
+    assert encodings[bias] == "f16" and encodings[weight] == "f32"
