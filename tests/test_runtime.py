@@ -191,8 +191,15 @@ def test_f16_floats(tmp_path):
     assert "f16" in {e.encoding for e in info.tensors}
     x = inputs((1, 28, 28), n=50)
     got = rt.run(x)
+    assert got.dtype == np.float32
     assert_close(got, ir_torch.run(tern.read(tmp_path / "m.tern"), x))
     assert_close(got, torch_out(model, x), rel=2e-2)
+    # f16 scales and biases stay as stored: no decoded float32 copies beside the buffer
+    f16 = {e.name for e in info.tensors if e.encoding == "f16"}
+    vectors = [n for n in rt._vectors if n in f16]
+    assert vectors and all(rt._vectors[n].dtype == np.float16 for n in vectors)
+    lazy = Runtime.load(tmp_path / "m.tern", sparse="stream")
+    assert lazy.weight_bytes - lazy._store.nbytes == sum(op.nbytes for op in lazy._ops.values())
 
 
 # ---------------------------------------------------------------------- hand-built graphs vs torch

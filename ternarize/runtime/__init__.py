@@ -7,7 +7,8 @@ Design
   file go, so what stays resident is the encoded size plus small tables (``weight_bytes``).
 * **Dense codes** (``t2``, ``b1``) are unpacked one block of output rows at a time into at most
   ``weights.BLOCK_BYTES`` (1 MiB) of float32 and multiplied with BLAS; a whole layer is never
-  inflated. Float weights (``f32``) are zero-copy views used directly; ``f16`` goes block by block.
+  inflated. Float weights (``f32``) are zero-copy views used directly; ``f16`` goes block by block. Scales
+  and biases are views of the buffer in either encoding.
 * **Sparse codes** (``ts``) are applied straight from their positions and signs, with additions and
   subtractions only: ±inputs are gathered and summed per output row, then the per-channel scale
   multiplies once and the bias adds. ``sparse`` picks how a ``ts`` weight is held:
@@ -127,7 +128,7 @@ class Runtime:
         self._ops = {}
         for name, groups in self._weights.items():
             self._ops[name] = gaps.get(name) or weight_op(self._store, name, groups, cache_indices)
-        # the float vectors the steps read (scales, biases, shifts): views of the store, or decoded f16
+        # the float vectors the steps read (scales, biases, shifts): views of the store (f32 or f16)
         self._vectors = {n: self._store.floats(n) for n in self._float_inputs()}
         self._extra = sum(op.nbytes for op in self._ops.values())
         self._extra += sum(v.nbytes for v in self._vectors.values() if not np.shares_memory(v, self._store.buf))
@@ -266,8 +267,7 @@ class Runtime:
     @property
     def weight_bytes(self) -> int:
         """Bytes kept resident for weights, scales and biases: the encoded buffer plus what the weight
-        ops hold beside it (ts block tables, re-encoded byte steps, cached indices) and decoded f16
-        vectors."""
+        ops hold beside it (ts block tables, re-encoded byte steps, cached indices)."""
         return self._store.nbytes + self._extra
 
     @property

@@ -86,12 +86,11 @@ class Store:
         return self.buf[o:o + self.entries[name].nbytes]
 
     def floats(self, name: str) -> np.ndarray:
-        """A float32 tensor: a zero-copy view for f32, a decoded copy for f16 (small vectors)."""
+        """A float vector as a zero-copy view of the buffer: float32 for f32, float16 for f16. The
+        kernels combine it with float32 activations, so an f16 value is widened exactly where it is
+        used and the resident bytes stay the encoded ones."""
         e = self.entries[name]
-        raw = self.raw(name)
-        if e.encoding == "f32":
-            return raw.view("<f4").reshape(e.shape)
-        return raw.view("<f2").astype(np.float32).reshape(e.shape)
+        return self.raw(name).view("<f4" if e.encoding == "f32" else "<f2").reshape(e.shape)
 
 
 def weight_op(store: Store, name: str, groups: int = 1, cache_indices: bool = False):
