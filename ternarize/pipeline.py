@@ -41,7 +41,7 @@ from ._io import (
     same_file,
     signals_deferred,
 )
-from ._text import byte_size, printable
+from ._text import printable
 from .data import Dataset, load_dataset
 from .data import _canonical as dataset_name
 from .errors import ConfigError, OutputError, VerificationError
@@ -429,15 +429,22 @@ def _write_outputs(out, graph, model, dataset, result, float_acc, acc, float_wei
         reference = model(torch.from_numpy(x)).numpy()
     got = runtime.run(x)
     _agree("the .tern file (numpy runtime)", got, reference)
-    against, half = "the trained torch model", None
+    against, full = "the trained torch model", None
     if float16:
         half = _write_half(graph, tern_path, x, got, log)
         if half is not None:  # from here on, the file's own (rounded) outputs are the reference
-            graph, runtime, reference = half
+            full, (graph, runtime, reference) = graph, half
             against = "the .tern file with float16 tensors"
     runtime_acc = runtime.accuracy(dataset.x_test, dataset.y_test)
     accuracy = graph.metadata["accuracy"] | {"runtime": runtime_acc}
-    _update_accuracy(tern_path, graph, accuracy, allow_lossy=half is not None)
+    _update_accuracy(tern_path, graph, accuracy, allow_lossy=full is not None)
+    if full is not None:
+        record = graph.metadata["float16"]
+        plain = {k: v for k, v in graph.metadata.items() if k != "float16"}  # the file without --float16
+        as_f32 = len(tern.dumps(dataclasses.replace(full, metadata=plain))[0])
+        log(f"float16 tensors: model.tern is {os.path.getsize(tern_path):,} bytes instead of {as_f32:,}; outputs "
+            f"moved by at most {record['max_change']:.2g} of their largest value, the predicted class changed on "
+            f"{100 * record['class_changed']:.1f}% of the {len(x)} test inputs checked")
     onnx_export.export(graph, onnx_path)  # the .tern's metadata: `ternarize export` gives the same file
     _agree("the .onnx file (onnxruntime)", onnx_export.run(onnx_export.session(onnx_path), x), reference, against)
     training = dict(graph.metadata["training"], history=result.history)
@@ -449,8 +456,8 @@ def _write_outputs(out, graph, model, dataset, result, float_acc, acc, float_wei
 
 def halved(graph):
     """A copy of ``graph`` whose float32 constants are rounded to the nearest IEEE binary16 values,
-    which the .tern writer then stores as f16 (two bytes each). A constant with a value beyond
-    binary16's range (|x| > 65504) keeps its float32 values. The input graph is left unchanged."""
+    which the .tern writer then stores as f16 (two bytes each). A constant with a value that rounds
+    to infinity in binary16 (|x| ≥ 65520) keeps its float32 values. The input graph is left unchanged."""
     from .graph import Const
 
     consts = {}
@@ -466,26 +473,27 @@ def halved(graph):
 
 def _write_half(graph, tern_path: str, x: np.ndarray, full: np.ndarray, log):
     """Rewrite ``tern_path`` with the float tensors in f16; return (graph, runtime, outputs on ``x``)
-    for it, or None (the float32 file written back) when that changes the predicted class of more
-    than ``F16_MAX_CHANGED`` of ``x``. ``full``: the float32 file's outputs on ``x``."""
+    for it, or None (the float32 file written back, with a warning) when that changes the predicted
+    class of more than ``F16_MAX_CHANGED`` of ``x``. ``full``: the float32 file's outputs on ``x``.
+    Either graph's metadata records the outcome under ``float16``."""
     from .runtime import Runtime
 
-    before = os.path.getsize(tern_path)
     half = halved(graph)
     tern.write(half, tern_path, allow_lossy=True)
     runtime = Runtime.load(tern_path, sparse="indices")
     got = runtime.run(x)
-    changed = float((got.argmax(1) != full.argmax(1)).mean()) if np.isfinite(got).all() else 1.0
-    if changed > F16_MAX_CHANGED:
+    finite = bool(np.isfinite(got).all())
+    changed = float((got.argmax(1) != full.argmax(1)).mean()) if finite else 1.0
+    moved = float(np.abs(got - full).max()) / (float(np.abs(full).max()) or 1.0) if finite else float("inf")
+    record = {"stored": changed <= F16_MAX_CHANGED, "class_changed": changed,
+              "max_change": moved if finite else None}
+    if not record["stored"]:
+        graph.metadata["float16"] = record
         tern.write(graph, tern_path)
-        log(f"warning: float16 tensors changed the predicted class of {100 * changed:.1f}% of {len(x)} held-out "
-            f"inputs (more than {100 * F16_MAX_CHANGED:g}%); model.tern keeps its float tensors in float32")
+        log(f"warning: float16 tensors changed the predicted class of {100 * changed:.1f}% of the {len(x)} test "
+            f"inputs checked (more than {100 * F16_MAX_CHANGED:g}%); model.tern keeps its float tensors in float32")
         return None
-    scale = float(np.abs(full).max()) or 1.0
-    moved = float(np.abs(got - full).max()) / scale
-    log(f"float16 tensors: model.tern {byte_size(before)} -> {byte_size(os.path.getsize(tern_path))}; outputs "
-        f"moved by at most {moved:.2g} of their largest value, the predicted class changed on "
-        f"{100 * changed:.1f}% of {len(x)} held-out inputs")
+    half.metadata["float16"] = record
     return half, runtime, got
 
 

@@ -174,6 +174,10 @@ def build(tern_path: str, onnx_path: str | None = None, runtime=None, training: 
              if k in meta}
     model["file"] = os.path.basename(tern_path)
     model["tern_sha256"] = tf.sha256
+    half = meta.get("float16")  # from the file: taken only in the shape compress writes it
+    if isinstance(half, dict) and isinstance(half.get("stored"), bool):
+        numbers_ = {k: half.get(k) if _number(half.get(k)) else None for k in ("class_changed", "max_change")}
+        model["float16"] = {"stored": half["stored"], **numbers_}
     accuracy = meta.get("accuracy")
     accuracy = {k: v for k, v in accuracy.items() if _number(v)} if isinstance(accuracy, dict) else {}
     return Report(layers, totals, accuracy, _usable_training(training or meta.get("training")), model,
