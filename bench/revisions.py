@@ -101,7 +101,7 @@ def model_file(name: str, width: float, density: float, folder: Path) -> Path:
     model, shape = synthetic(name, width)
     graph = lower(model, torch.zeros(1, *shape), discrete=project(model, "ternary", density))
     path = folder / f"{name}.tern"
-    tern.write(graph, path)
+    tern.write(graph, path, deflate=False)  # a plain header: the readers of older revisions know no flags
     return path
 
 

@@ -4,8 +4,8 @@ This module mirrors formats/TERN.md section by section: §2 prelude, §3 header 
 §3.4 graph), §4 data section, §5 encodings (in :mod:`ternarize.pack`) and the reader's checks of
 §6. Layout::
 
-    prelude (20 bytes) | header: header_len bytes of canonical JSON | zero padding to a multiple of 64
-    | tensor 0 | zero padding to 64 | tensor 1 | ... | tensor n-1 (the file ends here)
+    prelude (20 bytes) | header: header_len bytes of canonical JSON, or of its length and deflate stream
+    | zero padding to a multiple of 64 | tensor 0 | zero padding to 64 | tensor 1 | ... | tensor n-1 (the end)
 
 Example::
 
@@ -44,8 +44,12 @@ from .graph import KINDS, MAX_DIM, MAX_ELEMENTS, Const, ConstSpec, Graph
 MAGIC = b"\x89TERN\r\n\x1a"
 VERSION = 1
 PRELUDE = struct.Struct("<8sHHII")  # magic, version, flags, header_len, header CRC32: 20 bytes
+FLAG_DEFLATE = 0x0001  # the header is stored deflated (§3.5)
+KNOWN_FLAGS = FLAG_DEFLATE
 ALIGN = 64
 MAX_HEADER = 16 << 20
+MAX_INFLATE = 1032  # deflate expands a byte of stream into at most 1032 bytes (258 per 2-bit match code)
+DEFLATE_LEVEL, DEFLATE_WBITS, DEFLATE_MEMLEVEL = 9, -15, 9  # raw deflate, 32 KiB window (§7)
 MAX_JSON_DEPTH = 64
 DOUBLE_DIGITS = 309  # the largest double is below 10^309: a longer integer overflows (and int() may refuse it)
 TOP_FIELDS = ("graph", "metadata", "tensors")
@@ -116,8 +120,8 @@ def _other_format(buf: bytes) -> str | None:
     return None
 
 
-def _read_prelude(buf: bytes) -> int:
-    """Check magic, version, flags and header_len (bounds); return header_len."""
+def _read_prelude(buf: bytes) -> tuple[int, int]:
+    """Check magic, version, flags and header_len (bounds); return (header_len, flags)."""
     if len(buf) < PRELUDE.size:
         raise TernFormatError(f"the file is {len(buf)} bytes, shorter than the {PRELUDE.size}-byte prelude")
     magic, version, flags, header_len, _ = PRELUDE.unpack_from(buf)
@@ -131,13 +135,14 @@ def _read_prelude(buf: bytes) -> int:
     if version != VERSION:
         raise TernFormatError(f"version is {version}; this reader knows version {VERSION} only",
                               "a newer ternarize wrote it: upgrade ternarize to read it" if version > VERSION else None)
-    if flags:
-        raise TernFormatError(f"flags is 0x{flags:04x}, expected 0 (every flag bit is reserved)")
+    if flags & ~KNOWN_FLAGS:
+        raise TernFormatError(f"flags is 0x{flags:04x}, expected 0 or 0x0001 (bit 0: the header is deflated; "
+                              "every other bit is reserved)")
     if header_len > MAX_HEADER:
         raise TernFormatError(f"header_len is {header_len}, more than the limit {MAX_HEADER} (16 MiB)")
     if PRELUDE.size + header_len > len(buf):
         raise TernFormatError(f"header_len is {header_len}, beyond the end of the {len(buf)}-byte file")
-    return header_len
+    return header_len, flags
 
 
 # ====================================================================== §3 header
@@ -157,12 +162,15 @@ def _json_default(value):
     raise TypeError(f"{type(value).__name__} {value!r} is not JSON")
 
 
-def _read_header(buf: bytes, header_len: int) -> dict:
-    """CRC, UTF-8 and JSON (no duplicate keys, no NaN/Infinity, depth <= 64) of the header."""
+def _read_header(buf: bytes, header_len: int, flags: int = 0) -> tuple[dict, bytes]:
+    """CRC, inflation (§3.5), UTF-8 and JSON (no duplicate keys, no NaN/Infinity, depth <= 64) of
+    the header; return the object and the JSON text."""
     raw = buf[PRELUDE.size:PRELUDE.size + header_len]
     stored = PRELUDE.unpack_from(buf)[4]
     if zlib.crc32(raw) != stored:
         raise TernFormatError(f"header CRC32 is 0x{stored:08x}, computed 0x{zlib.crc32(raw):08x}")
+    if flags & FLAG_DEFLATE:
+        raw = _inflate(raw)
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -176,7 +184,37 @@ def _read_header(buf: bytes, header_len: int) -> dict:
     _check_depth(raw)
     if not isinstance(obj, dict):
         raise TernFormatError(f"header must be a JSON object, got {type(obj).__name__}")
-    return obj
+    return obj, raw
+
+
+def _inflate(stored: bytes) -> bytes:
+    """The JSON text of a deflated header: a u32 length, then one raw deflate stream (RFC 1951)
+    that inflates to exactly that many bytes and ends exactly at the header's end. The length is
+    checked against the limit and against what the stream's size allows before anything is
+    inflated, and no more than that length is ever produced."""
+    if len(stored) < 6:
+        raise TernFormatError(f"header is {len(stored)} bytes, too short for a deflated header (a 4-byte length "
+                              "and a deflate stream of at least 2 bytes)")
+    n = int.from_bytes(stored[:4], "little")
+    if n > MAX_HEADER:
+        raise TernFormatError(f"deflated header's length is {n}, more than the limit {MAX_HEADER} (16 MiB)")
+    if n > MAX_INFLATE * (len(stored) - 4):
+        raise TernFormatError(f"deflated header's length is {n}, more than its {len(stored) - 4}-byte deflate stream "
+                              f"can inflate to ({MAX_INFLATE} times as many)")
+    d = zlib.decompressobj(DEFLATE_WBITS)
+    try:
+        text = d.decompress(stored[4:], n)
+        if not d.eof and d.unconsumed_tail and len(d.decompress(d.unconsumed_tail, 1)):
+            raise TernFormatError(f"deflated header inflates to more than its length of {n} bytes")
+    except zlib.error as e:
+        raise TernFormatError(f"deflated header is not a valid deflate stream ({e})") from None
+    if not d.eof:
+        raise TernFormatError("deflated header's deflate stream is cut short: it ends before its final block does")
+    if d.unused_data:
+        raise TernFormatError(f"deflated header has {len(d.unused_data)} bytes after the end of its deflate stream")
+    if len(text) != n:
+        raise TernFormatError(f"deflated header inflates to {len(text)} bytes, but its length is {n}")
+    return text
 
 
 def _unique_keys(pairs: list) -> dict:
@@ -447,15 +485,16 @@ class _Reader:
         self.view = memoryview(buf)
 
     def prelude(self) -> str:
-        self.header_len = _read_prelude(self.buf)
-        return f"magic, version {VERSION}, flags 0, header_len {self.header_len}"
+        self.header_len, self.flags = _read_prelude(self.buf)
+        return f"magic, version {VERSION}, flags 0x{self.flags:04x}, header_len {self.header_len}"
 
     def header(self) -> str:
-        self.obj = _read_header(self.buf, self.header_len)
-        self.header_bytes = self.buf[PRELUDE.size:PRELUDE.size + self.header_len]
+        self.obj, self.header_bytes = _read_header(self.buf, self.header_len, self.flags)
         self.graph_obj, self.metadata, tensors = _check_top(self.obj)
         self.tensor_objs = tensors
-        return f"{self.header_len} bytes of JSON, CRC32 ok, producer {self.metadata['producer']!r}"
+        stored = (f"{self.header_len} bytes deflated from {len(self.header_bytes)} bytes of JSON"
+                  if self.flags & FLAG_DEFLATE else f"{self.header_len} bytes of JSON")
+        return f"{stored}, CRC32 ok, producer {self.metadata['producer']!r}"
 
     def table(self) -> str:
         self.entries = _read_table(self.tensor_objs)
@@ -498,6 +537,9 @@ class TernFile:
         self.tensors: list[TensorEntry] = reader.entries
         self.data_start: int = reader.data_start
         self.size = len(reader.buf)
+        self.header_len: int = reader.header_len  # as stored (deflated or not)
+        self.json_len: int = len(reader.header_bytes)  # of the JSON text
+        self.deflated: bool = bool(reader.flags & FLAG_DEFLATE)
         self._reader = reader
         self._index = {e.name: i for i, e in enumerate(self.tensors)}
 
@@ -637,12 +679,14 @@ def _attempt(step) -> tuple[bool, str]:
 
 
 def dumps(graph: Graph, encodings: dict[str, str] | None = None, allow_lossy: bool = False, *,
-          producer: str | None = None) -> tuple[bytes, WriteInfo]:
+          producer: str | None = None, deflate: bool = True) -> tuple[bytes, WriteInfo]:
     """The bytes of the .tern file for ``graph`` (deterministic) and what they hold.
 
     Each tensor takes ``encodings[name]`` if given, else ``pack.choose`` (the smallest lossless
     encoding; f16 for floats only with ``allow_lossy``). ``producer`` overrides "ternarize <version>"
-    (the golden files pin it so that their bytes do not change with the version).
+    (the golden files pin it so that their bytes do not change with the version). The header is
+    stored deflated when that moves the data section forward (TERN.md §7); ``deflate`` False
+    keeps it plain JSON, for readers without an inflater.
     """
     if not isinstance(graph, Graph):
         raise GraphError(f"a .tern file holds a Graph (ternarize.lower(model, x)), got {type(graph).__name__}")
@@ -660,9 +704,9 @@ def dumps(graph: Graph, encodings: dict[str, str] | None = None, allow_lossy: bo
         blobs.append(blob)
         offset = align(offset + entry.nbytes)
     metadata = {**graph.metadata, "producer": producer or f"ternarize {__version__}"}
-    header = _header_bytes(graph, metadata, entries)
+    header, flags = _stored_header(_header_bytes(graph, metadata, entries), deflate)
     data_start = align(PRELUDE.size + len(header))
-    out = bytearray(PRELUDE.pack(MAGIC, VERSION, 0, len(header), zlib.crc32(header)) + header)
+    out = bytearray(PRELUDE.pack(MAGIC, VERSION, flags, len(header), zlib.crc32(header)) + header)
     for entry, blob in zip(entries, blobs):
         out += bytes(data_start + entry.offset - len(out)) + blob  # zero padding, then the tensor
     out += bytes(data_start - len(out)) if not entries else b""
@@ -701,6 +745,18 @@ def _header_bytes(graph: Graph, metadata: dict, entries: list[TensorEntry]) -> b
     return header
 
 
+def _stored_header(text: bytes, deflate: bool) -> tuple[bytes, int]:
+    """(header bytes as stored, flags): the JSON ``text``, or with ``deflate`` its length and raw
+    deflate stream (§3.5) when that makes ``data_start`` smaller."""
+    if not deflate:
+        return text, 0
+    z = zlib.compressobj(DEFLATE_LEVEL, zlib.DEFLATED, DEFLATE_WBITS, DEFLATE_MEMLEVEL, zlib.Z_DEFAULT_STRATEGY)
+    stored = len(text).to_bytes(4, "little") + z.compress(text) + z.flush()
+    if align(PRELUDE.size + len(stored)) < align(PRELUDE.size + len(text)):
+        return stored, FLAG_DEFLATE
+    return text, 0
+
+
 def _string_keys(obj: Any) -> None:
     """json.dumps would turn a key 1 into "1" silently: the file would not hold what was given. An
     integer beyond a double's range would give a header that readers must reject (§3)."""
@@ -719,12 +775,12 @@ def _string_keys(obj: Any) -> None:
 
 
 def write(graph: Graph, path, encodings: dict[str, str] | None = None, allow_lossy: bool = False, *,
-          producer: str | None = None) -> WriteInfo:
+          producer: str | None = None, deflate: bool = True) -> WriteInfo:
     """Write ``graph`` to ``path`` atomically; the same graph always gives the same bytes.
 
     The bytes go to a temporary file in the same directory, which is fsynced and then renamed
     over ``path``; on any failure the temporary file is removed and ``path`` is left as it was.
     """
-    buf, info = dumps(graph, encodings, allow_lossy, producer=producer)
+    buf, info = dumps(graph, encodings, allow_lossy, producer=producer, deflate=deflate)
     atomic_write(path, buf)
     return WriteInfo(os.fspath(path), info.size, info.header_len, info.data_start, info.tensors)

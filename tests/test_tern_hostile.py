@@ -56,10 +56,40 @@ def base_graph() -> Graph:
 def base() -> bytes:
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(pack, "TS_BLOCK_CELLS", 32)  # 3 rows of 12 per block: several ts blocks
-        buf, info = tern.dumps(base_graph(), encodings={"l1.w": "t2", "l3.w": "ts"})
+        buf, info = tern.dumps(base_graph(), encodings={"l1.w": "t2", "l3.w": "ts"}, deflate=False)
     assert [e.encoding for e in info.tensors] == ["t2", "f32", "b1", "f32", "ts", "f32", "f32"]
     assert info.tensors[TS].params == {"block_rows": 3, "k": info.tensors[TS].params["k"]}
     return buf
+
+
+@cache
+def deflated_base() -> bytes:
+    """The base file as the writer stores it by default: the same tensors, the header deflated."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(pack, "TS_BLOCK_CELLS", 32)
+        buf, _ = tern.dumps(base_graph(), encodings={"l1.w": "t2", "l3.w": "ts"})
+    assert struct.unpack_from("<H", buf, 10)[0] == tern.FLAG_DEFLATE
+    return buf
+
+
+def deflate(text: bytes) -> bytes:
+    """A raw deflate stream of ``text`` (RFC 1951), as the writer makes it."""
+    z = zlib.compressobj(9, zlib.DEFLATED, -15, 9)
+    return z.compress(text) + z.flush()
+
+
+def with_stored(stored: bytes) -> bytes:
+    """The base file's tensors behind a header stored as ``stored`` with the deflate flag (CRC right)."""
+    return assemble(None, split(base())[1], text=stored, flags=tern.FLAG_DEFLATE)
+
+
+def deflated_header(text: bytes | None = None, *, length: int | None = None, stream: bytes | None = None,
+                    tail: bytes = b"") -> bytes:
+    """A file whose deflated header holds ``text`` (default: the base header) with its length field and
+    stream replaced where given."""
+    text = header_text().encode() if text is None else text
+    stream = deflate(text) if stream is None else stream
+    return with_stored(struct.pack("<I", len(text) if length is None else length) + stream + tail)
 
 
 def split(buf: bytes) -> tuple[dict, list[bytes]]:
@@ -215,7 +245,7 @@ CASES = [
     ("short file", lambda: base()[:19], r"19 bytes, shorter than the 20-byte prelude"),
     ("bad magic", lambda: patch(base(), 0, b"\x89TERN\n\x1a\x00"), r"magic is 89 54 45 52 4e 0a 1a 00"),
     ("unknown version", lambda: patch(base(), 8, b"\x02\x00"), r"version is 2; this reader knows version 1"),
-    ("unknown flags", lambda: patch(base(), 10, b"\x01\x00"), r"flags is 0x0001, expected 0"),
+    ("unknown flags", lambda: patch(base(), 10, b"\x02\x00"), r"flags is 0x0002, expected 0 or 0x0001"),
     ("header beyond the file", lambda: patch(base(), 12, struct.pack("<I", len(base()))),
      r"header_len is \d+, beyond the end of the \d+-byte file"),
     ("absurd header length", lambda: patch(base(), 12, b"\xff\xff\xff\xff"),
@@ -326,12 +356,38 @@ CASES = [
     ("graph field type", lambda: edit(_set(["graph", "nodes"], {})), r"graph: graph.nodes must be list"),
     ("huge integer attribute", lambda: edit(_set(["graph", "nodes", 3, "attrs", "max_val"], 10**400)),
      r"header integer of 401 digits overflows a double"),
+    # 2b. a deflated header (flags bit 0)
+    ("plain JSON flagged as deflated", lambda: patch(base(), 10, b"\x01\x00"),
+     r"deflated header's length is \d+, more than the limit 16777216"),
+    ("deflated header too short", lambda: with_stored(b"\x05\x00\x00\x00\x03"),
+     r"header is 5 bytes, too short for a deflated header"),
+    ("deflated length over the limit", lambda: deflated_header(length=(16 << 20) + 1),
+     r"deflated header's length is 16777217, more than the limit"),
+    ("deflated length beyond the stream", lambda: deflated_header(b"{}", length=1032 * len(deflate(b"{}")) + 1),
+     r"more than its \d+-byte deflate stream can inflate to \(1032 times as many\)"),
+    ("not a deflate stream", lambda: deflated_header(stream=b"\xff\xff\xff\xff\xff\xff"),
+     r"deflated header is not a valid deflate stream"),
+    ("deflate stream cut short", lambda: deflated_header(stream=deflate(header_text().encode())[:-4]),
+     r"deflate stream is cut short|not a valid deflate stream"),
+    ("bytes after the deflate stream", lambda: deflated_header(tail=b"\x00\x00"),
+     r"deflated header has 2 bytes after the end of its deflate stream"),
+    ("deflated header longer than its length", lambda: deflated_header(length=len(header_text()) - 1),
+     r"deflated header inflates to more than its length of \d+ bytes"),
+    ("deflated header shorter than its length", lambda: deflated_header(length=len(header_text()) + 1),
+     r"deflated header inflates to \d+ bytes, but its length is \d+"),
+    ("deflated invalid JSON", lambda: deflated_header(b'{"graph":'), r"header is not valid JSON"),
+    ("deflated header, bad CRC", lambda: patch(deflated_base(), 16, b"\x00\x00\x00\x00"),
+     r"header CRC32 is 0x00000000, computed 0x"),
 ]
 
 
 def test_the_base_file_is_valid():
     f = tern.parse(base())
     assert len(f.graph().nodes) == 6
+    assert tern.parse(deflated_header()).header == f.header  # the helper's deflated header is sound too
+    deflated = tern.parse(deflated_base())
+    assert deflated.deflated and not f.deflated and deflated.header == f.header
+    assert deflated.data_start < f.data_start and deflated.json_len == f.json_len == f.header_len
     blocks, _ = ts_parts()
     assert len(blocks) == 4 and struct.unpack_from("<I", blocks[0])[0] > 0
 
@@ -456,3 +512,54 @@ def test_mutation_fuzz():
     finally:
         tracemalloc.stop()
     assert outcomes["rejected"] > 1000 and outcomes["read"] > 0, outcomes
+
+
+def _stored_edit(rng: random.Random, buf: bytes) -> bytes:
+    """Damage a deflated header behind a correct CRC, so that the inflater sees it: flip bits in the
+    stream, change the length field, or cut or extend the stream (the header's length follows)."""
+    header_len = struct.unpack_from("<I", buf, 12)[0]
+    stored = bytearray(buf[20:20 + header_len])
+    kind = rng.randrange(3)
+    if kind == 0:
+        for _ in range(rng.randint(1, 3)):
+            stored[rng.randrange(4, len(stored))] ^= 1 << rng.randrange(8)
+    elif kind == 1:
+        stored[:4] = struct.pack("<I", rng.choice([0, 1, len(stored), rng.randrange(1 << 32), 16 << 20,
+                                                    struct.unpack_from("<I", stored)[0] + rng.choice([-1, 1])]))
+    else:
+        cut = rng.random() < 0.5
+        stored = stored[:rng.randrange(len(stored))] if cut else stored + rng.randbytes(rng.randint(1, 9))
+    return assemble(None, split(base())[1], text=bytes(stored), flags=tern.FLAG_DEFLATE)
+
+
+def test_mutation_fuzz_of_a_deflated_header():
+    rng = random.Random(20261128)
+    buf = deflated_base()
+    outcomes = {"read": 0, "rejected": 0}
+    messages = set()
+    tracemalloc.start()
+    try:
+        for case in range(800):
+            kind = rng.randrange(4)
+            mutated = (_stored_edit(rng, buf) if kind < 2 else buf[:rng.randrange(len(buf))] if kind == 2
+                       else patch(buf, rng.randrange(len(buf)), bytes([rng.randrange(256)])))
+            tracemalloc.reset_peak()
+            before = tracemalloc.get_traced_memory()[0]
+            start = time.process_time()
+            try:
+                tern.parse(mutated).graph()
+                outcomes["read"] += 1
+            except TernFormatError as e:
+                outcomes["rejected"] += 1
+                messages.add(re.sub(r"\d+", "N", str(e))[:60])
+            except Exception as e:  # any other exception type is a reader bug
+                raise AssertionError(f"case {case}: {type(e).__name__}: {e}") from e
+            assert time.process_time() - start < 1.0, f"case {case} was slow"
+            peak = tracemalloc.get_traced_memory()[1] - before
+            assert peak < 64 << 20, f"case {case} allocated {peak >> 20} MiB"
+    finally:
+        tracemalloc.stop()
+    assert outcomes["rejected"] > 600, outcomes
+    # the inflater's own checks were reached, not only the CRC's
+    reached = [m for m in messages if m.startswith("deflated header")]
+    assert len(reached) >= 4, sorted(messages)
