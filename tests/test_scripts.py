@@ -457,7 +457,7 @@ def test_allocator_refuses_bad_options(capsys, monkeypatch, argv, says):
     ("bench/train_step.py", "measure", []), ("bench/runtime.py", "bench_model", []),
     ("bench/onnx.py", "bench_model", []), ("bench/allocator.py", "build", []),
     ("bench/revisions.py", "base_runtime", ["HEAD"]), ("examples/paper_mnist.py", "run", []),
-    ("bench/compile_time.py", "fresh_process", []),
+    ("bench/compile_time.py", "fresh_process", []), ("bench/size.py", "demo_model", []),
 ])
 @pytest.mark.parametrize("where", ["missing/x.json", ".", "x.json/"])
 def test_json_is_checked_before_the_benchmark(capsys, tmp_path, monkeypatch, script, work, argv, where):
@@ -465,6 +465,65 @@ def test_json_is_checked_before_the_benchmark(capsys, tmp_path, monkeypatch, scr
     monkeypatch.setattr(module, work, never)
     refused(capsys, module, *argv, "--json", f"{tmp_path}/{where}")
     assert sorted(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------------- bench/size.py
+
+
+@pytest.mark.parametrize(("argv", "says"), [
+    (["--models", "nope"], "unknown model 'nope'"), (["--width", "0"], "--width"),
+    (["--vgg-width", "0"], "--vgg-width"), (["missing.tern"], "missing.tern"), (["not-a-tern"], "not-a-tern"),
+])
+def test_size_refuses_bad_input_before_the_work(capsys, monkeypatch, tmp_path, argv, says):
+    module = load("bench/size.py")
+    for work in ("demo_model", "synthetic_model", "sizes"):
+        monkeypatch.setattr(module, work, never)
+    (tmp_path / "not-a-tern").write_bytes(b"PK\x03\x04 a zip file, not a .tern file")
+    monkeypatch.chdir(tmp_path)
+    refused(capsys, module, *argv, says=says)
+
+
+def test_size_measures_every_way_from_the_same_weights(capsys, tmp_path):
+    import bz2
+    import gzip
+
+    from ternarize import lower, pack, tern
+    from ternarize.testing import project, synthetic
+
+    module = load("bench/size.py")
+    model, shape = synthetic("mlp", 24)
+    graph = lower(model, torch.zeros(1, *shape), discrete=project(model, "ternary", 0.2))
+    path = tmp_path / "m.tern"
+    tern.write(graph, path)
+    folder = tmp_path / "run"
+    folder.mkdir()
+    (folder / "model.tern").write_bytes(path.read_bytes())
+    code, out, err = call(capsys, module, path, folder, "--json", tmp_path / "size.json")  # a file, and a folder
+    assert code == 0, err
+    assert "bytes of the same weights stored each way" in out and ".tern --float16" in out
+    rows = json.loads((tmp_path / "size.json").read_text())["rows"]
+    assert [r["model"] for r in rows] == [str(path), str(folder)]
+    assert rows[0]["bytes"] == rows[1]["bytes"]
+    b = rows[0]["bytes"]
+    graph = tern.read(path)  # its tensors in the file's order
+    disc = {n: c for n, c in graph.consts.items() if c.kind != "float32"}
+    floats = sum(c.data.size for c in graph.consts.values() if c.kind == "float32")
+    dense = b"".join(pack.encode(c.data, "ternary", "t2")[0] for c in disc.values())
+    floats_raw = b"".join(c.data.tobytes() for c in graph.consts.values() if c.kind == "float32")
+    assert b[".tern"] == path.stat().st_size
+    plain = tern.dumps(graph, deflate=False)[0]
+    assert b[".tern, plain JSON header"] == len(plain) > b[".tern"]
+    codes = sum(c.data.size for c in disc.values())
+    assert b["packed codes + f32"] == len(dense) + 4 * floats == codes // 4 + 4 * floats
+    assert b["packed codes + f32, gzip -9"] == len(gzip.compress(dense + floats_raw, 9, mtime=0))
+    assert b["packed codes + f32, bzip2 -9"] == len(bz2.compress(dense + floats_raw, 9))
+    entropy = sum(c.data.size * pack.entropy_bits(c.data) for c in disc.values()) / 8
+    assert b["floor: entropy + f32"] - b["floor: entropy + f16"] == 2 * floats
+    assert b["floor: entropy + f32"] == int(np.ceil(entropy)) + 4 * floats <= b[".tern"]
+    assert b[".tern --float16"] < b[".tern"] < b["ONNX (INT2)"] < b["torch.save, float32"]
+    assert b["torch.save, float32"] > 4 * (sum(c.data.size for c in graph.consts.values()) - floats // 2)
+    assert rows[0]["nonzero"] == pytest.approx(sum(np.count_nonzero(c.data) for c in disc.values())
+                                               / sum(c.data.size for c in disc.values()))
 
 
 # ---------------------------------------------------------------------- bench/revisions.py
