@@ -48,7 +48,7 @@ FLAG_DEFLATE = 0x0001  # the header is stored deflated (§3.5)
 KNOWN_FLAGS = FLAG_DEFLATE
 ALIGN = 64
 MAX_HEADER = 16 << 20
-MAX_INFLATE = 1032  # deflate expands a byte of stream into at most 1032 bytes (258 per 2-bit match code)
+MAX_INFLATE = 64  # a deflated header's JSON is at most 64 times its stream (§3.5): real ones are 2-5 times
 DEFLATE_LEVEL, DEFLATE_WBITS, DEFLATE_MEMLEVEL = 9, -15, 9  # raw deflate, 32 KiB window (§7)
 MAX_JSON_DEPTH = 64
 DOUBLE_DIGITS = 309  # the largest double is below 10^309: a longer integer overflows (and int() may refuse it)
@@ -190,24 +190,26 @@ def _read_header(buf: bytes, header_len: int, flags: int = 0) -> tuple[dict, byt
 def _inflate(stored: bytes) -> bytes:
     """The JSON text of a deflated header: a u32 length, then one raw deflate stream (RFC 1951)
     that inflates to exactly that many bytes and ends exactly at the header's end. The length is
-    checked against the limit and against what the stream's size allows before anything is
-    inflated, and no more than that length is ever produced."""
+    checked against the limits before anything is inflated, and at most one byte more than it is
+    ever produced (the one that shows a stream inflating to more)."""
     if len(stored) < 6:
         raise TernFormatError(f"header is {len(stored)} bytes, too short for a deflated header (a 4-byte length "
                               "and a deflate stream of at least 2 bytes)")
     n = int.from_bytes(stored[:4], "little")
+    if n < 2:
+        raise TernFormatError(f"deflated header's length is {n}, less than the 2 bytes of the shortest JSON object")
     if n > MAX_HEADER:
         raise TernFormatError(f"deflated header's length is {n}, more than the limit {MAX_HEADER} (16 MiB)")
     if n > MAX_INFLATE * (len(stored) - 4):
-        raise TernFormatError(f"deflated header's length is {n}, more than its {len(stored) - 4}-byte deflate stream "
-                              f"can inflate to ({MAX_INFLATE} times as many)")
+        raise TernFormatError(f"deflated header's length is {n}, more than {MAX_INFLATE} times its "
+                              f"{len(stored) - 4}-byte deflate stream")
     d = zlib.decompressobj(DEFLATE_WBITS)
     try:
-        text = d.decompress(stored[4:], n)
-        if not d.eof and d.unconsumed_tail and len(d.decompress(d.unconsumed_tail, 1)):
-            raise TernFormatError(f"deflated header inflates to more than its length of {n} bytes")
+        text = d.decompress(stored[4:], n + 1)  # max_length > 0: zlib's 0 would mean no limit at all
     except zlib.error as e:
         raise TernFormatError(f"deflated header is not a valid deflate stream ({e})") from None
+    if len(text) > n:
+        raise TernFormatError(f"deflated header inflates to more than its length of {n} bytes")
     if not d.eof:
         raise TernFormatError("deflated header's deflate stream is cut short: it ends before its final block does")
     if d.unused_data:
@@ -747,12 +749,14 @@ def _header_bytes(graph: Graph, metadata: dict, entries: list[TensorEntry]) -> b
 
 def _stored_header(text: bytes, deflate: bool) -> tuple[bytes, int]:
     """(header bytes as stored, flags): the JSON ``text``, or with ``deflate`` its length and raw
-    deflate stream (§3.5) when that makes ``data_start`` smaller."""
+    deflate stream (§3.5) when that makes ``data_start`` smaller (and the text is at most
+    ``MAX_INFLATE`` times the stream, as readers require)."""
     if not deflate:
         return text, 0
     z = zlib.compressobj(DEFLATE_LEVEL, zlib.DEFLATED, DEFLATE_WBITS, DEFLATE_MEMLEVEL, zlib.Z_DEFAULT_STRATEGY)
     stored = len(text).to_bytes(4, "little") + z.compress(text) + z.flush()
-    if align(PRELUDE.size + len(stored)) < align(PRELUDE.size + len(text)):
+    smaller = align(PRELUDE.size + len(stored)) < align(PRELUDE.size + len(text))
+    if smaller and len(text) <= MAX_INFLATE * (len(stored) - 4):  # a reader refuses a higher ratio
         return stored, FLAG_DEFLATE
     return text, 0
 

@@ -363,9 +363,10 @@ CASES = [
      r"header is 5 bytes, too short for a deflated header"),
     ("deflated length over the limit", lambda: deflated_header(length=(16 << 20) + 1),
      r"deflated header's length is 16777217, more than the limit"),
-    ("deflated length beyond the stream", lambda: deflated_header(b"{}", length=1032 * len(deflate(b"{}")) + 1),
-     r"more than its \d+-byte deflate stream can inflate to \(1032 times as many\)"),
-    ("not a deflate stream", lambda: deflated_header(stream=b"\xff\xff\xff\xff\xff\xff"),
+    ("deflated length beyond the stream", lambda: deflated_header(b"{}", length=64 * len(deflate(b"{}")) + 1),
+     r"deflated header's length is 257, more than 64 times its 4-byte deflate stream"),
+    ("deflated length 0", lambda: deflated_header(b"{}", length=0), r"deflated header's length is 0, less than the 2"),
+    ("not a deflate stream", lambda: deflated_header(stream=b"\xff" * 64),
      r"deflated header is not a valid deflate stream"),
     ("deflate stream cut short", lambda: deflated_header(stream=deflate(header_text().encode())[:-4]),
      r"deflate stream is cut short|not a valid deflate stream"),
@@ -563,3 +564,21 @@ def test_mutation_fuzz_of_a_deflated_header():
     # the inflater's own checks were reached, not only the CRC's
     reached = [m for m in messages if m.startswith("deflated header")]
     assert len(reached) >= 4, sorted(messages)
+
+
+@pytest.mark.parametrize("length", [0, 1, 2, 64 * 97_000])
+def test_a_deflate_bomb_is_refused_without_inflating_it(length):
+    """100 MB of zeros deflate to about 97 KB: whatever the length field says, the reader stops at
+    one byte past it (or refuses the field first) and never holds the bomb's output."""
+    stream = deflate(bytes(100_000_000))
+    buf = deflated_header(length=length, stream=stream)
+    tracemalloc.start()
+    start = time.process_time()
+    try:
+        with pytest.raises(TernFormatError, match=r"deflated header's length is [01], less than|inflates to more than"):
+            tern.parse(buf)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert time.process_time() - start < 1.0
+    assert peak < 3 * len(buf) + 2 * min(length + 1, 64 * len(stream)) + (1 << 20), peak

@@ -156,14 +156,20 @@ def dump(buf: bytes) -> str:
     f = tern.parse(buf)
     header_len = int.from_bytes(buf[12:16], "little")
     crc = int.from_bytes(buf[16:20], "little")
+    flags = "flags = 1 (the header is deflated)" if f.deflated else "flags = 0"
     out = ["# prelude (20 bytes)",
            _line(0, buf[0:8], 'magic "\\x89TERN\\r\\n\\x1a"'), _line(8, buf[8:10], "version = 1"),
-           _line(10, buf[10:12], "flags = 0"), _line(12, buf[12:16], f"header_len = {header_len}"),
-           _line(16, buf[16:20], f"header CRC32 = 0x{crc:08x}"),
-           f"# header ({header_len} bytes of canonical JSON)"]
+           _line(10, buf[10:12], flags), _line(12, buf[12:16], f"header_len = {header_len}"),
+           _line(16, buf[16:20], f"header CRC32 = 0x{crc:08x}")]
     end = 20 + header_len
-    for at in range(20, end, 16):
-        out.append(_line(at, buf[at:min(at + 16, end)], _ascii(buf[at:min(at + 16, end)])))
+    if f.deflated:
+        out += [f"# header ({header_len} bytes: json_len, then a raw deflate stream of the canonical JSON)",
+                _line(20, buf[20:24], f"json_len = {f.json_len}")]
+        out += [_line(at, buf[at:min(at + 16, end)]) for at in range(24, end, 16)]
+    else:
+        out.append(f"# header ({header_len} bytes of canonical JSON)")
+        for at in range(20, end, 16):
+            out.append(_line(at, buf[at:min(at + 16, end)], _ascii(buf[at:min(at + 16, end)])))
     out += _padding(end, f.data_start, "after the header")
     for i, e in enumerate(f.tensors):
         start = f.data_start + e.offset
