@@ -378,8 +378,8 @@ def _train_options(kw: dict) -> dict:
 @click.option("--force", is_flag=True, help="Overwrite the outputs in an existing OUT folder.")
 @click.option("--float16", is_flag=True, help="Store the .tern file's float tensors (scales, biases, float-kept "
               "layers) in half precision: half their bytes, outputs rounded accordingly (the report's runtime "
-              "accuracy is the file's). Kept in float32, with a warning, if that changes the predicted class of "
-              "more than 1% of the test inputs checked.")
+              "accuracy is the file's); a tensor with a value beyond its range stays float32. All stay float32, "
+              "with a warning, if rounding changes the predicted class of more than 1% of the test inputs checked.")
 @_training_options
 def compress(model, data_name, data_dir, out, arch, trust, val_fraction, keep_best, resume, force, float16, **kw):
     """Retrain MODEL with discrete weights and write OUT/model.tern, OUT/model.onnx and a report.
@@ -395,8 +395,10 @@ def compress(model, data_name, data_dir, out, arch, trust, val_fraction, keep_be
     options = _train_options(kw)
     if keep_best:
         options["keep_best"] = True
+    if float16:
+        options["float16"] = True
     result = run(model, data_name, out=out, arch=arch, trust=trust, data_dir=data_dir, val_fraction=val_fraction,
-                 force=force, resume=resume, float16=float16, log=_log, **options)
+                 force=force, resume=resume, log=_log, **options)
     if result is not None:
         _print_report(result.report)
 

@@ -76,12 +76,12 @@ class CompressResult:
 
 def compress(model, data, out: str = "out", *, arch: str | None = None, trust: bool = False,
              data_dir: str | None = None, val_fraction: float = 0.0, force: bool = False, log=print,
-             resumable: bool = True, float16: bool = False, **options) -> CompressResult | None:
+             resumable: bool = True, **options) -> CompressResult | None:
     """Compress ``model`` (an nn.Module or a model file path) on ``data`` (a Dataset or a name).
 
     ``val_fraction`` holds out that share of the training set (the same split for the same seed)
     and reports accuracy on it after every epoch. ``resumable`` False removes the checkpoint too
-    when the run fails (for callers that cannot resume). ``float16`` stores the float tensors
+    when the run fails (for callers that cannot resume). ``float16=True`` stores the float tensors
     (scales, biases, float-kept layers) of the .tern file as IEEE binary16, half their bytes, unless
     that changes the predicted class of more than ``F16_MAX_CHANGED`` of the held-out inputs (then
     they stay float32, with a warning); the .onnx file holds the same rounded values.
@@ -136,7 +136,7 @@ def compress(model, data, out: str = "out", *, arch: str | None = None, trust: b
         graph = lower(model, example, discrete=result.discrete)
         graph.metadata.update(_metadata(source, dataset, config, result, float_acc, acc))
         return _write_outputs(out, graph, model, dataset, result, float_acc, acc,
-                              {k: float_weights[k] for k in result.discrete}, log, folder, float16=bool(float16))
+                              {k: float_weights[k] for k in result.discrete}, log, folder, float16=config.float16)
 
 
 # ---------------------------------------------------------------------- before training

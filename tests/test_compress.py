@@ -412,3 +412,28 @@ def test_halved_rounds_float_constants_and_keeps_those_beyond_binary16():
     del half.consts["extra"]  # not used by any node: no file would hold it
     encodings = {e.name: e.encoding for e in tern.parse(tern.dumps(half, allow_lossy=True)[0]).tensors}
     assert encodings[bias] == "f16" and encodings[weight] == "f32"
+
+
+def test_a_resume_writes_what_its_own_float16_says_and_warns_of_a_change(float_model, tmp_path, monkeypatch):
+    from ternarize import pipeline
+
+    out = tmp_path / "o"
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:  # stopped after training, before the files: the checkpoint stays
+        m.setattr(pipeline, "_write_outputs", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            ternarize.compress(str(float_model), "digits", out=str(out), epochs=1, batch_size=50, progress=False,
+                               float16=True, log=lambda s: None)
+    assert (out / "checkpoint.pt").is_file()
+    lines = []
+    ternarize.compress(str(float_model), "digits", out=str(out), epochs=1, batch_size=50, progress=False,
+                       resume=True, log=lines.append)
+    assert [line for line in lines if "--float16" in line] == [
+        "warning: the interrupted run was started with --float16; this one writes the .tern file's float tensors "
+        "in float32 (resume with --float16 for half precision)"], lines
+    tf = tern.load(str(out / "model.tern"))
+    assert {e.encoding for e in tf.tensors if e.kind == "float32"} == {"f32"} and "float16" not in tf.metadata
+    assert tf.metadata["training"]["settings"]["float16"] is False

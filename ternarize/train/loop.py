@@ -86,6 +86,7 @@ class TrainConfig:
     cuda_graphs: str = "auto"      # replay each step from a CUDA graph: auto (on CUDA, one process) | on | off
     precision: str = "fp32"        # fp32 | tf32 (CUDA matmuls and convs in TF32) | bf16 (autocast)
     keep_best: bool = False        # with a validation split: end with the epoch of best validation accuracy
+    float16: bool = False          # compress: store the .tern file's float tensors in IEEE binary16
     time_budget: float | None = None  # seconds of training (a resumed run's earlier epochs count too);
     #                                   stops after the epoch that exceeds it
     checkpoint: str | None = None  # path of the per-epoch checkpoint
@@ -136,6 +137,7 @@ class TrainConfig:
         _require(self.distill_temperature > 0, "distill temperature must be positive")
         _require(0 <= self.distill_weight <= 1, "distill weight must be in [0, 1]")
         _require(not self.resume or self.checkpoint, "resume needs a checkpoint path")
+        _require(isinstance(self.float16, (bool, np.bool_)), f"float16 must be True or False, got {self.float16!r}")
         _require(self.time_budget is None or self.time_budget > 0,
                  f"time budget must be positive, got {self.time_budget}")
         world = _world_size()
@@ -806,7 +808,9 @@ _CHECKPOINT_KEYS = ("method", "mode", "batch_size", "seed", "init", "loss", "kee
                     "ema_decay", "ema_anneal", "keep_best")
 # settings a resumed run may change that steer the updates: they take effect, and are logged and recorded
 _TUNED_KEYS = ("rho", "lam", "lr", "distill_temperature", "distill_weight", "precision", "outputs")
-_BEFORE = {"outputs": "logits", "keep_best": False}  # what a checkpoint from before a setting existed ran with
+_OUTPUT_KEYS = ("float16",)  # settings of the files written after training: a resume may change them
+_BEFORE = {"outputs": "logits", "keep_best": False, "float16": False}  # what a checkpoint from before a setting
+#                                                                        existed ran with
 
 
 def _saved_setting(saved: dict, key: str):
@@ -1046,6 +1050,7 @@ def _restore(state, discrete_opt, adam, result, config, log, dist) -> int:
     saved, mine = state["config"], config.to_json()
     changed = {k: [_saved_setting(saved, k), mine.get(k)] for k in _TUNED_KEYS
                if _saved_setting(saved, k) != mine.get(k)}
+    outputs = [k for k in _OUTPUT_KEYS if _saved_setting(saved, k) != mine.get(k)]
     result.resumed = list(state.get("resumed") or [])
     if changed and epoch < config.epochs:
         result.resumed.append({"after_epoch": epoch, "changed": changed})
@@ -1060,5 +1065,10 @@ def _restore(state, discrete_opt, adam, result, config, log, dist) -> int:
             before = "epoch 1" if epoch == 1 else f"epochs 1-{epoch}"
             log(f"warning: settings changed since the checkpoint: {what}; {before} used the old values, the "
                 "rest use the new ones (recorded in the report as training.resumed)")
+        if "float16" in outputs:
+            now, other = ("half precision", "float32") if config.float16 else ("float32", "half precision")
+            log(f"warning: the interrupted run was started {'without' if config.float16 else 'with'} --float16; "
+                f"this one writes the .tern file's float tensors in {now} (resume "
+                f"{'without' if config.float16 else 'with'} --float16 for {other})")
     return epoch
 
