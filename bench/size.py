@@ -20,6 +20,8 @@ each one's ratio to the ``.tern`` file:
 * the floor: the codes' empirical entropy H(p0, p+, p−) per weight (each tensor's own), plus 4 (or 2)
   bytes per float value.
 
+For a FILE whose floats are stored as f16, the other ways hold those values widened to float32.
+
 Models: with no FILE, the embedded demo (an MLP trained in float on the 8x8 digits, then 60 epochs
 of ternary E-MSA, made in a temporary folder: some 10 seconds) and the paper's MLP
 (784-2048-2048-2048-10; ``--width``) and the VGG-style CNN (``--vgg-width``) with weights projected
@@ -131,11 +133,15 @@ def describe(graph) -> dict:
             "float_values": sum(c.data.size for c in graph.consts.values() if c.kind == "float32")}
 
 
+def tern_path(path: str) -> Path:
+    """A FILE argument as the file read: a folder made by compress stands for its model.tern."""
+    return Path(path) / "model.tern" if Path(path).is_dir() else Path(path)
+
+
 def from_file(path: str) -> tuple[str, object, dict]:
     """A .tern file (or a compress folder's model.tern), checked as ``ternarize verify`` does: its
     graph and its tensors' encodings."""
-    p = Path(path) / "model.tern" if Path(path).is_dir() else Path(path)
-    tf = tern.load(p)  # TernFormatError (or OSError) names the file and what is wrong
+    tf = tern.load(tern_path(path))  # TernFormatError (or OSError) names the file and what is wrong
     return str(path), tf.graph(), {e.name: e.encoding for e in tf.tensors}
 
 
@@ -180,7 +186,7 @@ def main(argv=None) -> None:
     ap.add_argument("--no-demo", action="store_true", help="without FILE: leave out the demo model")
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args(argv)
-    _scripts.check_output(args.json, inputs=args.files)
+    _scripts.check_output(args.json, inputs=[tern_path(f) for f in args.files])
     models = [from_file(f) for f in args.files]  # every file is checked before the work
     if not args.files:
         if not args.no_demo:

@@ -196,6 +196,9 @@ def _inflate(stored: bytes) -> bytes:
         raise TernFormatError(f"header is {len(stored)} bytes, too short for a deflated header (a 4-byte length "
                               "and a deflate stream of at least 2 bytes)")
     n = int.from_bytes(stored[:4], "little")
+    if stored[:1] == b"{" and n > MAX_INFLATE * (len(stored) - 4):
+        raise TernFormatError(f"flags say the header is deflated, but it starts like plain JSON ({stored[:8]!r}): "
+                              "flags bit 0 may be damaged")
     if n < 2:
         raise TernFormatError(f"deflated header's length is {n}, less than the 2 bytes of the shortest JSON object")
     if n > MAX_HEADER:

@@ -483,6 +483,18 @@ def test_size_refuses_bad_input_before_the_work(capsys, monkeypatch, tmp_path, a
     refused(capsys, module, *argv, says=says)
 
 
+def test_size_never_writes_its_json_over_a_file_it_measures(capsys, monkeypatch, tmp_path):
+    module = load("bench/size.py")
+    monkeypatch.setattr(module, "sizes", never)
+    folder = tmp_path / "run"
+    folder.mkdir()
+    kept = (ROOT / "formats" / "golden" / "tiny.tern").read_bytes()
+    (folder / "model.tern").write_bytes(kept)
+    err = refused(capsys, module, folder, "--json", folder / "model.tern", says="model.tern")
+    assert "input" in err, err
+    assert (folder / "model.tern").read_bytes() == kept
+
+
 def test_size_measures_every_way_from_the_same_weights(capsys, tmp_path):
     import bz2
     import gzip
