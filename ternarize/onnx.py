@@ -275,6 +275,7 @@ class _Builder:
         self.inits: dict[str, TensorProto] = {}
         self.cache: dict[tuple, str] = {}  # (purpose, const name, ...) -> emitted tensor name
         self.coded: set[str] = set()  # discrete weights whose codes θ are emitted
+        self.widened: set[str] = set()  # float constants stored as float16 and cast to float32
         self.encodings, self.streams = _plan(graph, compat, binary, compact)
         self.used = set(graph.consts) | set(shapes) | {n.name for n in graph.nodes}
 
@@ -323,10 +324,30 @@ class _Builder:
         return self.cache[("shared", key)]
 
     def const(self, name: str) -> str:
-        """A float32 IR constant as an initializer of its own name."""
-        if name not in self.inits:
-            self.init(name, self.graph.consts[name].data)
+        """A float32 IR constant under its own name: an initializer, or, when every value is exactly a
+        binary16 value (as after ``compress --float16``) and there are enough of them to pay for the
+        node, a float16 initializer and a ``Cast`` to float32 (lossless; onnxruntime folds it at load)."""
+        if name not in self.inits and name not in self.widened:
+            data = self.graph.consts[name].data
+            if _half_exact(data):
+                half = self.init(self.fresh(f"{name}/f16"), data.astype(np.float16))
+                self.node("Cast", [half], name, name=self.fresh(f"{name}/Cast.node"), to=TensorProto.FLOAT)
+                self.widened.add(name)
+            else:
+                self.init(name, data)
         return name
+
+
+HALF_MIN_VALUES = 64  # below this, a Cast node costs about what float16 saves
+
+
+def _half_exact(data: np.ndarray) -> bool:
+    """Whether float32 ``data`` holds at least HALF_MIN_VALUES values, each exactly a binary16 value."""
+    if data.size < HALF_MIN_VALUES:
+        return False
+    with np.errstate(over="ignore"):
+        half = data.astype(np.float16)
+    return bool(np.isfinite(half).all() and np.array_equal(half.astype(np.float32), data))
 
 
 def _value_info(name: str, shape) -> onnx.ValueInfoProto:

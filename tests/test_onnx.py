@@ -234,6 +234,47 @@ def test_session_folds_decoding_into_fp32_weights(tmp_path):
     assert {t.data_type for t in opt.graph.initializer} == {TensorProto.FLOAT}
 
 
+def test_float_constants_exact_in_binary16_are_stored_as_float16_and_folded_at_load(tmp_path):
+    """After compress --float16 every scale and bias is a binary16 value: the file stores them in
+    float16 with a Cast (lossless), which onnxruntime folds into float32 initializers at load."""
+    from ternarize import tern as ttern
+    from ternarize.pipeline import halved
+    from ternarize.runtime import Runtime
+
+    rng = np.random.default_rng(3)
+    tern_codes = rand_codes((256, 64), "ternary")
+    consts = {"w1": Const("ternary", tern_codes), "s1": Const("float32", rng.uniform(0.5, 2, 256)),
+              "b1": Const("float32", rng.standard_normal(256)),
+              "w2": Const("float32", rng.standard_normal((10, 256))), "b2": Const("float32", rng.standard_normal(10))}
+    nodes = [Node("linear", "fc1", ["input", "w1", "s1", "b1"], ["h"]), Node("relu", "r", ["h"], ["a"]),
+             Node("linear", "fc2", ["a", "w2", "", "b2"], ["output"])]
+    full = make_graph((64,), nodes, consts)
+    tonnx.export(full, tmp_path / "full.onnx")
+    assert "Cast" not in [n.op_type for n in onnx.load(tmp_path / "full.onnx").graph.node]  # not binary16 values
+    half = halved(full)
+    tonnx.export(half, tmp_path / "half.onnx")
+    m = onnx.load(tmp_path / "half.onnx")
+    kinds = {t.name: t.data_type for t in m.graph.initializer}
+    assert {k: kinds[k] for k in ("s1/f16", "b1/f16", "w2/f16", "b2")} == {
+        "s1/f16": TensorProto.FLOAT16, "b1/f16": TensorProto.FLOAT16, "w2/f16": TensorProto.FLOAT16,
+        "b2": TensorProto.FLOAT}  # b2 has 10 values: a Cast would cost what it saves
+    assert [n.op_type for n in m.graph.node].count("Cast") == 3
+    saved = (tmp_path / "full.onnx").stat().st_size - (tmp_path / "half.onnx").stat().st_size
+    assert 2 * (256 + 256 + 2560) - 3 * 100 < saved < 2 * (256 + 256 + 2560), saved  # a Cast and a name: < 100 B
+    ttern.write(half, tmp_path / "half.tern", allow_lossy=True)
+    x = rng.standard_normal((50, 64)).astype(np.float32)
+    want = Runtime.load(tmp_path / "half.tern").run(x)
+    got = tonnx.run(tonnx.session(tmp_path / "half.onnx"), x)
+    assert np.abs(got - want).max() <= 1e-6 * np.abs(want).max()
+    so = tonnx._options(threads=1)
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    so.optimized_model_filepath = str(tmp_path / "opt.onnx")
+    ort.InferenceSession(str(tmp_path / "half.onnx"), so, providers=["CPUExecutionProvider"])
+    opt = onnx.load(tmp_path / "opt.onnx")
+    assert "Cast" not in [n.op_type for n in opt.graph.node]
+    assert {t.data_type for t in opt.graph.initializer} == {TensorProto.FLOAT}
+
+
 def test_classifier_head_regression_no_matmul_and_default_session_exact(tmp_path):
     """onnxruntime 1.32 rewrites INT2 DequantizeLinear → MatMul into MatMulNBits, O(1) wrong when
     N % 4 != 0 (N = 10 here). The exporter emits Gemm, which even a default session runs exactly."""
