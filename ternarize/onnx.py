@@ -324,18 +324,20 @@ class _Builder:
         return self.cache[("shared", key)]
 
     def const(self, name: str) -> str:
-        """A float32 IR constant under its own name: an initializer, or, when every value is exactly a
+        """A float32 IR constant under its own name (see :meth:`floats`)."""
+        if name not in self.inits and name not in self.widened:
+            self.floats(name, self.graph.consts[name].data)
+        return name
+
+    def floats(self, name: str, data: np.ndarray) -> str:
+        """float32 ``data`` as the tensor ``name``: an initializer, or, when every value is exactly a
         binary16 value (as after ``compress --float16``) and there are enough of them to pay for the
         node, a float16 initializer and a ``Cast`` to float32 (lossless; onnxruntime folds it at load)."""
-        if name not in self.inits and name not in self.widened:
-            data = self.graph.consts[name].data
-            if _half_exact(data):
-                half = self.init(self.fresh(f"{name}/f16"), data.astype(np.float16))
-                self.node("Cast", [half], name, name=self.fresh(f"{name}/Cast.node"), to=TensorProto.FLOAT)
-                self.widened.add(name)
-            else:
-                self.init(name, data)
-        return name
+        if not _half_exact(data):
+            return self.init(name, data)
+        half = self.init(self.fresh(f"{name}/f16"), data.astype(np.float16))
+        self.widened.add(name)
+        return self.node("Cast", [half], name, name=self.fresh(f"{name}/Cast.node"), to=TensorProto.FLOAT)
 
 
 HALF_MIN_VALUES = 64  # below this, a Cast node costs about what float16 saves
@@ -499,7 +501,7 @@ def _channel_const(b: _Builder, name: str, rank: int) -> str:
     key = ("channel", name, rank)
     if key not in b.cache:
         data = b.graph.consts[name].data
-        b.cache[key] = b.init(b.fresh(f"{name}/c{'1' * (rank - 2)}"), data.reshape((-1,) + (1,) * (rank - 2)))
+        b.cache[key] = b.floats(b.fresh(f"{name}/c{'1' * (rank - 2)}"), data.reshape((-1,) + (1,) * (rank - 2)))
     return b.cache[key]
 
 

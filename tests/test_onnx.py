@@ -275,6 +275,25 @@ def test_float_constants_exact_in_binary16_are_stored_as_float16_and_folded_at_l
     assert {t.data_type for t in opt.graph.initializer} == {TensorProto.FLOAT}
 
 
+def test_batchnorm_channel_constants_are_stored_as_float16_too(tmp_path):
+    """A BatchNorm not folded into a convolution (channel_affine on 4-D activations) has its own
+    reshaped constants: after halved() those of 64 values or more are float16 as well."""
+    from ternarize.pipeline import halved
+
+    model = project(zoo.create("vgg", in_shape=(1, 28, 28), width=0.5))
+    graph = halved(lower(model, torch.zeros(1, 1, 28, 28)))
+    affine = [n for n in graph.nodes if n.op == "channel_affine"]
+    assert affine and any(graph.consts[n.inputs[1]].data.size >= 64 for n in affine)
+    tonnx.export(graph, tmp_path / "m.onnx")
+    m = onnx.load(tmp_path / "m.onnx")
+    wide = [t.name for t in m.graph.initializer if t.data_type == TensorProto.FLOAT and np.prod(t.dims) >= 64]
+    assert wide == [], wide
+    x = np.random.default_rng(0).standard_normal((3, 1, 28, 28)).astype(np.float32)
+    want = ir_run(graph, x)
+    got = tonnx.run(tonnx.session(tmp_path / "m.onnx"), x)
+    assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
+
+
 def test_classifier_head_regression_no_matmul_and_default_session_exact(tmp_path):
     """onnxruntime 1.32 rewrites INT2 DequantizeLinear → MatMul into MatMulNBits, O(1) wrong when
     N % 4 != 0 (N = 10 here). The exporter emits Gemm, which even a default session runs exactly."""
