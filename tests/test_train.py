@@ -541,3 +541,32 @@ def test_resume_refuses_a_damaged_best_epoch(float_mlp, digits, tmp_path, damage
     torch.save(state, ck)
     with pytest.raises(ConfigError, match=r"is damaged \(its best epoch's weights are not the model's\)"):
         fit(copy.deepcopy(float_mlp), data, TrainConfig(epochs=2, resume=True, **config), log=_silent)
+
+
+def test_an_epoch_line_shows_once_its_checkpoint_is_written(float_mlp, digits, tmp_path):
+    ck = str(tmp_path / "c.pt")
+    seen = []
+
+    def log(line):
+        if line.startswith("epoch "):
+            seen.append((line.split(":")[0], os.path.isfile(ck) and torch.load(ck, weights_only=True)["epoch"] + 1))
+
+    fit(copy.deepcopy(float_mlp), digits, TrainConfig(epochs=2, checkpoint=ck, **QUIET), log=log)
+    assert seen == [("epoch 1/2", 1), ("epoch 2/2", 2)]  # a stop once the line shows resumes after that epoch
+
+
+def test_float16_changed_on_resume_is_warned_unless_the_checkpoint_predates_it(float_mlp, digits, tmp_path):
+    ck = str(tmp_path / "c.pt")
+    fit(copy.deepcopy(float_mlp), digits, TrainConfig(epochs=1, checkpoint=ck, float16=True, **QUIET), log=_silent)
+    lines = []
+    fit(copy.deepcopy(float_mlp), digits, TrainConfig(epochs=2, checkpoint=ck, resume=True, **QUIET), log=lines.append)
+    assert [line for line in lines if "--float16" in line] == [
+        "warning: the interrupted run was started with --float16; this one writes the .tern file's float tensors "
+        "in float32 (resume with --float16 for half precision)"]
+    state = torch.load(ck, weights_only=True)
+    del state["config"]["float16"]  # as a checkpoint written before the setting existed
+    torch.save(state, ck)
+    lines.clear()
+    fit(copy.deepcopy(float_mlp), digits, TrainConfig(epochs=3, checkpoint=ck, resume=True, float16=True, **QUIET),
+        log=lines.append)
+    assert not [line for line in lines if "--float16" in line], lines  # what that run asked for is not known

@@ -236,6 +236,7 @@ def fit(model: nn.Module, data, config: TrainConfig | None = None, teacher: nn.M
                         "model": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}}
             if config.checkpoint and dist.rank == 0:
                 _save_checkpoint(config, model, discrete_opt, adam, result, epoch, origin, best)
+            run.said(record)  # after the checkpoint: a run stopped once the line shows resumes after it
             spent = sum(h["seconds"] for h in result.history)
             if config.time_budget and dist.agree(spent > config.time_budget) and epoch + 1 < config.epochs:
                 if dist.rank == 0:
@@ -333,7 +334,7 @@ def fit_float(model: nn.Module, data, epochs: int = 5, lr: float = 1e-3, batch_s
     graphs = _use_graphs(config, dist)
     adam = _adam(model.parameters(), lr, capturable=graphs)
     run = _Run(dist.wrap(model), model, None, adam, tensors, None, config, dist, log, graphs)
-    history = [run.epoch(e) for e in range(epochs)]
+    history = [run.said(run.epoch(e)) for e in range(epochs)]
     del run  # a DistributedDataParallel wrapper goes before its process group (see close)
     dist.close()
     return history
@@ -703,7 +704,10 @@ class _Run:
         if self.opt is not None:
             self.opt.end_epoch()
         self.dist.sync_buffers(self.model)
-        record = self.record(epoch, mean_loss, time.perf_counter() - t0)
+        return self.record(epoch, mean_loss, time.perf_counter() - t0)
+
+    def said(self, record: dict) -> dict:
+        """The epoch's line (rank 0), once what it reports is kept (the checkpoint, if any, written)."""
         if self.dist.rank == 0:
             self.log(_describe(record, self.config.epochs))
         return record
@@ -809,8 +813,7 @@ _CHECKPOINT_KEYS = ("method", "mode", "batch_size", "seed", "init", "loss", "kee
 # settings a resumed run may change that steer the updates: they take effect, and are logged and recorded
 _TUNED_KEYS = ("rho", "lam", "lr", "distill_temperature", "distill_weight", "precision", "outputs")
 _OUTPUT_KEYS = ("float16",)  # settings of the files written after training: a resume may change them
-_BEFORE = {"outputs": "logits", "keep_best": False, "float16": False}  # what a checkpoint from before a setting
-#                                                                        existed ran with
+_BEFORE = {"outputs": "logits", "keep_best": False}  # what a checkpoint from before a setting existed ran with
 
 
 def _saved_setting(saved: dict, key: str):
@@ -1050,7 +1053,8 @@ def _restore(state, discrete_opt, adam, result, config, log, dist) -> int:
     saved, mine = state["config"], config.to_json()
     changed = {k: [_saved_setting(saved, k), mine.get(k)] for k in _TUNED_KEYS
                if _saved_setting(saved, k) != mine.get(k)}
-    outputs = [k for k in _OUTPUT_KEYS if _saved_setting(saved, k) != mine.get(k)]
+    # a checkpoint from before an output setting existed does not say what its run asked for
+    outputs = [k for k in _OUTPUT_KEYS if k in saved and saved[k] != mine.get(k)]
     result.resumed = list(state.get("resumed") or [])
     if changed and epoch < config.epochs:
         result.resumed.append({"after_epoch": epoch, "changed": changed})
