@@ -20,7 +20,8 @@ each one's ratio to the ``.tern`` file:
 * the floor: the codes' empirical entropy H(p0, p+, p−) per weight (each tensor's own), plus 4 (or 2)
   bytes per float value.
 
-For a FILE whose floats are stored as f16, the other ways hold those values widened to float32.
+For a FILE whose floats are stored as f16, the other ways hold those values widened to float32,
+except the ONNX rows, whose exporter stores exact binary16 values in float16 too.
 
 Models: with no FILE, the embedded demo (an MLP trained in float on the 8x8 digits, then 60 epochs
 of ternary E-MSA, made in a temporary folder: some 10 seconds) and the paper's MLP

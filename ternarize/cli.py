@@ -378,8 +378,9 @@ def _train_options(kw: dict) -> dict:
 @click.option("--force", is_flag=True, help="Overwrite the outputs in an existing OUT folder.")
 @click.option("--float16", is_flag=True, help="Store the .tern file's float tensors (scales, biases, float-kept "
               "layers) in half precision: half their bytes, outputs rounded accordingly (the report's runtime "
-              "accuracy is the file's); a tensor with a value beyond its range stays float32. All stay float32, "
-              "with a warning, if rounding changes the predicted class of more than 1% of the test inputs checked.")
+              "accuracy is the file's); a tensor with a value that rounds beyond its range stays float32. All "
+              "stay float32, with a warning, if rounding changes the predicted class of more than 1% of the test "
+              "inputs checked.")
 @_training_options
 def compress(model, data_name, data_dir, out, arch, trust, val_fraction, keep_best, resume, force, float16, **kw):
     """Retrain MODEL with discrete weights and write OUT/model.tern, OUT/model.onnx and a report.
