@@ -131,7 +131,6 @@ class Runtime:
         # the float vectors the steps read (scales, biases, shifts): views of the store (f32 or f16)
         self._vectors = {n: self._store.floats(n) for n in self._float_inputs()}
         self._extra = sum(op.nbytes for op in self._ops.values())
-        self._extra += sum(v.nbytes for v in self._vectors.values() if not np.shares_memory(v, self._store.buf))
 
     def _float_inputs(self) -> set:
         names = set()

@@ -812,7 +812,6 @@ _CHECKPOINT_KEYS = ("method", "mode", "batch_size", "seed", "init", "loss", "kee
                     "ema_decay", "ema_anneal", "keep_best")
 # settings a resumed run may change that steer the updates: they take effect, and are logged and recorded
 _TUNED_KEYS = ("rho", "lam", "lr", "distill_temperature", "distill_weight", "precision", "outputs")
-_OUTPUT_KEYS = ("float16",)  # settings of the files written after training: a resume may change them
 _BEFORE = {"outputs": "logits", "keep_best": False}  # what a checkpoint from before a setting existed ran with
 
 
@@ -1053,8 +1052,9 @@ def _restore(state, discrete_opt, adam, result, config, log, dist) -> int:
     saved, mine = state["config"], config.to_json()
     changed = {k: [_saved_setting(saved, k), mine.get(k)] for k in _TUNED_KEYS
                if _saved_setting(saved, k) != mine.get(k)}
-    # a checkpoint from before an output setting existed does not say what its run asked for
-    outputs = [k for k in _OUTPUT_KEYS if k in saved and saved[k] != mine.get(k)]
+    # float16 shapes only the files written after training: a resume may change it (a checkpoint
+    # from before the setting does not say what its run asked for)
+    float16_changed = "float16" in saved and saved["float16"] != config.float16
     result.resumed = list(state.get("resumed") or [])
     if changed and epoch < config.epochs:
         result.resumed.append({"after_epoch": epoch, "changed": changed})
@@ -1069,10 +1069,10 @@ def _restore(state, discrete_opt, adam, result, config, log, dist) -> int:
             before = "epoch 1" if epoch == 1 else f"epochs 1-{epoch}"
             log(f"warning: settings changed since the checkpoint: {what}; {before} used the old values, the "
                 "rest use the new ones (recorded in the report as training.resumed)")
-        if "float16" in outputs:
-            now, other = ("half precision", "float32") if config.float16 else ("float32", "half precision")
-            log(f"warning: the interrupted run was started {'without' if config.float16 else 'with'} --float16; "
-                f"this one writes the .tern file's float tensors in {now} (resume "
-                f"{'without' if config.float16 else 'with'} --float16 for {other})")
+        if float16_changed:
+            was, now, other = (("without", "half precision", "float32") if config.float16
+                               else ("with", "float32", "half precision"))
+            log(f"warning: the interrupted run was started {was} --float16; this one writes the .tern file's "
+                f"float tensors in {now} (resume {was} --float16 for {other})")
     return epoch
 
